@@ -1,0 +1,143 @@
+//! The demux: `--shards` mutex-guarded [`Shard`]s, the hasher that routes a context to its
+//! shard, and the backlog of events and service checks waiting for the next flush.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::context::ContextHasher;
+use crate::output::{EventRecord, ServiceCheckRecord};
+use crate::sample::Sample;
+use crate::shard::{Closed, Expiry, InsertStats, Shard};
+
+/// Events and service checks received since the last flush.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    pub events: Vec<EventRecord>,
+    pub service_checks: Vec<ServiceCheckRecord>,
+}
+
+pub struct Demux {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: ContextHasher,
+    backlog: Mutex<Backlog>,
+    /// Most events plus service checks held between flushes.
+    backlog_limit: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere aborts the process (see Cargo.toml); a poisoned lock cannot outlive it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Demux {
+    pub fn new(shards: usize, backlog_limit: usize) -> Demux {
+        let hasher = ContextHasher::default();
+        Demux {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Shard::new(hasher.clone())))
+                .collect(),
+            hasher,
+            backlog: Mutex::new(Backlog::default()),
+            backlog_limit,
+        }
+    }
+
+    /// The context hasher every worker must use.
+    pub fn hasher(&self) -> &ContextHasher {
+        &self.hasher
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard owning a context hash: multiply-shift on the high bits (the hash table uses
+    /// the low ones).
+    pub fn shard_of(&self, hash: u64) -> usize {
+        (((hash >> 32) * self.shards.len() as u64) >> 32) as usize
+    }
+
+    /// Aggregates a batch of samples that all belong to `shard`: one lock for the batch.
+    pub fn insert(&self, shard: usize, samples: &[Sample<'_>], tags: &[&str]) -> InsertStats {
+        lock(&self.shards[shard]).insert(samples, tags)
+    }
+
+    /// Adds events and service checks to the backlog (emptying the vectors). Returns how many
+    /// were dropped because the backlog was full.
+    pub fn push_backlog(&self, events: &mut Vec<EventRecord>, checks: &mut Vec<ServiceCheckRecord>) -> u64 {
+        let mut backlog = lock(&self.backlog);
+        let room = self
+            .backlog_limit
+            .saturating_sub(backlog.events.len() + backlog.service_checks.len());
+        let offered = events.len() + checks.len();
+        let take_events = events.len().min(room);
+        backlog.events.extend(events.drain(..take_events));
+        let take_checks = checks.len().min(room - take_events);
+        backlog.service_checks.extend(checks.drain(..take_checks));
+        events.clear();
+        checks.clear();
+        (offered - take_events - take_checks) as u64
+    }
+
+    pub fn take_backlog(&self) -> Backlog {
+        std::mem::take(&mut *lock(&self.backlog))
+    }
+
+    /// Closes buckets before `boundary` in every shard, one shard lock at a time. Returns
+    /// (contexts freed, contexts live).
+    pub fn flush(&self, boundary: i64, expiry: &Expiry, out: &mut Vec<Closed>) -> (usize, usize) {
+        let mut freed = 0;
+        let mut live = 0;
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            freed += shard.flush(boundary, expiry, out);
+            live += shard.len();
+        }
+        (freed, live)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::{AlertType, Priority};
+
+    fn event(title: &str) -> EventRecord {
+        EventRecord {
+            title: title.into(),
+            text: String::new(),
+            timestamp: 1,
+            host: String::new(),
+            aggregation_key: String::new(),
+            priority: Priority::Normal,
+            source_type: String::new(),
+            alert_type: AlertType::Info,
+            tags: vec![],
+        }
+    }
+
+    #[test]
+    fn every_hash_maps_to_a_shard_in_range_and_all_shards_are_used() {
+        let d = Demux::new(7, 10);
+        let mut used = [false; 7];
+        for i in 0..10_000u64 {
+            let s = d.shard_of(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            used[s] = true;
+        }
+        assert_eq!(used, [true; 7]);
+        assert_eq!(d.shard_of(u64::MAX), 6);
+    }
+
+    #[test]
+    fn the_backlog_keeps_what_fits_and_reports_the_rest() {
+        let d = Demux::new(1, 3);
+        let mut events = vec![event("a"), event("b")];
+        assert_eq!(d.push_backlog(&mut events, &mut vec![]), 0);
+        let mut more = vec![event("c"), event("d"), event("e")];
+        assert_eq!(d.push_backlog(&mut more, &mut vec![]), 2);
+        assert!(more.is_empty());
+        let backlog = d.take_backlog();
+        let titles: Vec<_> = backlog.events.iter().map(|e| e.title.as_str()).collect();
+        assert_eq!(titles, ["a", "b", "c"]);
+        assert!(d.take_backlog().events.is_empty());
+    }
+}

@@ -1,0 +1,340 @@
+//! Flush: at every bucket boundary the flusher thread takes closed buckets out of the shards
+//! (one short lock each), turns accumulators into series points and sketches outside the
+//! locks, adds the event and service-check backlog, and hands the result to the [`Output`].
+//! At shutdown it flushes everything, the open bucket included.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::demux::Demux;
+use crate::output::{Flushed, Output, Series, SeriesKind, SketchPoint};
+use crate::shard::{Accumulator, Closed, Expiry, Histogram};
+use crate::telemetry::Telemetry;
+
+/// After a boundary, wait this long before flushing, so samples that arrived just before it
+/// and are still in a worker's hands make it into their bucket.
+const GRACE: Duration = Duration::from_millis(100);
+
+/// A histogram aggregate (SPEC §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Max,
+    Min,
+    Median,
+    Avg,
+    Sum,
+    Count,
+}
+
+impl Aggregate {
+    pub fn parse(s: &str) -> Option<Aggregate> {
+        Some(match s {
+            "max" => Aggregate::Max,
+            "min" => Aggregate::Min,
+            "median" => Aggregate::Median,
+            "avg" => Aggregate::Avg,
+            "sum" => Aggregate::Sum,
+            "count" => Aggregate::Count,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Aggregate::Max => "max",
+            Aggregate::Min => "min",
+            Aggregate::Median => "median",
+            Aggregate::Avg => "avg",
+            Aggregate::Sum => "sum",
+            Aggregate::Count => "count",
+        }
+    }
+}
+
+/// How closed buckets become output.
+#[derive(Debug, Clone)]
+pub struct FlushSettings {
+    pub expiry: Expiry,
+    /// Histogram aggregates, in emission order, with their name suffix.
+    aggregates: Vec<(Aggregate, Arc<str>)>,
+    /// Histogram percentiles (1..=100, sorted), with their name suffix.
+    percentiles: Vec<(i64, Arc<str>)>,
+    no_suffix: Arc<str>,
+}
+
+impl FlushSettings {
+    pub fn new(expiry: Expiry, aggregates: &[Aggregate], percentiles: &[u32]) -> FlushSettings {
+        let mut pcts: Vec<u32> = percentiles.to_vec();
+        pcts.sort_unstable();
+        pcts.dedup();
+        FlushSettings {
+            expiry,
+            aggregates: aggregates.iter().map(|a| (*a, format!(".{}", a.name()).into())).collect(),
+            percentiles: pcts.iter().map(|p| (*p as i64, format!(".{p}percentile").into())).collect(),
+            no_suffix: "".into(),
+        }
+    }
+
+    /// Turns one closed accumulator into series points or a sketch.
+    pub fn finish(&self, closed: Closed, out: &mut Flushed) {
+        let Closed {
+            context,
+            timestamp,
+            acc,
+        } = closed;
+        let interval = self.expiry.interval;
+        let mut series = |suffix: &Arc<str>, kind, value| {
+            out.series.push(Series {
+                context: context.clone(),
+                suffix: suffix.clone(),
+                kind,
+                interval,
+                timestamp,
+                value,
+            })
+        };
+        match acc {
+            Accumulator::Count(sum) => series(&self.no_suffix, SeriesKind::Rate, sum / interval as f64),
+            Accumulator::Gauge(v) => series(&self.no_suffix, SeriesKind::Gauge, v),
+            Accumulator::Set(members) => {
+                series(&self.no_suffix, SeriesKind::Gauge, members.len() as f64)
+            }
+            Accumulator::Histogram(mut h) => {
+                if h.samples.is_empty() {
+                    return;
+                }
+                h.samples.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+                for (agg, suffix) in &self.aggregates {
+                    let (kind, value) = aggregate(&h, *agg, interval);
+                    series(suffix, kind, value);
+                }
+                percentiles(&h, &self.percentiles, |suffix, v| series(suffix, SeriesKind::Gauge, v));
+            }
+            Accumulator::Distribution(mut sketch) => {
+                sketch.finish();
+                if !sketch.is_empty() {
+                    out.sketches.push(SketchPoint {
+                        context,
+                        timestamp,
+                        sketch,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// One aggregate of a sorted, non-empty histogram, as the Agent computes it.
+fn aggregate(h: &Histogram, agg: Aggregate, interval: i64) -> (SeriesKind, f64) {
+    let gauge = |v| (SeriesKind::Gauge, v);
+    match agg {
+        Aggregate::Max => gauge(h.samples[h.samples.len() - 1].0),
+        Aggregate::Min => gauge(h.samples[0].0),
+        Aggregate::Median => gauge(weighted_rank(h, (h.count - 1) / 2)),
+        Aggregate::Avg => gauge(h.sum / h.count as f64),
+        Aggregate::Sum => gauge(h.sum),
+        Aggregate::Count => (SeriesKind::Rate, h.count as f64 / interval as f64),
+    }
+}
+
+/// The first value whose cumulative weight exceeds `target`.
+fn weighted_rank(h: &Histogram, target: i64) -> f64 {
+    let mut weight = 0i64;
+    for &(v, w) in &h.samples {
+        weight = weight.saturating_add(w);
+        if weight > target {
+            return v;
+        }
+    }
+    h.samples[h.samples.len() - 1].0
+}
+
+/// Percentile p = first value whose cumulative weight exceeds (p·count − 1) / 100.
+fn percentiles(h: &Histogram, pcts: &[(i64, Arc<str>)], mut emit: impl FnMut(&Arc<str>, f64)) {
+    for (p, suffix) in pcts {
+        let target = (p.saturating_mul(h.count) - 1) / 100;
+        emit(suffix, weighted_rank(h, target));
+    }
+}
+
+/// Runs flushes: periodically on bucket boundaries, and once more at shutdown.
+pub struct Flusher {
+    pub demux: Arc<Demux>,
+    pub telemetry: Arc<Telemetry>,
+    pub settings: FlushSettings,
+    pub output: Box<dyn Output>,
+    /// Reused between flushes.
+    closed: Vec<Closed>,
+}
+
+impl Flusher {
+    pub fn new(demux: Arc<Demux>, telemetry: Arc<Telemetry>, settings: FlushSettings, output: Box<dyn Output>) -> Flusher {
+        Flusher {
+            demux,
+            telemetry,
+            settings,
+            output,
+            closed: Vec::new(),
+        }
+    }
+
+    /// Closes every bucket starting before `boundary` and emits it with the backlog.
+    pub fn flush(&mut self, boundary: i64) {
+        let (freed, live) = self.demux.flush(boundary, &self.settings.expiry, &mut self.closed);
+        let backlog = self.demux.take_backlog();
+        let mut out = Flushed {
+            events: backlog.events,
+            service_checks: backlog.service_checks,
+            ..Flushed::default()
+        };
+        for closed in self.closed.drain(..) {
+            self.settings.finish(closed, &mut out);
+        }
+        let t = &self.telemetry;
+        t.flushes.fetch_add(1, Relaxed);
+        t.contexts_expired.fetch_add(freed as u64, Relaxed);
+        t.contexts.store(live as u64, Relaxed);
+        t.flushed_points.fetch_add(out.series.len() as u64, Relaxed);
+        t.flushed_sketches.fetch_add(out.sketches.len() as u64, Relaxed);
+        t.flushed_events.fetch_add(out.events.len() as u64, Relaxed);
+        t.flushed_service_checks.fetch_add(out.service_checks.len() as u64, Relaxed);
+        if !out.is_empty() {
+            self.output.emit(out);
+        }
+    }
+
+    /// The flusher thread: flushes at each boundary until `stop` is closed, then flushes
+    /// everything (the open bucket too) and finishes the output.
+    pub fn run(mut self, stop: Receiver<()>) {
+        let interval = self.settings.expiry.interval;
+        loop {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            let secs = now.as_secs() as i64;
+            let boundary = secs - secs.rem_euclid(interval) + interval;
+            let wait = Duration::from_secs(boundary as u64) + GRACE - now;
+            match stop.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => self.flush(boundary),
+                _ => break,
+            }
+        }
+        let secs = crate::listener::unix_now();
+        self.flush(secs - secs.rem_euclid(interval) + interval);
+        self.output.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{ContextKey, ContextRef};
+    use crate::parser::MetricKind;
+
+    const EXPIRY: Expiry = Expiry {
+        interval: 10,
+        counter_seconds: 300,
+        context_seconds: 20,
+    };
+
+    fn closed(kind: MetricKind, acc: Accumulator) -> Closed {
+        let context = ContextRef {
+            name: "m",
+            host: "h",
+            tags: &[],
+            kind,
+        };
+        Closed {
+            context: Arc::new(ContextKey::new(&context)),
+            timestamp: 100,
+            acc,
+        }
+    }
+
+    fn series(settings: &FlushSettings, c: Closed) -> Vec<(String, SeriesKind, f64)> {
+        let mut out = Flushed::default();
+        settings.finish(c, &mut out);
+        out.series.iter().map(|s| (s.name(), s.kind, s.value)).collect()
+    }
+
+    fn histogram(samples: &[(f64, f64)]) -> Accumulator {
+        let mut acc = Accumulator::new(MetricKind::Histogram);
+        for &(v, rate) in samples {
+            acc.add(v, rate);
+        }
+        acc
+    }
+
+    #[test]
+    fn counters_become_rates_and_gauges_and_sets_become_gauges() {
+        let s = FlushSettings::new(EXPIRY, &[], &[]);
+        assert_eq!(series(&s, closed(MetricKind::Count, Accumulator::Count(25.0))), [("m".into(), SeriesKind::Rate, 2.5)]);
+        assert_eq!(series(&s, closed(MetricKind::Gauge, Accumulator::Gauge(-3.0))), [("m".into(), SeriesKind::Gauge, -3.0)]);
+        let mut set = Accumulator::new(MetricKind::Set);
+        for h in [1, 2, 3, 3] {
+            set.add_member(h);
+        }
+        assert_eq!(series(&s, closed(MetricKind::Set, set)), [("m".into(), SeriesKind::Gauge, 3.0)]);
+    }
+
+    #[test]
+    fn histograms_emit_the_default_aggregates_and_the_95th_percentile_like_the_agent() {
+        let aggs = [Aggregate::Max, Aggregate::Median, Aggregate::Avg, Aggregate::Count];
+        let s = FlushSettings::new(EXPIRY, &aggs, &[95]);
+        // 1..=20: count 20, median target (20-1)/2 = 9 → 10th value = 10;
+        // p95 target (95·20-1)/100 = 18 → 19th value = 19.
+        let values: Vec<(f64, f64)> = (1..=20).rev().map(|v| (v as f64, 1.0)).collect();
+        assert_eq!(
+            series(&s, closed(MetricKind::Histogram, histogram(&values))),
+            [
+                ("m.max".into(), SeriesKind::Gauge, 20.0),
+                ("m.median".into(), SeriesKind::Gauge, 10.0),
+                ("m.avg".into(), SeriesKind::Gauge, 10.5),
+                ("m.count".into(), SeriesKind::Rate, 2.0),
+                ("m.95percentile".into(), SeriesKind::Gauge, 19.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn histogram_weights_come_from_sample_rates() {
+        let s = FlushSettings::new(EXPIRY, &[Aggregate::Min, Aggregate::Sum, Aggregate::Count, Aggregate::Median], &[50, 99]);
+        // 1 at weight 1, 100 at weight 4 (rate 0.25): count 5; sum 1 + 400.
+        // median target (5-1)/2 = 2: cumulative 1, 5 → 100. p50 target (250-1)/100 = 2 → 100.
+        // p99 target (495-1)/100 = 4 → 100.
+        assert_eq!(
+            series(&s, closed(MetricKind::Timer, histogram(&[(100.0, 0.25), (1.0, 1.0)]))),
+            [
+                ("m.min".into(), SeriesKind::Gauge, 1.0),
+                ("m.sum".into(), SeriesKind::Gauge, 401.0),
+                ("m.count".into(), SeriesKind::Rate, 0.5),
+                ("m.median".into(), SeriesKind::Gauge, 100.0),
+                ("m.50percentile".into(), SeriesKind::Gauge, 100.0),
+                ("m.99percentile".into(), SeriesKind::Gauge, 100.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_sample_histogram_reports_it_everywhere() {
+        let s = FlushSettings::new(EXPIRY, &[Aggregate::Median], &[1, 95, 100]);
+        let got = series(&s, closed(MetricKind::Histogram, histogram(&[(7.0, 1.0)])));
+        assert!(got.iter().all(|(_, _, v)| *v == 7.0), "{got:?}");
+        assert_eq!(got.len(), 4);
+    }
+
+    #[test]
+    fn distributions_become_finished_sketches() {
+        let s = FlushSettings::new(EXPIRY, &[], &[]);
+        let mut acc = Accumulator::new(MetricKind::Distribution);
+        acc.add(1.0, 1.0);
+        acc.add(10.0, 0.5);
+        let mut out = Flushed::default();
+        s.finish(closed(MetricKind::Distribution, acc), &mut out);
+        assert_eq!(out.series.len(), 0);
+        let sum = out.sketches[0].sketch.summary();
+        assert_eq!((sum.count, sum.sum), (3, 21.0));
+        assert_eq!(out.sketches[0].sketch.bins().iter().map(|b| b.n).sum::<u16>(), 3);
+    }
+}

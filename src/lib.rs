@@ -1,0 +1,91 @@
+//! whippet: a fast, lean DogStatsD server.
+//!
+//! # The data path
+//!
+//! ```text
+//!  UDP / Unix datagram / Unix stream
+//!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch)
+//!        ▼
+//!  packet queue (bounded crossbeam channel; datagrams: drop+count when full, stream: block)
+//!        │
+//!        ▼  worker × --workers: split lines → parser → context hashed once → samples
+//!  per-shard sample batches
+//!        │  one lock per shard per batch
+//!        ▼
+//!  shard × --shards (Mutex): contexts, bucket accumulators, zero-fill, expiry
+//!        │  flusher: at each bucket boundary, take closed buckets (short lock)
+//!        ▼
+//!  flush → series points, sketches, events, service checks (outside the locks)
+//!        │
+//!        ▼
+//!  output: console today; serializer → forwarder → intake next
+//! ```
+//!
+//! # Threads
+//!
+//! | thread | how many | blocks on | owned by |
+//! |---|---|---|---|
+//! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::read_datagrams`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg` | [`listener::read_datagrams`] |
+//! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
+//! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue send | [`listener::stream`] |
+//! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
+//! | `whippet-flusher` | 1 | timer until the next boundary | [`flush::Flusher::run`] |
+//! | main | 1 | signals | [`daemon::run`] |
+//!
+//! [`daemon`] is the only module that creates threads and knows the shutdown order.
+//!
+//! # Glossary
+//!
+//! - **message**: one line of a packet: a metric, an event or a service check.
+//! - **packet**: one datagram, or one frame of the stream transport.
+//! - **batch**: packets read together into one pooled buffer ([`packet::Batch`]).
+//! - **sample**: one value of one metric message ([`sample::Sample`]).
+//! - **context**: what a metric is aggregated by: name, host, sorted tags, type ([`context`]).
+//! - **bucket**: a `--bucket-seconds` interval of arrival time; its start stamps its points.
+//! - **shard**: a mutex-guarded slice of the contexts ([`shard::Shard`]).
+//! - **flush**: closing buckets and turning them into output ([`flush`]).
+
+pub mod config;
+pub mod context;
+pub mod daemon;
+pub mod demux;
+pub mod flush;
+pub mod listener;
+pub mod output;
+pub mod packet;
+pub mod parser;
+pub mod sample;
+pub mod shard;
+pub mod sketch;
+pub mod telemetry;
+pub mod worker;
+
+/// What can stop whippet from starting. The binary maps these to exit codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A flag has an invalid value; the message names the flag. Exit code 2.
+    Config(String),
+    /// A socket could not be bound or a thread started; the message names the setting.
+    /// Exit code 1.
+    Startup(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Config(m) | Error::Startup(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => 2,
+            Error::Startup(_) => 1,
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Packets: pooled buffers carrying what listeners read to the workers, and the splitting of a
+//! packet into messages.
+//!
+//! A [`Batch`] is one buffer holding up to [`Batch::slots`] packets (datagrams, or frames of
+//! the stream transport) read in one go, so a reader makes one `recvmmsg` call and one channel
+//! send per batch, not per packet. Batches return to a [`Pool`] after a worker is done with
+//! them; buffers are reused, and the pool keeps only a few spare ones so idle memory stays low.
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::telemetry::Transport;
+
+/// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB.
+const BATCH_BYTES: usize = 256 * 1024;
+/// Upper bound on packets a batch holds (the size of a `recvmmsg` call).
+pub const MAX_SLOTS: usize = 32;
+
+/// Packets read in one go, and when they arrived.
+#[derive(Debug)]
+pub struct Batch {
+    buf: Vec<u8>,
+    /// Byte ranges of the packets in `buf`.
+    frames: Vec<(u32, u32)>,
+    pub transport: Transport,
+    /// Arrival time, unix seconds: picks the bucket (SPEC §3.1).
+    pub received_at: i64,
+}
+
+impl Batch {
+    fn new(bytes: usize) -> Batch {
+        Batch {
+            // Zeroed pages come from the kernel untouched: only what is received becomes RSS.
+            buf: vec![0; bytes],
+            frames: Vec::with_capacity(MAX_SLOTS),
+            transport: Transport::Udp,
+            received_at: 0,
+        }
+    }
+
+    /// The whole buffer, for a reader to fill.
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Records that `buf[start..end]` holds one packet.
+    pub fn push_frame(&mut self, start: usize, end: usize) {
+        self.frames.push((start as u32, end as u32));
+    }
+
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// The packets, in arrival order.
+    pub fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        self.frames
+            .iter()
+            .map(|&(s, e)| &self.buf[s as usize..e as usize])
+    }
+
+    /// Bytes of payload held.
+    pub fn payload_bytes(&self) -> u64 {
+        self.frames.iter().map(|&(s, e)| (e - s) as u64).sum()
+    }
+
+    /// Messages held (lines), counted only when a batch is dropped.
+    pub fn message_count(&self) -> u64 {
+        self.frames().map(|f| lines(f).count() as u64).sum()
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+    }
+}
+
+/// The free list of batch buffers.
+pub struct Pool {
+    free_tx: Sender<Batch>,
+    free_rx: Receiver<Batch>,
+    batch_bytes: usize,
+    slot_bytes: usize,
+}
+
+impl Pool {
+    /// A pool of batches holding packets of up to `slot_bytes` (the `--buffer-size`);
+    /// at most `spare` free buffers are kept, the rest are freed.
+    pub fn new(slot_bytes: usize, spare: usize) -> Pool {
+        let slots = (BATCH_BYTES / slot_bytes).clamp(4, MAX_SLOTS);
+        let (free_tx, free_rx) = crossbeam_channel::bounded(spare.max(1));
+        Pool {
+            free_tx,
+            free_rx,
+            batch_bytes: slots * slot_bytes,
+            slot_bytes,
+        }
+    }
+
+    /// Packets a batch holds.
+    pub fn slots(&self) -> usize {
+        self.batch_bytes / self.slot_bytes
+    }
+
+    /// Largest packet: `--buffer-size`.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// An empty batch: a spare one, or a new one.
+    pub fn get(&self, transport: Transport) -> Batch {
+        let mut batch = self
+            .free_rx
+            .try_recv()
+            .unwrap_or_else(|_| Batch::new(self.batch_bytes));
+        batch.transport = transport;
+        batch
+    }
+
+    /// Returns a batch for reuse; freed if enough are spare.
+    pub fn put(&self, mut batch: Batch) {
+        batch.clear();
+        let _ = self.free_tx.try_send(batch);
+    }
+}
+
+/// The non-empty messages of a packet: split at `\n`, a trailing `\r` removed.
+pub fn lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(packet);
+    std::iter::from_fn(move || loop {
+        let chunk = rest?;
+        let line = match memchr::memchr(b'\n', chunk) {
+            Some(i) => {
+                rest = Some(&chunk[i + 1..]);
+                &chunk[..i]
+            }
+            None => {
+                rest = None;
+                chunk
+            }
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if !line.is_empty() {
+            return Some(line);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_split_into_non_empty_lines() {
+        let cases: [(&[u8], Vec<&[u8]>); 7] = [
+            (b"a:1|c", vec![b"a:1|c"]),
+            (b"a:1|c\n", vec![b"a:1|c"]),
+            (b"a:1|c\nb:2|g", vec![b"a:1|c", b"b:2|g"]),
+            (b"a:1|c\r\nb:2|g\r\n", vec![b"a:1|c", b"b:2|g"]),
+            (b"\n\n\r\na\n\n", vec![b"a"]),
+            (b"", vec![]),
+            (b"\n", vec![]),
+        ];
+        for (packet, want) in cases {
+            assert_eq!(lines(packet).collect::<Vec<_>>(), want, "{packet:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_back_the_frames_it_was_told_about() {
+        let pool = Pool::new(8192, 2);
+        assert_eq!(pool.slots(), 32);
+        let mut b = pool.get(Transport::Unix);
+        b.buffer_mut()[..5].copy_from_slice(b"x:1|c");
+        b.buffer_mut()[8192..8198].copy_from_slice(b"y:2|g\n");
+        b.push_frame(0, 5);
+        b.push_frame(8192, 8198);
+        assert_eq!(b.frames().collect::<Vec<_>>(), [&b"x:1|c"[..], b"y:2|g\n"]);
+        assert_eq!(b.payload_bytes(), 11);
+        assert_eq!(b.message_count(), 2);
+        pool.put(b);
+        let again = pool.get(Transport::Udp);
+        assert_eq!(again.frame_count(), 0);
+        assert_eq!(again.transport, Transport::Udp);
+    }
+
+    #[test]
+    fn large_buffers_get_fewer_slots_per_batch() {
+        assert_eq!(Pool::new(65536, 1).slots(), 4);
+        assert_eq!(Pool::new(1024, 1).slots(), 32);
+    }
+}

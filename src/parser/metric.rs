@@ -1,0 +1,370 @@
+//! Metric messages: `name:value[:value...]|type[|@rate][|#tags][|Tts][|c:..][|e:..][|card:..]`.
+//!
+//! ```text
+//!  page.views:1:2|c|@0.5|#env:dev,host:web1|T1700000000|c:ci-123|e:ext|card:low
+//!  └── name ─┘└val┘ │  └rate┘ └──── tags ───┘ └─ ts ───┘ └────── origin ───────┘
+//!                   └ type: c g h ms d s
+//! ```
+
+use super::{fields, positive_int, Reason};
+
+/// The metric type, matched exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    Count,
+    Gauge,
+    Histogram,
+    Timer,
+    Distribution,
+    Set,
+}
+
+impl MetricKind {
+    pub fn from_wire(s: &str) -> Option<MetricKind> {
+        Some(match s {
+            "c" => MetricKind::Count,
+            "g" => MetricKind::Gauge,
+            "h" => MetricKind::Histogram,
+            "ms" => MetricKind::Timer,
+            "d" => MetricKind::Distribution,
+            "s" => MetricKind::Set,
+            _ => return None,
+        })
+    }
+
+    pub fn wire(self) -> &'static str {
+        match self {
+            MetricKind::Count => "c",
+            MetricKind::Gauge => "g",
+            MetricKind::Histogram => "h",
+            MetricKind::Timer => "ms",
+            MetricKind::Distribution => "d",
+            MetricKind::Set => "s",
+        }
+    }
+}
+
+/// The value part of a metric, already validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Values<'a> {
+    /// The common case, parsed once.
+    One(f64),
+    /// Several `:`-separated numbers, all known to parse; [`Values::iter`] yields them.
+    Many(&'a str),
+    /// A set member: an opaque string, colons included.
+    Member(&'a str),
+}
+
+impl<'a> Values<'a> {
+    /// The numeric values, in order (a set member yields nothing).
+    pub fn iter(&self) -> impl Iterator<Item = f64> + 'a {
+        let (one, many) = match *self {
+            Values::One(v) => (Some(v), ""),
+            Values::Many(s) => (None, s),
+            Values::Member(_) => (None, ""),
+        };
+        one.into_iter().chain(
+            many.split(':')
+                .filter(|item| !item.is_empty())
+                .filter_map(|item| number(item).ok()),
+        )
+    }
+}
+
+/// A parsed metric message, borrowing from the packet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric<'a> {
+    pub name: &'a str,
+    pub values: Values<'a>,
+    pub kind: MetricKind,
+    /// In (0, 1]; 1 when absent or invalid.
+    pub sample_rate: f64,
+    /// The `@` field was a number outside (0, 1] and was replaced by 1 (SPEC §2: counted).
+    pub sample_rate_invalid: bool,
+    /// The raw tag list (`a:b,c`), empty when absent. Not split here: the worker does that
+    /// while it builds the context, so tags are walked once.
+    pub tags: &'a str,
+    pub timestamp: Option<i64>,
+    pub container_id: &'a str,
+    pub external_data: &'a str,
+    pub cardinality: &'a str,
+}
+
+/// Parses a metric line (known to be UTF-8, no `\n`).
+pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
+    let (head, rest) = line.split_once('|').ok_or(Reason::MissingType)?;
+    let (name, raw_values) = head.split_once(':').ok_or(Reason::MissingValue)?;
+    if name.is_empty() {
+        return Err(Reason::EmptyName);
+    }
+    let (type_field, optional) = rest.split_once('|').unwrap_or((rest, ""));
+    if type_field.is_empty() {
+        return Err(Reason::MissingType);
+    }
+    let kind = MetricKind::from_wire(type_field).ok_or(Reason::UnknownType)?;
+    let values = values(kind, raw_values)?;
+
+    let mut metric = Metric {
+        name,
+        values,
+        kind,
+        sample_rate: 1.0,
+        sample_rate_invalid: false,
+        tags: "",
+        timestamp: None,
+        container_id: "",
+        external_data: "",
+        cardinality: "",
+    };
+    if optional.is_empty() {
+        return Ok(metric);
+    }
+    for field in fields(optional) {
+        match field.as_bytes().first() {
+            Some(b'@') => {
+                // **whippet differs:** a rate outside (0, 1] is treated as 1 and counted; the
+                // Agent divides by zero for `@0`.
+                let rate = field[1..]
+                    .parse::<f64>()
+                    .map_err(|_| Reason::InvalidSampleRate)?;
+                let valid = rate > 0.0 && rate <= 1.0;
+                metric.sample_rate = if valid { rate } else { 1.0 };
+                metric.sample_rate_invalid = !valid;
+            }
+            Some(b'#') => metric.tags = &field[1..],
+            Some(b'T') => {
+                metric.timestamp = Some(positive_int(&field[1..]).ok_or(Reason::InvalidTimestamp)?)
+            }
+            Some(b'c') if field.starts_with("c:") => metric.container_id = &field[2..],
+            Some(b'c') if field.starts_with("card:") => metric.cardinality = &field[5..],
+            Some(b'e') if field.starts_with("e:") => metric.external_data = &field[2..],
+            // Unknown fields are ignored (forward compatibility with newer clients).
+            _ => {}
+        }
+    }
+    Ok(metric)
+}
+
+fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
+    if kind == MetricKind::Set {
+        return if raw.is_empty() {
+            Err(Reason::EmptyValue)
+        } else {
+            Ok(Values::Member(raw))
+        };
+    }
+    if !raw.contains(':') {
+        return if raw.is_empty() {
+            Err(Reason::EmptyValue)
+        } else {
+            number(raw).map(Values::One)
+        };
+    }
+    // Several values: every non-empty item must parse; one bad item rejects the message.
+    let mut seen = false;
+    for item in raw.split(':').filter(|item| !item.is_empty()) {
+        number(item)?;
+        seen = true;
+    }
+    if seen {
+        Ok(Values::Many(raw))
+    } else {
+        Err(Reason::EmptyValue)
+    }
+}
+
+/// A value as Go's `strconv.ParseFloat` reads decimal forms (`+5`, `-5`, `1e3`, `.5`).
+/// **whippet differs:** NaN, infinities and values beyond `f64` range are rejected, because
+/// JSON cannot carry them and they poison every aggregate they touch.
+pub fn number(s: &str) -> Result<f64, Reason> {
+    // Rust's float grammar also accepts "inf", "infinity" and "nan"; all are non-finite and
+    // rejected below, so the accepted grammar is exactly the decimal one.
+    let v: f64 = s.parse().map_err(|_| Reason::InvalidValue)?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Reason::NonFiniteValue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(line: &str) -> Metric<'_> {
+        parse(line).unwrap_or_else(|e| panic!("{line:?} should parse: {e:?}"))
+    }
+
+    #[test]
+    fn every_type_is_matched_exactly() {
+        let cases = [
+            ("a:1|c", Ok(MetricKind::Count)),
+            ("a:1|g", Ok(MetricKind::Gauge)),
+            ("a:1|h", Ok(MetricKind::Histogram)),
+            ("a:1|ms", Ok(MetricKind::Timer)),
+            ("a:1|d", Ok(MetricKind::Distribution)),
+            ("a:1|s", Ok(MetricKind::Set)),
+            ("a:1|C", Err(Reason::UnknownType)),
+            ("a:1|cc", Err(Reason::UnknownType)),
+            ("a:1|m", Err(Reason::UnknownType)),
+            ("a:1|x", Err(Reason::UnknownType)),
+            ("a:1| c", Err(Reason::UnknownType)),
+            ("a:1|", Err(Reason::MissingType)),
+            ("a:1||#t", Err(Reason::MissingType)),
+            ("a:1", Err(Reason::MissingType)),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line).map(|m| m.kind), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn name_and_value_split_at_the_first_colon() {
+        let cases = [
+            ("a:1|c", Ok(("a", Values::One(1.0)))),
+            ("a.b-c_d:2|c", Ok(("a.b-c_d", Values::One(2.0)))),
+            ("a:1:2|d", Ok(("a", Values::Many("1:2")))),
+            ("s:x:y|s", Ok(("s", Values::Member("x:y")))),
+            (":1|c", Err(Reason::EmptyName)),
+            ("a:|c", Err(Reason::EmptyValue)),
+            ("a|c", Err(Reason::MissingValue)),
+            ("a::|c", Err(Reason::EmptyValue)),
+            ("s:|s", Err(Reason::EmptyValue)),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line).map(|m| (m.name, m.values)), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn values_parse_like_go_decimal_floats_and_reject_non_finite() {
+        let cases = [
+            ("+5", Ok(5.0)),
+            ("-5", Ok(-5.0)),
+            ("1e3", Ok(1000.0)),
+            ("1E3", Ok(1000.0)),
+            (".5", Ok(0.5)),
+            ("5.", Ok(5.0)),
+            ("-0.25e-2", Ok(-0.0025)),
+            ("-7331781976144167000", Ok(-7331781976144167000.0)),
+            ("1.7976931348623157e308", Ok(f64::MAX)),
+            ("NaN", Err(Reason::NonFiniteValue)),
+            ("nan", Err(Reason::NonFiniteValue)),
+            ("Inf", Err(Reason::NonFiniteValue)),
+            ("-inf", Err(Reason::NonFiniteValue)),
+            ("+Infinity", Err(Reason::NonFiniteValue)),
+            ("1e309", Err(Reason::NonFiniteValue)),
+            ("-1e400", Err(Reason::NonFiniteValue)),
+            ("0x10", Err(Reason::InvalidValue)),
+            ("1_000", Err(Reason::InvalidValue)),
+            ("1,5", Err(Reason::InvalidValue)),
+            (" 1", Err(Reason::InvalidValue)),
+            ("e5", Err(Reason::InvalidValue)),
+            ("abc", Err(Reason::InvalidValue)),
+            ("--1", Err(Reason::InvalidValue)),
+        ];
+        for (value, want) in cases {
+            assert_eq!(number(value), want, "{value:?}");
+            let line = format!("m:{value}|g");
+            let got = parse(&line).map(|m| m.values);
+            assert_eq!(got, want.map(Values::One), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn several_values_are_allowed_for_every_type_but_sets() {
+        let cases: [(&str, Result<Vec<f64>, Reason>); 8] = [
+            ("m:1:2:3|c", Ok(vec![1.0, 2.0, 3.0])),
+            ("m:1:2:3|g", Ok(vec![1.0, 2.0, 3.0])),
+            ("m:1:2|h", Ok(vec![1.0, 2.0])),
+            ("m:1:2|ms", Ok(vec![1.0, 2.0])),
+            ("m:1::2:|d", Ok(vec![1.0, 2.0])),
+            ("m::5|d", Ok(vec![5.0])),
+            ("m:1:x:3|d", Err(Reason::InvalidValue)),
+            ("m:1:nan|c", Err(Reason::NonFiniteValue)),
+        ];
+        for (line, want) in cases {
+            let got = parse(line).map(|m| m.values.iter().collect::<Vec<_>>());
+            assert_eq!(got, want, "{line:?}");
+        }
+        // A set value is opaque: colons and all.
+        assert_eq!(ok("u:a:b:c|s").values, Values::Member("a:b:c"));
+        assert_eq!(ok("u:a:b:c|s").values.iter().count(), 0);
+    }
+
+    #[test]
+    fn a_gauge_with_a_sign_is_a_plain_value_not_a_delta() {
+        assert_eq!(ok("g:+5|g").values, Values::One(5.0));
+        assert_eq!(ok("g:-5|g").values, Values::One(-5.0));
+    }
+
+    #[test]
+    fn sample_rates_outside_zero_to_one_become_one_and_are_flagged() {
+        let cases = [
+            ("m:1|c|@0.5", Ok((0.5, false))),
+            ("m:1|c|@1", Ok((1.0, false))),
+            ("m:1|c|@.25", Ok((0.25, false))),
+            ("m:1|c|@0", Ok((1.0, true))),
+            ("m:1|c|@-0.5", Ok((1.0, true))),
+            ("m:1|c|@2", Ok((1.0, true))),
+            ("m:1|c|@nan", Ok((1.0, true))),
+            ("m:1|c|@inf", Ok((1.0, true))),
+            ("m:1|c|@", Err(Reason::InvalidSampleRate)),
+            ("m:1|c|@abc", Err(Reason::InvalidSampleRate)),
+            ("m:1|c", Ok((1.0, false))),
+        ];
+        for (line, want) in cases {
+            let got = parse(line).map(|m| (m.sample_rate, m.sample_rate_invalid));
+            assert_eq!(got, want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn optional_fields_come_in_any_order_and_the_last_repeat_wins() {
+        let a = ok("m:1|c|#a:b,c|@0.5|T1700000000|c:cid|e:ext|card:high");
+        let b = ok("m:1|c|card:high|e:ext|c:cid|T1700000000|@0.5|#a:b,c");
+        for m in [&a, &b] {
+            assert_eq!(m.tags, "a:b,c");
+            assert_eq!(m.sample_rate, 0.5);
+            assert_eq!(m.timestamp, Some(1_700_000_000));
+            assert_eq!(m.container_id, "cid");
+            assert_eq!(m.external_data, "ext");
+            assert_eq!(m.cardinality, "high");
+        }
+        let repeated = ok("m:1|c|#first|@0.5|#second|@0.25");
+        assert_eq!(repeated.tags, "second");
+        assert_eq!(repeated.sample_rate, 0.25);
+    }
+
+    #[test]
+    fn unknown_and_empty_fields_are_ignored() {
+        let m = ok("m:1|c||x:whatever|cx|#t|zzz");
+        assert_eq!(m.tags, "t");
+        assert_eq!(m.sample_rate, 1.0);
+        assert_eq!(m.container_id, "");
+    }
+
+    #[test]
+    fn a_field_starting_with_t_must_be_a_positive_integer() {
+        let cases = [
+            ("m:1|g|T1", Ok(Some(1))),
+            ("m:1|g|T1700000000", Ok(Some(1_700_000_000))),
+            ("m:1|g|T", Err(Reason::InvalidTimestamp)),
+            ("m:1|g|T0", Err(Reason::InvalidTimestamp)),
+            ("m:1|g|T-5", Err(Reason::InvalidTimestamp)),
+            ("m:1|g|T1.5", Err(Reason::InvalidTimestamp)),
+            ("m:1|g|Tabc", Err(Reason::InvalidTimestamp)),
+            ("m:1|g|t123", Ok(None)),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line).map(|m| m.timestamp), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn tags_are_kept_raw_for_the_worker_to_split() {
+        assert_eq!(ok("m:1|c|#").tags, "");
+        assert_eq!(ok("m:1|c|#a,b:c,,host:h").tags, "a,b:c,,host:h");
+        assert_eq!(ok("m:1|c").tags, "");
+    }
+}

@@ -1,0 +1,418 @@
+//! Shards: one `Mutex<Shard>` per slice of the context space. A shard owns its contexts, their
+//! per-bucket accumulators, counter zero-fill and expiry. Workers lock a shard once per batch
+//! of samples; the flusher locks it once per bucket boundary and takes closed buckets out, and
+//! turns them into series outside the lock.
+//!
+//! Bucketing (SPEC §3.1): a sample's bucket is chosen by its arrival time. A context holds the
+//! accumulator of one bucket; when a sample for a later bucket arrives before the flusher took
+//! the earlier one, the earlier accumulator moves to `closed`. A sample arriving after its
+//! bucket was flushed (a worker racing the boundary) goes into the next bucket, never lost.
+
+pub mod accumulator;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+
+use crate::context::{ContextHasher, ContextKey, ContextRef};
+use crate::parser::MetricKind;
+use crate::sample::{Sample, SampleValue};
+pub use accumulator::{Accumulator, Histogram};
+
+/// A bucket's worth of one context, taken out of a shard for flushing.
+#[derive(Debug)]
+pub struct Closed {
+    pub context: Arc<ContextKey>,
+    /// Bucket start, or the sample's own timestamp for a `|T` sample.
+    pub timestamp: i64,
+    pub acc: Accumulator,
+}
+
+/// Timing rules a shard applies at flush.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    /// Bucket length in seconds.
+    pub interval: i64,
+    /// Counters report 0 for this long after their last sample, then are freed.
+    pub counter_seconds: i64,
+    /// Other contexts are freed once idle this long.
+    pub context_seconds: i64,
+}
+
+struct Context {
+    hash: u64,
+    key: Arc<ContextKey>,
+    /// Bucket `acc` belongs to (when `dirty`).
+    bucket: i64,
+    /// Bucket of the last sample.
+    last_seen: i64,
+    dirty: bool,
+    acc: Accumulator,
+}
+
+/// What one call to [`Shard::insert`] did, for telemetry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InsertStats {
+    pub samples: u64,
+    pub new_contexts: u64,
+}
+
+/// One shard of the aggregator.
+pub struct Shard {
+    contexts: HashTable<Context>,
+    /// Accumulators of buckets that closed before the flusher took them.
+    closed: Vec<Closed>,
+    /// `|T` samples, each a point of its own.
+    timestamped: Vec<Closed>,
+    /// Every bucket starting before this has been flushed.
+    flushed_through: i64,
+    members: ContextHasher,
+}
+
+impl Shard {
+    /// `members` hashes set members; share one across shards so flushes are reproducible.
+    pub fn new(members: ContextHasher) -> Shard {
+        Shard {
+            contexts: HashTable::new(),
+            closed: Vec::new(),
+            timestamped: Vec::new(),
+            flushed_through: i64::MIN,
+            members,
+        }
+    }
+
+    /// Live contexts.
+    pub fn len(&self) -> usize {
+        self.contexts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.contexts.is_empty()
+    }
+
+    /// Aggregates a batch of samples; `tags` is the arena their tag ranges index.
+    pub fn insert(&mut self, samples: &[Sample<'_>], tags: &[&str]) -> InsertStats {
+        let mut stats = InsertStats::default();
+        for s in samples {
+            let context = ContextRef {
+                name: s.name,
+                host: s.host,
+                tags: &tags[s.tags.0 as usize..s.tags.1 as usize],
+                kind: s.kind,
+            };
+            stats.samples += 1;
+            if let Some(ts) = s.timestamp {
+                self.insert_timestamped(&context, s, ts);
+                continue;
+            }
+            let bucket = s.bucket.max(self.flushed_through);
+            let entry = self.contexts.entry(
+                s.hash,
+                |c| c.hash == s.hash && c.key.matches(&context),
+                |c| c.hash,
+            );
+            let ctx = match entry {
+                hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    stats.new_contexts += 1;
+                    v.insert(Context {
+                        hash: s.hash,
+                        key: Arc::new(ContextKey::new(&context)),
+                        bucket,
+                        last_seen: bucket,
+                        dirty: false,
+                        acc: Accumulator::new(s.kind),
+                    })
+                    .into_mut()
+                }
+            };
+            let mut bucket = bucket;
+            if ctx.dirty && ctx.bucket != bucket {
+                if ctx.bucket < bucket {
+                    // The context's previous bucket closed and the flusher has not taken it.
+                    let acc = std::mem::replace(&mut ctx.acc, Accumulator::new(s.kind));
+                    self.closed.push(Closed {
+                        context: ctx.key.clone(),
+                        timestamp: ctx.bucket,
+                        acc,
+                    });
+                } else {
+                    // A late sample (workers race by microseconds): it joins the later bucket.
+                    bucket = ctx.bucket;
+                }
+            }
+            ctx.bucket = bucket;
+            ctx.dirty = true;
+            ctx.last_seen = ctx.last_seen.max(bucket);
+            match s.value {
+                SampleValue::Number(v) => ctx.acc.add(v, s.sample_rate),
+                SampleValue::Member(m) => ctx.acc.add_member(self.members.hash_one(m)),
+            }
+        }
+        stats
+    }
+
+    fn insert_timestamped(&mut self, context: &ContextRef<'_>, s: &Sample<'_>, ts: i64) {
+        let SampleValue::Number(v) = s.value else {
+            return;
+        };
+        // SPEC §3.4: one point at its own timestamp; the sample rate is ignored.
+        let acc = match s.kind {
+            MetricKind::Count => Accumulator::Count(v),
+            _ => Accumulator::Gauge(v),
+        };
+        self.timestamped.push(Closed {
+            context: Arc::new(ContextKey::new(context)),
+            timestamp: ts,
+            acc,
+        });
+    }
+
+    /// Closes every bucket that starts before `boundary` and appends it to `out`, with a zero
+    /// for each counter not sampled in the bucket just closed (until it expires). Frees
+    /// expired contexts. Returns the number of contexts freed.
+    pub fn flush(&mut self, boundary: i64, expiry: &Expiry, out: &mut Vec<Closed>) -> usize {
+        self.flushed_through = self.flushed_through.max(boundary);
+        out.append(&mut self.closed);
+        out.append(&mut self.timestamped);
+        let closing = boundary - expiry.interval;
+        let before = self.contexts.len();
+        self.contexts.retain(|ctx| {
+            if ctx.dirty {
+                if ctx.bucket < boundary {
+                    let acc = std::mem::replace(&mut ctx.acc, Accumulator::new(ctx.key.kind()));
+                    out.push(Closed {
+                        context: ctx.key.clone(),
+                        timestamp: ctx.bucket,
+                        acc,
+                    });
+                    ctx.dirty = false;
+                }
+                return true;
+            }
+            let idle = closing - ctx.last_seen;
+            if ctx.key.kind() == MetricKind::Count {
+                if idle > expiry.counter_seconds {
+                    return false;
+                }
+                if idle > 0 {
+                    out.push(Closed {
+                        context: ctx.key.clone(),
+                        timestamp: closing,
+                        acc: Accumulator::Count(0.0),
+                    });
+                }
+                return true;
+            }
+            idle < expiry.context_seconds
+        });
+        before - self.contexts.len()
+    }
+
+    /// The busiest contexts are not tracked yet; this returns the heap bytes of the keys, an
+    /// estimate used by telemetry.
+    pub fn key_bytes(&self) -> usize {
+        self.contexts.iter().map(|c| c.key.heap_bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::canonical_tags;
+
+    const EXPIRY: Expiry = Expiry {
+        interval: 10,
+        counter_seconds: 300,
+        context_seconds: 20,
+    };
+
+    struct Fixture {
+        hasher: ContextHasher,
+        shard: Shard,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let hasher = ContextHasher::default();
+            Fixture {
+                shard: Shard::new(hasher.clone()),
+                hasher,
+            }
+        }
+
+        fn add(&mut self, name: &str, kind: MetricKind, value: SampleValue<'_>, bucket: i64) {
+            self.add_full(name, &["env:dev"], kind, value, 1.0, None, bucket);
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn add_full(
+            &mut self,
+            name: &str,
+            tags: &[&str],
+            kind: MetricKind,
+            value: SampleValue<'_>,
+            sample_rate: f64,
+            timestamp: Option<i64>,
+            bucket: i64,
+        ) {
+            let mut tags = tags.to_vec();
+            canonical_tags(&mut tags);
+            let hash = ContextRef {
+                name,
+                host: "h",
+                tags: &tags,
+                kind,
+            }
+            .hash(&self.hasher);
+            let sample = Sample {
+                hash,
+                name,
+                host: "h",
+                tags: (0, tags.len() as u32),
+                kind,
+                value,
+                sample_rate,
+                timestamp,
+                bucket,
+            };
+            self.shard.insert(&[sample], &tags);
+        }
+
+        fn flush(&mut self, boundary: i64) -> Vec<(String, i64, String)> {
+            let mut out = Vec::new();
+            self.shard.flush(boundary, &EXPIRY, &mut out);
+            let mut rows: Vec<_> = out
+                .into_iter()
+                .map(|c| (c.context.name().to_string(), c.timestamp, describe(&c.acc)))
+                .collect();
+            rows.sort();
+            rows
+        }
+    }
+
+    fn describe(acc: &Accumulator) -> String {
+        match acc {
+            Accumulator::Count(v) => format!("count {v}"),
+            Accumulator::Gauge(v) => format!("gauge {v}"),
+            Accumulator::Set(s) => format!("set {}", s.len()),
+            Accumulator::Histogram(h) => format!("hist {} {}", h.count, h.sum),
+            Accumulator::Distribution(s) => format!("dist {}", s.summary().count),
+        }
+    }
+
+    fn n(v: f64) -> SampleValue<'static> {
+        SampleValue::Number(v)
+    }
+
+    fn row(name: &str, ts: i64, what: &str) -> (String, i64, String) {
+        (name.to_string(), ts, what.to_string())
+    }
+
+    #[test]
+    fn samples_of_one_context_aggregate_into_one_bucket() {
+        let mut f = Fixture::new();
+        f.add("c", MetricKind::Count, n(1.0), 100);
+        f.add("c", MetricKind::Count, n(2.0), 100);
+        f.add("g", MetricKind::Gauge, n(5.0), 100);
+        f.add("g", MetricKind::Gauge, n(6.0), 100);
+        f.add("s", MetricKind::Set, SampleValue::Member("a"), 100);
+        f.add("s", MetricKind::Set, SampleValue::Member("b"), 100);
+        f.add("s", MetricKind::Set, SampleValue::Member("a"), 100);
+        f.add("h", MetricKind::Histogram, n(3.0), 100);
+        f.add("d", MetricKind::Distribution, n(4.0), 100);
+        assert_eq!(f.shard.len(), 5);
+        assert_eq!(
+            f.flush(110),
+            [
+                row("c", 100, "count 3"),
+                row("d", 100, "dist 1"),
+                row("g", 100, "gauge 6"),
+                row("h", 100, "hist 1 3"),
+                row("s", 100, "set 2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn tag_order_does_not_split_a_context_but_type_does() {
+        let mut f = Fixture::new();
+        f.add_full("m", &["b", "a"], MetricKind::Count, n(1.0), 1.0, None, 0);
+        f.add_full("m", &["a", "b", "a"], MetricKind::Count, n(1.0), 1.0, None, 0);
+        f.add_full("m", &["a", "b"], MetricKind::Gauge, n(1.0), 1.0, None, 0);
+        assert_eq!(f.shard.len(), 2);
+        assert_eq!(f.flush(10), [row("m", 0, "count 2"), row("m", 0, "gauge 1")]);
+    }
+
+    #[test]
+    fn the_open_bucket_is_not_flushed() {
+        let mut f = Fixture::new();
+        f.add("c", MetricKind::Count, n(1.0), 100);
+        f.add("c", MetricKind::Count, n(5.0), 110);
+        assert_eq!(f.flush(110), [row("c", 100, "count 1")]);
+        assert_eq!(f.flush(120), [row("c", 110, "count 5")]);
+    }
+
+    #[test]
+    fn a_sample_after_its_bucket_was_flushed_joins_the_next_bucket() {
+        let mut f = Fixture::new();
+        f.add("g", MetricKind::Gauge, n(1.0), 100);
+        assert_eq!(f.flush(110), [row("g", 100, "gauge 1")]);
+        f.add("g", MetricKind::Gauge, n(2.0), 100); // stamped 100, arrived after the flush
+        assert_eq!(f.flush(120), [row("g", 110, "gauge 2")]);
+    }
+
+    #[test]
+    fn counters_report_zero_until_they_expire_then_are_freed() {
+        let mut f = Fixture::new();
+        f.add("c", MetricKind::Count, n(1.0), 0);
+        assert_eq!(f.flush(10), [row("c", 0, "count 1")]);
+        for closing in (10..=300).step_by(10) {
+            assert_eq!(f.flush(closing + 10), [row("c", closing, "count 0")], "{closing}");
+        }
+        assert_eq!(f.flush(320), []);
+        assert_eq!(f.shard.len(), 0);
+    }
+
+    #[test]
+    fn other_contexts_are_not_zero_filled_and_are_freed_when_idle() {
+        let mut f = Fixture::new();
+        f.add("g", MetricKind::Gauge, n(1.0), 0);
+        assert_eq!(f.flush(10), [row("g", 0, "gauge 1")]);
+        assert_eq!(f.flush(20), []);
+        assert_eq!(f.shard.len(), 1);
+        assert_eq!(f.flush(30), []);
+        assert_eq!(f.shard.len(), 0);
+    }
+
+    #[test]
+    fn timestamped_gauges_and_counts_bypass_buckets() {
+        let mut f = Fixture::new();
+        f.add_full("g", &[], MetricKind::Gauge, n(4.0), 1.0, Some(1000), 5000);
+        f.add_full("g", &[], MetricKind::Gauge, n(5.0), 1.0, Some(1001), 5000);
+        f.add_full("c", &[], MetricKind::Count, n(3.0), 0.5, Some(999), 5000);
+        assert_eq!(f.shard.len(), 0);
+        assert_eq!(
+            f.flush(10),
+            [
+                row("c", 999, "count 3"),
+                row("g", 1000, "gauge 4"),
+                row("g", 1001, "gauge 5")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bucket_closed_by_a_later_sample_is_kept_for_the_flusher() {
+        let mut f = Fixture::new();
+        f.add("c", MetricKind::Count, n(1.0), 100);
+        f.add("c", MetricKind::Count, n(2.0), 110); // flusher late: 100 not taken yet
+        f.add("c", MetricKind::Count, n(4.0), 120);
+        assert_eq!(
+            f.flush(120),
+            [row("c", 100, "count 1"), row("c", 110, "count 2")]
+        );
+        assert_eq!(f.flush(130), [row("c", 120, "count 4")]);
+    }
+}

@@ -1,0 +1,379 @@
+//! Workers: `--workers` threads that take packet batches off the queue, split them into
+//! messages, parse, build and hash each metric's context once, and hand samples to shards in
+//! per-shard batches (one lock per shard per packet batch). Events and service checks become
+//! owned records in the demux backlog.
+//!
+//! Nothing here allocates per message on the happy path: the tag arena and the per-shard
+//! sample vectors are reused across batches (their lifetimes are re-bound to each batch).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+
+use crate::context::ContextRef;
+use crate::demux::Demux;
+use crate::output::{EventRecord, ServiceCheckRecord};
+use crate::packet::{lines, Batch, Pool};
+use crate::parser::{self, event::unescape, Event, Message, Metric, MetricKind, Reason, ServiceCheck, Values};
+use crate::sample::{Sample, SampleValue};
+use crate::telemetry::{Drop, Telemetry};
+
+/// What a worker needs to turn messages into samples.
+#[derive(Debug, Clone)]
+pub struct Enrichment {
+    /// Host for messages without a `host:` tag (or `h:` field); empty for none.
+    pub hostname: Arc<str>,
+    /// `--tags`, added to every metric, event and service check.
+    pub extra_tags: Arc<[Box<str>]>,
+    /// Bucket length in seconds.
+    pub bucket_seconds: i64,
+}
+
+/// Counts kept by one worker during one batch, added to [`Telemetry`] at its end.
+#[derive(Default)]
+struct Tally {
+    messages: [u64; 3],
+    errors: [[u64; Reason::COUNT]; 3],
+    samples: u64,
+    new_contexts: u64,
+    rate_invalid: u64,
+    timestamped_unsupported: u64,
+    backlog_full: u64,
+}
+
+impl Tally {
+    fn drain_into(&mut self, t: &Telemetry) {
+        let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
+            if n > 0 {
+                counter.fetch_add(n, Relaxed);
+            }
+        };
+        for k in 0..3 {
+            add(&t.messages[k], self.messages[k]);
+            for r in 0..Reason::COUNT {
+                add(&t.parse_errors[k][r], self.errors[k][r]);
+            }
+        }
+        add(&t.samples, self.samples);
+        add(&t.contexts_created, self.new_contexts);
+        add(&t.sample_rate_invalid, self.rate_invalid);
+        add(&t.dropped[Drop::TimestampedUnsupported as usize], self.timestamped_unsupported);
+        add(&t.dropped[Drop::EventBacklogFull as usize], self.backlog_full);
+        *self = Tally::default();
+    }
+}
+
+/// Re-binds an empty vector's allocation to another lifetime. The in-place `collect` reuses
+/// the buffer because the layouts are identical; no element is ever mapped.
+fn recycle<'b, T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter().map(|_| -> U { unreachable!("the vector is empty") }).collect()
+}
+
+pub struct Worker {
+    demux: Arc<Demux>,
+    telemetry: Arc<Telemetry>,
+    enrichment: Enrichment,
+    tally: Tally,
+    /// Reused across batches: the tag arena and one sample vector per shard.
+    tags: Vec<&'static str>,
+    per_shard: Vec<Vec<Sample<'static>>>,
+    events: Vec<EventRecord>,
+    checks: Vec<ServiceCheckRecord>,
+}
+
+impl Worker {
+    pub fn new(demux: Arc<Demux>, telemetry: Arc<Telemetry>, enrichment: Enrichment) -> Worker {
+        let shards = demux.shard_count();
+        Worker {
+            demux,
+            telemetry,
+            enrichment,
+            tally: Tally::default(),
+            tags: Vec::new(),
+            per_shard: (0..shards).map(|_| Vec::new()).collect(),
+            events: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
+    pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
+        while let Ok(batch) = queue.recv() {
+            self.process(&batch);
+            pool.put(batch);
+        }
+    }
+
+    /// Parses and aggregates every message of one batch.
+    pub fn process(&mut self, batch: &Batch) {
+        let enrichment = self.enrichment.clone();
+        let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
+        let mut per_shard: Vec<Vec<Sample<'_>>> =
+            std::mem::take(&mut self.per_shard).into_iter().map(recycle).collect();
+        let interval = enrichment.bucket_seconds;
+        let bucket = batch.received_at - batch.received_at.rem_euclid(interval);
+        for frame in batch.frames() {
+            for line in lines(frame) {
+                match parser::parse(line) {
+                    Ok(Message::Metric(m)) => {
+                        self.tally.messages[0] += 1;
+                        self.metric(&m, &enrichment, bucket, &mut tags, &mut per_shard);
+                    }
+                    Ok(Message::Event(e)) => {
+                        self.tally.messages[1] += 1;
+                        self.event(&e, &enrichment, batch.received_at);
+                    }
+                    Ok(Message::ServiceCheck(c)) => {
+                        self.tally.messages[2] += 1;
+                        self.service_check(&c, &enrichment, batch.received_at);
+                    }
+                    Err(e) => self.tally.errors[e.kind as usize][e.reason as usize] += 1,
+                }
+            }
+        }
+        for (shard, samples) in per_shard.iter_mut().enumerate() {
+            if !samples.is_empty() {
+                let stats = self.demux.insert(shard, samples, &tags);
+                self.tally.samples += stats.samples;
+                self.tally.new_contexts += stats.new_contexts;
+                samples.clear();
+            }
+        }
+        if !self.events.is_empty() || !self.checks.is_empty() {
+            self.tally.backlog_full += self.demux.push_backlog(&mut self.events, &mut self.checks);
+        }
+        self.tags = recycle(tags);
+        self.per_shard = per_shard.into_iter().map(recycle).collect();
+        self.tally.drain_into(&self.telemetry);
+    }
+
+    fn metric<'a>(
+        &mut self,
+        m: &Metric<'a>,
+        enrichment: &'a Enrichment,
+        bucket: i64,
+        tags: &mut Vec<&'a str>,
+        per_shard: &mut [Vec<Sample<'a>>],
+    ) {
+        if m.sample_rate_invalid {
+            self.tally.rate_invalid += 1;
+        }
+        if m.timestamp.is_some() && !matches!(m.kind, MetricKind::Gauge | MetricKind::Count) {
+            self.tally.timestamped_unsupported += 1;
+            return;
+        }
+        let start = tags.len();
+        let mut host: &str = &enrichment.hostname;
+        for tag in m.tags.split(',') {
+            if let Some(h) = tag.strip_prefix("host:") {
+                host = h;
+            } else if !tag.is_empty() {
+                tags.push(tag);
+            }
+        }
+        tags.extend(enrichment.extra_tags.iter().map(|t| &**t));
+        canonical_tail(tags, start);
+        let context = ContextRef {
+            name: m.name,
+            host,
+            tags: &tags[start..],
+            kind: m.kind,
+        };
+        let hash = context.hash(self.demux.hasher());
+        let out = &mut per_shard[self.demux.shard_of(hash)];
+        let sample = |value| Sample {
+            hash,
+            name: m.name,
+            host,
+            tags: (start as u32, tags.len() as u32),
+            kind: m.kind,
+            value,
+            sample_rate: m.sample_rate,
+            timestamp: m.timestamp,
+            bucket,
+        };
+        match m.values {
+            Values::Member(member) => out.push(sample(SampleValue::Member(member))),
+            values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
+        }
+    }
+
+    fn event(&mut self, e: &Event<'_>, enrichment: &Enrichment, received_at: i64) {
+        self.events.push(EventRecord {
+            title: unescape(e.title),
+            text: unescape(e.text),
+            timestamp: e.timestamp.unwrap_or(received_at),
+            host: e.host.unwrap_or(&enrichment.hostname).to_string(),
+            aggregation_key: e.aggregation_key.to_string(),
+            priority: e.priority,
+            source_type: e.source_type.to_string(),
+            alert_type: e.alert_type,
+            tags: owned_tags(e.tags, enrichment),
+        });
+    }
+
+    fn service_check(&mut self, c: &ServiceCheck<'_>, enrichment: &Enrichment, received_at: i64) {
+        self.checks.push(ServiceCheckRecord {
+            name: c.name.to_string(),
+            status: c.status,
+            timestamp: c.timestamp.unwrap_or(received_at),
+            host: c.host.unwrap_or(&enrichment.hostname).to_string(),
+            message: c.message.to_string(),
+            tags: owned_tags(c.tags, enrichment),
+        });
+    }
+}
+
+/// Sorts and de-duplicates `tags[start..]` in place.
+fn canonical_tail(tags: &mut Vec<&str>, start: usize) {
+    let tail = &mut tags[start..];
+    if !tail.is_sorted() {
+        tail.sort_unstable();
+    }
+    let mut kept = start;
+    for i in start..tags.len() {
+        if kept == start || tags[i] != tags[kept - 1] {
+            tags[kept] = tags[i];
+            kept += 1;
+        }
+    }
+    tags.truncate(kept);
+}
+
+fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {
+    raw.split(',')
+        .filter(|t| !t.is_empty())
+        .chain(enrichment.extra_tags.iter().map(|t| &**t))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Pool;
+    use crate::shard::{Accumulator, Expiry};
+    use crate::telemetry::Transport;
+
+    fn worker(shards: usize, host: &str, extra: &[&str]) -> Worker {
+        let enrichment = Enrichment {
+            hostname: host.into(),
+            extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
+            bucket_seconds: 10,
+        };
+        Worker::new(Arc::new(Demux::new(shards, 100)), Arc::new(Telemetry::default()), enrichment)
+    }
+
+    fn feed(w: &mut Worker, packets: &[&str]) {
+        let pool = Pool::new(1024, 1);
+        let mut batch = pool.get(Transport::Unix);
+        let mut at = 0;
+        for p in packets {
+            batch.buffer_mut()[at..at + p.len()].copy_from_slice(p.as_bytes());
+            batch.push_frame(at, at + p.len());
+            at += 1024;
+        }
+        batch.received_at = 1_700_000_005;
+        w.process(&batch);
+    }
+
+    /// (name, host, tags, value description) of every closed context, sorted.
+    fn flushed(w: &Worker) -> Vec<String> {
+        let expiry = Expiry {
+            interval: 10,
+            counter_seconds: 300,
+            context_seconds: 20,
+        };
+        let mut out = Vec::new();
+        w.demux.flush(i64::MAX, &expiry, &mut out);
+        let mut rows: Vec<String> = out
+            .iter()
+            .map(|c| {
+                let value = match &c.acc {
+                    Accumulator::Count(v) => format!("count={v}"),
+                    Accumulator::Gauge(v) => format!("gauge={v}"),
+                    Accumulator::Set(s) => format!("set={}", s.len()),
+                    Accumulator::Histogram(h) => format!("hist={}", h.count),
+                    Accumulator::Distribution(d) => format!("dist={}", d.summary().count),
+                };
+                let tags: Vec<&str> = c.context.tags().collect();
+                format!("{} host={} tags={} ts={} {value}", c.context.name(), c.context.host(), tags.join(","), c.timestamp)
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn host_tags_set_the_host_and_extra_tags_join_the_context() {
+        let mut w = worker(4, "default-host", &["team:core"]);
+        feed(
+            &mut w,
+            &["a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev,env:dev", "a:4|c|#env:dev", "b:1|g|#host:,x", "c:1|g|#team:core"],
+        );
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=default-host tags=env:dev,team:core ts=1700000000 count=4",
+                "a host=web1 tags=env:dev,team:core ts=1700000000 count=3",
+                "b host= tags=team:core,x ts=1700000000 gauge=1",
+                "c host=default-host tags=team:core ts=1700000000 gauge=1",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_value_of_a_multi_value_message_is_a_sample() {
+        let mut w = worker(2, "h", &[]);
+        feed(&mut w, &["d:1:2:3|d\nh:1::2|h\nc:1:2|c|@0.5"]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "c host=h tags= ts=1700000000 count=6",
+                "d host=h tags= ts=1700000000 dist=3",
+                "h host=h tags= ts=1700000000 hist=2",
+            ]
+        );
+        assert_eq!(w.telemetry.samples.load(Relaxed), 7);
+    }
+
+    #[test]
+    fn errors_are_counted_by_kind_and_reason_and_the_rest_of_the_packet_survives() {
+        let mut w = worker(1, "h", &[]);
+        feed(&mut w, &["bad|x\nok:1|c\n_e{0,1}:|x\n_sc|n|9\nt:1|d|T5\nr:1|c|@7\n\n"]);
+        let t = &w.telemetry;
+        assert_eq!(t.messages[0].load(Relaxed), 3); // ok, t (dropped later), r
+        assert_eq!(t.parse_errors[0][Reason::MissingValue as usize].load(Relaxed), 1);
+        assert_eq!(t.parse_errors[1][Reason::EmptyTitle as usize].load(Relaxed), 1);
+        assert_eq!(t.parse_errors[2][Reason::InvalidStatus as usize].load(Relaxed), 1);
+        assert_eq!(t.dropped[Drop::TimestampedUnsupported as usize].load(Relaxed), 1);
+        assert_eq!(t.sample_rate_invalid.load(Relaxed), 1);
+        assert_eq!(
+            flushed(&w),
+            ["ok host=h tags= ts=1700000000 count=1", "r host=h tags= ts=1700000000 count=1"]
+        );
+    }
+
+    #[test]
+    fn events_and_checks_get_defaults_extra_tags_and_unescaped_text() {
+        let mut w = worker(1, "default-host", &["team:core"]);
+        feed(&mut w, &["_e{5,6}:title|a\\nb c|#x\n_sc|db|1|h:dbhost|m:slow"]);
+        let backlog = w.demux.take_backlog();
+        let e = &backlog.events[0];
+        assert_eq!((e.title.as_str(), e.text.as_str()), ("title", "a\nb c"));
+        assert_eq!((e.timestamp, e.host.as_str()), (1_700_000_005, "default-host"));
+        assert_eq!(e.tags, ["x", "team:core"]);
+        let c = &backlog.service_checks[0];
+        assert_eq!((c.name.as_str(), c.host.as_str(), c.message.as_str()), ("db", "dbhost", "slow"));
+        assert_eq!(c.tags, ["team:core"]);
+    }
+
+    #[test]
+    fn canonical_tail_sorts_and_dedups_only_the_tail() {
+        let mut tags = vec!["z", "y", "b", "a", "b", "a"];
+        canonical_tail(&mut tags, 2);
+        assert_eq!(tags, ["z", "y", "a", "b"]);
+    }
+}
