@@ -51,7 +51,7 @@ pub struct Daemon {
     udp: Vec<Arc<UdpSocket>>,
     udp_inodes: Vec<u64>,
     unix: Option<Arc<UnixDatagram>>,
-    stream: Option<(UnixListener, Arc<stream::Connections>)>,
+    stream: Option<Arc<stream::Connections>>,
     readers: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     flusher: Option<(Sender<()>, JoinHandle<()>)>,
@@ -145,15 +145,12 @@ impl Daemon {
         }
         let mut stream_handle = None;
         if let Some(l) = stream_listener {
-            let handle = l
-                .try_clone()
-                .map_err(|e| Error::Startup(format!("cannot clone the stream listener: {e}")))?;
             let connections = Arc::new(stream::Connections::default());
             let (conns, ctx, max) = (connections.clone(), ctx.clone(), config.stream_max_connections);
             readers.push(spawn("whippet-stream-accept".into(), move || {
                 stream::accept_loop(l, ctx, max, conns)
             })?);
-            stream_handle = Some((handle, connections));
+            stream_handle = Some(connections);
         }
         drop(ctx); // only readers hold queue senders now: the queue closes when they exit
 
@@ -199,15 +196,9 @@ impl Daemon {
         if let Some(s) = &self.unix {
             let _ = s.shutdown(Shutdown::Read);
         }
-        if let Some((listener, connections)) = &self.stream {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(listener),
-                nix::sys::socket::Shutdown::Both,
-            );
+        if let (Some(connections), Some(path)) = (&self.stream, &self.bound.stream_socket) {
             connections.shutdown_all();
-        }
-        // A connection accepted between the shutdowns above is woken by the accept thread.
-        if let (Some(path), true) = (&self.bound.stream_socket, self.stream.is_some()) {
+            // Wake the accept thread; it then takes every pending connection before exiting.
             let _ = UnixStream::connect(path);
         }
         for t in self.readers.drain(..) {

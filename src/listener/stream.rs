@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use nix::sys::socket::{getsockopt, sockopt};
+
 use super::{unix_now, ReaderContext};
 use crate::telemetry::Transport;
 
@@ -42,40 +44,94 @@ impl Connections {
     }
 }
 
-/// Accepts connections until the listener is shut down; joins every connection thread
-/// before returning. Runs on its own thread.
-pub fn accept_loop(listener: UnixListener, ctx: ReaderContext, max_connections: usize, connections: Arc<Connections>) {
-    let counters = ctx.telemetry.transport(Transport::Stream);
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let mut next_id = 0u64;
+/// Accepts connections until the daemon sets `stopping` and wakes it with a connection of
+/// its own; then accepts whatever is still pending (a client that connected before the stop
+/// must not lose what it wrote), stops reading everywhere, and joins every connection thread.
+pub fn accept_loop(
+    listener: UnixListener,
+    ctx: ReaderContext,
+    max_connections: usize,
+    connections: Arc<Connections>,
+) {
+    let mut acceptor = Acceptor {
+        ctx,
+        max_connections,
+        connections,
+        threads: Vec::new(),
+        next_id: 0,
+    };
     for stream in listener.incoming() {
-        if ctx.stopping.load(Relaxed) {
+        if acceptor.ctx.stopping.load(Relaxed) {
+            if let Ok(s) = stream {
+                acceptor.admit_unless_own(s);
+            }
             break;
         }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+        match stream {
+            Ok(s) => acceptor.admit(s),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => {
-                counters.errors.fetch_add(1, Relaxed);
+                acceptor.count_error();
                 // Out of file descriptors, typically: back off instead of spinning.
                 std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
             }
-        };
-        threads.retain(|t| !t.is_finished());
-        if connections.len() >= max_connections {
+        }
+    }
+    if listener.set_nonblocking(true).is_ok() {
+        while let Ok((s, _)) = listener.accept() {
+            let _ = s.set_nonblocking(false);
+            acceptor.admit_unless_own(s);
+        }
+    }
+    acceptor.connections.shutdown_all();
+    for t in acceptor.threads {
+        let _ = t.join();
+    }
+}
+
+struct Acceptor {
+    ctx: ReaderContext,
+    max_connections: usize,
+    connections: Arc<Connections>,
+    threads: Vec<JoinHandle<()>>,
+    next_id: u64,
+}
+
+impl Acceptor {
+    fn count_error(&self) {
+        let counters = self.ctx.telemetry.transport(Transport::Stream);
+        counters.errors.fetch_add(1, Relaxed);
+    }
+
+    /// At shutdown: the daemon wakes `accept` by connecting itself; that connection is not a
+    /// client's and is dropped uncounted. Any other pending connection is served.
+    fn admit_unless_own(&mut self, stream: UnixStream) {
+        let peer = getsockopt(&stream, sockopt::PeerCredentials).map(|c| c.pid());
+        if peer.ok() != Some(std::process::id() as i32) {
+            self.admit(stream);
+        }
+    }
+
+    /// Starts a thread for a new connection, or refuses it over the cap.
+    fn admit(&mut self, stream: UnixStream) {
+        let counters = self.ctx.telemetry.transport(Transport::Stream);
+        self.threads.retain(|t| !t.is_finished());
+        if self.connections.len() >= self.max_connections {
             counters.connections_refused.fetch_add(1, Relaxed);
-            continue;
+            return;
         }
         let Ok(handle) = stream.try_clone() else {
-            counters.errors.fetch_add(1, Relaxed);
-            continue;
+            self.count_error();
+            return;
         };
         counters.connections.fetch_add(1, Relaxed);
-        let id = next_id;
-        next_id += 1;
-        connections.lock().insert(id, handle);
-        let (ctx, conns) = (ctx.clone(), connections.clone());
+        let id = self.next_id;
+        self.next_id += 1;
+        self.connections.lock().insert(id, handle);
+        if self.ctx.stopping.load(Relaxed) {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        let (ctx, conns) = (self.ctx.clone(), self.connections.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("whippet-stream-{id}"))
             .spawn(move || {
@@ -83,16 +139,12 @@ pub fn accept_loop(listener: UnixListener, ctx: ReaderContext, max_connections: 
                 conns.lock().remove(&id);
             });
         match spawned {
-            Ok(t) => threads.push(t),
+            Ok(t) => self.threads.push(t),
             Err(_) => {
-                connections.lock().remove(&id);
-                counters.errors.fetch_add(1, Relaxed);
+                self.connections.lock().remove(&id);
+                self.count_error();
             }
         }
-    }
-    connections.shutdown_all();
-    for t in threads {
-        let _ = t.join();
     }
 }
 

@@ -1,0 +1,146 @@
+//! Bad input is counted by kind and reason, never crashes whippet, and never costs the valid
+//! messages around it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use crate::support::Whippet;
+
+/// The 16 message shapes of the million-message test, by `i % 16`.
+fn message(i: u64) -> Vec<u8> {
+    match i % 16 {
+        0 => b"ok.count:1|c|#k:v".to_vec(),
+        1 => b"ok.gauge:42|g".to_vec(),
+        2 => format!("ok.dist:{}|d", i % 100).into_bytes(),
+        3 => b"bad.type:1|x".to_vec(),
+        4 => b"bad.novalue|c".to_vec(),
+        5 => b"bad.nan:NaN|g".to_vec(),
+        6 => b"bad\xff\xfe:1|c".to_vec(),
+        7 => b"_e{10,5}:short|x".to_vec(),
+        8 => b"_sc|svc|7".to_vec(),
+        9 => b":1|c".to_vec(),
+        10 => format!("ok.set:{i}|s").into_bytes(),
+        11 => b"bad.rate:1|c|@x".to_vec(),
+        12 => b"bad.ts:1|g|Tsoon".to_vec(),
+        13 => b"_e{3,2}:abc|de".to_vec(),
+        14 => b"_sc|ok.check|0".to_vec(),
+        _ => b"bad.ts.type:1|d|T1700000000".to_vec(),
+    }
+}
+
+#[test]
+fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
+    const TOTAL: u64 = 1_000_000;
+    const EACH: u64 = TOTAL / 16;
+    let w = Whippet::start(&["--event-backlog", "1000000"]);
+    // The stream transport applies backpressure, so nothing is dropped however fast we send.
+    let mut stream = UnixStream::connect(w.stream_socket.as_ref().unwrap()).unwrap();
+    let mut frame = Vec::with_capacity(8192);
+    let mut dist_sum = 0u64;
+    for i in 0..TOTAL {
+        let m = message(i);
+        if frame.len() + m.len() + 1 > 8000 {
+            stream.write_all(&(frame.len() as u32).to_le_bytes()).unwrap();
+            stream.write_all(&frame).unwrap();
+            frame.clear();
+        }
+        frame.extend_from_slice(&m);
+        frame.push(b'\n');
+        if i % 16 == 2 {
+            dist_sum += i % 100;
+        }
+    }
+    stream.write_all(&(frame.len() as u32).to_le_bytes()).unwrap();
+    stream.write_all(&frame).unwrap();
+    drop(stream);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+
+    let t = |key: &str| s.telemetry(key);
+    assert_eq!(t(r#"whippet_messages_total{kind="metric"}"#), 5 * EACH);
+    assert_eq!(t(r#"whippet_messages_total{kind="event"}"#), EACH);
+    assert_eq!(t(r#"whippet_messages_total{kind="service_check"}"#), EACH);
+    let errors = [
+        ("metric", "unknown_type"),
+        ("metric", "missing_value"),
+        ("metric", "non_finite_value"),
+        ("metric", "invalid_utf8"),
+        ("metric", "empty_name"),
+        ("metric", "invalid_sample_rate"),
+        ("metric", "invalid_timestamp"),
+        ("event", "invalid_length"),
+        ("service_check", "invalid_status"),
+    ];
+    let mut error_total = 0;
+    for (kind, reason) in errors {
+        let n = t(&format!(r#"whippet_parse_errors_total{{kind="{kind}",reason="{reason}"}}"#));
+        assert_eq!(n, EACH, "{kind} {reason}");
+        error_total += n;
+    }
+    let all_errors: u64 = s
+        .stderr
+        .iter()
+        .filter(|l| l.starts_with("whippet: telemetry whippet_parse_errors_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(all_errors, error_total, "no other reason was counted");
+    assert_eq!(t(r#"whippet_dropped_total{reason="timestamped_unsupported"}"#), EACH);
+    assert_eq!(t(r#"whippet_dropped_total{reason="event_backlog_full"}"#), 0);
+
+    // The valid messages in between were all aggregated.
+    assert_eq!(s.one("series", "ok.count", "k:v").f64("value"), EACH as f64 / 1e9);
+    assert_eq!(s.one("series", "ok.gauge", "").f64("value"), 42.0);
+    assert_eq!(s.one("series", "ok.set", "").f64("value"), EACH as f64);
+    let d = s.one("sketch", "ok.dist", "");
+    assert_eq!(d.get("count"), EACH.to_string());
+    assert_eq!(d.f64("sum"), dist_sum as f64);
+    assert_eq!((d.get("min"), d.get("max")), ("2", "98"));
+    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("event ")).count() as u64, EACH);
+    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("service_check ok.check ")).count() as u64, EACH);
+    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("series ") || l.starts_with("sketch ")).count(), 4);
+}
+
+#[test]
+fn datagrams_longer_than_the_buffer_are_counted_as_truncated_and_not_parsed() {
+    let w = Whippet::start(&["--buffer-size", "512"]);
+    let mut exact = b"fits:1|c\n".to_vec();
+    exact.resize(512, b'\n');
+    let mut long = b"cut:1|c\n".to_vec();
+    long.resize(513, b'\n');
+    w.send_udp(&exact);
+    w.send_udp(&long);
+    w.send_unix(&exact);
+    w.send_unix(&long);
+    let s = w.stop();
+    assert_eq!(s.telemetry(r#"whippet_packets_truncated_total{transport="udp"}"#), 1);
+    assert_eq!(s.telemetry(r#"whippet_packets_truncated_total{transport="unix"}"#), 1);
+    assert_eq!(s.one("series", "fits", "").f64("value"), 2.0 / 1e9);
+    assert!(!s.stdout.iter().any(|l| l.contains(" cut ")), "{:?}", s.stdout);
+    assert_eq!(s.telemetry(r#"whippet_messages_total{kind="metric"}"#), 2);
+}
+
+#[test]
+fn an_oversized_stream_frame_closes_only_its_connection() {
+    let w = Whippet::start(&["--buffer-size", "512"]);
+    let path = w.stream_socket.clone().unwrap();
+    let mut bad = UnixStream::connect(&path).unwrap();
+    let before = b"before:1|c";
+    bad.write_all(&(before.len() as u32).to_le_bytes()).unwrap();
+    bad.write_all(before).unwrap();
+    bad.write_all(&513u32.to_le_bytes()).unwrap();
+    // whippet closes the connection: our read sees end-of-file (bounded by the deadline).
+    bad.set_read_timeout(Some(crate::support::DEADLINE)).unwrap();
+    assert_eq!(bad.read(&mut [0u8; 16]).unwrap(), 0);
+    w.send_stream(&[b"good:1|c", b"", b"good:2|c"]);
+    // A connection that closes mid-frame.
+    let mut half = UnixStream::connect(&path).unwrap();
+    half.write_all(&10u32.to_le_bytes()).unwrap();
+    half.write_all(b"half").unwrap();
+    drop(half);
+    let s = w.stop();
+    assert_eq!(s.telemetry("whippet_stream_frames_too_large_total"), 1);
+    assert_eq!(s.one("series", "before", "").f64("value"), 1.0 / 1e9);
+    assert_eq!(s.one("series", "good", "").f64("value"), 3.0 / 1e9);
+    assert_eq!(s.telemetry("whippet_stream_connections_total"), 3);
+    assert_eq!(s.telemetry("whippet_stream_partial_frames_total"), 1);
+}

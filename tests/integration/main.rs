@@ -1,0 +1,7 @@
+//! Integration tests: the real `whippet` binary, real sockets, exact values.
+
+mod support;
+
+mod bad_input;
+mod lifecycle;
+mod transports;

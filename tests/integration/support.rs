@@ -1,0 +1,299 @@
+//! The harness: starts the real `whippet` binary on port 0 and temporary socket paths, waits
+//! for it to say it is ready (polling with a deadline), sends real datagrams and frames, stops
+//! it with SIGTERM and reads back its console output and final telemetry.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long anything may take before a test gives up: generous, since CI machines are slow.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A bucket so long (about 31 years) that a test's samples all land in one bucket, which the
+/// shutdown flush emits: no test depends on where a boundary falls.
+pub const ONE_BUCKET: &str = "1000000000";
+
+/// A fresh directory for socket files, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "whippet-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running whippet process.
+pub struct Whippet {
+    child: Child,
+    stderr: Receiver<String>,
+    stderr_seen: Vec<String>,
+    stdout: Option<JoinHandle<Vec<String>>>,
+    pub udp: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub stream_socket: Option<PathBuf>,
+    /// Holds the socket directory until the process is gone.
+    _dir: TempDir,
+}
+
+/// What a stopped whippet left behind.
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_whippet")
+}
+
+impl Whippet {
+    /// Starts whippet with UDP on an OS-chosen port, a Unix datagram and a Unix stream socket
+    /// in a temporary directory, `--hostname test-host`, one long bucket, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Whippet {
+        let dir = TempDir::new();
+        let socket = dir.path("dsd.socket");
+        let stream = dir.path("dsd-stream.socket");
+        let mut args: Vec<String> = vec![
+            "--udp".into(),
+            "127.0.0.1:0".into(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--stream-socket".into(),
+            stream.display().to_string(),
+            "--hostname".into(),
+            "test-host".into(),
+            "--bucket-seconds".into(),
+            ONE_BUCKET.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Whippet::spawn(args, dir)
+    }
+
+    /// Starts whippet with exactly `args`.
+    pub fn spawn(args: Vec<String>, dir: TempDir) -> Whippet {
+        let mut child = Command::new(binary())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start whippet");
+        let out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            BufReader::new(out).lines().map_while(Result::ok).collect::<Vec<_>>()
+        });
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Whippet {
+            child,
+            stderr: rx,
+            stderr_seen: Vec::new(),
+            stdout: Some(stdout),
+            udp: None,
+            socket: None,
+            stream_socket: None,
+            _dir: dir,
+        };
+        w.wait_for_stderr("whippet: ready");
+        for line in &w.stderr_seen {
+            if let Some(rest) = line.strip_prefix("whippet: listening on udp ") {
+                w.udp = rest.split(' ').next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("whippet: listening on unix_stream ") {
+                w.stream_socket = Some(PathBuf::from(rest));
+            } else if let Some(rest) = line.strip_prefix("whippet: listening on unix ") {
+                w.socket = Some(PathBuf::from(rest));
+            }
+        }
+        w
+    }
+
+    /// Reads stderr until a line starting with `prefix` appears; panics at the deadline.
+    pub fn wait_for_stderr(&mut self, prefix: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(line) = self.stderr_seen.iter().find(|l| l.starts_with(prefix)) {
+                return line.clone();
+            }
+            match self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.stderr_seen.push(line),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no '{prefix}' on stderr within {DEADLINE:?}: {:?}", self.stderr_seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("whippet exited before '{prefix}': {:?}", self.stderr_seen)
+                }
+            }
+        }
+    }
+
+    /// Like [`Whippet::wait_for_stderr`], but only lines that arrive from now on count.
+    pub fn wait_for_new_stderr(&mut self, prefix: &str) -> String {
+        let seen = std::mem::take(&mut self.stderr_seen);
+        let line = self.wait_for_stderr(prefix);
+        let mut all = seen;
+        all.append(&mut self.stderr_seen);
+        self.stderr_seen = all;
+        line
+    }
+
+    pub fn send_udp(&self, payload: &[u8]) {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(payload, self.udp.expect("udp is on")).unwrap();
+    }
+
+    pub fn send_unix(&self, payload: &[u8]) {
+        let s = UnixDatagram::unbound().unwrap();
+        s.send_to(payload, self.socket.as_ref().expect("socket is on")).unwrap();
+    }
+
+    /// Connects to the stream socket and writes each payload as one frame.
+    pub fn send_stream(&self, frames: &[&[u8]]) {
+        let mut s = UnixStream::connect(self.stream_socket.as_ref().expect("stream is on")).unwrap();
+        for f in frames {
+            s.write_all(&(f.len() as u32).to_le_bytes()).unwrap();
+            s.write_all(f).unwrap();
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// SIGTERM, then waits (with the deadline) for the exit and collects output.
+    pub fn stop(mut self) -> Stopped {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = wait_with_deadline(&mut self.child);
+        let stdout = self.stdout.take().unwrap().join().unwrap();
+        let mut stderr = std::mem::take(&mut self.stderr_seen);
+        stderr.extend(self.stderr.iter());
+        Stopped {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Whippet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < end, "whippet did not exit within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One parsed console line: kind, name, and its key=value fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub kind: String,
+    pub name: String,
+    pub fields: HashMap<String, String>,
+}
+
+impl Line {
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map_or("", |s| s.as_str())
+    }
+
+    pub fn f64(&self, key: &str) -> f64 {
+        self.get(key).parse().unwrap_or_else(|_| panic!("{key} of {self:?}"))
+    }
+}
+
+impl Stopped {
+    /// The console's `series` and `sketch` lines (events and checks have no plain name).
+    pub fn lines(&self) -> Vec<Line> {
+        self.stdout.iter().filter_map(|l| parse_line(l)).collect()
+    }
+
+    /// The one line of `kind` named `name` with exactly these tags; panics if not exactly one.
+    pub fn one(&self, kind: &str, name: &str, tags: &str) -> Line {
+        let found: Vec<Line> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l.kind == kind && l.name == name && l.get("tags") == tags)
+            .collect();
+        assert_eq!(found.len(), 1, "{kind} {name} tags={tags} in {:#?}", self.stdout);
+        found.into_iter().next().unwrap()
+    }
+
+    /// A final-telemetry value: `name{labels}` exactly as printed, e.g.
+    /// `whippet_messages_total{kind="metric"}`.
+    pub fn telemetry(&self, key: &str) -> u64 {
+        let prefix = format!("whippet: telemetry {key} ");
+        let found: Vec<u64> = self
+            .stderr
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.parse().unwrap())
+            .collect();
+        // SIGUSR1 may have printed earlier snapshots; the final one is last.
+        *found.last().unwrap_or_else(|| panic!("no telemetry {key}: {:?}", self.stderr))
+    }
+}
+
+/// Parses `series NAME TYPE k=v ...` or `sketch NAME k=v ...`; `tags=` is always last and
+/// may hold anything.
+pub fn parse_line(line: &str) -> Option<Line> {
+    let (kind, rest) = line.split_once(' ')?;
+    if kind != "series" && kind != "sketch" {
+        return None;
+    }
+    let (head, tags) = rest.rsplit_once(" tags=")?;
+    let mut words = head.split(' ');
+    let name = words.next()?.to_string();
+    let mut fields = HashMap::new();
+    fields.insert("tags".to_string(), tags.to_string());
+    for w in words {
+        match w.split_once('=') {
+            Some((k, v)) => fields.insert(k.to_string(), v.to_string()),
+            None => fields.insert("type".to_string(), w.to_string()),
+        };
+    }
+    Some(Line {
+        kind: kind.to_string(),
+        name,
+        fields,
+    })
+}
