@@ -51,21 +51,76 @@ fn options() -> Options {
     o.optopt("", "udp", "UDP address to listen on, or 'off'. Binding a non-loopback address exposes whippet to the network. Default 127.0.0.1:8125", "ADDR");
     o.optopt("", "udp-readers", "UDP sockets bound with SO_REUSEPORT, one reader thread each; more readers spread load across cores. Default 1", "N");
     o.optopt("", "so-rcvbuf", "Receive buffer for the UDP and Unix datagram sockets, in bytes; larger absorbs bursts, capped by net.core.rmem_max. 0 keeps the OS default. Default 4194304", "BYTES");
-    o.optopt("", "socket", "Unix datagram socket path. Default off", "PATH");
+    o.optopt(
+        "",
+        "socket",
+        "Unix datagram socket path. Default off",
+        "PATH",
+    );
     o.optopt("", "socket-mode", "File mode of the Unix sockets, octal. Default 0722 (anyone may write, nobody else may read)", "OCTAL");
-    o.optopt("", "stream-socket", "Unix stream socket path (4-byte little-endian length framing). Default off", "PATH");
-    o.optopt("", "stream-max-connections", "Most concurrent stream connections; one thread each. Default 256", "N");
+    o.optopt(
+        "",
+        "stream-socket",
+        "Unix stream socket path (4-byte little-endian length framing). Default off",
+        "PATH",
+    );
+    o.optopt(
+        "",
+        "stream-max-connections",
+        "Most concurrent stream connections; one thread each. Default 256",
+        "N",
+    );
     o.optopt("", "buffer-size", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192", "BYTES");
     o.optopt("", "queue-size", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 128", "N");
-    o.optopt("", "workers", "Parser threads. Default: the number of CPUs", "N");
+    o.optopt(
+        "",
+        "workers",
+        "Parser threads. Default: the number of CPUs",
+        "N",
+    );
     o.optopt("", "shards", "Aggregation shards (mutex-guarded); more reduce lock contention between workers. Default 16", "N");
-    o.optopt("", "tags", "Extra tags added to every metric, event and service check, comma-separated. Default none", "TAGS");
-    o.optopt("", "hostname", "Host reported for data without a host: tag. Default: this machine's hostname", "NAME");
-    o.optopt("", "bucket-seconds", "Aggregation bucket length in seconds. Default 10", "N");
-    o.optopt("", "histogram-aggregates", "Histogram aggregates: max, min, median, avg, sum, count. Default max,median,avg,count", "LIST");
-    o.optopt("", "histogram-percentiles", "Histogram percentiles as fractions. Default 0.95", "LIST");
-    o.optopt("", "expiry-seconds", "Counters report 0 for this long after their last sample. Default 300", "N");
-    o.optopt("", "context-expiry-seconds", "Other contexts are freed once idle this long. Default 20", "N");
+    o.optopt(
+        "",
+        "tags",
+        "Extra tags added to every metric, event and service check, comma-separated. Default none",
+        "TAGS",
+    );
+    o.optopt(
+        "",
+        "hostname",
+        "Host reported for data without a host: tag. Default: this machine's hostname",
+        "NAME",
+    );
+    o.optopt(
+        "",
+        "bucket-seconds",
+        "Aggregation bucket length in seconds. Default 10",
+        "N",
+    );
+    o.optopt(
+        "",
+        "histogram-aggregates",
+        "Histogram aggregates: max, min, median, avg, sum, count. Default max,median,avg,count",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "histogram-percentiles",
+        "Histogram percentiles as fractions. Default 0.95",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "expiry-seconds",
+        "Counters report 0 for this long after their last sample. Default 300",
+        "N",
+    );
+    o.optopt(
+        "",
+        "context-expiry-seconds",
+        "Other contexts are freed once idle this long. Default 20",
+        "N",
+    );
     o.optopt("", "event-backlog", "Most events plus service checks held between two flushes; beyond, they are dropped and counted. Default 10000", "N");
     o.optflag("h", "help", "Print this help and exit");
     o.optflag("V", "version", "Print the version and exit");
@@ -75,7 +130,9 @@ fn options() -> Options {
 /// Parses the command line (without the program name).
 pub fn parse(args: &[String]) -> Result<Command, Error> {
     let opts = options();
-    let m = opts.parse(args).map_err(|e| Error::Config(format!("{e} (see --help)")))?;
+    let m = opts
+        .parse(args)
+        .map_err(|e| Error::Config(format!("{e} (see --help)")))?;
     if m.opt_present("help") {
         let brief = "Usage: whippet [OPTIONS]\n\nA fast, lean DogStatsD server.";
         return Ok(Command::Help(opts.usage(brief)));
@@ -84,15 +141,18 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
         return Ok(Command::Version);
     }
     if let Some(extra) = m.free.first() {
-        return Err(Error::Config(format!("unexpected argument '{extra}' (see --help)")));
+        return Err(Error::Config(format!(
+            "unexpected argument '{extra}' (see --help)"
+        )));
     }
     let get = |name: &str| m.opt_str(name);
     let udp = match get("udp").as_deref() {
         Some("off") => None,
-        Some(addr) => Some(
-            addr.parse()
-                .map_err(|_| Error::Config(format!("--udp: '{addr}' is not an address like 127.0.0.1:8125 or 'off'")))?,
-        ),
+        Some(addr) => Some(addr.parse().map_err(|_| {
+            Error::Config(format!(
+                "--udp: '{addr}' is not an address like 127.0.0.1:8125 or 'off'"
+            ))
+        })?),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 8125))),
     };
     let workers_default = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -103,13 +163,30 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
         socket: get("socket").map(PathBuf::from),
         socket_mode: octal(get("socket-mode"), "--socket-mode", 0o722)?,
         stream_socket: get("stream-socket").map(PathBuf::from),
-        stream_max_connections: number(get("stream-max-connections"), "--stream-max-connections", 256, 1, 65536)?,
-        buffer_size: number(get("buffer-size"), "--buffer-size", 8192, 512, MAX_BUFFER_SIZE)?,
+        stream_max_connections: number(
+            get("stream-max-connections"),
+            "--stream-max-connections",
+            256,
+            1,
+            65536,
+        )?,
+        buffer_size: number(
+            get("buffer-size"),
+            "--buffer-size",
+            8192,
+            512,
+            MAX_BUFFER_SIZE,
+        )?,
         queue_size: number(get("queue-size"), "--queue-size", 128, 1, 1 << 20)?,
         workers: number(get("workers"), "--workers", workers_default, 1, 256)?,
         shards: number(get("shards"), "--shards", 16, 1, 4096)?,
         tags: get("tags")
-            .map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect())
+            .map(|t| {
+                t.split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default(),
         hostname: match get("hostname") {
             Some(h) => h,
@@ -119,8 +196,20 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
         histogram_aggregates: aggregates(get("histogram-aggregates"))?,
         histogram_percentiles: percentiles(get("histogram-percentiles"))?,
         expiry_seconds: number(get("expiry-seconds"), "--expiry-seconds", 300, 0, 1 << 40)?,
-        context_expiry_seconds: number(get("context-expiry-seconds"), "--context-expiry-seconds", 20, 0, 1 << 40)?,
-        event_backlog: number(get("event-backlog"), "--event-backlog", 10_000, 1, 10_000_000)?,
+        context_expiry_seconds: number(
+            get("context-expiry-seconds"),
+            "--context-expiry-seconds",
+            20,
+            0,
+            1 << 40,
+        )?,
+        event_backlog: number(
+            get("event-backlog"),
+            "--event-backlog",
+            10_000,
+            1,
+            10_000_000,
+        )?,
     };
     Ok(Command::Run(Box::new(config)))
 }
@@ -134,7 +223,9 @@ where
         .parse()
         .map_err(|_| Error::Config(format!("{flag}: '{s}' is not a whole number")))?;
     if v < min || v > max {
-        return Err(Error::Config(format!("{flag}: {v} is outside {min}..={max}")));
+        return Err(Error::Config(format!(
+            "{flag}: {v} is outside {min}..={max}"
+        )));
     }
     Ok(v)
 }
@@ -213,7 +304,12 @@ mod tests {
         assert_eq!(c.bucket_seconds, 10);
         assert_eq!(
             c.histogram_aggregates,
-            [Aggregate::Max, Aggregate::Median, Aggregate::Avg, Aggregate::Count]
+            [
+                Aggregate::Max,
+                Aggregate::Median,
+                Aggregate::Avg,
+                Aggregate::Count
+            ]
         );
         assert_eq!(c.histogram_percentiles, [95]);
         assert_eq!((c.expiry_seconds, c.context_expiry_seconds), (300, 20));
@@ -223,9 +319,24 @@ mod tests {
     #[test]
     fn flags_set_their_settings() {
         let c = run(&[
-            "--udp", "off", "--socket", "/tmp/s", "--socket-mode", "0700", "--tags", "a:b,c",
-            "--histogram-percentiles", "0.5,0.99", "--histogram-aggregates", "min,sum",
-            "--hostname", "h1", "--bucket-seconds", "1", "--workers", "3",
+            "--udp",
+            "off",
+            "--socket",
+            "/tmp/s",
+            "--socket-mode",
+            "0700",
+            "--tags",
+            "a:b,c",
+            "--histogram-percentiles",
+            "0.5,0.99",
+            "--histogram-aggregates",
+            "min,sum",
+            "--hostname",
+            "h1",
+            "--bucket-seconds",
+            "1",
+            "--workers",
+            "3",
         ])
         .unwrap();
         assert_eq!(c.udp, None);
@@ -234,18 +345,39 @@ mod tests {
         assert_eq!(c.tags, ["a:b", "c"]);
         assert_eq!(c.histogram_percentiles, [50, 99]);
         assert_eq!(c.histogram_aggregates, [Aggregate::Min, Aggregate::Sum]);
-        assert_eq!((c.hostname.as_str(), c.bucket_seconds, c.workers), ("h1", 1, 3));
+        assert_eq!(
+            (c.hostname.as_str(), c.bucket_seconds, c.workers),
+            ("h1", 1, 3)
+        );
     }
 
     #[test]
     fn invalid_values_name_the_flag() {
         let cases = [
-            (vec!["--buffer-size", "70000"], "--buffer-size: 70000 is outside 512..=65536"),
-            (vec!["--buffer-size", "big"], "--buffer-size: 'big' is not a whole number"),
-            (vec!["--udp", "localhost"], "--udp: 'localhost' is not an address"),
-            (vec!["--socket-mode", "999"], "--socket-mode: '999' is not an octal file mode"),
-            (vec!["--histogram-aggregates", "p99"], "--histogram-aggregates: 'p99' is not one of"),
-            (vec!["--histogram-percentiles", "95"], "--histogram-percentiles: '95' is not a fraction"),
+            (
+                vec!["--buffer-size", "70000"],
+                "--buffer-size: 70000 is outside 512..=65536",
+            ),
+            (
+                vec!["--buffer-size", "big"],
+                "--buffer-size: 'big' is not a whole number",
+            ),
+            (
+                vec!["--udp", "localhost"],
+                "--udp: 'localhost' is not an address",
+            ),
+            (
+                vec!["--socket-mode", "999"],
+                "--socket-mode: '999' is not an octal file mode",
+            ),
+            (
+                vec!["--histogram-aggregates", "p99"],
+                "--histogram-aggregates: 'p99' is not one of",
+            ),
+            (
+                vec!["--histogram-percentiles", "95"],
+                "--histogram-percentiles: '95' is not a fraction",
+            ),
             (vec!["--workers", "0"], "--workers: 0 is outside 1..=256"),
             (vec!["--bogus"], "Unrecognized option: 'bogus'"),
             (vec!["stray"], "unexpected argument 'stray'"),

@@ -78,7 +78,10 @@ impl ContextKey {
 
     /// The tags, sorted and de-duplicated.
     pub fn tags(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.ends.windows(2).skip(1).map(|w| &self.text[w[0] as usize..w[1] as usize])
+        self.ends
+            .windows(2)
+            .skip(1)
+            .map(|w| &self.text[w[0] as usize..w[1] as usize])
     }
 
     /// The value of the `device:` tag, if any (it becomes the v2 `device` resource).
@@ -128,7 +131,10 @@ mod tests {
         let key = ContextKey::new(&c);
         assert_eq!(key.name(), "page.views");
         assert_eq!(key.host(), "web1");
-        assert_eq!(key.tags().collect::<Vec<_>>(), ["a:1", "device:sda", "env:dev"]);
+        assert_eq!(
+            key.tags().collect::<Vec<_>>(),
+            ["a:1", "device:sda", "env:dev"]
+        );
         assert_eq!(key.device(), Some("sda"));
         assert!(key.matches(&c));
     }

@@ -86,8 +86,9 @@ impl Daemon {
         let stream_listener = match &config.stream_socket {
             Some(path) => {
                 unix::prepare_path(path, unix::SocketKind::Stream, "--stream-socket")?;
-                let l = UnixListener::bind(path)
-                    .map_err(|e| listener::bind_error("--stream-socket", &path.display().to_string(), e))?;
+                let l = UnixListener::bind(path).map_err(|e| {
+                    listener::bind_error("--stream-socket", &path.display().to_string(), e)
+                })?;
                 unix::set_mode(path, config.socket_mode, "--socket-mode")?;
                 bound.stream_socket = Some(path.clone());
                 Some(l)
@@ -97,7 +98,10 @@ impl Daemon {
 
         let telemetry = Arc::new(Telemetry::default());
         let demux = Arc::new(Demux::new(config.shards, config.event_backlog));
-        let pool = Arc::new(Pool::new(config.buffer_size, config.workers * 2 + config.udp_readers + 4));
+        let pool = Arc::new(Pool::new(
+            config.buffer_size,
+            config.workers * 2 + config.udp_readers + 4,
+        ));
         let (queue_tx, queue_rx) = crossbeam_channel::bounded::<Batch>(config.queue_size);
         let stopping = Arc::new(AtomicBool::new(false));
 
@@ -106,21 +110,31 @@ impl Daemon {
             counter_seconds: config.expiry_seconds,
             context_seconds: config.context_expiry_seconds,
         };
-        let settings = FlushSettings::new(expiry, &config.histogram_aggregates, &config.histogram_percentiles);
+        let settings = FlushSettings::new(
+            expiry,
+            &config.histogram_aggregates,
+            &config.histogram_percentiles,
+        );
         let flusher = Flusher::new(demux.clone(), telemetry.clone(), settings, output);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher_thread = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
 
         let enrichment = Enrichment {
             hostname: config.hostname.as_str().into(),
-            extra_tags: config.tags.iter().map(|t| Box::<str>::from(t.as_str())).collect(),
+            extra_tags: config
+                .tags
+                .iter()
+                .map(|t| Box::<str>::from(t.as_str()))
+                .collect(),
             bucket_seconds: config.bucket_seconds,
         };
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
             let worker = Worker::new(demux.clone(), telemetry.clone(), enrichment.clone());
             let (rx, pool) = (queue_rx.clone(), pool.clone());
-            workers.push(spawn(format!("whippet-worker-{i}"), move || worker.run(rx, pool))?);
+            workers.push(spawn(format!("whippet-worker-{i}"), move || {
+                worker.run(rx, pool)
+            })?);
         }
 
         let ctx = ReaderContext {
@@ -146,7 +160,11 @@ impl Daemon {
         let mut stream_handle = None;
         if let Some(l) = stream_listener {
             let connections = Arc::new(stream::Connections::default());
-            let (conns, ctx, max) = (connections.clone(), ctx.clone(), config.stream_max_connections);
+            let (conns, ctx, max) = (
+                connections.clone(),
+                ctx.clone(),
+                config.stream_max_connections,
+            );
             readers.push(spawn("whippet-stream-accept".into(), move || {
                 stream::accept_loop(l, ctx, max, conns)
             })?);
@@ -191,7 +209,10 @@ impl Daemon {
         self.stopping.store(true, Relaxed);
         for s in &self.udp {
             // Unconnected UDP sockets answer ENOTCONN but are shut down all the same.
-            let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&**s), nix::sys::socket::Shutdown::Read);
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&**s),
+                nix::sys::socket::Shutdown::Read,
+            );
         }
         if let Some(s) = &self.unix {
             let _ = s.shutdown(Shutdown::Read);
@@ -211,7 +232,10 @@ impl Daemon {
             drop(stop);
             let _ = thread.join();
         }
-        for path in [&self.bound.socket, &self.bound.stream_socket].into_iter().flatten() {
+        for path in [&self.bound.socket, &self.bound.stream_socket]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(path);
         }
         self.snapshot()
@@ -229,7 +253,10 @@ pub fn run(config: &Config) -> Result<(), Error> {
     let output = Console::new(std::io::BufWriter::new(std::io::stdout()));
     let daemon = Daemon::start(config, Box::new(output))?;
     if let Some(addr) = daemon.bound.udp {
-        log(&format!("listening on udp {addr} (receive buffer {} bytes)", daemon.bound.udp_rcvbuf));
+        log(&format!(
+            "listening on udp {addr} (receive buffer {} bytes)",
+            daemon.bound.udp_rcvbuf
+        ));
     }
     if let Some(path) = &daemon.bound.socket {
         log(&format!("listening on unix {}", path.display()));
@@ -237,7 +264,10 @@ pub fn run(config: &Config) -> Result<(), Error> {
     if let Some(path) = &daemon.bound.stream_socket {
         log(&format!("listening on unix_stream {}", path.display()));
     }
-    log(&format!("ready: {} workers, {} shards, {}s buckets", config.workers, config.shards, config.bucket_seconds));
+    log(&format!(
+        "ready: {} workers, {} shards, {}s buckets",
+        config.workers, config.shards, config.bucket_seconds
+    ));
     for signal in signals.forever() {
         if signal == SIGUSR1 {
             log_snapshot(&daemon.snapshot());

@@ -63,7 +63,11 @@ impl Demux {
 
     /// Adds events and service checks to the backlog (emptying the vectors). Returns how many
     /// were dropped because the backlog was full.
-    pub fn push_backlog(&self, events: &mut Vec<EventRecord>, checks: &mut Vec<ServiceCheckRecord>) -> u64 {
+    pub fn push_backlog(
+        &self,
+        events: &mut Vec<EventRecord>,
+        checks: &mut Vec<ServiceCheckRecord>,
+    ) -> u64 {
         let mut backlog = lock(&self.backlog);
         let room = self
             .backlog_limit

@@ -72,8 +72,14 @@ impl FlushSettings {
         pcts.dedup();
         FlushSettings {
             expiry,
-            aggregates: aggregates.iter().map(|a| (*a, format!(".{}", a.name()).into())).collect(),
-            percentiles: pcts.iter().map(|p| (*p as i64, format!(".{p}percentile").into())).collect(),
+            aggregates: aggregates
+                .iter()
+                .map(|a| (*a, format!(".{}", a.name()).into()))
+                .collect(),
+            percentiles: pcts
+                .iter()
+                .map(|p| (*p as i64, format!(".{p}percentile").into()))
+                .collect(),
             no_suffix: "".into(),
         }
     }
@@ -97,7 +103,9 @@ impl FlushSettings {
             })
         };
         match acc {
-            Accumulator::Count(sum) => series(&self.no_suffix, SeriesKind::Rate, sum / interval as f64),
+            Accumulator::Count(sum) => {
+                series(&self.no_suffix, SeriesKind::Rate, sum / interval as f64)
+            }
             Accumulator::Gauge(v) => series(&self.no_suffix, SeriesKind::Gauge, v),
             Accumulator::Set(members) => {
                 series(&self.no_suffix, SeriesKind::Gauge, members.len() as f64)
@@ -111,7 +119,9 @@ impl FlushSettings {
                     let (kind, value) = aggregate(&h, *agg, interval);
                     series(suffix, kind, value);
                 }
-                percentiles(&h, &self.percentiles, |suffix, v| series(suffix, SeriesKind::Gauge, v));
+                percentiles(&h, &self.percentiles, |suffix, v| {
+                    series(suffix, SeriesKind::Gauge, v)
+                });
             }
             Accumulator::Distribution(mut sketch) => {
                 sketch.finish();
@@ -171,7 +181,12 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn new(demux: Arc<Demux>, telemetry: Arc<Telemetry>, settings: FlushSettings, output: Box<dyn Output>) -> Flusher {
+    pub fn new(
+        demux: Arc<Demux>,
+        telemetry: Arc<Telemetry>,
+        settings: FlushSettings,
+        output: Box<dyn Output>,
+    ) -> Flusher {
         Flusher {
             demux,
             telemetry,
@@ -183,7 +198,9 @@ impl Flusher {
 
     /// Closes every bucket starting before `boundary` and emits it with the backlog.
     pub fn flush(&mut self, boundary: i64) {
-        let (freed, live) = self.demux.flush(boundary, &self.settings.expiry, &mut self.closed);
+        let (freed, live) = self
+            .demux
+            .flush(boundary, &self.settings.expiry, &mut self.closed);
         let backlog = self.demux.take_backlog();
         let mut out = Flushed {
             events: backlog.events,
@@ -198,9 +215,11 @@ impl Flusher {
         t.contexts_expired.fetch_add(freed as u64, Relaxed);
         t.contexts.store(live as u64, Relaxed);
         t.flushed_points.fetch_add(out.series.len() as u64, Relaxed);
-        t.flushed_sketches.fetch_add(out.sketches.len() as u64, Relaxed);
+        t.flushed_sketches
+            .fetch_add(out.sketches.len() as u64, Relaxed);
         t.flushed_events.fetch_add(out.events.len() as u64, Relaxed);
-        t.flushed_service_checks.fetch_add(out.service_checks.len() as u64, Relaxed);
+        t.flushed_service_checks
+            .fetch_add(out.service_checks.len() as u64, Relaxed);
         if !out.is_empty() {
             self.output.emit(out);
         }
@@ -211,7 +230,9 @@ impl Flusher {
     pub fn run(mut self, stop: Receiver<()>) {
         let interval = self.settings.expiry.interval;
         loop {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
             let secs = now.as_secs() as i64;
             let boundary = secs - secs.rem_euclid(interval) + interval;
             let wait = Duration::from_secs(boundary as u64) + GRACE - now;
@@ -255,7 +276,10 @@ mod tests {
     fn series(settings: &FlushSettings, c: Closed) -> Vec<(String, SeriesKind, f64)> {
         let mut out = Flushed::default();
         settings.finish(c, &mut out);
-        out.series.iter().map(|s| (s.name(), s.kind, s.value)).collect()
+        out.series
+            .iter()
+            .map(|s| (s.name(), s.kind, s.value))
+            .collect()
     }
 
     fn histogram(samples: &[(f64, f64)]) -> Accumulator {
@@ -269,18 +293,32 @@ mod tests {
     #[test]
     fn counters_become_rates_and_gauges_and_sets_become_gauges() {
         let s = FlushSettings::new(EXPIRY, &[], &[]);
-        assert_eq!(series(&s, closed(MetricKind::Count, Accumulator::Count(25.0))), [("m".into(), SeriesKind::Rate, 2.5)]);
-        assert_eq!(series(&s, closed(MetricKind::Gauge, Accumulator::Gauge(-3.0))), [("m".into(), SeriesKind::Gauge, -3.0)]);
+        assert_eq!(
+            series(&s, closed(MetricKind::Count, Accumulator::Count(25.0))),
+            [("m".into(), SeriesKind::Rate, 2.5)]
+        );
+        assert_eq!(
+            series(&s, closed(MetricKind::Gauge, Accumulator::Gauge(-3.0))),
+            [("m".into(), SeriesKind::Gauge, -3.0)]
+        );
         let mut set = Accumulator::new(MetricKind::Set);
         for h in [1, 2, 3, 3] {
             set.add_member(h);
         }
-        assert_eq!(series(&s, closed(MetricKind::Set, set)), [("m".into(), SeriesKind::Gauge, 3.0)]);
+        assert_eq!(
+            series(&s, closed(MetricKind::Set, set)),
+            [("m".into(), SeriesKind::Gauge, 3.0)]
+        );
     }
 
     #[test]
     fn histograms_emit_the_default_aggregates_and_the_95th_percentile_like_the_agent() {
-        let aggs = [Aggregate::Max, Aggregate::Median, Aggregate::Avg, Aggregate::Count];
+        let aggs = [
+            Aggregate::Max,
+            Aggregate::Median,
+            Aggregate::Avg,
+            Aggregate::Count,
+        ];
         let s = FlushSettings::new(EXPIRY, &aggs, &[95]);
         // 1..=20: count 20, median target (20-1)/2 = 9 → 10th value = 10;
         // p95 target (95·20-1)/100 = 18 → 19th value = 19.
@@ -299,12 +337,24 @@ mod tests {
 
     #[test]
     fn histogram_weights_come_from_sample_rates() {
-        let s = FlushSettings::new(EXPIRY, &[Aggregate::Min, Aggregate::Sum, Aggregate::Count, Aggregate::Median], &[50, 99]);
+        let s = FlushSettings::new(
+            EXPIRY,
+            &[
+                Aggregate::Min,
+                Aggregate::Sum,
+                Aggregate::Count,
+                Aggregate::Median,
+            ],
+            &[50, 99],
+        );
         // 1 at weight 1, 100 at weight 4 (rate 0.25): count 5; sum 1 + 400.
         // median target (5-1)/2 = 2: cumulative 1, 5 → 100. p50 target (250-1)/100 = 2 → 100.
         // p99 target (495-1)/100 = 4 → 100.
         assert_eq!(
-            series(&s, closed(MetricKind::Timer, histogram(&[(100.0, 0.25), (1.0, 1.0)]))),
+            series(
+                &s,
+                closed(MetricKind::Timer, histogram(&[(100.0, 0.25), (1.0, 1.0)]))
+            ),
             [
                 ("m.min".into(), SeriesKind::Gauge, 1.0),
                 ("m.sum".into(), SeriesKind::Gauge, 401.0),
@@ -335,6 +385,14 @@ mod tests {
         assert_eq!(out.series.len(), 0);
         let sum = out.sketches[0].sketch.summary();
         assert_eq!((sum.count, sum.sum), (3, 21.0));
-        assert_eq!(out.sketches[0].sketch.bins().iter().map(|b| b.n).sum::<u16>(), 3);
+        assert_eq!(
+            out.sketches[0]
+                .sketch
+                .bins()
+                .iter()
+                .map(|b| b.n)
+                .sum::<u16>(),
+            3
+        );
     }
 }

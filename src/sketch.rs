@@ -391,11 +391,7 @@ mod tests {
         let k = key(1.0);
         assert_eq!(
             s.bins(),
-            &[
-                Bin { k, n: 8930 },
-                Bin { k, n: 65535 },
-                Bin { k, n: 65535 }
-            ]
+            &[Bin { k, n: 8930 }, Bin { k, n: 65535 }, Bin { k, n: 65535 }]
         );
     }
 
@@ -454,7 +450,11 @@ mod tests {
         ];
         for runs in cases {
             for limit in [1, 2, 3, 5, 8, 13, 4096] {
-                assert_eq!(lay_out(&runs, limit), reference(&runs, limit), "{runs:?} {limit}");
+                assert_eq!(
+                    lay_out(&runs, limit),
+                    reference(&runs, limit),
+                    "{runs:?} {limit}"
+                );
             }
         }
     }

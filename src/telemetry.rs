@@ -124,16 +124,40 @@ impl Telemetry {
             push("whippet_packets_total", l(), &c.packets);
             push("whippet_bytes_total", l(), &c.bytes);
             push("whippet_packets_truncated_total", l(), &c.truncated);
-            push("whippet_packets_queue_full_total", l(), &c.queue_full_packets);
+            push(
+                "whippet_packets_queue_full_total",
+                l(),
+                &c.queue_full_packets,
+            );
             push("whippet_receive_errors_total", l(), &c.errors);
         }
         let stream = self.transport(Transport::Stream);
-        push("whippet_stream_connections_total", vec![], &stream.connections);
-        push("whippet_stream_connections_refused_total", vec![], &stream.connections_refused);
-        push("whippet_stream_frames_too_large_total", vec![], &stream.frames_too_large);
-        push("whippet_stream_partial_frames_total", vec![], &stream.partial_frames);
+        push(
+            "whippet_stream_connections_total",
+            vec![],
+            &stream.connections,
+        );
+        push(
+            "whippet_stream_connections_refused_total",
+            vec![],
+            &stream.connections_refused,
+        );
+        push(
+            "whippet_stream_frames_too_large_total",
+            vec![],
+            &stream.frames_too_large,
+        );
+        push(
+            "whippet_stream_partial_frames_total",
+            vec![],
+            &stream.partial_frames,
+        );
         for k in Kind::ALL {
-            push("whippet_messages_total", vec![("kind", k.label())], &self.messages[k as usize]);
+            push(
+                "whippet_messages_total",
+                vec![("kind", k.label())],
+                &self.messages[k as usize],
+            );
         }
         for k in Kind::ALL {
             for r in Reason::ALL {
@@ -146,17 +170,45 @@ impl Telemetry {
             }
         }
         for d in Drop::ALL {
-            push("whippet_dropped_total", vec![("reason", d.label())], &self.dropped[d as usize]);
+            push(
+                "whippet_dropped_total",
+                vec![("reason", d.label())],
+                &self.dropped[d as usize],
+            );
         }
-        push("whippet_sample_rate_invalid_total", vec![], &self.sample_rate_invalid);
+        push(
+            "whippet_sample_rate_invalid_total",
+            vec![],
+            &self.sample_rate_invalid,
+        );
         push("whippet_samples_total", vec![], &self.samples);
-        push("whippet_contexts_created_total", vec![], &self.contexts_created);
-        push("whippet_contexts_expired_total", vec![], &self.contexts_expired);
+        push(
+            "whippet_contexts_created_total",
+            vec![],
+            &self.contexts_created,
+        );
+        push(
+            "whippet_contexts_expired_total",
+            vec![],
+            &self.contexts_expired,
+        );
         push("whippet_contexts", vec![], &self.contexts);
         push("whippet_flushes_total", vec![], &self.flushes);
-        push("whippet_flushed_total", vec![("data", "points")], &self.flushed_points);
-        push("whippet_flushed_total", vec![("data", "sketches")], &self.flushed_sketches);
-        push("whippet_flushed_total", vec![("data", "events")], &self.flushed_events);
+        push(
+            "whippet_flushed_total",
+            vec![("data", "points")],
+            &self.flushed_points,
+        );
+        push(
+            "whippet_flushed_total",
+            vec![("data", "sketches")],
+            &self.flushed_sketches,
+        );
+        push(
+            "whippet_flushed_total",
+            vec![("data", "events")],
+            &self.flushed_events,
+        );
         push(
             "whippet_flushed_total",
             vec![("data", "service_checks")],
@@ -206,7 +258,10 @@ impl Snapshot {
             .find(|p| {
                 p.name == name
                     && p.labels.len() == labels.len()
-                    && p.labels.iter().zip(labels).all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+                    && p.labels
+                        .iter()
+                        .zip(labels)
+                        .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
             })
             .map_or(0, |p| p.value)
     }
@@ -241,8 +296,7 @@ mod tests {
         assert_eq!(s.get("whippet_packets_total", &[("transport", "udp")]), 0);
         assert_eq!(s.get("whippet_queue_depth", &[]), 7);
         let text = s.to_string();
-        assert!(text.contains(
-            "whippet_parse_errors_total{kind=\"metric\",reason=\"unknown_type\"} 3\n"
-        ));
+        assert!(text
+            .contains("whippet_parse_errors_total{kind=\"metric\",reason=\"unknown_type\"} 3\n"));
     }
 }

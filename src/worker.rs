@@ -15,7 +15,9 @@ use crate::context::ContextRef;
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::packet::{lines, Batch, Pool};
-use crate::parser::{self, event::unescape, Event, Message, Metric, MetricKind, Reason, ServiceCheck, Values};
+use crate::parser::{
+    self, event::unescape, Event, Message, Metric, MetricKind, Reason, ServiceCheck, Values,
+};
 use crate::sample::{Sample, SampleValue};
 use crate::telemetry::{Drop, Telemetry};
 
@@ -58,17 +60,25 @@ impl Tally {
         add(&t.samples, self.samples);
         add(&t.contexts_created, self.new_contexts);
         add(&t.sample_rate_invalid, self.rate_invalid);
-        add(&t.dropped[Drop::TimestampedUnsupported as usize], self.timestamped_unsupported);
-        add(&t.dropped[Drop::EventBacklogFull as usize], self.backlog_full);
+        add(
+            &t.dropped[Drop::TimestampedUnsupported as usize],
+            self.timestamped_unsupported,
+        );
+        add(
+            &t.dropped[Drop::EventBacklogFull as usize],
+            self.backlog_full,
+        );
         *self = Tally::default();
     }
 }
 
 /// Re-binds an empty vector's allocation to another lifetime. The in-place `collect` reuses
 /// the buffer because the layouts are identical; no element is ever mapped.
-fn recycle<'b, T, U>(mut v: Vec<T>) -> Vec<U> {
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
-    v.into_iter().map(|_| -> U { unreachable!("the vector is empty") }).collect()
+    v.into_iter()
+        .map(|_| -> U { unreachable!("the vector is empty") })
+        .collect()
 }
 
 pub struct Worker {
@@ -110,8 +120,10 @@ impl Worker {
     pub fn process(&mut self, batch: &Batch) {
         let enrichment = self.enrichment.clone();
         let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
-        let mut per_shard: Vec<Vec<Sample<'_>>> =
-            std::mem::take(&mut self.per_shard).into_iter().map(recycle).collect();
+        let mut per_shard: Vec<Vec<Sample<'_>>> = std::mem::take(&mut self.per_shard)
+            .into_iter()
+            .map(recycle)
+            .collect();
         let interval = enrichment.bucket_seconds;
         let bucket = batch.received_at - batch.received_at.rem_euclid(interval);
         for frame in batch.frames() {
@@ -263,7 +275,11 @@ mod tests {
             extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
             bucket_seconds: 10,
         };
-        Worker::new(Arc::new(Demux::new(shards, 100)), Arc::new(Telemetry::default()), enrichment)
+        Worker::new(
+            Arc::new(Demux::new(shards, 100)),
+            Arc::new(Telemetry::default()),
+            enrichment,
+        )
     }
 
     fn feed(w: &mut Worker, packets: &[&str]) {
@@ -299,7 +315,13 @@ mod tests {
                     Accumulator::Distribution(d) => format!("dist={}", d.summary().count),
                 };
                 let tags: Vec<&str> = c.context.tags().collect();
-                format!("{} host={} tags={} ts={} {value}", c.context.name(), c.context.host(), tags.join(","), c.timestamp)
+                format!(
+                    "{} host={} tags={} ts={} {value}",
+                    c.context.name(),
+                    c.context.host(),
+                    tags.join(","),
+                    c.timestamp
+                )
             })
             .collect();
         rows.sort();
@@ -311,7 +333,12 @@ mod tests {
         let mut w = worker(4, "default-host", &["team:core"]);
         feed(
             &mut w,
-            &["a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev,env:dev", "a:4|c|#env:dev", "b:1|g|#host:,x", "c:1|g|#team:core"],
+            &[
+                "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev,env:dev",
+                "a:4|c|#env:dev",
+                "b:1|g|#host:,x",
+                "c:1|g|#team:core",
+            ],
         );
         assert_eq!(
             flushed(&w),
@@ -342,31 +369,58 @@ mod tests {
     #[test]
     fn errors_are_counted_by_kind_and_reason_and_the_rest_of_the_packet_survives() {
         let mut w = worker(1, "h", &[]);
-        feed(&mut w, &["bad|x\nok:1|c\n_e{0,1}:|x\n_sc|n|9\nt:1|d|T5\nr:1|c|@7\n\n"]);
+        feed(
+            &mut w,
+            &["bad|x\nok:1|c\n_e{0,1}:|x\n_sc|n|9\nt:1|d|T5\nr:1|c|@7\n\n"],
+        );
         let t = &w.telemetry;
         assert_eq!(t.messages[0].load(Relaxed), 3); // ok, t (dropped later), r
-        assert_eq!(t.parse_errors[0][Reason::MissingValue as usize].load(Relaxed), 1);
-        assert_eq!(t.parse_errors[1][Reason::EmptyTitle as usize].load(Relaxed), 1);
-        assert_eq!(t.parse_errors[2][Reason::InvalidStatus as usize].load(Relaxed), 1);
-        assert_eq!(t.dropped[Drop::TimestampedUnsupported as usize].load(Relaxed), 1);
+        assert_eq!(
+            t.parse_errors[0][Reason::MissingValue as usize].load(Relaxed),
+            1
+        );
+        assert_eq!(
+            t.parse_errors[1][Reason::EmptyTitle as usize].load(Relaxed),
+            1
+        );
+        assert_eq!(
+            t.parse_errors[2][Reason::InvalidStatus as usize].load(Relaxed),
+            1
+        );
+        assert_eq!(
+            t.dropped[Drop::TimestampedUnsupported as usize].load(Relaxed),
+            1
+        );
         assert_eq!(t.sample_rate_invalid.load(Relaxed), 1);
         assert_eq!(
             flushed(&w),
-            ["ok host=h tags= ts=1700000000 count=1", "r host=h tags= ts=1700000000 count=1"]
+            [
+                "ok host=h tags= ts=1700000000 count=1",
+                "r host=h tags= ts=1700000000 count=1"
+            ]
         );
     }
 
     #[test]
     fn events_and_checks_get_defaults_extra_tags_and_unescaped_text() {
         let mut w = worker(1, "default-host", &["team:core"]);
-        feed(&mut w, &["_e{5,6}:title|a\\nb c|#x\n_sc|db|1|h:dbhost|m:slow"]);
+        feed(
+            &mut w,
+            &["_e{5,6}:title|a\\nb c|#x\n_sc|db|1|h:dbhost|m:slow"],
+        );
         let backlog = w.demux.take_backlog();
         let e = &backlog.events[0];
         assert_eq!((e.title.as_str(), e.text.as_str()), ("title", "a\nb c"));
-        assert_eq!((e.timestamp, e.host.as_str()), (1_700_000_005, "default-host"));
+        assert_eq!(
+            (e.timestamp, e.host.as_str()),
+            (1_700_000_005, "default-host")
+        );
         assert_eq!(e.tags, ["x", "team:core"]);
         let c = &backlog.service_checks[0];
-        assert_eq!((c.name.as_str(), c.host.as_str(), c.message.as_str()), ("db", "dbhost", "slow"));
+        assert_eq!(
+            (c.name.as_str(), c.host.as_str(), c.message.as_str()),
+            ("db", "dbhost", "slow")
+        );
         assert_eq!(c.tags, ["team:core"]);
     }
 

@@ -91,7 +91,9 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
         match ctx.queue.try_send(full) {
             Ok(()) => {}
             Err(TrySendError::Full(dropped)) => {
-                counters.queue_full_packets.fetch_add(dropped.frame_count() as u64, Relaxed);
+                counters
+                    .queue_full_packets
+                    .fetch_add(dropped.frame_count() as u64, Relaxed);
                 ctx.telemetry
                     .drop_count(Drop::QueueFull, dropped.message_count());
                 ctx.pool.put(dropped);

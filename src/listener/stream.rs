@@ -167,11 +167,14 @@ fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
         filled += n;
         counters.bytes.fetch_add(n as u64, Relaxed);
         let (consumed, oversized) = split_frames(&mut batch, filled, max_frame);
-        counters.packets.fetch_add(batch.frame_count() as u64, Relaxed);
+        counters
+            .packets
+            .fetch_add(batch.frame_count() as u64, Relaxed);
         if batch.frame_count() > 0 {
             // Ship the complete frames; the partial one moves to the next buffer.
             let mut next = ctx.pool.get(Transport::Stream);
-            next.buffer_mut()[..filled - consumed].copy_from_slice(&batch.buffer()[consumed..filled]);
+            next.buffer_mut()[..filled - consumed]
+                .copy_from_slice(&batch.buffer()[consumed..filled]);
             batch.received_at = unix_now();
             if ctx.queue.send(std::mem::replace(&mut batch, next)).is_err() {
                 return;
@@ -194,7 +197,11 @@ fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
 
 /// Records the complete frames in `batch.buffer()[..filled]`. Returns the bytes they use
 /// (zero-length frames included) and whether an oversized frame header was met.
-fn split_frames(batch: &mut crate::packet::Batch, filled: usize, max_frame: usize) -> (usize, bool) {
+fn split_frames(
+    batch: &mut crate::packet::Batch,
+    filled: usize,
+    max_frame: usize,
+) -> (usize, bool) {
     let mut pos = 0;
     while filled - pos >= 4 {
         let header: [u8; 4] = batch.buffer()[pos..pos + 4].try_into().unwrap_or_default();
@@ -236,7 +243,10 @@ mod tests {
         batch.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
         let (consumed, oversized) = split_frames(&mut batch, bytes.len(), 64);
         assert_eq!((consumed, oversized), (complete, false));
-        assert_eq!(batch.frames().collect::<Vec<_>>(), [&b"a:1|c"[..], b"b:2|g\nc:3|c"]);
+        assert_eq!(
+            batch.frames().collect::<Vec<_>>(),
+            [&b"a:1|c"[..], b"b:2|g\nc:3|c"]
+        );
     }
 
     #[test]

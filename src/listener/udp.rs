@@ -13,14 +13,20 @@ use crate::Error;
 
 /// Binds `readers` sockets on `addr` (port 0: the OS picks one port for all of them).
 /// Returns the sockets and the effective receive buffer size.
-pub fn bind_all(addr: SocketAddr, readers: usize, rcvbuf: usize) -> Result<(Vec<UdpSocket>, usize), Error> {
+pub fn bind_all(
+    addr: SocketAddr,
+    readers: usize,
+    rcvbuf: usize,
+) -> Result<(Vec<UdpSocket>, usize), Error> {
     let mut sockets: Vec<UdpSocket> = Vec::with_capacity(readers);
     let mut bound = addr;
     let mut effective = 0;
     for _ in 0..readers.max(1) {
         let (socket, eff) = bind_one(bound, rcvbuf)
             .map_err(|e| super::bind_error("--udp", &format!("UDP {bound}"), e))?;
-        bound = socket.local_addr().map_err(|e| super::bind_error("--udp", "UDP", e))?;
+        bound = socket
+            .local_addr()
+            .map_err(|e| super::bind_error("--udp", "UDP", e))?;
         effective = eff;
         sockets.push(socket);
     }
@@ -28,7 +34,11 @@ pub fn bind_all(addr: SocketAddr, readers: usize, rcvbuf: usize) -> Result<(Vec<
 }
 
 fn bind_one(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<(UdpSocket, usize)> {
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let fd: OwnedFd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
     if rcvbuf > 0 {
@@ -45,7 +55,9 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<(UdpSocket, usiz
 pub fn kernel_drops(inodes: &[u64]) -> u64 {
     let mut total = 0;
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ref pointer drops

@@ -24,7 +24,12 @@ pub fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Err
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::Startup(format!("cannot inspect {} ({flag}): {e}", path.display()))),
+        Err(e) => {
+            return Err(Error::Startup(format!(
+                "cannot inspect {} ({flag}): {e}",
+                path.display()
+            )))
+        }
     };
     if !meta.file_type().is_socket() {
         return Err(Error::Startup(format!(
@@ -33,7 +38,9 @@ pub fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Err
         )));
     }
     let live = match kind {
-        SocketKind::Datagram => UnixDatagram::unbound().and_then(|s| s.connect(path)).is_ok(),
+        SocketKind::Datagram => UnixDatagram::unbound()
+            .and_then(|s| s.connect(path))
+            .is_ok(),
         SocketKind::Stream => UnixStream::connect(path).is_ok(),
     };
     if live {
@@ -43,27 +50,38 @@ pub fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Err
         )));
     }
     std::fs::remove_file(path).map_err(|e| {
-        Error::Startup(format!("cannot remove stale socket {} ({flag}): {e}", path.display()))
+        Error::Startup(format!(
+            "cannot remove stale socket {} ({flag}): {e}",
+            path.display()
+        ))
     })
 }
 
 /// Sets the socket file's permission bits (`--socket-mode`).
 pub fn set_mode(path: &Path, mode: u32, flag: &str) -> Result<(), Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-        Error::Startup(format!("cannot set mode {mode:o} on {} ({flag}): {e}", path.display()))
+        Error::Startup(format!(
+            "cannot set mode {mode:o} on {} ({flag}): {e}",
+            path.display()
+        ))
     })
 }
 
 /// Binds the Unix datagram socket at `path` with `mode` and receive buffer `rcvbuf` (0 = OS
 /// default). Returns the socket and the effective receive buffer.
-pub fn bind_datagram(path: &Path, mode: u32, rcvbuf: usize) -> Result<(UnixDatagram, usize), Error> {
+pub fn bind_datagram(
+    path: &Path,
+    mode: u32,
+    rcvbuf: usize,
+) -> Result<(UnixDatagram, usize), Error> {
     prepare_path(path, SocketKind::Datagram, "--socket")?;
     let socket = UnixDatagram::bind(path)
         .map_err(|e| super::bind_error("--socket", &path.display().to_string(), e))?;
     set_mode(path, mode, "--socket-mode")?;
     if rcvbuf > 0 {
-        setsockopt(&socket, sockopt::RcvBuf, &rcvbuf)
-            .map_err(|e| Error::Startup(format!("cannot set SO_RCVBUF ({rcvbuf}) on --socket: {e}")))?;
+        setsockopt(&socket, sockopt::RcvBuf, &rcvbuf).map_err(|e| {
+            Error::Startup(format!("cannot set SO_RCVBUF ({rcvbuf}) on --socket: {e}"))
+        })?;
     }
     let effective = getsockopt(&socket, sockopt::RcvBuf).unwrap_or(0);
     Ok((socket, effective))

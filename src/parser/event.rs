@@ -153,8 +153,8 @@ mod tests {
 
     #[test]
     fn every_optional_field_is_read() {
-        let e = parse("_e{2,3}:ti|txt|d:1700000000|h:web1|k:agg|p:low|s:src|t:error|#a:b,c")
-            .unwrap();
+        let e =
+            parse("_e{2,3}:ti|txt|d:1700000000|h:web1|k:agg|p:low|s:src|t:error|#a:b,c").unwrap();
         assert_eq!(e.timestamp, Some(1_700_000_000));
         assert_eq!(e.host, Some("web1"));
         assert_eq!(e.aggregation_key, "agg");

@@ -244,3 +244,71 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Byte strings biased towards DogStatsD's delimiters, so the fuzzing reaches deep paths.
+    fn dogstatsd_like() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop_oneof![
+            Just(b"_e{".to_vec()),
+            Just(b"_sc|".to_vec()),
+            Just(b"|".to_vec()),
+            Just(b":".to_vec()),
+            Just(b",".to_vec()),
+            Just(b"#".to_vec()),
+            Just(b"@".to_vec()),
+            Just(b"}".to_vec()),
+            Just(b"|c".to_vec()),
+            Just(b"|d".to_vec()),
+            Just(b"|T".to_vec()),
+            Just(b"host:".to_vec()),
+            "[0-9]{1,4}".prop_map(String::into_bytes),
+            "[a-z.]{1,6}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 1..4),
+        ];
+        proptest::collection::vec(token, 0..24).prop_map(|t| t.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(line in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&line);
+        }
+
+        #[test]
+        fn dogstatsd_like_bytes_never_panic_and_errors_match_the_prefix(line in dogstatsd_like()) {
+            match parse(&line) {
+                Ok(Message::Metric(m)) => {
+                    prop_assert!(!m.name.is_empty());
+                    prop_assert!(m.sample_rate > 0.0 && m.sample_rate <= 1.0);
+                    prop_assert!(m.values.iter().all(f64::is_finite));
+                }
+                Ok(Message::Event(e)) => prop_assert!(!e.title.is_empty()),
+                Ok(Message::ServiceCheck(c)) => prop_assert!(!c.name.is_empty()),
+                Err(e) => prop_assert_eq!(e.kind, Kind::of(line.strip_suffix(b"\r").unwrap_or(&line))),
+            }
+        }
+
+        #[test]
+        fn a_valid_metric_round_trips(
+            name in "[a-zA-Z][a-zA-Z0-9_.]{0,30}",
+            value in -1e12f64..1e12,
+            kind in prop_oneof![Just("c"), Just("g"), Just("h"), Just("ms"), Just("d")],
+            tags in proptest::collection::vec("[a-z]{1,5}:[a-z0-9]{1,5}", 0..5),
+        ) {
+            let line = format!("{name}:{value}|{kind}|#{}", tags.join(","));
+            let Ok(Message::Metric(m)) = parse(line.as_bytes()) else {
+                return Err(TestCaseError::fail(format!("{line} did not parse")));
+            };
+            prop_assert_eq!(m.name, name.as_str());
+            prop_assert_eq!(m.values, Values::One(value));
+            prop_assert_eq!(m.kind.wire(), kind);
+            prop_assert_eq!(m.tags, tags.join(","));
+        }
+    }
+}

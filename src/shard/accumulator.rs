@@ -90,7 +90,9 @@ mod tests {
         for v in [3.0, -1.0, 7.5] {
             a.add(v, 1.0);
         }
-        let Accumulator::Gauge(last) = a else { panic!() };
+        let Accumulator::Gauge(last) = a else {
+            panic!()
+        };
         assert_eq!(last, 7.5);
     }
 
@@ -99,7 +101,9 @@ mod tests {
         let mut a = Accumulator::new(MetricKind::Timer);
         a.add(10.0, 1.0);
         a.add(20.0, 0.3);
-        let Accumulator::Histogram(h) = a else { panic!() };
+        let Accumulator::Histogram(h) = a else {
+            panic!()
+        };
         assert_eq!(h.samples, [(10.0, 1), (20.0, 3)]);
         assert_eq!(h.count, 4);
         assert_eq!(h.sum, 10.0 + 20.0 * (1.0 / 0.3));

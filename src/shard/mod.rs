@@ -339,10 +339,21 @@ mod tests {
     fn tag_order_does_not_split_a_context_but_type_does() {
         let mut f = Fixture::new();
         f.add_full("m", &["b", "a"], MetricKind::Count, n(1.0), 1.0, None, 0);
-        f.add_full("m", &["a", "b", "a"], MetricKind::Count, n(1.0), 1.0, None, 0);
+        f.add_full(
+            "m",
+            &["a", "b", "a"],
+            MetricKind::Count,
+            n(1.0),
+            1.0,
+            None,
+            0,
+        );
         f.add_full("m", &["a", "b"], MetricKind::Gauge, n(1.0), 1.0, None, 0);
         assert_eq!(f.shard.len(), 2);
-        assert_eq!(f.flush(10), [row("m", 0, "count 2"), row("m", 0, "gauge 1")]);
+        assert_eq!(
+            f.flush(10),
+            [row("m", 0, "count 2"), row("m", 0, "gauge 1")]
+        );
     }
 
     #[test]
@@ -369,7 +380,11 @@ mod tests {
         f.add("c", MetricKind::Count, n(1.0), 0);
         assert_eq!(f.flush(10), [row("c", 0, "count 1")]);
         for closing in (10..=300).step_by(10) {
-            assert_eq!(f.flush(closing + 10), [row("c", closing, "count 0")], "{closing}");
+            assert_eq!(
+                f.flush(closing + 10),
+                [row("c", closing, "count 0")],
+                "{closing}"
+            );
         }
         assert_eq!(f.flush(320), []);
         assert_eq!(f.shard.len(), 0);

@@ -40,7 +40,9 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
     for i in 0..TOTAL {
         let m = message(i);
         if frame.len() + m.len() + 1 > 8000 {
-            stream.write_all(&(frame.len() as u32).to_le_bytes()).unwrap();
+            stream
+                .write_all(&(frame.len() as u32).to_le_bytes())
+                .unwrap();
             stream.write_all(&frame).unwrap();
             frame.clear();
         }
@@ -50,7 +52,9 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
             dist_sum += i % 100;
         }
     }
-    stream.write_all(&(frame.len() as u32).to_le_bytes()).unwrap();
+    stream
+        .write_all(&(frame.len() as u32).to_le_bytes())
+        .unwrap();
     stream.write_all(&frame).unwrap();
     drop(stream);
     let s = w.stop();
@@ -73,7 +77,9 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
     ];
     let mut error_total = 0;
     for (kind, reason) in errors {
-        let n = t(&format!(r#"whippet_parse_errors_total{{kind="{kind}",reason="{reason}"}}"#));
+        let n = t(&format!(
+            r#"whippet_parse_errors_total{{kind="{kind}",reason="{reason}"}}"#
+        ));
         assert_eq!(n, EACH, "{kind} {reason}");
         error_total += n;
     }
@@ -84,20 +90,44 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(all_errors, error_total, "no other reason was counted");
-    assert_eq!(t(r#"whippet_dropped_total{reason="timestamped_unsupported"}"#), EACH);
-    assert_eq!(t(r#"whippet_dropped_total{reason="event_backlog_full"}"#), 0);
+    assert_eq!(
+        t(r#"whippet_dropped_total{reason="timestamped_unsupported"}"#),
+        EACH
+    );
+    assert_eq!(
+        t(r#"whippet_dropped_total{reason="event_backlog_full"}"#),
+        0
+    );
 
     // The valid messages in between were all aggregated.
-    assert_eq!(s.one("series", "ok.count", "k:v").f64("value"), EACH as f64 / 1e9);
+    assert_eq!(
+        s.one("series", "ok.count", "k:v").f64("value"),
+        EACH as f64 / 1e9
+    );
     assert_eq!(s.one("series", "ok.gauge", "").f64("value"), 42.0);
     assert_eq!(s.one("series", "ok.set", "").f64("value"), EACH as f64);
     let d = s.one("sketch", "ok.dist", "");
     assert_eq!(d.get("count"), EACH.to_string());
     assert_eq!(d.f64("sum"), dist_sum as f64);
     assert_eq!((d.get("min"), d.get("max")), ("2", "98"));
-    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("event ")).count() as u64, EACH);
-    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("service_check ok.check ")).count() as u64, EACH);
-    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("series ") || l.starts_with("sketch ")).count(), 4);
+    assert_eq!(
+        s.stdout.iter().filter(|l| l.starts_with("event ")).count() as u64,
+        EACH
+    );
+    assert_eq!(
+        s.stdout
+            .iter()
+            .filter(|l| l.starts_with("service_check ok.check "))
+            .count() as u64,
+        EACH
+    );
+    assert_eq!(
+        s.stdout
+            .iter()
+            .filter(|l| l.starts_with("series ") || l.starts_with("sketch "))
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -112,10 +142,20 @@ fn datagrams_longer_than_the_buffer_are_counted_as_truncated_and_not_parsed() {
     w.send_unix(&exact);
     w.send_unix(&long);
     let s = w.stop();
-    assert_eq!(s.telemetry(r#"whippet_packets_truncated_total{transport="udp"}"#), 1);
-    assert_eq!(s.telemetry(r#"whippet_packets_truncated_total{transport="unix"}"#), 1);
+    assert_eq!(
+        s.telemetry(r#"whippet_packets_truncated_total{transport="udp"}"#),
+        1
+    );
+    assert_eq!(
+        s.telemetry(r#"whippet_packets_truncated_total{transport="unix"}"#),
+        1
+    );
     assert_eq!(s.one("series", "fits", "").f64("value"), 2.0 / 1e9);
-    assert!(!s.stdout.iter().any(|l| l.contains(" cut ")), "{:?}", s.stdout);
+    assert!(
+        !s.stdout.iter().any(|l| l.contains(" cut ")),
+        "{:?}",
+        s.stdout
+    );
     assert_eq!(s.telemetry(r#"whippet_messages_total{kind="metric"}"#), 2);
 }
 
@@ -129,7 +169,8 @@ fn an_oversized_stream_frame_closes_only_its_connection() {
     bad.write_all(before).unwrap();
     bad.write_all(&513u32.to_le_bytes()).unwrap();
     // whippet closes the connection: our read sees end-of-file (bounded by the deadline).
-    bad.set_read_timeout(Some(crate::support::DEADLINE)).unwrap();
+    bad.set_read_timeout(Some(crate::support::DEADLINE))
+        .unwrap();
     assert_eq!(bad.read(&mut [0u8; 16]).unwrap(), 0);
     w.send_stream(&[b"good:1|c", b"", b"good:2|c"]);
     // A connection that closes mid-frame.

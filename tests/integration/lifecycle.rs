@@ -31,7 +31,10 @@ fn sigterm_when_idle_exits_zero_and_removes_the_socket_files() {
     let s = w.stop();
     assert_eq!(s.status.code(), Some(0), "{:?}", s.stderr);
     assert!(!socket.exists() && !stream.exists());
-    assert_eq!(s.stderr.last().map(String::as_str), Some("whippet: stopped"));
+    assert_eq!(
+        s.stderr.last().map(String::as_str),
+        Some("whippet: stopped")
+    );
     assert!(s.stdout.is_empty(), "{:?}", s.stdout);
 }
 
@@ -50,7 +53,8 @@ fn sigint_stops_like_sigterm() {
 fn the_open_bucket_is_flushed_at_shutdown_with_data_still_in_a_stream_connection() {
     let w = Whippet::start(&[]);
     // A client that wrote and is still connected when SIGTERM arrives.
-    let mut client = std::os::unix::net::UnixStream::connect(w.stream_socket.as_ref().unwrap()).unwrap();
+    let mut client =
+        std::os::unix::net::UnixStream::connect(w.stream_socket.as_ref().unwrap()).unwrap();
     let payload = b"held:5|g";
     std::io::Write::write_all(&mut client, &(payload.len() as u32).to_le_bytes()).unwrap();
     std::io::Write::write_all(&mut client, payload).unwrap();
@@ -67,7 +71,8 @@ fn sigusr1_logs_the_telemetry_while_running() {
     let deadline = std::time::Instant::now() + crate::support::DEADLINE;
     loop {
         w.signal(Signal::SIGUSR1);
-        let line = w.wait_for_new_stderr("whippet: telemetry whippet_packets_total{transport=\"unix\"}");
+        let line =
+            w.wait_for_new_stderr("whippet: telemetry whippet_packets_total{transport=\"unix\"}");
         if line.ends_with(" 1") {
             break;
         }
@@ -89,10 +94,18 @@ fn unix_sockets_get_the_configured_mode() {
             extra = vec!["--socket-mode", mode];
         }
         let w = Whippet::start(&extra);
-        for path in [w.socket.as_ref().unwrap(), w.stream_socket.as_ref().unwrap()] {
+        for path in [
+            w.socket.as_ref().unwrap(),
+            w.stream_socket.as_ref().unwrap(),
+        ] {
             let meta = std::fs::metadata(path).unwrap();
             assert!(meta.file_type().is_socket());
-            assert_eq!(meta.permissions().mode() & 0o777, want, "{}", path.display());
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                want,
+                "{}",
+                path.display()
+            );
         }
         w.stop();
     }
@@ -104,7 +117,14 @@ fn a_stale_socket_file_is_replaced() {
     let path = dir.path("stale.socket");
     drop(UnixDatagram::bind(&path).unwrap()); // leaves the file, nobody listening
     assert!(path.exists());
-    let args = vec!["--udp".into(), "off".into(), "--socket".into(), path.display().to_string(), "--bucket-seconds".into(), ONE_BUCKET.into()];
+    let args = vec![
+        "--udp".into(),
+        "off".into(),
+        "--socket".into(),
+        path.display().to_string(),
+        "--bucket-seconds".into(),
+        ONE_BUCKET.into(),
+    ];
     let w = Whippet::spawn(args, dir);
     w.send_unix(b"fresh:1|g");
     let s = w.stop();
@@ -153,9 +173,33 @@ fn help_lists_every_flag_and_version_prints_the_version() {
     let out = Command::new(binary()).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--udp", "--udp-readers", "--so-rcvbuf", "--socket", "--socket-mode", "--stream-socket", "--buffer-size", "--queue-size", "--workers", "--shards", "--tags", "--hostname", "--bucket-seconds", "--histogram-aggregates", "--histogram-percentiles", "--expiry-seconds", "--context-expiry-seconds"] {
-        assert!(help.contains(&format!("{flag} ")), "{flag} missing from --help");
+    for flag in [
+        "--udp",
+        "--udp-readers",
+        "--so-rcvbuf",
+        "--socket",
+        "--socket-mode",
+        "--stream-socket",
+        "--buffer-size",
+        "--queue-size",
+        "--workers",
+        "--shards",
+        "--tags",
+        "--hostname",
+        "--bucket-seconds",
+        "--histogram-aggregates",
+        "--histogram-percentiles",
+        "--expiry-seconds",
+        "--context-expiry-seconds",
+    ] {
+        assert!(
+            help.contains(&format!("{flag} ")),
+            "{flag} missing from --help"
+        );
     }
     let out = Command::new(binary()).arg("--version").output().unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("whippet {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("whippet {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }

@@ -104,7 +104,10 @@ impl Whippet {
             .expect("start whippet");
         let out = child.stdout.take().unwrap();
         let stdout = std::thread::spawn(move || {
-            BufReader::new(out).lines().map_while(Result::ok).collect::<Vec<_>>()
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
         });
         let err = child.stderr.take().unwrap();
         let (tx, rx) = channel();
@@ -145,10 +148,16 @@ impl Whippet {
             if let Some(line) = self.stderr_seen.iter().find(|l| l.starts_with(prefix)) {
                 return line.clone();
             }
-            match self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            match self
+                .stderr
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
                 Ok(line) => self.stderr_seen.push(line),
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!("no '{prefix}' on stderr within {DEADLINE:?}: {:?}", self.stderr_seen)
+                    panic!(
+                        "no '{prefix}' on stderr within {DEADLINE:?}: {:?}",
+                        self.stderr_seen
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     panic!("whippet exited before '{prefix}': {:?}", self.stderr_seen)
@@ -174,12 +183,14 @@ impl Whippet {
 
     pub fn send_unix(&self, payload: &[u8]) {
         let s = UnixDatagram::unbound().unwrap();
-        s.send_to(payload, self.socket.as_ref().expect("socket is on")).unwrap();
+        s.send_to(payload, self.socket.as_ref().expect("socket is on"))
+            .unwrap();
     }
 
     /// Connects to the stream socket and writes each payload as one frame.
     pub fn send_stream(&self, frames: &[&[u8]]) {
-        let mut s = UnixStream::connect(self.stream_socket.as_ref().expect("stream is on")).unwrap();
+        let mut s =
+            UnixStream::connect(self.stream_socket.as_ref().expect("stream is on")).unwrap();
         for f in frames {
             s.write_all(&(f.len() as u32).to_le_bytes()).unwrap();
             s.write_all(f).unwrap();
@@ -218,7 +229,10 @@ pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < end, "whippet did not exit within {DEADLINE:?}");
+        assert!(
+            Instant::now() < end,
+            "whippet did not exit within {DEADLINE:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -237,7 +251,9 @@ impl Line {
     }
 
     pub fn f64(&self, key: &str) -> f64 {
-        self.get(key).parse().unwrap_or_else(|_| panic!("{key} of {self:?}"))
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} of {self:?}"))
     }
 }
 
@@ -254,7 +270,12 @@ impl Stopped {
             .into_iter()
             .filter(|l| l.kind == kind && l.name == name && l.get("tags") == tags)
             .collect();
-        assert_eq!(found.len(), 1, "{kind} {name} tags={tags} in {:#?}", self.stdout);
+        assert_eq!(
+            found.len(),
+            1,
+            "{kind} {name} tags={tags} in {:#?}",
+            self.stdout
+        );
         found.into_iter().next().unwrap()
     }
 
@@ -269,7 +290,9 @@ impl Stopped {
             .map(|v| v.parse().unwrap())
             .collect();
         // SIGUSR1 may have printed earlier snapshots; the final one is last.
-        *found.last().unwrap_or_else(|| panic!("no telemetry {key}: {:?}", self.stderr))
+        *found
+            .last()
+            .unwrap_or_else(|| panic!("no telemetry {key}: {:?}", self.stderr))
     }
 }
 

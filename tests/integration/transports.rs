@@ -44,8 +44,14 @@ fn assert_every_type(s: &Stopped, extra_tag: &str) {
 
     // Counter: Σ value·(1/rate) ÷ interval, as a rate.
     let c = s.one("series", "c", &tags("env:dev"));
-    assert_eq!((c.get("type"), c.get("ts"), c.get("host")), ("rate", BUCKET, "test-host"));
-    assert_eq!(c.f64("value"), (1.0 + 2.0 * (1.0 / 0.5) + 1.0 + 3.0) / INTERVAL);
+    assert_eq!(
+        (c.get("type"), c.get("ts"), c.get("host")),
+        ("rate", BUCKET, "test-host")
+    );
+    assert_eq!(
+        c.f64("value"),
+        (1.0 + 2.0 * (1.0 / 0.5) + 1.0 + 3.0) / INTERVAL
+    );
     assert_eq!(c.get("interval"), ONE_BUCKET);
 
     // Gauge: last value; "+5" is not a delta.
@@ -60,29 +66,49 @@ fn assert_every_type(s: &Stopped, extra_tag: &str) {
     assert_eq!(h("max").f64("value"), 10.0);
     assert_eq!(h("median").f64("value"), 3.0); // target (6-1)/2 = 2 → third sample
     assert_eq!(h("avg").f64("value"), 30.0 / 6.0);
-    assert_eq!((h("count").get("type"), h("count").f64("value")), ("rate", 6.0 / INTERVAL));
+    assert_eq!(
+        (h("count").get("type"), h("count").f64("value")),
+        ("rate", 6.0 / INTERVAL)
+    );
     assert_eq!(h("95percentile").f64("value"), 10.0); // target (570-1)/100 = 5
     let t = s.one("series", "t.max", &tags(""));
     assert_eq!(t.f64("value"), 7.0);
 
     // Distribution: 1, 10, and 100 at rate 0.5 (weight 2, sum +200).
     let d = s.one("sketch", "d", &tags(""));
-    assert_eq!((d.get("count"), d.get("min"), d.get("max")), ("4", "1", "100"));
-    assert_eq!((d.f64("sum"), d.f64("avg"), d.get("bins")), (211.0, 52.75, "3"));
+    assert_eq!(
+        (d.get("count"), d.get("min"), d.get("max")),
+        ("4", "1", "100")
+    );
+    assert_eq!(
+        (d.f64("sum"), d.f64("avg"), d.get("bins")),
+        (211.0, 52.75, "3")
+    );
 
     // Timestamped: own timestamp, no aggregation, sample rate ignored.
     let tg = s.one("series", "tg", &tags(""));
     assert_eq!((tg.get("ts"), tg.f64("value")), ("1700000000", 7.0));
     let tc = s.one("series", "tc", &tags(""));
-    assert_eq!((tc.get("type"), tc.get("ts"), tc.f64("value")), ("rate", "1700000001", 30.0 / INTERVAL));
+    assert_eq!(
+        (tc.get("type"), tc.get("ts"), tc.f64("value")),
+        ("rate", "1700000001", 30.0 / INTERVAL)
+    );
 
     // host: tags set the host and leave the tags; tags sorted and de-duplicated.
     let tagged = s.one("series", "tagged", &tags("a,b"));
     assert_eq!(tagged.get("host"), "web9");
     assert_eq!(s.one("series", "nohost", &tags("")).get("host"), "");
 
-    let event = s.stdout.iter().find(|l| l.starts_with("event ")).expect("an event");
-    let event_tags = if extra_tag.is_empty() { "svc:api".to_string() } else { format!("svc:api,{extra_tag}") };
+    let event = s
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("event "))
+        .expect("an event");
+    let event_tags = if extra_tag.is_empty() {
+        "svc:api".to_string()
+    } else {
+        format!("svc:api,{extra_tag}")
+    };
     assert!(event.starts_with("event ts="), "{event}");
     assert!(
         event.ends_with(&format!(
@@ -90,18 +116,40 @@ fn assert_every_type(s: &Stopped, extra_tag: &str) {
         )),
         "{event}"
     );
-    let check = s.stdout.iter().find(|l| l.starts_with("service_check ")).expect("a check");
-    let check_tags = if extra_tag.is_empty() { "role:primary".to_string() } else { format!("role:primary,{extra_tag}") };
-    assert!(check.starts_with("service_check db.up status=2 ts="), "{check}");
-    assert!(check.ends_with(&format!("host=db1 message=\"connection refused\" tags={check_tags}")), "{check}");
+    let check = s
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("service_check "))
+        .expect("a check");
+    let check_tags = if extra_tag.is_empty() {
+        "role:primary".to_string()
+    } else {
+        format!("role:primary,{extra_tag}")
+    };
+    assert!(
+        check.starts_with("service_check db.up status=2 ts="),
+        "{check}"
+    );
+    assert!(
+        check.ends_with(&format!(
+            "host=db1 message=\"connection refused\" tags={check_tags}"
+        )),
+        "{check}"
+    );
 
     // Nothing else: 13 series lines (c, g, s, 5×h, t×5, tg, tc, tagged, nohost) … counted exactly.
     let series = s.stdout.iter().filter(|l| l.starts_with("series ")).count();
     assert_eq!(series, 1 + 1 + 1 + 5 + 5 + 1 + 1 + 1 + 1, "{:#?}", s.stdout);
-    assert_eq!(s.stdout.iter().filter(|l| l.starts_with("sketch ")).count(), 1);
+    assert_eq!(
+        s.stdout.iter().filter(|l| l.starts_with("sketch ")).count(),
+        1
+    );
     assert_eq!(s.telemetry("whippet_messages_total{kind=\"metric\"}"), 19);
     assert_eq!(s.telemetry("whippet_messages_total{kind=\"event\"}"), 1);
-    assert_eq!(s.telemetry("whippet_messages_total{kind=\"service_check\"}"), 1);
+    assert_eq!(
+        s.telemetry("whippet_messages_total{kind=\"service_check\"}"),
+        1
+    );
 }
 
 #[test]
@@ -128,7 +176,10 @@ fn every_type_arrives_exactly_over_the_unix_stream_socket_one_message_per_frame(
     let frames: Vec<&[u8]> = PAYLOAD.lines().map(str::as_bytes).collect();
     w.send_stream(&frames);
     let s = w.stop();
-    assert_eq!(s.telemetry("whippet_packets_total{transport=\"unix_stream\"}"), 21);
+    assert_eq!(
+        s.telemetry("whippet_packets_total{transport=\"unix_stream\"}"),
+        21
+    );
     assert_every_type(&s, "");
 }
 
