@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
-use crate::context::ContextRef;
+use crate::context::{canonical_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::packet::{lines, Batch, Pool};
@@ -81,6 +81,13 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
+/// A batch's reusable buffers, borrowed for one message.
+struct Scratch<'s, 'a> {
+    tags: &'s mut Vec<&'a str>,
+    sort: &'s mut Vec<(u64, &'a str)>,
+    per_shard: &'s mut [Vec<Sample<'a>>],
+}
+
 pub struct Worker {
     demux: Arc<Demux>,
     telemetry: Arc<Telemetry>,
@@ -88,6 +95,7 @@ pub struct Worker {
     tally: Tally,
     /// Reused across batches: the tag arena and one sample vector per shard.
     tags: Vec<&'static str>,
+    sort_scratch: Vec<(u64, &'static str)>,
     per_shard: Vec<Vec<Sample<'static>>>,
     events: Vec<EventRecord>,
     checks: Vec<ServiceCheckRecord>,
@@ -102,6 +110,7 @@ impl Worker {
             enrichment,
             tally: Tally::default(),
             tags: Vec::new(),
+            sort_scratch: Vec::new(),
             per_shard: (0..shards).map(|_| Vec::new()).collect(),
             events: Vec::new(),
             checks: Vec::new(),
@@ -120,6 +129,7 @@ impl Worker {
     pub fn process(&mut self, batch: &Batch) {
         let enrichment = self.enrichment.clone();
         let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
+        let mut scratch: Vec<(u64, &str)> = recycle(std::mem::take(&mut self.sort_scratch));
         let mut per_shard: Vec<Vec<Sample<'_>>> = std::mem::take(&mut self.per_shard)
             .into_iter()
             .map(recycle)
@@ -131,7 +141,12 @@ impl Worker {
                 match parser::parse(line) {
                     Ok(Message::Metric(m)) => {
                         self.tally.messages[0] += 1;
-                        self.metric(&m, &enrichment, bucket, &mut tags, &mut per_shard);
+                        let out = Scratch {
+                            tags: &mut tags,
+                            sort: &mut scratch,
+                            per_shard: &mut per_shard,
+                        };
+                        self.metric(&m, &enrichment, bucket, out);
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[1] += 1;
@@ -157,6 +172,7 @@ impl Worker {
             self.tally.backlog_full += self.demux.push_backlog(&mut self.events, &mut self.checks);
         }
         self.tags = recycle(tags);
+        self.sort_scratch = recycle(scratch);
         self.per_shard = per_shard.into_iter().map(recycle).collect();
         self.tally.drain_into(&self.telemetry);
     }
@@ -166,9 +182,13 @@ impl Worker {
         m: &Metric<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
-        tags: &mut Vec<&'a str>,
-        per_shard: &mut [Vec<Sample<'a>>],
+        scratch: Scratch<'_, 'a>,
     ) {
+        let Scratch {
+            tags,
+            sort,
+            per_shard,
+        } = scratch;
         if m.sample_rate_invalid {
             self.tally.rate_invalid += 1;
         }
@@ -178,15 +198,15 @@ impl Worker {
         }
         let start = tags.len();
         let mut host: &str = &enrichment.hostname;
-        for tag in m.tags.split(',') {
+        for tag in split_tags(m.tags) {
             if let Some(h) = tag.strip_prefix("host:") {
                 host = h;
-            } else if !tag.is_empty() {
+            } else {
                 tags.push(tag);
             }
         }
         tags.extend(enrichment.extra_tags.iter().map(|t| &**t));
-        canonical_tail(tags, start);
+        canonical_tags(tags, start, sort);
         let context = ContextRef {
             name: m.name,
             host,
@@ -238,25 +258,21 @@ impl Worker {
     }
 }
 
-/// Sorts and de-duplicates `tags[start..]` in place.
-fn canonical_tail(tags: &mut Vec<&str>, start: usize) {
-    let tail = &mut tags[start..];
-    if !tail.is_sorted() {
-        tail.sort_unstable();
-    }
-    let mut kept = start;
-    for i in start..tags.len() {
-        if kept == start || tags[i] != tags[kept - 1] {
-            tags[kept] = tags[i];
-            kept += 1;
-        }
-    }
-    tags.truncate(kept);
+/// The non-empty tags of a raw `a,b:c` list, split with SIMD `memchr`.
+fn split_tags(raw: &str) -> impl Iterator<Item = &str> {
+    let mut at = 0;
+    memchr::memchr_iter(b',', raw.as_bytes())
+        .chain(std::iter::once(raw.len()))
+        .filter_map(move |comma| {
+            // Commas are ASCII, so both ends are character boundaries.
+            let tag = &raw[at..comma];
+            at = comma + 1;
+            (!tag.is_empty()).then_some(tag)
+        })
 }
 
 fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {
-    raw.split(',')
-        .filter(|t| !t.is_empty())
+    split_tags(raw)
         .chain(enrichment.extra_tags.iter().map(|t| &**t))
         .map(str::to_string)
         .collect()
@@ -425,9 +441,16 @@ mod tests {
     }
 
     #[test]
-    fn canonical_tail_sorts_and_dedups_only_the_tail() {
-        let mut tags = vec!["z", "y", "b", "a", "b", "a"];
-        canonical_tail(&mut tags, 2);
-        assert_eq!(tags, ["z", "y", "a", "b"]);
+    fn tags_split_at_commas_without_empty_ones() {
+        let cases: [(&str, Vec<&str>); 5] = [
+            ("", vec![]),
+            ("a", vec!["a"]),
+            ("a:b,c", vec!["a:b", "c"]),
+            (",,a,,b,", vec!["a", "b"]),
+            ("é,ü:x", vec!["é", "ü:x"]),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(split_tags(raw).collect::<Vec<_>>(), want, "{raw:?}");
+        }
     }
 }

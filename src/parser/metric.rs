@@ -6,7 +6,7 @@
 //!                   └ type: c g h ms d s
 //! ```
 
-use super::{fields, positive_int, Reason};
+use super::{fields, positive_int, split_at_byte, split_once, Reason};
 
 /// The metric type, matched exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,7 +64,7 @@ impl<'a> Values<'a> {
             Values::Member(_) => (None, ""),
         };
         one.into_iter().chain(
-            many.split(':')
+            split_at_byte(many, b':')
                 .filter(|item| !item.is_empty())
                 .filter_map(|item| number(item).ok()),
         )
@@ -92,12 +92,12 @@ pub struct Metric<'a> {
 
 /// Parses a metric line (known to be UTF-8, no `\n`).
 pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
-    let (head, rest) = line.split_once('|').ok_or(Reason::MissingType)?;
-    let (name, raw_values) = head.split_once(':').ok_or(Reason::MissingValue)?;
+    let (head, rest) = split_once(line, b'|').ok_or(Reason::MissingType)?;
+    let (name, raw_values) = split_once(head, b':').ok_or(Reason::MissingValue)?;
     if name.is_empty() {
         return Err(Reason::EmptyName);
     }
-    let (type_field, optional) = rest.split_once('|').unwrap_or((rest, ""));
+    let (type_field, optional) = split_once(rest, b'|').unwrap_or((rest, ""));
     if type_field.is_empty() {
         return Err(Reason::MissingType);
     }
@@ -153,7 +153,7 @@ fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
             Ok(Values::Member(raw))
         };
     }
-    if !raw.contains(':') {
+    if memchr::memchr(b':', raw.as_bytes()).is_none() {
         return if raw.is_empty() {
             Err(Reason::EmptyValue)
         } else {
@@ -162,7 +162,7 @@ fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
     }
     // Several values: every non-empty item must parse; one bad item rejects the message.
     let mut seen = false;
-    for item in raw.split(':').filter(|item| !item.is_empty()) {
+    for item in split_at_byte(raw, b':').filter(|item| !item.is_empty()) {
         number(item)?;
         seen = true;
     }

@@ -161,9 +161,28 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ParseError> {
     }
 }
 
-/// Splits `s` at `|`, SIMD-accelerated; the optional fields of every message kind.
+/// Splits `s` at every `sep` (an ASCII byte), SIMD-accelerated with `memchr`.
+pub(crate) fn split_at_byte(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    let mut at = 0;
+    memchr::memchr_iter(sep, s.as_bytes())
+        .chain(std::iter::once(s.len()))
+        .map(move |end| {
+            // `sep` is ASCII, so both ends are character boundaries.
+            let part = &s[at..end];
+            at = end + 1;
+            part
+        })
+}
+
+/// The optional fields of every message kind: `s` split at `|`.
 pub(crate) fn fields(s: &str) -> impl Iterator<Item = &str> {
-    s.split('|')
+    split_at_byte(s, b'|')
+}
+
+/// `s.split_once(sep)` for an ASCII byte, with `memchr`.
+pub(crate) fn split_once(s: &str, sep: u8) -> Option<(&str, &str)> {
+    let i = memchr::memchr(sep, s.as_bytes())?;
+    Some((&s[..i], &s[i + 1..]))
 }
 
 /// Parses a strictly positive decimal integer (no sign, no spaces), as the `T` and `d:` fields
@@ -225,6 +244,18 @@ mod tests {
         labels.sort_unstable();
         labels.dedup();
         assert_eq!(labels.len(), Reason::COUNT);
+    }
+
+    #[test]
+    fn byte_splitting_matches_str_split() {
+        for s in ["", "a", "|", "a|b", "||a||", "é|ü|", "no separator"] {
+            assert_eq!(
+                fields(s).collect::<Vec<_>>(),
+                s.split('|').collect::<Vec<_>>(),
+                "{s:?}"
+            );
+            assert_eq!(split_once(s, b'|'), s.split_once('|'), "{s:?}");
+        }
     }
 
     #[test]

@@ -258,7 +258,7 @@ mod tests {
             bucket: i64,
         ) {
             let mut tags = tags.to_vec();
-            canonical_tags(&mut tags);
+            canonical_tags(&mut tags, 0, &mut Vec::new());
             let hash = ContextRef {
                 name,
                 host: "h",
