@@ -48,80 +48,80 @@ pub enum Command {
 
 fn options() -> Options {
     let mut o = Options::new();
-    o.optopt("", "udp", "UDP address to listen on, or 'off'. Binding a non-loopback address exposes whippet to the network. Default 127.0.0.1:8125", "ADDR");
-    o.optopt("", "udp-readers", "UDP sockets bound with SO_REUSEPORT, one reader thread each; more readers spread load across cores. Default 1", "N");
-    o.optopt("", "so-rcvbuf", "Receive buffer for the UDP and Unix datagram sockets, in bytes; larger absorbs bursts, capped by net.core.rmem_max. 0 keeps the OS default. Default 4194304", "BYTES");
-    o.optopt(
+    o.optmulti("", "udp", "UDP address to listen on, or 'off'. Binding a non-loopback address exposes whippet to the network. Default 127.0.0.1:8125", "ADDR");
+    o.optmulti("", "udp-readers", "UDP sockets bound with SO_REUSEPORT, one reader thread each; more readers spread load across cores. Default 1", "N");
+    o.optmulti("", "so-rcvbuf", "Receive buffer for the UDP and Unix datagram sockets, in bytes; larger absorbs bursts, capped by net.core.rmem_max. 0 keeps the OS default. Default 4194304", "BYTES");
+    o.optmulti(
         "",
         "socket",
         "Unix datagram socket path. Default off",
         "PATH",
     );
-    o.optopt("", "socket-mode", "File mode of the Unix sockets, octal. Default 0722 (anyone may write, nobody else may read)", "OCTAL");
-    o.optopt(
+    o.optmulti("", "socket-mode", "File mode of the Unix sockets, octal. Default 0722 (anyone may write, nobody else may read)", "OCTAL");
+    o.optmulti(
         "",
         "stream-socket",
         "Unix stream socket path (4-byte little-endian length framing). Default off",
         "PATH",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "stream-max-connections",
         "Most concurrent stream connections; one thread each. Default 256",
         "N",
     );
-    o.optopt("", "buffer-size", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192", "BYTES");
-    o.optopt("", "queue-size", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 128", "N");
-    o.optopt(
+    o.optmulti("", "buffer-size", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192", "BYTES");
+    o.optmulti("", "queue-size", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 128", "N");
+    o.optmulti(
         "",
         "workers",
         "Parser threads. Default: the number of CPUs",
         "N",
     );
-    o.optopt("", "shards", "Aggregation shards (mutex-guarded); more reduce lock contention between workers. Default 16", "N");
-    o.optopt(
+    o.optmulti("", "shards", "Aggregation shards (mutex-guarded); more reduce lock contention between workers. Default 16", "N");
+    o.optmulti(
         "",
         "tags",
         "Extra tags added to every metric, event and service check, comma-separated. Default none",
         "TAGS",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "hostname",
         "Host reported for data without a host: tag. Default: this machine's hostname",
         "NAME",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "bucket-seconds",
         "Aggregation bucket length in seconds. Default 10",
         "N",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "histogram-aggregates",
         "Histogram aggregates: max, min, median, avg, sum, count. Default max,median,avg,count",
         "LIST",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "histogram-percentiles",
         "Histogram percentiles as fractions. Default 0.95",
         "LIST",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "expiry-seconds",
         "Counters report 0 for this long after their last sample. Default 300",
         "N",
     );
-    o.optopt(
+    o.optmulti(
         "",
         "context-expiry-seconds",
         "Other contexts are freed once idle this long. Default 20",
         "N",
     );
-    o.optopt("", "event-backlog", "Most events plus service checks held between two flushes; beyond, they are dropped and counted. Default 10000", "N");
+    o.optmulti("", "event-backlog", "Most events plus service checks held between two flushes; beyond, they are dropped and counted. Default 10000", "N");
     o.optflag("h", "help", "Print this help and exit");
     o.optflag("V", "version", "Print the version and exit");
     o
@@ -145,7 +145,8 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
             "unexpected argument '{extra}' (see --help)"
         )));
     }
-    let get = |name: &str| m.opt_str(name);
+    // A repeated flag: the last one wins, so wrappers can append overrides.
+    let get = |name: &str| m.opt_strs(name).pop();
     let udp = match get("udp").as_deref() {
         Some("off") => None,
         Some(addr) => Some(addr.parse().map_err(|_| {

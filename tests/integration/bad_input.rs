@@ -185,3 +185,97 @@ fn an_oversized_stream_frame_closes_only_its_connection() {
     assert_eq!(s.telemetry("whippet_stream_connections_total"), 3);
     assert_eq!(s.telemetry("whippet_stream_partial_frames_total"), 1);
 }
+
+#[test]
+fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
+    let w = Whippet::start(&["--stream-max-connections", "1"]);
+    let path = w.stream_socket.clone().unwrap();
+    let mut first = UnixStream::connect(&path).unwrap();
+    let payload = b"capped:1|c";
+    first
+        .write_all(&(payload.len() as u32).to_le_bytes())
+        .unwrap();
+    first.write_all(payload).unwrap();
+    // The first connection is registered once its frame is counted as a packet.
+    let mut w = w;
+    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
+    loop {
+        w.signal(nix::sys::signal::Signal::SIGUSR1);
+        let line = w.wait_for_new_stderr(
+            "whippet: telemetry whippet_packets_total{transport=\"unix_stream\"}",
+        );
+        if line.ends_with(" 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{line}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut second = UnixStream::connect(&path).unwrap();
+    second
+        .set_read_timeout(Some(crate::support::DEADLINE))
+        .unwrap();
+    assert_eq!(
+        second.read(&mut [0u8; 8]).unwrap(),
+        0,
+        "refused: closed by whippet"
+    );
+    first
+        .write_all(&(payload.len() as u32).to_le_bytes())
+        .unwrap();
+    first.write_all(payload).unwrap();
+    drop(first);
+    let s = w.stop();
+    assert_eq!(s.telemetry("whippet_stream_connections_refused_total"), 1);
+    assert_eq!(s.telemetry("whippet_stream_connections_total"), 1);
+    assert_eq!(s.one("series", "capped", "").f64("value"), 2.0 / 1e9);
+}
+
+#[test]
+fn every_datagram_message_is_either_aggregated_or_counted_as_dropped_for_a_full_queue() {
+    // One worker and a one-batch queue: whether the queue overflows depends on scheduling,
+    // but the accounting must be exact either way.
+    let w = Whippet::start(&["--queue-size", "1", "--workers", "1"]);
+    const PACKETS: u64 = 20_000;
+    let packet = b"flood:1|c\nflood:1|c\nflood:1|c";
+    for _ in 0..PACKETS {
+        // A Unix datagram sender blocks instead of losing datagrams in the kernel.
+        w.send_unix(packet);
+    }
+    let s = w.stop();
+    let parsed = s.telemetry(r#"whippet_messages_total{kind="metric"}"#);
+    let dropped = s.telemetry(r#"whippet_dropped_total{reason="queue_full"}"#);
+    let dropped_packets = s.telemetry(r#"whippet_packets_queue_full_total{transport="unix"}"#);
+    assert_eq!(parsed + dropped, 3 * PACKETS);
+    assert_eq!(dropped, 3 * dropped_packets);
+    assert_eq!(
+        s.telemetry(r#"whippet_packets_total{transport="unix"}"#),
+        PACKETS
+    );
+    if parsed > 0 {
+        assert_eq!(
+            s.one("series", "flood", "").f64("value"),
+            parsed as f64 / 1e9
+        );
+    }
+}
+
+#[test]
+fn several_udp_readers_share_one_port_and_lose_nothing_sent_at_a_gentle_pace() {
+    let w = Whippet::start(&["--udp-readers", "4"]);
+    let senders: Vec<std::net::UdpSocket> = (0..8)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for i in 0..400 {
+        senders[i % 8]
+            .send_to(b"spread:1|c", w.udp.unwrap())
+            .unwrap();
+    }
+    let s = w.stop();
+    // 400 datagrams of 10 bytes cannot fill a 4 MiB receive buffer: no kernel drops.
+    assert_eq!(s.telemetry("whippet_udp_kernel_drops"), 0);
+    assert_eq!(
+        s.telemetry(r#"whippet_packets_total{transport="udp"}"#),
+        400
+    );
+    assert_eq!(s.one("series", "spread", "").f64("value"), 400.0 / 1e9);
+}

@@ -203,3 +203,35 @@ fn help_lists_every_flag_and_version_prints_the_version() {
         format!("whippet {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn closed_buckets_are_flushed_while_running_and_counters_then_report_zero() {
+    let mut w = Whippet::start(&["--bucket-seconds", "1", "--expiry-seconds", "3"]);
+    w.send_udp(b"live.count:5|c\nlive.gauge:2|g");
+    let first = w.wait_for_stdout(|l| l.starts_with("series live.count rate "));
+    assert!(first.contains(" value=5 interval=1 "), "{first}");
+    let gauge = w.wait_for_stdout(|l| l.starts_with("series live.gauge gauge "));
+    assert!(gauge.contains(" value=2 "), "{gauge}");
+    // The next closed buckets carry a zero for the counter, and nothing for the gauge.
+    let zero =
+        w.wait_for_stdout(|l| l.starts_with("series live.count rate ") && l.contains(" value=0 "));
+    let ts = |line: &str| -> i64 {
+        line.split(" ts=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(ts(&zero) > ts(&first), "{first} / {zero}");
+    let s = w.stop();
+    assert!(s.status.success());
+    let gauges = s
+        .stdout
+        .iter()
+        .filter(|l| l.starts_with("series live.gauge "))
+        .count();
+    assert_eq!(gauges, 1, "gauges are not zero-filled: {:?}", s.stdout);
+}

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long anything may take before a test gives up: generous, since CI machines are slow.
@@ -51,7 +50,8 @@ pub struct Whippet {
     child: Child,
     stderr: Receiver<String>,
     stderr_seen: Vec<String>,
-    stdout: Option<JoinHandle<Vec<String>>>,
+    stdout: Receiver<String>,
+    stdout_seen: Vec<String>,
     pub udp: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub stream_socket: Option<PathBuf>,
@@ -102,27 +102,14 @@ impl Whippet {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start whippet");
-        let out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdout = lines_of(child.stdout.take().unwrap());
+        let rx = lines_of(child.stderr.take().unwrap());
         let mut w = Whippet {
             child,
             stderr: rx,
             stderr_seen: Vec::new(),
-            stdout: Some(stdout),
+            stdout,
+            stdout_seen: Vec::new(),
             udp: None,
             socket: None,
             stream_socket: None,
@@ -176,6 +163,27 @@ impl Whippet {
         line
     }
 
+    /// Waits (with the deadline) until whippet has printed a line for which `pred` holds,
+    /// while it keeps running; returns that line.
+    pub fn wait_for_stdout(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(line) = self.stdout_seen.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            match self
+                .stdout
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => self.stdout_seen.push(line),
+                Err(_) => panic!(
+                    "no such line on stdout within {DEADLINE:?}: {:?}",
+                    self.stdout_seen
+                ),
+            }
+        }
+    }
+
     pub fn send_udp(&self, payload: &[u8]) {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.send_to(payload, self.udp.expect("udp is on")).unwrap();
@@ -205,7 +213,8 @@ impl Whippet {
     pub fn stop(mut self) -> Stopped {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = wait_with_deadline(&mut self.child);
-        let stdout = self.stdout.take().unwrap().join().unwrap();
+        let mut stdout = std::mem::take(&mut self.stdout_seen);
+        stdout.extend(self.stdout.iter());
         let mut stderr = std::mem::take(&mut self.stderr_seen);
         stderr.extend(self.stderr.iter());
         Stopped {
@@ -221,6 +230,19 @@ impl Drop for Whippet {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Forwards the lines of a pipe over a channel, from a thread of its own.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
