@@ -30,7 +30,7 @@ impl Transport {
 
 /// Why a message or sample was dropped after it was received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum Discard {
     /// The packet queue was full (datagram transports only); counts messages.
     QueueFull = 0,
     /// A `|T` timestamp on a type other than gauge or count (SPEC §3.4).
@@ -39,18 +39,18 @@ pub enum Drop {
     EventBacklogFull = 2,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 3] = [
-        Drop::QueueFull,
-        Drop::TimestampedUnsupported,
-        Drop::EventBacklogFull,
+impl Discard {
+    pub const ALL: [Discard; 3] = [
+        Discard::QueueFull,
+        Discard::TimestampedUnsupported,
+        Discard::EventBacklogFull,
     ];
 
     pub fn label(self) -> &'static str {
         match self {
-            Drop::QueueFull => "queue_full",
-            Drop::TimestampedUnsupported => "timestamped_unsupported",
-            Drop::EventBacklogFull => "event_backlog_full",
+            Discard::QueueFull => "queue_full",
+            Discard::TimestampedUnsupported => "timestamped_unsupported",
+            Discard::EventBacklogFull => "event_backlog_full",
         }
     }
 }
@@ -104,7 +104,7 @@ impl Telemetry {
         &self.transports[t as usize]
     }
 
-    pub fn drop_count(&self, reason: Drop, n: u64) {
+    pub fn drop_count(&self, reason: Discard, n: u64) {
         self.dropped[reason as usize].fetch_add(n, Relaxed);
     }
 
@@ -169,7 +169,7 @@ impl Telemetry {
                 );
             }
         }
-        for d in Drop::ALL {
+        for d in Discard::ALL {
             push(
                 "whippet_dropped_total",
                 vec![("reason", d.label())],

@@ -19,7 +19,7 @@ use crate::parser::{
     self, event::unescape, Event, Message, Metric, MetricKind, Reason, ServiceCheck, Values,
 };
 use crate::sample::{Sample, SampleValue};
-use crate::telemetry::{Drop, Telemetry};
+use crate::telemetry::{Discard, Telemetry};
 
 /// What a worker needs to turn messages into samples.
 #[derive(Debug, Clone)]
@@ -61,11 +61,11 @@ impl Tally {
         add(&t.contexts_created, self.new_contexts);
         add(&t.sample_rate_invalid, self.rate_invalid);
         add(
-            &t.dropped[Drop::TimestampedUnsupported as usize],
+            &t.dropped[Discard::TimestampedUnsupported as usize],
             self.timestamped_unsupported,
         );
         add(
-            &t.dropped[Drop::EventBacklogFull as usize],
+            &t.dropped[Discard::EventBacklogFull as usize],
             self.backlog_full,
         );
         *self = Tally::default();
@@ -404,7 +404,7 @@ mod tests {
             1
         );
         assert_eq!(
-            t.dropped[Drop::TimestampedUnsupported as usize].load(Relaxed),
+            t.dropped[Discard::TimestampedUnsupported as usize].load(Relaxed),
             1
         );
         assert_eq!(t.sample_rate_invalid.load(Relaxed), 1);

@@ -24,7 +24,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
 
 use crate::packet::{Batch, Pool, MAX_SLOTS};
-use crate::telemetry::{Drop, Telemetry, Transport};
+use crate::telemetry::{Discard, Telemetry, Transport};
 
 /// What every reader thread shares.
 #[derive(Clone)]
@@ -95,7 +95,7 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
                     .queue_full_packets
                     .fetch_add(dropped.frame_count() as u64, Relaxed);
                 ctx.telemetry
-                    .drop_count(Drop::QueueFull, dropped.message_count());
+                    .drop_count(Discard::QueueFull, dropped.message_count());
                 ctx.pool.put(dropped);
             }
             Err(TrySendError::Disconnected(_)) => break,

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use crate::support::Whippet;
+use crate::support::{write_frame, Whippet};
 
 /// The 16 message shapes of the million-message test, by `i % 16`.
 fn message(i: u64) -> Vec<u8> {
@@ -40,10 +40,7 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
     for i in 0..TOTAL {
         let m = message(i);
         if frame.len() + m.len() + 1 > 8000 {
-            stream
-                .write_all(&(frame.len() as u32).to_le_bytes())
-                .unwrap();
-            stream.write_all(&frame).unwrap();
+            write_frame(&mut stream, &frame);
             frame.clear();
         }
         frame.extend_from_slice(&m);
@@ -52,10 +49,7 @@ fn a_million_mixed_messages_are_counted_exactly_by_kind_and_reason() {
             dist_sum += i % 100;
         }
     }
-    stream
-        .write_all(&(frame.len() as u32).to_le_bytes())
-        .unwrap();
-    stream.write_all(&frame).unwrap();
+    write_frame(&mut stream, &frame);
     drop(stream);
     let s = w.stop();
     assert!(s.status.success(), "{:?}", s.stderr);
@@ -165,8 +159,7 @@ fn an_oversized_stream_frame_closes_only_its_connection() {
     let path = w.stream_socket.clone().unwrap();
     let mut bad = UnixStream::connect(&path).unwrap();
     let before = b"before:1|c";
-    bad.write_all(&(before.len() as u32).to_le_bytes()).unwrap();
-    bad.write_all(before).unwrap();
+    write_frame(&mut bad, before);
     bad.write_all(&513u32.to_le_bytes()).unwrap();
     // whippet closes the connection: our read sees end-of-file (bounded by the deadline).
     bad.set_read_timeout(Some(crate::support::DEADLINE))
@@ -192,24 +185,10 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
     let path = w.stream_socket.clone().unwrap();
     let mut first = UnixStream::connect(&path).unwrap();
     let payload = b"capped:1|c";
-    first
-        .write_all(&(payload.len() as u32).to_le_bytes())
-        .unwrap();
-    first.write_all(payload).unwrap();
+    write_frame(&mut first, payload);
     // The first connection is registered once its frame is counted as a packet.
     let mut w = w;
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    loop {
-        w.signal(nix::sys::signal::Signal::SIGUSR1);
-        let line = w.wait_for_new_stderr(
-            "whippet: telemetry whippet_packets_total{transport=\"unix_stream\"}",
-        );
-        if line.ends_with(" 1") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{line}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix_stream"}"#, 1);
     let mut second = UnixStream::connect(&path).unwrap();
     second
         .set_read_timeout(Some(crate::support::DEADLINE))
@@ -219,10 +198,7 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
         0,
         "refused: closed by whippet"
     );
-    first
-        .write_all(&(payload.len() as u32).to_le_bytes())
-        .unwrap();
-    first.write_all(payload).unwrap();
+    write_frame(&mut first, payload);
     drop(first);
     let s = w.stop();
     assert_eq!(s.telemetry("whippet_stream_connections_refused_total"), 1);

@@ -56,8 +56,7 @@ fn the_open_bucket_is_flushed_at_shutdown_with_data_still_in_a_stream_connection
     let mut client =
         std::os::unix::net::UnixStream::connect(w.stream_socket.as_ref().unwrap()).unwrap();
     let payload = b"held:5|g";
-    std::io::Write::write_all(&mut client, &(payload.len() as u32).to_le_bytes()).unwrap();
-    std::io::Write::write_all(&mut client, payload).unwrap();
+    crate::support::write_frame(&mut client, payload);
     let s = w.stop();
     drop(client);
     assert_eq!(s.one("series", "held", "").f64("value"), 5.0);
@@ -67,18 +66,8 @@ fn the_open_bucket_is_flushed_at_shutdown_with_data_still_in_a_stream_connection
 fn sigusr1_logs_the_telemetry_while_running() {
     let mut w = Whippet::start(&[]);
     w.send_unix(b"a:1|c\nnot-a-metric");
-    // Poll: the datagram may still be in flight when the first snapshot is taken.
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    loop {
-        w.signal(Signal::SIGUSR1);
-        let line =
-            w.wait_for_new_stderr("whippet: telemetry whippet_packets_total{transport=\"unix\"}");
-        if line.ends_with(" 1") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{line}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // The datagram may still be in flight when the first snapshot is taken.
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 1);
     let s = w.stop();
     assert_eq!(
         s.telemetry("whippet_parse_errors_total{kind=\"metric\",reason=\"missing_type\"}"),

@@ -195,13 +195,28 @@ impl Whippet {
             .unwrap();
     }
 
+    /// Sends SIGUSR1 until the logged telemetry line `key` (e.g.
+    /// `whippet_packets_total{transport="unix"}`) shows `value`; panics at the deadline.
+    pub fn wait_for_telemetry(&mut self, key: &str, value: u64) {
+        let end = Instant::now() + DEADLINE;
+        let prefix = format!("whippet: telemetry {key} ");
+        loop {
+            self.signal(nix::sys::signal::Signal::SIGUSR1);
+            let line = self.wait_for_new_stderr(&prefix);
+            if line[prefix.len()..] == value.to_string() {
+                return;
+            }
+            assert!(Instant::now() < end, "{line}, waiting for {value}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Connects to the stream socket and writes each payload as one frame.
     pub fn send_stream(&self, frames: &[&[u8]]) {
         let mut s =
             UnixStream::connect(self.stream_socket.as_ref().expect("stream is on")).unwrap();
         for f in frames {
-            s.write_all(&(f.len() as u32).to_le_bytes()).unwrap();
-            s.write_all(f).unwrap();
+            write_frame(&mut s, f);
         }
     }
 
@@ -230,6 +245,14 @@ impl Drop for Whippet {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes one length-prefixed frame of the stream transport.
+pub fn write_frame(stream: &mut UnixStream, payload: &[u8]) {
+    stream
+        .write_all(&(payload.len() as u32).to_le_bytes())
+        .unwrap();
+    stream.write_all(payload).unwrap();
 }
 
 /// Forwards the lines of a pipe over a channel, from a thread of its own.
