@@ -112,11 +112,6 @@ impl ContextKey {
         }
         true
     }
-
-    /// Heap bytes held, for memory accounting.
-    pub fn heap_bytes(&self) -> usize {
-        self.text.len() + self.ends.len() * 4
-    }
 }
 
 /// Sorts and de-duplicates `tags[start..]` in place: the context does not depend on tag order.

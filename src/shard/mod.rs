@@ -209,12 +209,6 @@ impl Shard {
         });
         before - self.contexts.len()
     }
-
-    /// The busiest contexts are not tracked yet; this returns the heap bytes of the keys, an
-    /// estimate used by telemetry.
-    pub fn key_bytes(&self) -> usize {
-        self.contexts.iter().map(|c| c.key.heap_bytes()).sum()
-    }
 }
 
 #[cfg(test)]
