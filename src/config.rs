@@ -7,7 +7,22 @@ use std::path::PathBuf;
 use getopts::Options;
 
 use crate::flush::Aggregate;
+use crate::serializer::{Compression, SeriesApi};
 use crate::Error;
+
+/// The API key: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Default)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "(none)"
+        } else {
+            "(redacted)"
+        })
+    }
+}
 
 /// Largest `--buffer-size`: the largest UDP payload, and what one frame may carry.
 pub const MAX_BUFFER_SIZE: usize = 65536;
@@ -36,6 +51,16 @@ pub struct Config {
     pub expiry_seconds: i64,
     pub context_expiry_seconds: i64,
     pub event_backlog: usize,
+    /// Where payloads go (scheme://host[:port]); `None` prints to the console instead.
+    pub intake_url: Option<String>,
+    pub api_key: ApiKey,
+    pub series_api: SeriesApi,
+    pub compression: Compression,
+    pub retry_queue_bytes: usize,
+    pub forwarder_threads: usize,
+    pub request_timeout_ms: u64,
+    pub retry_base_ms: u64,
+    pub shutdown_timeout_ms: u64,
 }
 
 /// What the command line asks for.
@@ -122,6 +147,36 @@ fn options() -> Options {
         "N",
     );
     o.optmulti("", "event-backlog", "Most events plus service checks held between two flushes; beyond, they are dropped and counted. Default 10000", "N");
+    o.optmulti("", "dd-url", "Intake URL (http:// or https://) that payloads are sent to. Default: https://app.SITE when an API key is set; otherwise whippet prints to the console", "URL");
+    o.optmulti(
+        "",
+        "site",
+        "Datadog site used to build the intake URL. Default datadoghq.com",
+        "SITE",
+    );
+    o.optmulti("", "api-key", "Datadog API key sent with every payload; DD_API_KEY in the environment is used when absent. Never logged", "KEY");
+    o.optmulti(
+        "",
+        "series-api",
+        "Series API: v2 (protobuf) or v1 (JSON, legacy). Default v2",
+        "VERSION",
+    );
+    o.optmulti(
+        "",
+        "compression",
+        "Payload compression: zstd (level 1), deflate (zlib) or none. Default zstd",
+        "KIND",
+    );
+    o.optmulti("", "retry-queue-bytes", "Bytes of payloads that may wait for the intake (new and failed); beyond, the oldest is dropped and counted. Default 15728640", "BYTES");
+    o.optmulti(
+        "",
+        "forwarder-threads",
+        "Concurrent requests to the intake. Default 2",
+        "N",
+    );
+    o.optmulti("", "request-timeout-ms", "Timeout of one request to the intake, in milliseconds; a timeout is retried. Default 20000", "MS");
+    o.optmulti("", "retry-base-ms", "First retry delay in milliseconds; each further failure doubles it, up to 32 times. Default 2000", "MS");
+    o.optmulti("", "shutdown-timeout-ms", "How long the final flush may take to reach the intake at shutdown, in milliseconds; what is left is dropped and counted. Default 10000", "MS");
     o.optflag("h", "help", "Print this help and exit");
     o.optflag("V", "version", "Print the version and exit");
     o
@@ -211,8 +266,81 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
             1,
             10_000_000,
         )?,
+        intake_url: None,
+        api_key: ApiKey(
+            get("api-key")
+                .or_else(|| std::env::var("DD_API_KEY").ok())
+                .unwrap_or_default(),
+        ),
+        series_api: match get("series-api").as_deref() {
+            None | Some("v2") => SeriesApi::V2,
+            Some("v1") => SeriesApi::V1,
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "--series-api: '{other}' is not v1 or v2"
+                )))
+            }
+        },
+        compression: match get("compression") {
+            None => Compression::Zstd,
+            Some(c) => Compression::parse(&c).ok_or_else(|| {
+                Error::Config(format!("--compression: '{c}' is not zstd, deflate or none"))
+            })?,
+        },
+        retry_queue_bytes: number(
+            get("retry-queue-bytes"),
+            "--retry-queue-bytes",
+            15 << 20,
+            0,
+            1 << 40,
+        )?,
+        forwarder_threads: number(get("forwarder-threads"), "--forwarder-threads", 2, 1, 64)?,
+        request_timeout_ms: number(
+            get("request-timeout-ms"),
+            "--request-timeout-ms",
+            20_000,
+            1,
+            3_600_000,
+        )?,
+        retry_base_ms: number(get("retry-base-ms"), "--retry-base-ms", 2000, 1, 3_600_000)?,
+        shutdown_timeout_ms: number(
+            get("shutdown-timeout-ms"),
+            "--shutdown-timeout-ms",
+            10_000,
+            0,
+            3_600_000,
+        )?,
     };
+    let mut config = config;
+    config.intake_url = intake_url(get("dd-url"), get("site"), !config.api_key.0.is_empty())?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// `--dd-url`, else `https://app.SITE` when there is an API key, else none (console).
+fn intake_url(
+    url: Option<String>,
+    site: Option<String>,
+    have_key: bool,
+) -> Result<Option<String>, Error> {
+    if let Some(url) = url {
+        let url = url.trim_end_matches('/').to_string();
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        return match rest {
+            Some(host) if !host.is_empty() && !host.contains('/') => Ok(Some(url)),
+            _ => Err(Error::Config(format!(
+                "--dd-url: '{url}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)"
+            ))),
+        };
+    }
+    let site = site.unwrap_or_else(|| "datadoghq.com".into());
+    if site.is_empty() || site.contains('/') {
+        return Err(Error::Config(format!(
+            "--site: '{site}' is not a site like datadoghq.com"
+        )));
+    }
+    Ok(have_key.then(|| format!("https://app.{site}")))
 }
 
 fn number<T>(value: Option<String>, flag: &str, default: T, min: T, max: T) -> Result<T, Error>

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
@@ -26,9 +27,11 @@ use signal_hook::iterator::Signals;
 use crate::config::Config;
 use crate::demux::Demux;
 use crate::flush::{FlushSettings, Flusher};
+use crate::forwarder::{self, Forwarder, ForwarderConfig, IntakeOutput};
 use crate::listener::{self, stream, udp, unix, ReaderContext};
 use crate::output::{Console, Output};
 use crate::packet::{Batch, Pool};
+use crate::serializer::{Serializer, SeriesApi};
 use crate::shard::Expiry;
 use crate::telemetry::{Point, Snapshot, Telemetry, Transport};
 use crate::worker::{Enrichment, Worker};
@@ -66,8 +69,17 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 }
 
 impl Daemon {
-    /// Binds the listeners and starts every thread.
-    pub fn start(config: &Config, output: Box<dyn Output>) -> Result<Daemon, Error> {
+    /// Binds the listeners and starts every thread, with the output the configuration asks
+    /// for: the intake when one is configured, else the console on stdout.
+    pub fn start(config: &Config) -> Result<Daemon, Error> {
+        Daemon::start_with(config, |telemetry| output_for(config, telemetry))
+    }
+
+    /// Like [`Daemon::start`], with an output of the caller's making.
+    pub fn start_with(
+        config: &Config,
+        make_output: impl FnOnce(Arc<Telemetry>) -> Result<Box<dyn Output>, Error>,
+    ) -> Result<Daemon, Error> {
         let mut bound = Bound::default();
         let (udp_sockets, rcvbuf) = match config.udp {
             Some(addr) => udp::bind_all(addr, config.udp_readers, config.so_rcvbuf)?,
@@ -97,6 +109,7 @@ impl Daemon {
         };
 
         let telemetry = Arc::new(Telemetry::default());
+        let output = make_output(telemetry.clone())?;
         let demux = Arc::new(Demux::new(config.shards, config.event_backlog));
         let pool = Arc::new(Pool::new(
             config.buffer_size,
@@ -242,6 +255,39 @@ impl Daemon {
     }
 }
 
+/// The console, or the serializer and forwarder when an intake is configured.
+fn output_for(config: &Config, telemetry: Arc<Telemetry>) -> Result<Box<dyn Output>, Error> {
+    let Some(url) = &config.intake_url else {
+        return Ok(Box::new(Console::new(std::io::BufWriter::new(
+            std::io::stdout(),
+        ))));
+    };
+    let forwarder_config = ForwarderConfig {
+        base_url: url.clone(),
+        api_key: config.api_key.0.clone(),
+        threads: config.forwarder_threads,
+        retry_queue_bytes: config.retry_queue_bytes,
+        timeout: Duration::from_millis(config.request_timeout_ms),
+        retry_base: Duration::from_millis(config.retry_base_ms),
+    };
+    // A short-lived thread: it logs whether the key is valid and ends; whippet runs either way.
+    let check = forwarder_config.clone();
+    spawn("whippet-validate".into(), move || {
+        forwarder::validate_api_key(&check)
+    })?;
+    let forwarder = Forwarder::start(forwarder_config, telemetry.clone())?;
+    Ok(Box::new(IntakeOutput {
+        serializer: Serializer {
+            series_api: config.series_api,
+            compression: config.compression,
+            hostname: config.hostname.clone(),
+        },
+        forwarder: Some(forwarder),
+        telemetry,
+        shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+    }))
+}
+
 fn log(msg: &str) {
     eprintln!("whippet: {msg}");
 }
@@ -250,8 +296,18 @@ fn log(msg: &str) {
 pub fn run(config: &Config) -> Result<(), Error> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
-    let output = Console::new(std::io::BufWriter::new(std::io::stdout()));
-    let daemon = Daemon::start(config, Box::new(output))?;
+    let daemon = Daemon::start(config)?;
+    match &config.intake_url {
+        Some(url) => log(&format!(
+            "forwarding to {url} (series {}, {} compression)",
+            match config.series_api {
+                SeriesApi::V1 => "v1 JSON",
+                SeriesApi::V2 => "v2 protobuf",
+            },
+            config.compression.header().unwrap_or("no")
+        )),
+        None => log("no intake configured (--dd-url or an API key): printing to stdout"),
+    }
     if let Some(addr) = daemon.bound.udp {
         log(&format!(
             "listening on udp {addr} (receive buffer {} bytes)",

@@ -17,8 +17,14 @@
 //!        ▼
 //!  flush → series points, sketches, events, service checks (outside the locks)
 //!        │
+//!        ▼  output: the console when no intake is configured, otherwise
+//!  serializer: v2/v1 series, sketches, events, checks → compressed payloads within limits
+//!        │
 //!        ▼
-//!  output: console today; serializer → forwarder → intake next
+//!  forwarder × --forwarder-threads: HTTP(S), backoff per endpoint, bounded retry queue
+//!        │
+//!        ▼
+//!  intake (Datadog, or `whippet-intake` for tests and local inspection)
 //! ```
 //!
 //! # Threads
@@ -30,10 +36,13 @@
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
-//! | `whippet-flusher` | 1 | timer until the next boundary | [`flush::Flusher::run`] |
+//! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
+//! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
+//! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
 //! | main | 1 | signals | [`daemon::run`] |
 //!
-//! [`daemon`] is the only module that creates threads and knows the shutdown order.
+//! [`daemon`] decides which threads exist and stops them in order; the stream listener and
+//! the forwarder run their own pools, started and stopped by the daemon.
 //!
 //! # Glossary
 //!
@@ -45,17 +54,22 @@
 //! - **bucket**: a `--bucket-seconds` interval of arrival time; its start stamps its points.
 //! - **shard**: a mutex-guarded slice of the contexts ([`shard::Shard`]).
 //! - **flush**: closing buckets and turning them into output ([`flush`]).
+//! - **payload**: one compressed HTTP request body for one endpoint ([`serializer::Payload`]).
+//! - **intake**: the HTTP service payloads are sent to ([`intake`] is a test one).
 
 pub mod config;
 pub mod context;
 pub mod daemon;
 pub mod demux;
 pub mod flush;
+pub mod forwarder;
+pub mod intake;
 pub mod listener;
 pub mod output;
 pub mod packet;
 pub mod parser;
 pub mod sample;
+pub mod serializer;
 pub mod shard;
 pub mod sketch;
 pub mod telemetry;

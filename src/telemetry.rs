@@ -3,10 +3,13 @@
 //! cache line bounces per packet. [`Telemetry::snapshot`] reads everything as Prometheus-style
 //! points; SIGUSR1 and shutdown write it to the log.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use crate::parser::{Kind, Reason};
+use crate::serializer::Endpoint;
 
 /// Where packets come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,45 @@ impl Discard {
     }
 }
 
+/// What happened to a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Sent,
+    /// A retryable failure: the status, or `None` for a network error or timeout.
+    Retried(Option<u16>),
+    /// Refused by the intake (400, 403, 413).
+    Dropped(u16),
+    /// The oldest waiting payload, pushed out of the full retry queue.
+    DroppedQueueFull,
+    /// Still waiting when the shutdown deadline passed.
+    DroppedShutdown,
+}
+
+impl Outcome {
+    /// (outcome, status) labels.
+    fn labels(self) -> (&'static str, &'static str) {
+        let status = |s: u16| match s {
+            200..=299 => "2xx",
+            400 => "400",
+            403 => "403",
+            404 => "404",
+            408 => "408",
+            413 => "413",
+            429 => "429",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        match self {
+            Outcome::Sent => ("sent", "2xx"),
+            Outcome::Retried(Some(s)) => ("retried", status(s)),
+            Outcome::Retried(None) => ("retried", "network"),
+            Outcome::Dropped(s) => ("dropped", status(s)),
+            Outcome::DroppedQueueFull => ("dropped", "retry_queue_full"),
+            Outcome::DroppedShutdown => ("dropped", "shutdown"),
+        }
+    }
+}
+
 /// Counters of one transport.
 #[derive(Debug, Default)]
 pub struct TransportCounters {
@@ -97,11 +139,23 @@ pub struct Telemetry {
     pub flushed_sketches: AtomicU64,
     pub flushed_events: AtomicU64,
     pub flushed_service_checks: AtomicU64,
+    /// Payloads per (endpoint, outcome, status).
+    payloads: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+    /// Items dropped by the serializer because alone they exceed a payload limit.
+    pub oversized_items: AtomicU64,
+    /// Bytes of payloads waiting in the forwarder.
+    pub retry_queue_bytes: AtomicU64,
 }
 
 impl Telemetry {
     pub fn transport(&self, t: Transport) -> &TransportCounters {
         &self.transports[t as usize]
+    }
+
+    pub fn count_payload(&self, endpoint: Endpoint, outcome: Outcome) {
+        let (o, status) = outcome.labels();
+        let mut map = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((endpoint.path(), o, status)).or_default() += 1;
     }
 
     pub fn drop_count(&self, reason: Discard, n: u64) {
@@ -214,6 +268,28 @@ impl Telemetry {
             vec![("data", "service_checks")],
             &self.flushed_service_checks,
         );
+        push(
+            "whippet_serializer_oversized_items_total",
+            vec![],
+            &self.oversized_items,
+        );
+        push("whippet_retry_queue_bytes", vec![], &self.retry_queue_bytes);
+        let payloads = self
+            .payloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for ((endpoint, outcome, status), value) in payloads {
+            points.push(Point {
+                name: "whippet_payloads_total",
+                labels: vec![
+                    ("endpoint", endpoint),
+                    ("outcome", outcome),
+                    ("status", status),
+                ],
+                value,
+            });
+        }
         points.extend(gauges.iter().cloned());
         Snapshot { points }
     }

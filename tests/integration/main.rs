@@ -4,5 +4,7 @@ mod support;
 
 mod bad_input;
 mod docs;
+mod e2e;
+mod intake;
 mod lifecycle;
 mod transports;

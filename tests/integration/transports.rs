@@ -7,7 +7,7 @@ const INTERVAL: f64 = 1e9; // ONE_BUCKET
 const BUCKET: &str = ONE_BUCKET; // bucket start of any time between 2001 and 2033
 
 /// One packet's worth of every message kind; the same text is sent over each transport.
-const PAYLOAD: &str = "\
+pub const PAYLOAD: &str = "\
 c:1|c|#env:dev
 c:2|c|#env:dev|@0.5
 c:1:3|c|#env:dev

@@ -1,0 +1,431 @@
+//! The forwarder: sends payloads to the intake over HTTP(S) from a small pool of threads,
+//! classifies each outcome (SPEC §4), and retries what can be retried with exponential
+//! backoff per endpoint. Everything waiting — new payloads and failed ones — lives in one
+//! queue bounded in bytes (`--retry-queue-bytes`): when it is full the oldest payload is
+//! dropped and counted. Nothing is dropped without a counter.
+//!
+//! | outcome | what happens |
+//! |---|---|
+//! | 2xx | sent |
+//! | 400, 403, 413 | dropped and counted (403 also logs "invalid API key", at most every 10 s) |
+//! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s, jittered |
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::serializer::{Endpoint, Payload};
+use crate::telemetry::{Outcome, Telemetry};
+
+/// How the forwarder reaches the intake.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    /// Scheme, host and port, no trailing slash: `https://app.datadoghq.com`.
+    pub base_url: String,
+    pub api_key: String,
+    pub threads: usize,
+    pub retry_queue_bytes: usize,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// First retry delay; later ones double up to 32 times this (2 s → 64 s by default).
+    pub retry_base: Duration,
+}
+
+struct Waiting {
+    payload: Payload,
+    attempts: u32,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Waiting>,
+    queued_bytes: usize,
+    backoff: HashMap<Endpoint, Backoff>,
+    in_flight: usize,
+    closing: bool,
+    /// After this instant, whatever still waits at shutdown is dropped and counted.
+    deadline: Option<Instant>,
+    last_forbidden_log: Option<Instant>,
+}
+
+struct Shared {
+    config: ForwarderConfig,
+    agent: ureq::Agent,
+    telemetry: Arc<Telemetry>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A running forwarder.
+pub struct Forwarder {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What one request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Sent,
+    Drop(u16),
+    Retry(Option<u16>),
+}
+
+fn classify(status: Option<u16>) -> Class {
+    match status {
+        Some(s) if (200..300).contains(&s) => Class::Sent,
+        Some(s @ (400 | 403 | 413)) => Class::Drop(s),
+        other => Class::Retry(other),
+    }
+}
+
+/// Backoff before the next try after `failures` consecutive failures: base · 2ⁿ⁻¹, capped at
+/// 32 × base (2 s … 64 s by default), jittered to between half and all of it so endpoints do
+/// not retry in lockstep.
+pub fn backoff(failures: u32, base: Duration, jitter: u64) -> Duration {
+    let ms = (base.as_millis() as u64).saturating_mul(1 << failures.saturating_sub(1).min(5));
+    Duration::from_millis(ms / 2 + jitter % (ms / 2 + 1))
+}
+
+fn random() -> u64 {
+    // A per-process random hasher over the current time: jitter, not cryptography.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
+    h.finish()
+}
+
+/// Checks the API key once (`GET /api/v1/validate`) and logs the answer; whippet keeps
+/// running whatever it is.
+pub fn validate_api_key(config: &ForwarderConfig) {
+    let agent = agent(config);
+    let url = format!("{}/api/v1/validate", config.base_url);
+    let answer = agent.get(&url).header("DD-API-KEY", &config.api_key).call();
+    match answer.map(|r| r.status().as_u16()) {
+        Ok(200..=299) => log("API key is valid"),
+        Ok(403) => log("invalid API key: the intake answered 403 to /api/v1/validate; set --api-key or DD_API_KEY"),
+        Ok(status) => log(&format!("API key check answered HTTP {status}; continuing")),
+        Err(e) => log(&format!("API key check failed ({e}); continuing, payloads will be retried")),
+    }
+}
+
+fn agent(config: &ForwarderConfig) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(config.timeout))
+        .http_status_as_error(false)
+        .user_agent(format!("whippet/{}", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+fn log(msg: &str) {
+    eprintln!("whippet: {msg}");
+}
+
+impl Forwarder {
+    pub fn start(
+        config: ForwarderConfig,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Forwarder, crate::Error> {
+        let agent = agent(&config);
+        let shared = Arc::new(Shared {
+            agent,
+            telemetry,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            config,
+        });
+        let mut threads = Vec::new();
+        for i in 0..shared.config.threads.max(1) {
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("whippet-forwarder-{i}"))
+                .spawn(move || sender(&shared))
+                .map_err(|e| {
+                    crate::Error::Startup(format!("cannot start forwarder thread: {e}"))
+                })?;
+            threads.push(t);
+        }
+        Ok(Forwarder { shared, threads })
+    }
+
+    /// Queues payloads for sending; the oldest waiting payloads are dropped (and counted)
+    /// if they no longer fit the byte bound.
+    pub fn submit(&self, payloads: Vec<Payload>) {
+        let mut state = self.shared.lock();
+        for payload in payloads {
+            state.queued_bytes += payload.body.len();
+            state.queue.push_back(Waiting {
+                payload,
+                attempts: 0,
+            });
+        }
+        self.shared.enforce_bound(&mut state);
+        drop(state);
+        self.shared.changed.notify_all();
+    }
+
+    /// Sends what is queued until it is done or `deadline` passes, then stops the threads;
+    /// whatever is left is dropped and counted.
+    pub fn close(self, deadline: Instant) {
+        {
+            let mut state = self.shared.lock();
+            state.closing = true;
+            state.deadline = Some(deadline);
+        }
+        self.shared.changed.notify_all();
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let mut state = self.shared.lock();
+        let left: Vec<Waiting> = state.queue.drain(..).collect();
+        state.queued_bytes = 0;
+        self.shared.set_queue_gauge(&state);
+        drop(state);
+        for w in left {
+            self.shared
+                .count(w.payload.endpoint, Outcome::DroppedShutdown);
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, endpoint: Endpoint, outcome: Outcome) {
+        self.telemetry.count_payload(endpoint, outcome);
+    }
+
+    fn set_queue_gauge(&self, state: &State) {
+        self.telemetry.retry_queue_bytes.store(
+            state.queued_bytes as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn enforce_bound(&self, state: &mut State) {
+        while state.queued_bytes > self.config.retry_queue_bytes {
+            let Some(oldest) = state.queue.pop_front() else {
+                break;
+            };
+            state.queued_bytes -= oldest.payload.body.len();
+            self.count(oldest.payload.endpoint, Outcome::DroppedQueueFull);
+        }
+        self.set_queue_gauge(state);
+    }
+
+    /// The oldest payload whose endpoint is not backing off, or how long until one may be.
+    fn next(&self, state: &mut State, now: Instant) -> Result<Waiting, Option<Duration>> {
+        let mut wait: Option<Duration> = None;
+        let mut pick = None;
+        for (i, w) in state.queue.iter().enumerate() {
+            match state.backoff.get(&w.payload.endpoint).and_then(|b| b.until) {
+                Some(until) if until > now => {
+                    let d = until - now;
+                    wait = Some(wait.map_or(d, |w| w.min(d)));
+                }
+                _ => {
+                    pick = Some(i);
+                    break;
+                }
+            }
+        }
+        match pick.and_then(|i| state.queue.remove(i)) {
+            Some(w) => {
+                state.queued_bytes -= w.payload.body.len();
+                self.set_queue_gauge(state);
+                Ok(w)
+            }
+            None => Err(wait),
+        }
+    }
+
+    fn send(&self, p: &Payload) -> Option<u16> {
+        let url = format!("{}{}", self.config.base_url, p.endpoint.path());
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("DD-API-KEY", &self.config.api_key)
+            .header("Content-Type", p.endpoint.content_type());
+        if let Some(encoding) = p.compression.header() {
+            request = request.header("Content-Encoding", encoding);
+        }
+        match request.send(&p.body[..]) {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                // Drain a bounded answer so the connection can be reused.
+                let mut body = response.into_body();
+                let _ = body
+                    .as_reader()
+                    .take(64 * 1024)
+                    .read_to_end(&mut Vec::new());
+                Some(status)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Records the outcome of one attempt; returns the payload when it must be retried.
+    fn settle(
+        &self,
+        state: &mut State,
+        mut w: Waiting,
+        class: Class,
+        now: Instant,
+    ) -> Option<Waiting> {
+        let endpoint = w.payload.endpoint;
+        match class {
+            Class::Sent => {
+                state.backoff.remove(&endpoint);
+                self.count(endpoint, Outcome::Sent);
+                None
+            }
+            Class::Drop(status) => {
+                self.count(endpoint, Outcome::Dropped(status));
+                if status == 403
+                    && state
+                        .last_forbidden_log
+                        .is_none_or(|t| now - t >= Duration::from_secs(10))
+                {
+                    state.last_forbidden_log = Some(now);
+                    log("invalid API key: the intake answered 403; payload dropped (set --api-key or DD_API_KEY)");
+                }
+                None
+            }
+            Class::Retry(status) => {
+                let b = state.backoff.entry(endpoint).or_default();
+                b.failures = b.failures.saturating_add(1);
+                b.until = Some(now + backoff(b.failures, self.config.retry_base, random()));
+                self.count(endpoint, Outcome::Retried(status));
+                w.attempts += 1;
+                Some(w)
+            }
+        }
+    }
+}
+
+fn sender(shared: &Shared) {
+    let mut state = shared.lock();
+    loop {
+        let now = Instant::now();
+        if state.closing && (state.queue.is_empty() || state.deadline.is_some_and(|d| now >= d)) {
+            break;
+        }
+        match shared.next(&mut state, now) {
+            Ok(w) => {
+                state.in_flight += 1;
+                drop(state);
+                let class = classify(shared.send(&w.payload));
+                state = shared.lock();
+                state.in_flight -= 1;
+                if let Some(retry) = shared.settle(&mut state, w, class, Instant::now()) {
+                    // Back to the front: payloads keep their age order.
+                    state.queued_bytes += retry.payload.body.len();
+                    state.queue.push_front(retry);
+                    shared.enforce_bound(&mut state);
+                }
+                shared.changed.notify_all();
+            }
+            Err(wait) => {
+                let mut wait = wait.unwrap_or(Duration::from_secs(3600));
+                if let Some(deadline) = state.deadline {
+                    wait = wait.min(deadline.saturating_duration_since(now));
+                }
+                state = shared
+                    .changed
+                    .wait_timeout(state, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+    }
+    drop(state);
+    shared.changed.notify_all();
+}
+
+/// The output used when an intake is configured: serialize each flush, forward the payloads.
+pub struct IntakeOutput {
+    pub serializer: crate::serializer::Serializer,
+    pub forwarder: Option<Forwarder>,
+    pub telemetry: Arc<Telemetry>,
+    /// How long the final flush may take to send at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl crate::output::Output for IntakeOutput {
+    fn emit(&mut self, flushed: crate::output::Flushed) {
+        let serialized = self.serializer.serialize(&flushed);
+        for (_, n) in &serialized.oversized {
+            self.telemetry
+                .oversized_items
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(f) = &self.forwarder {
+            f.submit(serialized.payloads);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(f) = self.forwarder.take() {
+            f.close(Instant::now() + self.shutdown_timeout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_classified_as_the_spec_says() {
+        let cases = [
+            (Some(200), Class::Sent),
+            (Some(202), Class::Sent),
+            (Some(400), Class::Drop(400)),
+            (Some(403), Class::Drop(403)),
+            (Some(413), Class::Drop(413)),
+            (Some(404), Class::Retry(Some(404))),
+            (Some(408), Class::Retry(Some(408))),
+            (Some(429), Class::Retry(Some(429))),
+            (Some(500), Class::Retry(Some(500))),
+            (Some(503), Class::Retry(Some(503))),
+            (None, Class::Retry(None)),
+        ];
+        for (status, want) in cases {
+            assert_eq!(classify(status), want, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_two_seconds_caps_at_64_and_jitters_within_half() {
+        let bounds = [
+            (1, 2),
+            (2, 4),
+            (3, 8),
+            (4, 16),
+            (5, 32),
+            (6, 64),
+            (7, 64),
+            (30, 64),
+        ];
+        for (failures, cap) in bounds {
+            let base = Duration::from_secs(2);
+            let lo = backoff(failures, base, 0);
+            let hi = backoff(failures, base, u64::MAX - 1);
+            assert_eq!(lo, Duration::from_millis(cap * 500), "{failures}");
+            assert!(
+                hi <= Duration::from_secs(cap) && hi >= lo,
+                "{failures}: {hi:?}"
+            );
+        }
+    }
+}
