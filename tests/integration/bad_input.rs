@@ -187,7 +187,6 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
     let payload = b"capped:1|c";
     write_frame(&mut first, payload);
     // The first connection is registered once its frame is counted as a packet.
-    let mut w = w;
     w.wait_for_telemetry(r#"whippet_packets_total{transport="unix_stream"}"#, 1);
     let mut second = UnixStream::connect(&path).unwrap();
     second
@@ -246,6 +245,7 @@ fn several_udp_readers_share_one_port_and_lose_nothing_sent_at_a_gentle_pace() {
             .send_to(b"spread:1|c", w.udp.unwrap())
             .unwrap();
     }
+    w.wait_for_udp_packets(400);
     let s = w.stop();
     // 400 datagrams of 10 bytes cannot fill a 4 MiB receive buffer: no kernel drops.
     assert_eq!(s.telemetry("whippet_udp_kernel_drops"), 0);

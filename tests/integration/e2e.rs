@@ -398,6 +398,7 @@ fn a_real_dogstatsd_client_library_reaches_the_intake_over_udp_and_the_unix_sock
         client.set("users", 42).unwrap();
     }
     unix.set("users", 43).unwrap();
+    w.wait_for_udp_packets(6); // one datagram per metric from the UDP client
     let s = w.stop();
     assert!(s.status.success(), "{:?}", s.stderr);
     let points = intake.store().points();

@@ -64,7 +64,7 @@ fn the_open_bucket_is_flushed_at_shutdown_with_data_still_in_a_stream_connection
 
 #[test]
 fn sigusr1_logs_the_telemetry_while_running() {
-    let mut w = Whippet::start(&[]);
+    let w = Whippet::start(&[]);
     w.send_unix(b"a:1|c\nnot-a-metric");
     // The datagram may still be in flight when the first snapshot is taken.
     w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 1);
@@ -195,7 +195,7 @@ fn help_lists_every_flag_and_version_prints_the_version() {
 
 #[test]
 fn closed_buckets_are_flushed_while_running_and_counters_then_report_zero() {
-    let mut w = Whippet::start(&["--bucket-seconds", "1", "--expiry-seconds", "3"]);
+    let w = Whippet::start(&["--bucket-seconds", "1", "--expiry-seconds", "3"]);
     w.send_udp(b"live.count:5|c\nlive.gauge:2|g");
     let first = w.wait_for_stdout(|l| l.starts_with("series live.count rate "));
     assert!(first.contains(" value=5 interval=1 "), "{first}");

@@ -2,6 +2,7 @@
 //! for it to say it is ready (polling with a deadline), sends real datagrams and frames, stops
 //! it with SIGTERM and reads back its console output and final telemetry.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -49,9 +50,11 @@ impl Drop for TempDir {
 pub struct Whippet {
     child: Child,
     stderr: Receiver<String>,
-    stderr_seen: Vec<String>,
+    stderr_seen: RefCell<Vec<String>>,
+    /// Datagrams sent with `send_udp`, to wait for their delivery.
+    udp_sent: Cell<u64>,
     stdout: Receiver<String>,
-    stdout_seen: Vec<String>,
+    stdout_seen: RefCell<Vec<String>>,
     pub udp: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub stream_socket: Option<PathBuf>,
@@ -107,16 +110,18 @@ impl Whippet {
         let mut w = Whippet {
             child,
             stderr: rx,
-            stderr_seen: Vec::new(),
+            stderr_seen: RefCell::default(),
+            udp_sent: Cell::new(0),
             stdout,
-            stdout_seen: Vec::new(),
+            stdout_seen: RefCell::default(),
             udp: None,
             socket: None,
             stream_socket: None,
             _dir: dir,
         };
         w.wait_for_stderr("whippet: ready");
-        for line in &w.stderr_seen {
+        let seen = w.stderr_seen.borrow().clone();
+        for line in &seen {
             if let Some(rest) = line.strip_prefix("whippet: listening on udp ") {
                 w.udp = rest.split(' ').next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("whippet: listening on unix_stream ") {
@@ -129,64 +134,79 @@ impl Whippet {
     }
 
     /// Reads stderr until a line starting with `prefix` appears; panics at the deadline.
-    pub fn wait_for_stderr(&mut self, prefix: &str) -> String {
+    pub fn wait_for_stderr(&self, prefix: &str) -> String {
+        self.wait_for_stderr_from(0, prefix)
+    }
+
+    /// Like [`Whippet::wait_for_stderr`], but only lines that arrive from now on count.
+    pub fn wait_for_new_stderr(&self, prefix: &str) -> String {
+        let from = self.stderr_seen.borrow().len();
+        self.wait_for_stderr_from(from, prefix)
+    }
+
+    fn wait_for_stderr_from(&self, from: usize, prefix: &str) -> String {
         let end = Instant::now() + DEADLINE;
         loop {
-            if let Some(line) = self.stderr_seen.iter().find(|l| l.starts_with(prefix)) {
+            if let Some(line) = self.stderr_seen.borrow()[from..]
+                .iter()
+                .find(|l| l.starts_with(prefix))
+            {
                 return line.clone();
             }
             match self
                 .stderr
                 .recv_timeout(end.saturating_duration_since(Instant::now()))
             {
-                Ok(line) => self.stderr_seen.push(line),
+                Ok(line) => self.stderr_seen.borrow_mut().push(line),
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
                         "no '{prefix}' on stderr within {DEADLINE:?}: {:?}",
-                        self.stderr_seen
+                        self.stderr_seen.borrow()
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!("whippet exited before '{prefix}': {:?}", self.stderr_seen)
+                    panic!(
+                        "whippet exited before '{prefix}': {:?}",
+                        self.stderr_seen.borrow()
+                    )
                 }
             }
         }
     }
 
-    /// Like [`Whippet::wait_for_stderr`], but only lines that arrive from now on count.
-    pub fn wait_for_new_stderr(&mut self, prefix: &str) -> String {
-        let seen = std::mem::take(&mut self.stderr_seen);
-        let line = self.wait_for_stderr(prefix);
-        let mut all = seen;
-        all.append(&mut self.stderr_seen);
-        self.stderr_seen = all;
-        line
-    }
-
     /// Waits (with the deadline) until whippet has printed a line for which `pred` holds,
     /// while it keeps running; returns that line.
-    pub fn wait_for_stdout(&mut self, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_for_stdout(&self, pred: impl Fn(&str) -> bool) -> String {
         let end = Instant::now() + DEADLINE;
         loop {
-            if let Some(line) = self.stdout_seen.iter().find(|l| pred(l)) {
+            if let Some(line) = self.stdout_seen.borrow().iter().find(|l| pred(l)) {
                 return line.clone();
             }
             match self
                 .stdout
                 .recv_timeout(end.saturating_duration_since(Instant::now()))
             {
-                Ok(line) => self.stdout_seen.push(line),
+                Ok(line) => self.stdout_seen.borrow_mut().push(line),
                 Err(_) => panic!(
                     "no such line on stdout within {DEADLINE:?}: {:?}",
-                    self.stdout_seen
+                    self.stdout_seen.borrow()
                 ),
             }
         }
     }
 
+    /// Sends one datagram and waits until whippet has received it: on loopback `send_to`
+    /// returns before the kernel queues the datagram, and a SIGTERM must not race it.
     pub fn send_udp(&self, payload: &[u8]) {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.send_to(payload, self.udp.expect("udp is on")).unwrap();
+        self.udp_sent.set(self.udp_sent.get() + 1);
+        self.wait_for_udp_packets(self.udp_sent.get());
+    }
+
+    /// Waits until whippet has received `n` UDP datagrams in all.
+    pub fn wait_for_udp_packets(&self, n: u64) {
+        self.wait_for_telemetry(r#"whippet_packets_total{transport="udp"}"#, n);
     }
 
     pub fn send_unix(&self, payload: &[u8]) {
@@ -197,7 +217,7 @@ impl Whippet {
 
     /// Sends SIGUSR1 until the logged telemetry line `key` (e.g.
     /// `whippet_packets_total{transport="unix"}`) shows `value`; panics at the deadline.
-    pub fn wait_for_telemetry(&mut self, key: &str, value: u64) {
+    pub fn wait_for_telemetry(&self, key: &str, value: u64) {
         let end = Instant::now() + DEADLINE;
         let prefix = format!("whippet: telemetry {key} ");
         loop {
@@ -228,9 +248,9 @@ impl Whippet {
     pub fn stop(mut self) -> Stopped {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = wait_with_deadline(&mut self.child);
-        let mut stdout = std::mem::take(&mut self.stdout_seen);
+        let mut stdout = self.stdout_seen.take();
         stdout.extend(self.stdout.iter());
-        let mut stderr = std::mem::take(&mut self.stderr_seen);
+        let mut stderr = self.stderr_seen.take();
         stderr.extend(self.stderr.iter());
         Stopped {
             status,
