@@ -227,10 +227,14 @@ fn data(shared: &Shared, request: &mut Request, path: &str) -> Response<std::io:
             if shared.config.print {
                 print(&decoded);
             }
+            let text = |name| header(request, name).unwrap_or("").to_string();
             store.add(Stored {
                 endpoint: path.to_string(),
                 raw,
                 encoding,
+                content_type: text("Content-Type"),
+                user_agent: text("User-Agent"),
+                api_key: text("DD-API-KEY"),
                 received: SystemTime::now(),
                 decoded,
             });
@@ -376,6 +380,9 @@ fn print(decoded: &Decoded) {
         endpoint: String::new(),
         raw: Vec::new(),
         encoding: String::new(),
+        content_type: String::new(),
+        user_agent: String::new(),
+        api_key: String::new(),
         received: SystemTime::now(),
         decoded: decoded.clone(),
     }];
@@ -439,6 +446,30 @@ mod tests {
         ];
         for (secs, want) in cases {
             assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(secs)), want);
+        }
+    }
+
+    #[test]
+    fn every_supported_encoding_decompresses() {
+        use std::io::Write;
+        let body = br#"[{"check":"c"}]"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body).unwrap();
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        zlib.write_all(body).unwrap();
+        let cases = [
+            ("gzip", gz.finish().unwrap()),
+            ("deflate", zlib.finish().unwrap()),
+            ("zstd", zstd::encode_all(&body[..], 1).unwrap()),
+            ("", body.to_vec()),
+            ("identity", body.to_vec()),
+        ];
+        for (encoding, compressed) in cases {
+            assert_eq!(
+                decompress(encoding, &compressed).unwrap(),
+                body,
+                "{encoding}"
+            );
         }
     }
 

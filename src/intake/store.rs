@@ -37,6 +37,9 @@ pub struct Stored {
     pub raw: Vec<u8>,
     /// Its `Content-Encoding` (empty for none).
     pub encoding: String,
+    pub content_type: String,
+    pub user_agent: String,
+    pub api_key: String,
     pub received: SystemTime,
     pub decoded: Decoded,
 }

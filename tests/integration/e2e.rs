@@ -344,6 +344,32 @@ fn bad_request_forbidden_and_too_large_are_dropped_and_counted() {
 }
 
 #[test]
+fn payloads_beyond_the_retry_queue_bound_are_dropped_oldest_first_and_counted() {
+    let intake = intake(IntakeConfig {
+        fail: Some((503, u64::MAX)),
+        ..IntakeConfig::default()
+    });
+    // One byte of room: every payload pushes out whatever waited before it, itself included.
+    let w = whippet_to(
+        &intake,
+        &["--retry-queue-bytes", "1", "--shutdown-timeout-ms", "200"],
+    );
+    w.send_udp(
+        b"queued:1|g
+_sc|queued|0",
+    );
+    let s = w.stop();
+    assert!(s.status.success());
+    assert!(intake.store().points().is_empty());
+    let dropped = |endpoint: &str| {
+        s.telemetry(&format!(r#"whippet_payloads_total{{endpoint="{endpoint}",outcome="dropped",status="retry_queue_full"}}"#))
+    };
+    assert_eq!(dropped("/api/v2/series") + dropped("/api/v1/check_run"), 2);
+    assert_eq!(s.telemetry("whippet_retry_queue_bytes"), 0);
+    intake.stop();
+}
+
+#[test]
 fn an_intake_that_never_answers_costs_the_shutdown_timeout_and_the_drop_is_counted() {
     // A port nothing listens on: every attempt is a network error.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
