@@ -57,6 +57,7 @@
 //! - **payload**: one compressed HTTP request body for one endpoint ([`serializer::Payload`]).
 //! - **intake**: the HTTP service payloads are sent to ([`intake`] is a test one).
 
+pub mod blast;
 pub mod config;
 pub mod context;
 pub mod daemon;

@@ -2,8 +2,12 @@
 //! the packet queue. UDP and Unix datagram sockets are read with batched `recvmmsg`; the Unix
 //! stream transport has a thread per connection.
 //!
-//! Queue-full policy (SPEC §1): datagram readers never wait for workers — a full queue drops
-//! the batch and counts it; stream readers block, which pushes back on the client.
+//! Queue-full policy: the UDP reader never waits for workers — a full queue drops the batch
+//! and counts it (SPEC §1), because UDP has no backpressure and a blocked reader only moves
+//! the loss into the kernel. The Unix stream and Unix datagram readers block instead: a Unix
+//! datagram sender blocks (or gets EAGAIN) when the socket's queue is full, so blocking turns
+//! overload into backpressure on the client instead of loss. **whippet differs** from SPEC §1
+//! here for Unix datagrams, to lose nothing over the Unix socket at any rate (issue 5).
 //!
 //! Shutdown: the daemon calls `shutdown(SHUT_RD)` on every socket. A blocked read wakes up,
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and
@@ -88,6 +92,12 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
         }
         batch.received_at = unix_now();
         let full = std::mem::replace(&mut batch, ctx.pool.get(transport));
+        if transport != Transport::Udp {
+            if ctx.queue.send(full).is_err() {
+                break;
+            }
+            continue;
+        }
         match ctx.queue.try_send(full) {
             Ok(()) => {}
             Err(TrySendError::Full(dropped)) => {

@@ -1,0 +1,400 @@
+//! `whippet-blast bench`: starts the release `whippet` binary against an in-process intake,
+//! drives each scenario, stops whippet with SIGTERM and prints one row per scenario: offered
+//! and achieved messages/s, whippet's CPU per message and peak RSS (from `/proc`), and the
+//! accounting — every message sent must be parsed, rejected, or dropped under a named
+//! counter; `unaccounted` must be 0. A `floor` row runs the same sender against a receiver
+//! that only drains the socket with `recvmmsg` (`whippet-blast sink`): this machine's limit.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use super::{generate, pack, send, Generated, Plan, Sent, Target};
+use crate::intake::{Intake, IntakeConfig};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub whippet: PathBuf,
+    pub blast: PathBuf,
+    pub corpus: Vec<Vec<u8>>,
+    pub seconds: f64,
+    pub smoke: bool,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub scenario: String,
+    pub offered: Option<u64>,
+    pub sent: Sent,
+    pub cpu_seconds: f64,
+    pub peak_rss_kib: u64,
+    /// Messages parsed or rejected by the parser.
+    pub received: u64,
+    /// Messages dropped under a named counter (queue full, kernel drops estimated).
+    pub counted_drops: u64,
+    pub kernel_drop_packets: u64,
+    pub unaccounted: i64,
+    pub points_at_intake: usize,
+}
+
+impl Row {
+    fn us_per_message(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.received.max(1) as f64
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // sysconf(_SC_CLK_TCK) is 100 on Linux for every architecture whippet targets.
+    100.0
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |x| x.1)
+        .split_whitespace()
+        .collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (get(11) + get(12)) / clock_ticks()
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(
+    rx: &Receiver<String>,
+    seen: &mut Vec<String>,
+    prefix: &str,
+) -> Result<String, String> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if line.starts_with(prefix) {
+                    return Ok(line);
+                }
+            }
+            Err(_) => return Err(format!("no '{prefix}' within 30 s: {seen:?}")),
+        }
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+/// Value of a final telemetry line `whippet: telemetry KEY VALUE` (0 when absent).
+fn telemetry(lines: &[String], key: &str) -> u64 {
+    let prefix = format!("whippet: telemetry {key} ");
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sum_telemetry(lines: &[String], name: &str) -> u64 {
+    let prefix = format!("whippet: telemetry {name}{{");
+    lines
+        .iter()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Which socket a scenario uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Via {
+    Udp,
+    Unix,
+    Stream,
+}
+
+struct Scenario {
+    name: String,
+    via: Via,
+    rate: Option<u64>,
+    workload: Vec<(Vec<u8>, u64)>,
+}
+
+fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target {
+    match via {
+        Via::Udp => Target::Udp(udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into())),
+        Via::Unix => Target::Unix(dir.join("dsd.socket")),
+        Via::Stream => Target::Stream(dir.join("dsd-stream.socket")),
+    }
+}
+
+fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
+    let intake = Intake::start(IntakeConfig::default())?;
+    let mut args: Vec<String> = vec![
+        "--dd-url".into(),
+        intake.url(),
+        "--hostname".into(),
+        "bench".into(),
+        "--socket".into(),
+        dir.join("dsd.socket").display().to_string(),
+        "--stream-socket".into(),
+        dir.join("dsd-stream.socket").display().to_string(),
+        "--udp".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(["--shutdown-timeout-ms".into(), "30000".into()]);
+    let mut child = Command::new(&opts.whippet)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (build it with cargo build --release)",
+                opts.whippet.display()
+            )
+        })?;
+    let stderr = lines_of(child.stderr.take().ok_or("no stderr")?);
+    let mut seen = Vec::new();
+    let ready = wait_line(&stderr, &mut seen, "whippet: ready");
+    if let Err(e) = ready {
+        terminate(&mut child);
+        return Err(e);
+    }
+    let udp = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("whippet: listening on udp "))
+        .and_then(|r| r.split(' ').next()?.parse().ok());
+    let target = target_for(s.via, dir, udp);
+    let pid = child.id();
+    let cpu0 = cpu_seconds(pid);
+    let plan = Plan {
+        rate: s.rate,
+        duration: Some(Duration::from_secs_f64(opts.seconds)),
+        count: None,
+    };
+    let sent = send(&target, &s.workload, plan);
+    // Let whippet drain what is queued before reading its CPU time.
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = cpu_seconds(pid) - cpu0;
+    let rss = peak_rss_kib(pid);
+    terminate(&mut child);
+    seen.extend(stderr.iter());
+    let sent = sent?;
+    let parsed = sum_telemetry(&seen, "whippet_messages_total");
+    let errors = sum_telemetry(&seen, "whippet_parse_errors_total");
+    let queue_full = telemetry(&seen, r#"whippet_dropped_total{reason="queue_full"}"#);
+    let truncated = sum_telemetry(&seen, "whippet_packets_truncated_total");
+    let kernel = telemetry(&seen, "whippet_udp_kernel_drops");
+    // Kernel drops are counted in packets; each of our packets holds sent/packets messages.
+    let per_packet = sent.messages as f64 / sent.packets.max(1) as f64;
+    let kernel_messages = (kernel as f64 * per_packet).round() as u64;
+    let received = parsed + errors;
+    let counted = queue_full + kernel_messages + (truncated as f64 * per_packet).round() as u64;
+    let points = intake.store().points().len();
+    intake.stop();
+    Ok(Row {
+        scenario: s.name.clone(),
+        offered: s.rate,
+        sent,
+        cpu_seconds: cpu,
+        peak_rss_kib: rss,
+        received,
+        counted_drops: counted,
+        kernel_drop_packets: kernel,
+        unaccounted: sent.messages as i64 - (received + counted) as i64,
+        points_at_intake: points,
+    })
+}
+
+fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
+    let target = match s.via {
+        Via::Udp => "udp:127.0.0.1:0".to_string(),
+        _ => format!("unix:{}", dir.join("floor.socket").display()),
+    };
+    let mut child = Command::new(&opts.blast)
+        .args(["sink", "--target", &target])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {} sink: {e}", opts.blast.display()))?;
+    let stdout = lines_of(child.stdout.take().ok_or("no stdout")?);
+    let mut seen = Vec::new();
+    let bound = wait_line(&stdout, &mut seen, "sink: listening on ")?;
+    let bound = bound.trim_start_matches("sink: listening on ");
+    let target = Target::parse(bound)?;
+    let pid = child.id();
+    let cpu0 = cpu_seconds(pid);
+    let plan = Plan {
+        rate: s.rate,
+        duration: Some(Duration::from_secs_f64(opts.seconds)),
+        count: None,
+    };
+    let sent = send(&target, &s.workload, plan)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = cpu_seconds(pid) - cpu0;
+    let rss = peak_rss_kib(pid);
+    terminate(&mut child);
+    seen.extend(stdout.iter());
+    let received: u64 = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("sink: messages "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Row {
+        scenario: format!("{} (floor)", s.name),
+        offered: s.rate,
+        sent,
+        cpu_seconds: cpu,
+        peak_rss_kib: rss,
+        received,
+        counted_drops: 0,
+        kernel_drop_packets: 0,
+        unaccounted: sent.messages as i64 - received as i64,
+        points_at_intake: 0,
+    })
+}
+
+fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
+    let udp = pack(&opts.corpus, 1432);
+    let unix = pack(&opts.corpus, 8192);
+    let mut list = vec![
+        (
+            Scenario {
+                name: "unix datagram, all-out".into(),
+                via: Via::Unix,
+                rate: None,
+                workload: unix.clone(),
+            },
+            true,
+        ),
+        (
+            Scenario {
+                name: "udp 50k/s".into(),
+                via: Via::Udp,
+                rate: Some(50_000),
+                workload: udp.clone(),
+            },
+            false,
+        ),
+        (
+            Scenario {
+                name: "udp 100k/s".into(),
+                via: Via::Udp,
+                rate: Some(100_000),
+                workload: udp,
+            },
+            true,
+        ),
+        (
+            Scenario {
+                name: "unix stream, all-out".into(),
+                via: Via::Stream,
+                rate: None,
+                workload: unix,
+            },
+            false,
+        ),
+    ];
+    let sweep: &[usize] = if opts.smoke {
+        &[3_000]
+    } else {
+        &[3_000, 30_000, 300_000]
+    };
+    for &contexts in sweep {
+        let g = Generated {
+            contexts,
+            messages: (contexts * 2).max(20_000),
+            ..Generated::default()
+        };
+        list.push((
+            Scenario {
+                name: format!("{contexts} contexts, unix all-out"),
+                via: Via::Unix,
+                rate: None,
+                workload: pack(&generate(&g), 8192),
+            },
+            false,
+        ));
+    }
+    list
+}
+
+/// Runs every scenario and prints the table; returns the rows.
+pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, String> {
+    let dir = std::env::temp_dir().join(format!("whippet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut rows = Vec::new();
+    println!(
+        "| scenario | offered msg/s | achieved msg/s | CPU µs/msg | vs floor | peak RSS MiB | sent | received | dropped (counted) | unaccounted | points at intake |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (scenario, with_floor) in scenarios(opts) {
+        let floor = if with_floor {
+            Some(run_floor(opts, &scenario, &dir)?)
+        } else {
+            None
+        };
+        let row = run_whippet(opts, &scenario, &dir)?;
+        if let Some(f) = &floor {
+            print_row(f, None);
+        }
+        print_row(&row, floor.as_ref());
+        rows.extend(floor);
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+fn print_row(r: &Row, floor: Option<&Row>) {
+    let ratio = floor.map_or("".to_string(), |f| {
+        format!("{:.2}×", r.us_per_message() / f.us_per_message().max(1e-9))
+    });
+    println!(
+        "| {} | {} | {:.0} | {:.2} | {} | {:.1} | {} | {} | {} | {} | {} |",
+        r.scenario,
+        r.offered.map_or("max".to_string(), |o| o.to_string()),
+        r.sent.per_second(r.sent.messages),
+        r.us_per_message(),
+        ratio,
+        r.peak_rss_kib as f64 / 1024.0,
+        r.sent.messages,
+        r.received,
+        r.counted_drops,
+        r.unaccounted,
+        r.points_at_intake,
+    );
+}
