@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
-use crate::context::{canonical_tags, ContextRef};
+use crate::context::{canonical_tags, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::packet::{lines, Batch, Pool};
@@ -96,6 +96,8 @@ pub struct Worker {
     /// Reused across batches: the tag arena and one sample vector per shard.
     tags: Vec<&'static str>,
     sort_scratch: Vec<(u64, &'static str)>,
+    /// Reused to lay a context out for hashing.
+    hash_scratch: Vec<u8>,
     per_shard: Vec<Vec<Sample<'static>>>,
     events: Vec<EventRecord>,
     checks: Vec<ServiceCheckRecord>,
@@ -111,6 +113,7 @@ impl Worker {
             tally: Tally::default(),
             tags: Vec::new(),
             sort_scratch: Vec::new(),
+            hash_scratch: Vec::new(),
             per_shard: (0..shards).map(|_| Vec::new()).collect(),
             events: Vec::new(),
             checks: Vec::new(),
@@ -213,7 +216,7 @@ impl Worker {
             tags: &tags[start..],
             kind: m.kind,
         };
-        let hash = context.hash(self.demux.hasher());
+        let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
         let out = &mut per_shard[self.demux.shard_of(hash)];
         let sample = |value| Sample {
             hash,
@@ -256,19 +259,6 @@ impl Worker {
             tags: owned_tags(c.tags, enrichment),
         });
     }
-}
-
-/// The non-empty tags of a raw `a,b:c` list, split with SIMD `memchr`.
-fn split_tags(raw: &str) -> impl Iterator<Item = &str> {
-    let mut at = 0;
-    memchr::memchr_iter(b',', raw.as_bytes())
-        .chain(std::iter::once(raw.len()))
-        .filter_map(move |comma| {
-            // Commas are ASCII, so both ends are character boundaries.
-            let tag = &raw[at..comma];
-            at = comma + 1;
-            (!tag.is_empty()).then_some(tag)
-        })
 }
 
 fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {

@@ -53,7 +53,7 @@ impl Rng {
         Rng(seed.max(1))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -61,7 +61,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -259,7 +259,7 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
             batch.push(p);
             batch_messages += p.1;
             i += 1;
-            if plan.rate.is_some() && batch_messages >= plan.rate.unwrap_or(1) / 1000 + 1 {
+            if plan.rate.is_some_and(|r| batch_messages > r / 1000) {
                 break;
             }
         }
@@ -305,6 +305,55 @@ fn send_batch(
         Ok(results) => results.count(),
         Err(_) => 0,
     }
+}
+
+/// `whippet-blast sink`: a receiver that only drains a datagram socket with `recvmmsg` and
+/// counts messages; the physical floor the bench compares whippet with. Runs until `stop`
+/// is set and the socket is shut down; returns (packets, messages).
+pub fn drain(fd: std::os::fd::BorrowedFd<'_>, stop: &std::sync::atomic::AtomicBool) -> (u64, u64) {
+    use std::io::IoSliceMut;
+    use std::sync::atomic::Ordering::Relaxed;
+    const SLOTS: usize = 32;
+    const SLOT: usize = 8192;
+    let mut buf = vec![0u8; SLOTS * SLOT];
+    let mut headers = MultiHeaders::<()>::preallocate(SLOTS, None);
+    let (mut packets, mut messages) = (0u64, 0u64);
+    loop {
+        let mut lens = [0usize; SLOTS];
+        let n = {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                buf.chunks_mut(SLOT).map(|c| [IoSliceMut::new(c)]).collect();
+            match nix::sys::socket::recvmmsg(
+                fd.as_raw_fd(),
+                &mut headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(results) => {
+                    let mut n = 0;
+                    for r in results {
+                        lens[n] = r.bytes;
+                        n += 1;
+                    }
+                    n
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        };
+        if stop.load(Relaxed) && lens[..n].iter().all(|&l| l == 0) {
+            break;
+        }
+        for (i, &len) in lens[..n].iter().enumerate() {
+            if len > 0 {
+                packets += 1;
+                let p = &buf[i * SLOT..i * SLOT + len];
+                messages += memchr::memchr_iter(b'\n', p).count() as u64 + 1;
+            }
+        }
+    }
+    (packets, messages)
 }
 
 #[cfg(test)]
@@ -368,53 +417,4 @@ mod tests {
             .collect();
         assert!(names.len() <= 50 && names.len() > 40, "{}", names.len());
     }
-}
-
-/// `whippet-blast sink`: a receiver that only drains a datagram socket with `recvmmsg` and
-/// counts messages; the physical floor the bench compares whippet with. Runs until `stop`
-/// is set and the socket is shut down; returns (packets, messages).
-pub fn drain(fd: std::os::fd::BorrowedFd<'_>, stop: &std::sync::atomic::AtomicBool) -> (u64, u64) {
-    use std::io::IoSliceMut;
-    use std::sync::atomic::Ordering::Relaxed;
-    const SLOTS: usize = 32;
-    const SLOT: usize = 8192;
-    let mut buf = vec![0u8; SLOTS * SLOT];
-    let mut headers = MultiHeaders::<()>::preallocate(SLOTS, None);
-    let (mut packets, mut messages) = (0u64, 0u64);
-    loop {
-        let mut lens = [0usize; SLOTS];
-        let n = {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
-                buf.chunks_mut(SLOT).map(|c| [IoSliceMut::new(c)]).collect();
-            match nix::sys::socket::recvmmsg(
-                fd.as_raw_fd(),
-                &mut headers,
-                iovs.iter_mut(),
-                MsgFlags::MSG_WAITFORONE,
-                None,
-            ) {
-                Ok(results) => {
-                    let mut n = 0;
-                    for r in results {
-                        lens[n] = r.bytes;
-                        n += 1;
-                    }
-                    n
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => break,
-            }
-        };
-        if stop.load(Relaxed) && lens[..n].iter().all(|&l| l == 0) {
-            break;
-        }
-        for (i, &len) in lens[..n].iter().enumerate() {
-            if len > 0 {
-                packets += 1;
-                let p = &buf[i * SLOT..i * SLOT + len];
-                messages += memchr::memchr_iter(b'\n', p).count() as u64 + 1;
-            }
-        }
-    }
-    (packets, messages)
 }

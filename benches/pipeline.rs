@@ -1,0 +1,186 @@
+//! Microbenchmarks of each stage over the benchmark corpus (`../shared/bench/dsd_base.txt`,
+//! or a generated workload when it is absent): `cargo bench`.
+
+use std::sync::{Arc, OnceLock};
+
+use divan::{black_box, Bencher};
+use whippet::context::{canonical_tags, split_tags, ContextHasher, ContextRef};
+use whippet::demux::Demux;
+use whippet::flush::{Aggregate, FlushSettings};
+use whippet::output::Flushed;
+use whippet::packet::{Batch, Pool};
+use whippet::parser::{self, Message};
+use whippet::serializer::{Compression, Serializer, SeriesApi};
+use whippet::shard::Expiry;
+use whippet::sketch::Sketch;
+use whippet::telemetry::{Telemetry, Transport};
+use whippet::worker::{Enrichment, Worker};
+
+fn main() {
+    divan::main();
+}
+
+fn corpus() -> &'static [Vec<u8>] {
+    static CORPUS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        whippet::blast::corpus(std::path::Path::new("../shared/bench/dsd_base.txt"))
+            .unwrap_or_else(|_| whippet::blast::generate(&whippet::blast::Generated::default()))
+    })
+}
+
+/// The corpus in 8 KiB packets, 32 to a batch, as the Unix listener delivers it.
+fn batches(pool: &Pool) -> Vec<Batch> {
+    let mut out = Vec::new();
+    let mut batch = pool.get(Transport::Unix);
+    let (mut slot, mut used) = (0, 0);
+    for line in corpus() {
+        if used + line.len() + 1 > 8192 {
+            batch.push_frame(slot * 8192, slot * 8192 + used);
+            (slot, used) = (slot + 1, 0);
+            if slot == pool.slots() {
+                out.push(std::mem::replace(&mut batch, pool.get(Transport::Unix)));
+                slot = 0;
+            }
+        }
+        let at = slot * 8192 + used;
+        batch.buffer_mut()[at..at + line.len()].copy_from_slice(line);
+        batch.buffer_mut()[at + line.len()] = b'\n';
+        used += line.len() + 1;
+    }
+    batch.push_frame(slot * 8192, slot * 8192 + used);
+    out.push(batch);
+    for b in &mut out {
+        b.received_at = 1_700_000_000;
+    }
+    out
+}
+
+fn worker(demux: Arc<Demux>) -> Worker {
+    let enrichment = Enrichment {
+        hostname: "bench".into(),
+        extra_tags: Arc::new([]),
+        bucket_seconds: 10,
+    };
+    Worker::new(demux, Arc::new(Telemetry::default()), enrichment)
+}
+
+/// Parsing every corpus message (throughput in messages).
+#[divan::bench]
+fn parse(b: Bencher) {
+    let lines = corpus();
+    b.counter(divan::counter::ItemsCount::new(lines.len()))
+        .bench(|| {
+            for line in lines {
+                let _ = black_box(parser::parse(black_box(line)));
+            }
+        });
+}
+
+/// Splitting, sorting and hashing every metric's context.
+#[divan::bench]
+fn context_hash(b: Bencher) {
+    let lines = corpus();
+    let hasher = ContextHasher::default();
+    let metrics: Vec<_> = lines
+        .iter()
+        .filter_map(|l| match parser::parse(l) {
+            Ok(Message::Metric(m)) => Some(m),
+            _ => None,
+        })
+        .collect();
+    b.counter(divan::counter::ItemsCount::new(metrics.len()))
+        .bench(|| {
+            let mut tags: Vec<&str> = Vec::with_capacity(64);
+            let mut scratch = Vec::with_capacity(64);
+            let mut buf = Vec::with_capacity(4096);
+            for m in &metrics {
+                tags.clear();
+                tags.extend(split_tags(m.tags));
+                canonical_tags(&mut tags, 0, &mut scratch);
+                let c = ContextRef {
+                    name: m.name,
+                    host: "bench",
+                    tags: &tags,
+                    kind: m.kind,
+                };
+                black_box(c.hash_with(&hasher, &mut buf));
+            }
+        });
+}
+
+/// The whole worker: split, parse, hash, insert into shards (contexts already exist).
+#[divan::bench]
+fn worker_process(b: Bencher) {
+    let pool = Pool::new(8192, 4096);
+    let batches = batches(&pool);
+    let mut w = worker(Arc::new(Demux::new(16, 10_000)));
+    for batch in &batches {
+        w.process(batch);
+    }
+    b.counter(divan::counter::ItemsCount::new(corpus().len()))
+        .bench_local(|| {
+            for batch in &batches {
+                w.process(batch);
+            }
+        });
+}
+
+/// Inserting values into a distribution's sketch.
+#[divan::bench(args = [1.0, 0.5])]
+fn sketch_insert(b: Bencher, rate: f64) {
+    let values: Vec<f64> = (0..10_000).map(|i| (i as f64 * 7.3).sin() * 1e6).collect();
+    b.counter(divan::counter::ItemsCount::new(values.len()))
+        .bench(|| {
+            let mut s = Sketch::default();
+            for &v in &values {
+                s.insert(v, rate);
+            }
+            s.finish();
+            black_box(s.bins().len());
+        });
+}
+
+/// Closing a bucket of the corpus' contexts, turning it into series and sketches, and
+/// serializing and compressing the payloads.
+#[divan::bench(args = [Compression::Zstd, Compression::Deflate])]
+fn flush_serialize_compress(b: Bencher, compression: Compression) {
+    let pool = Pool::new(8192, 4096);
+    let batches = batches(&pool);
+    let expiry = Expiry {
+        interval: 10,
+        counter_seconds: 300,
+        context_seconds: 20,
+    };
+    let settings = FlushSettings::new(
+        expiry,
+        &[
+            Aggregate::Max,
+            Aggregate::Median,
+            Aggregate::Avg,
+            Aggregate::Count,
+        ],
+        &[95],
+    );
+    let serializer = Serializer {
+        series_api: SeriesApi::V2,
+        compression,
+        hostname: "bench".into(),
+    };
+    b.with_inputs(|| {
+        let demux = Arc::new(Demux::new(16, 10_000));
+        let mut w = worker(demux.clone());
+        for batch in &batches {
+            w.process(batch);
+        }
+        demux
+    })
+    .bench_local_values(|demux| {
+        let mut closed = Vec::new();
+        demux.flush(1_700_000_010, &expiry, &mut closed);
+        let mut out = Flushed::default();
+        for c in closed {
+            settings.finish(c, &mut out);
+        }
+        black_box(serializer.serialize(&out).payloads.len())
+    });
+}
