@@ -57,8 +57,15 @@ impl Demux {
     }
 
     /// Aggregates a batch of samples that all belong to `shard`: one lock for the batch.
-    pub fn insert(&self, shard: usize, samples: &[Sample<'_>], tags: &[&str]) -> InsertStats {
-        lock(&self.shards[shard]).insert(samples, tags)
+    /// See [`Shard::insert`] for `missing`.
+    pub fn insert(
+        &self,
+        shard: usize,
+        samples: &[Sample<'_>],
+        tags: &[&str],
+        missing: &mut Vec<u32>,
+    ) -> InsertStats {
+        lock(&self.shards[shard]).insert(samples, tags, missing)
     }
 
     /// Adds events and service checks to the backlog (emptying the vectors). Returns how many

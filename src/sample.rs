@@ -11,8 +11,7 @@ pub enum SampleValue<'a> {
     Member(&'a str),
 }
 
-/// One sample, borrowing from the packet it came in. The tags are a range into the worker's
-/// tag arena for the packet (sorted, de-duplicated, extra tags included, `host:` removed).
+/// One sample, borrowing from the packet it came in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample<'a> {
     /// Hash of the context (name, host, tags, kind); computed once by the worker.
@@ -20,7 +19,13 @@ pub struct Sample<'a> {
     pub name: &'a str,
     /// Empty means no host.
     pub host: &'a str,
-    pub tags: (u32, u32),
+    /// The canonical tags, as a range into the worker's tag arena for the packet (sorted,
+    /// de-duplicated, extra tags included, `host:` removed); `None` when the worker's
+    /// context cache vouched for the context by its hash: the shard then checks name, host
+    /// and type, and reports the sample missing if it holds no such context.
+    pub tags: Option<(u32, u32)>,
+    /// The raw `#` field, to build the canonical tags for a sample reported missing.
+    pub raw_tags: &'a str,
     pub kind: MetricKind,
     pub value: SampleValue<'a>,
     /// In (0, 1].

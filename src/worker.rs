@@ -11,6 +11,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
+use std::hash::{BuildHasher, Hasher};
+
+use hashbrown::HashTable;
+
 use crate::context::{canonical_tags, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
@@ -81,6 +85,32 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
+/// Most contexts a worker's cache holds; when full it starts over. 64 Ki entries of 40 bytes.
+const CACHE_LIMIT: usize = 1 << 16;
+
+/// Where a context's host comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostFrom {
+    /// `--hostname`.
+    Default,
+    /// A `host:` tag: this byte range of the raw tag field.
+    Tag(u32, u32),
+}
+
+/// A context the worker has canonicalized before, keyed by its raw bytes (name, raw `#`
+/// field, type). Default host and extra tags are the same for every message of a worker, so
+/// the raw bytes determine the canonical context; the 64-bit raw hash (plus the lengths) is
+/// trusted to tell raw forms apart, as the canonical hash is trusted in the shards.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    raw_hash: u64,
+    name_len: u32,
+    tags_len: u32,
+    kind: MetricKind,
+    hash: u64,
+    host: HostFrom,
+}
+
 /// A batch's reusable buffers, borrowed for one message.
 struct Scratch<'s, 'a> {
     tags: &'s mut Vec<&'a str>,
@@ -99,6 +129,12 @@ pub struct Worker {
     /// Reused to lay a context out for hashing.
     hash_scratch: Vec<u8>,
     per_shard: Vec<Vec<Sample<'static>>>,
+    /// Raw context bytes → canonical context, so a known context skips splitting, sorting
+    /// and hashing its tags.
+    cache: HashTable<Cached>,
+    /// Reused: samples a shard reported missing, and their retries.
+    missing: Vec<u32>,
+    retry: Vec<Sample<'static>>,
     events: Vec<EventRecord>,
     checks: Vec<ServiceCheckRecord>,
 }
@@ -114,6 +150,9 @@ impl Worker {
             tags: Vec::new(),
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
+            cache: HashTable::new(),
+            missing: Vec::new(),
+            retry: Vec::new(),
             per_shard: (0..shards).map(|_| Vec::new()).collect(),
             events: Vec::new(),
             checks: Vec::new(),
@@ -163,14 +202,34 @@ impl Worker {
                 }
             }
         }
+        let mut retry: Vec<Sample<'_>> = recycle(std::mem::take(&mut self.retry));
         for (shard, samples) in per_shard.iter_mut().enumerate() {
-            if !samples.is_empty() {
-                let stats = self.demux.insert(shard, samples, &tags);
+            if samples.is_empty() {
+                continue;
+            }
+            self.missing.clear();
+            let stats = self.demux.insert(shard, samples, &tags, &mut self.missing);
+            self.tally.samples += stats.samples;
+            self.tally.new_contexts += stats.new_contexts;
+            if !self.missing.is_empty() {
+                // Cached contexts the shard no longer holds (expired): send them again with
+                // their canonical tags so the shard can create them.
+                retry.clear();
+                for &i in &self.missing {
+                    let mut s = samples[i as usize];
+                    let start = tags.len();
+                    canonicalize(s.raw_tags, &enrichment.extra_tags, &mut tags, &mut scratch);
+                    s.tags = Some((start as u32, tags.len() as u32));
+                    retry.push(s);
+                }
+                self.missing.clear();
+                let stats = self.demux.insert(shard, &retry, &tags, &mut self.missing);
                 self.tally.samples += stats.samples;
                 self.tally.new_contexts += stats.new_contexts;
-                samples.clear();
             }
+            samples.clear();
         }
+        self.retry = recycle(retry);
         if !self.events.is_empty() || !self.checks.is_empty() {
             self.tally.backlog_full += self.demux.push_backlog(&mut self.events, &mut self.checks);
         }
@@ -199,30 +258,76 @@ impl Worker {
             self.tally.timestamped_unsupported += 1;
             return;
         }
-        let start = tags.len();
-        let mut host: &str = &enrichment.hostname;
-        for tag in split_tags(m.tags) {
-            if let Some(h) = tag.strip_prefix("host:") {
-                host = h;
-            } else {
-                tags.push(tag);
-            }
-        }
-        tags.extend(enrichment.extra_tags.iter().map(|t| &**t));
-        canonical_tags(tags, start, sort);
-        let context = ContextRef {
-            name: m.name,
-            host,
-            tags: &tags[start..],
-            kind: m.kind,
+        let raw_hash = if m.timestamp.is_none() {
+            let mut h = self.demux.hasher().build_hasher();
+            h.write(m.name.as_bytes());
+            h.write(m.tags.as_bytes());
+            h.write_u8(m.kind as u8);
+            Some(h.finish())
+        } else {
+            None
         };
-        let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
+        let cached = raw_hash.and_then(|raw| {
+            self.cache
+                .find(raw, |c| {
+                    c.raw_hash == raw
+                        && c.name_len as usize == m.name.len()
+                        && c.tags_len as usize == m.tags.len()
+                        && c.kind == m.kind
+                })
+                .copied()
+        });
+        let (hash, host, range) = match cached {
+            Some(c) => {
+                let host = match c.host {
+                    HostFrom::Default => &*enrichment.hostname,
+                    HostFrom::Tag(a, b) => &m.tags[a as usize..b as usize],
+                };
+                (c.hash, host, None)
+            }
+            None => {
+                let start = tags.len();
+                let host_tag = canonicalize(m.tags, &enrichment.extra_tags, tags, sort);
+                let host = host_tag.unwrap_or(&enrichment.hostname);
+                let context = ContextRef {
+                    name: m.name,
+                    host,
+                    tags: &tags[start..],
+                    kind: m.kind,
+                };
+                let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
+                if let Some(raw) = raw_hash {
+                    if self.cache.len() >= CACHE_LIMIT {
+                        self.cache.clear();
+                    }
+                    let host = match host_tag {
+                        // The host tag is a slice of the raw field: keep its byte range.
+                        Some(h) => {
+                            let at = h.as_ptr() as usize - m.tags.as_ptr() as usize;
+                            HostFrom::Tag(at as u32, (at + h.len()) as u32)
+                        }
+                        None => HostFrom::Default,
+                    };
+                    let entry = Cached {
+                        raw_hash: raw,
+                        name_len: m.name.len() as u32,
+                        tags_len: m.tags.len() as u32,
+                        kind: m.kind,
+                        hash,
+                        host,
+                    };
+                    self.cache.insert_unique(raw, entry, |c| c.raw_hash);
+                }
+                (hash, host, Some((start as u32, tags.len() as u32)))
+            }
+        };
         let out = &mut per_shard[self.demux.shard_of(hash)];
         let sample = |value| Sample {
             hash,
             name: m.name,
             host,
-            tags: (start as u32, tags.len() as u32),
+            tags: range,
+            raw_tags: m.tags,
             kind: m.kind,
             value,
             sample_rate: m.sample_rate,
@@ -259,6 +364,27 @@ impl Worker {
             tags: owned_tags(c.tags, enrichment),
         });
     }
+}
+
+/// Appends the canonical tags of a raw `#` field to `tags` (split, `host:` tags removed,
+/// extra tags added, sorted, de-duplicated) and returns the value of the last `host:` tag.
+fn canonicalize<'a>(
+    raw: &'a str,
+    extra: &'a [Box<str>],
+    tags: &mut Vec<&'a str>,
+    sort: &mut Vec<(u64, &'a str)>,
+) -> Option<&'a str> {
+    let start = tags.len();
+    let mut host = None;
+    for tag in split_tags(raw) {
+        match tag.strip_prefix("host:") {
+            Some(h) => host = Some(h),
+            None => tags.push(tag),
+        }
+    }
+    tags.extend(extra.iter().map(|t| &**t));
+    canonical_tags(tags, start, sort);
+    host
 }
 
 fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {
@@ -428,6 +554,45 @@ mod tests {
             ("db", "dbhost", "slow")
         );
         assert_eq!(c.tags, ["team:core"]);
+    }
+
+    #[test]
+    fn cached_contexts_aggregate_exactly_as_fresh_ones_across_batches() {
+        let mut w = worker(4, "default-host", &["team:core"]);
+        let packet = "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev\nb:1|g|#x\nc:5|c|#host:,y";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]); // every message now hits the cache
+        assert_eq!(w.cache.len(), 4);
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=web1 tags=env:dev,team:core ts=1700000000 count=6",
+                "b host=default-host tags=team:core,x ts=1700000000 gauge=1",
+                "c host= tags=team:core,y ts=1700000000 count=10",
+            ]
+        );
+        assert_eq!(w.telemetry.samples.load(Relaxed), 8);
+        assert_eq!(w.telemetry.contexts_created.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_cached_context_that_expired_from_its_shard_is_created_again() {
+        let mut w = worker(2, "h", &[]);
+        feed(&mut w, &["gone:1|g|#k:v"]);
+        let expiry = Expiry {
+            interval: 10,
+            counter_seconds: 300,
+            context_seconds: 0,
+        };
+        let mut out = Vec::new();
+        w.demux.flush(1_700_000_010, &expiry, &mut out); // emits the bucket
+        w.demux.flush(1_700_000_020, &expiry, &mut out); // frees the idle context
+        assert_eq!(out.len(), 1);
+        feed(&mut w, &["gone:7|g|#k:v"]); // cache hit, shard miss, retried with its tags
+                                          // Received at …005 but its bucket was flushed: it joins the open one, …020.
+        assert_eq!(flushed(&w), ["gone host=h tags=k:v ts=1700000020 gauge=7"]);
+        assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
+        assert_eq!(w.telemetry.samples.load(Relaxed), 2);
     }
 
     #[test]

@@ -51,6 +51,38 @@ struct Context {
     acc: Accumulator,
 }
 
+/// Adds one sample to its context, first moving a closed bucket's accumulator aside.
+fn accumulate(
+    ctx: &mut Context,
+    s: &Sample<'_>,
+    bucket: i64,
+    closed: &mut Vec<Closed>,
+    members: &ContextHasher,
+) {
+    let mut bucket = bucket;
+    if ctx.dirty && ctx.bucket != bucket {
+        if ctx.bucket < bucket {
+            // The context's previous bucket closed and the flusher has not taken it.
+            let acc = std::mem::replace(&mut ctx.acc, Accumulator::new(s.kind));
+            closed.push(Closed {
+                context: ctx.key.clone(),
+                timestamp: ctx.bucket,
+                acc,
+            });
+        } else {
+            // A late sample (workers race by microseconds): it joins the later bucket.
+            bucket = ctx.bucket;
+        }
+    }
+    ctx.bucket = bucket;
+    ctx.dirty = true;
+    ctx.last_seen = ctx.last_seen.max(bucket);
+    match s.value {
+        SampleValue::Number(v) => ctx.acc.add(v, s.sample_rate),
+        SampleValue::Member(m) => ctx.acc.add_member(members.hash_one(m)),
+    }
+}
+
 /// What one call to [`Shard::insert`] did, for telemetry.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InsertStats {
@@ -91,64 +123,70 @@ impl Shard {
         self.contexts.is_empty()
     }
 
-    /// Aggregates a batch of samples; `tags` is the arena their tag ranges index.
-    pub fn insert(&mut self, samples: &[Sample<'_>], tags: &[&str]) -> InsertStats {
+    /// Aggregates a batch of samples; `tags` is the arena their tag ranges index. Samples
+    /// without canonical tags whose context this shard does not hold are not aggregated:
+    /// their indexes go to `missing`, for the worker to send again with their tags.
+    pub fn insert(
+        &mut self,
+        samples: &[Sample<'_>],
+        tags: &[&str],
+        missing: &mut Vec<u32>,
+    ) -> InsertStats {
         let mut stats = InsertStats::default();
-        for s in samples {
-            let context = ContextRef {
-                name: s.name,
-                host: s.host,
-                tags: &tags[s.tags.0 as usize..s.tags.1 as usize],
-                kind: s.kind,
+        for (i, s) in samples.iter().enumerate() {
+            let bucket = s.bucket.max(self.flushed_through);
+            let ctx = match s.tags {
+                None => {
+                    let found = self.contexts.find_mut(s.hash, |c| {
+                        c.hash == s.hash
+                            && c.key.kind() == s.kind
+                            && c.key.name() == s.name
+                            && c.key.host() == s.host
+                    });
+                    match found {
+                        Some(ctx) => ctx,
+                        None => {
+                            missing.push(i as u32);
+                            continue;
+                        }
+                    }
+                }
+                Some((a, b)) => {
+                    let context = ContextRef {
+                        name: s.name,
+                        host: s.host,
+                        tags: &tags[a as usize..b as usize],
+                        kind: s.kind,
+                    };
+                    if let Some(ts) = s.timestamp {
+                        stats.samples += 1;
+                        self.insert_timestamped(&context, s, ts);
+                        continue;
+                    }
+                    let entry = self.contexts.entry(
+                        s.hash,
+                        |c| c.hash == s.hash && c.key.matches(&context),
+                        |c| c.hash,
+                    );
+                    match entry {
+                        hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
+                        hashbrown::hash_table::Entry::Vacant(v) => {
+                            stats.new_contexts += 1;
+                            v.insert(Context {
+                                hash: s.hash,
+                                key: Arc::new(ContextKey::new(&context)),
+                                bucket,
+                                last_seen: bucket,
+                                dirty: false,
+                                acc: Accumulator::new(s.kind),
+                            })
+                            .into_mut()
+                        }
+                    }
+                }
             };
             stats.samples += 1;
-            if let Some(ts) = s.timestamp {
-                self.insert_timestamped(&context, s, ts);
-                continue;
-            }
-            let bucket = s.bucket.max(self.flushed_through);
-            let entry = self.contexts.entry(
-                s.hash,
-                |c| c.hash == s.hash && c.key.matches(&context),
-                |c| c.hash,
-            );
-            let ctx = match entry {
-                hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
-                hashbrown::hash_table::Entry::Vacant(v) => {
-                    stats.new_contexts += 1;
-                    v.insert(Context {
-                        hash: s.hash,
-                        key: Arc::new(ContextKey::new(&context)),
-                        bucket,
-                        last_seen: bucket,
-                        dirty: false,
-                        acc: Accumulator::new(s.kind),
-                    })
-                    .into_mut()
-                }
-            };
-            let mut bucket = bucket;
-            if ctx.dirty && ctx.bucket != bucket {
-                if ctx.bucket < bucket {
-                    // The context's previous bucket closed and the flusher has not taken it.
-                    let acc = std::mem::replace(&mut ctx.acc, Accumulator::new(s.kind));
-                    self.closed.push(Closed {
-                        context: ctx.key.clone(),
-                        timestamp: ctx.bucket,
-                        acc,
-                    });
-                } else {
-                    // A late sample (workers race by microseconds): it joins the later bucket.
-                    bucket = ctx.bucket;
-                }
-            }
-            ctx.bucket = bucket;
-            ctx.dirty = true;
-            ctx.last_seen = ctx.last_seen.max(bucket);
-            match s.value {
-                SampleValue::Number(v) => ctx.acc.add(v, s.sample_rate),
-                SampleValue::Member(m) => ctx.acc.add_member(self.members.hash_one(m)),
-            }
+            accumulate(ctx, s, bucket, &mut self.closed, &self.members);
         }
         stats
     }
@@ -264,14 +302,17 @@ mod tests {
                 hash,
                 name,
                 host: "h",
-                tags: (0, tags.len() as u32),
+                tags: Some((0, tags.len() as u32)),
+                raw_tags: "",
                 kind,
                 value,
                 sample_rate,
                 timestamp,
                 bucket,
             };
-            self.shard.insert(&[sample], &tags);
+            let mut missing = Vec::new();
+            self.shard.insert(&[sample], &tags, &mut missing);
+            assert!(missing.is_empty());
         }
 
         fn flush(&mut self, boundary: i64) -> Vec<(String, i64, String)> {
