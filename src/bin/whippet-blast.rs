@@ -187,10 +187,21 @@ fn cmd_sink(m: &getopts::Matches) -> Result<(), String> {
 
 fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
     let smoke = m.opt_present("smoke");
-    let corpus = PathBuf::from(
-        m.opt_str("corpus")
+    let given = m.opt_str("corpus");
+    let path = PathBuf::from(
+        given
+            .clone()
             .unwrap_or_else(|| "../shared/bench/dsd_base.txt".into()),
     );
+    // Without --corpus and without the shared corpus, a generated workload stands in.
+    let (corpus, source) = match (blast::corpus(&path), given) {
+        (Ok(messages), _) => (messages, path.display().to_string()),
+        (Err(e), Some(_)) => return Err(e),
+        (Err(_), None) => (
+            blast::generate(&Generated::default()),
+            format!("a generated workload ({} not found)", path.display()),
+        ),
+    };
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let whippet = m
         .opt_str("whippet")
@@ -200,14 +211,13 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
     let opts = bench::BenchOptions {
         whippet,
         blast: me,
-        corpus: blast::corpus(&corpus)?,
+        corpus,
         seconds,
         smoke,
     };
     println!(
-        "whippet-blast bench: {} messages from {}, {seconds} s per scenario, {} cores",
+        "whippet-blast bench: {} messages from {source}, {seconds} s per scenario, {} cores",
         opts.corpus.len(),
-        corpus.display(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let rows = bench::run(&opts)?;
