@@ -35,7 +35,7 @@ pub fn double(buf: &mut Vec<u8>, field: u32, v: f64) {
     }
 }
 
-/// A `string` or `bytes` field (wire type 2), written even when empty if `always`.
+/// A `string` or `bytes` field (wire type 2), written even when empty.
 pub fn bytes(buf: &mut Vec<u8>, field: u32, v: &[u8]) {
     key(buf, field, 2);
     varint(buf, v.len() as u64);
