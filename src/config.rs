@@ -96,7 +96,7 @@ fn options() -> Options {
         "N",
     );
     o.optmulti("", "buffer-size", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192", "BYTES");
-    o.optmulti("", "queue-size", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 128", "N");
+    o.optmulti("", "queue-size", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 32 (8 MiB at worst with the default buffer size)", "N");
     o.optmulti(
         "",
         "workers",
@@ -233,7 +233,7 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
             512,
             MAX_BUFFER_SIZE,
         )?,
-        queue_size: number(get("queue-size"), "--queue-size", 128, 1, 1 << 20)?,
+        queue_size: number(get("queue-size"), "--queue-size", 32, 1, 1 << 20)?,
         workers: number(get("workers"), "--workers", workers_default, 1, 256)?,
         shards: number(get("shards"), "--shards", 16, 1, 4096)?,
         tags: get("tags")
