@@ -292,51 +292,43 @@ impl Serializer {
     }
 
     fn series(&self, series: &[Series]) -> (Vec<Payload>, usize) {
-        let groups = group(series, |s| {
+        let key = |s: &Series| {
             (
                 Arc::as_ptr(&s.context) as usize,
                 Arc::as_ptr(&s.suffix) as *const u8 as usize,
                 s.kind as usize,
             )
-        });
+        };
         let mut entry = Vec::new();
         let mut scratch = Vec::new();
-        match self.series_api {
-            SeriesApi::V2 => {
-                let mut split = Splitter::new(PayloadBuilder::new(
-                    Endpoint::SeriesV2,
-                    self.compression,
-                    b"",
-                    b"",
-                    b"",
-                ));
-                for points in groups {
-                    entry.clear();
-                    encode::series_v2(&mut entry, &points, &mut scratch);
-                    split.add(&entry, points.len());
-                }
-                split.finish()
+        let mut split = match self.series_api {
+            SeriesApi::V2 => Splitter::new(PayloadBuilder::new(
+                Endpoint::SeriesV2,
+                self.compression,
+                b"",
+                b"",
+                b"",
+            )),
+            SeriesApi::V1 => Splitter::new(PayloadBuilder::new(
+                Endpoint::SeriesV1,
+                self.compression,
+                b"{\"series\":[",
+                b",",
+                b"]}",
+            )),
+        };
+        for_each_group(series, key, |points| {
+            entry.clear();
+            match self.series_api {
+                SeriesApi::V2 => encode::series_v2(&mut entry, points, &mut scratch),
+                SeriesApi::V1 => encode::series_v1(&mut entry, points),
             }
-            SeriesApi::V1 => {
-                let mut split = Splitter::new(PayloadBuilder::new(
-                    Endpoint::SeriesV1,
-                    self.compression,
-                    b"{\"series\":[",
-                    b",",
-                    b"]}",
-                ));
-                for points in groups {
-                    entry.clear();
-                    encode::series_v1(&mut entry, &points);
-                    split.add(&entry, points.len());
-                }
-                split.finish()
-            }
-        }
+            split.add(&entry, points.len());
+        });
+        split.finish()
     }
 
     fn sketches(&self, sketches: &[SketchPoint]) -> (Vec<Payload>, usize) {
-        let groups = group(sketches, |s| Arc::as_ptr(&s.context) as usize);
         let mut split = Splitter::new(PayloadBuilder::new(
             Endpoint::Sketches,
             self.compression,
@@ -346,28 +338,45 @@ impl Serializer {
         ));
         let mut entry = Vec::new();
         let mut scratch = (Vec::new(), Vec::new());
-        for points in groups {
-            entry.clear();
-            encode::sketch(&mut entry, &points, &mut scratch);
-            split.add(&entry, points.len());
-        }
+        for_each_group(
+            sketches,
+            |s| Arc::as_ptr(&s.context) as usize,
+            |points| {
+                entry.clear();
+                encode::sketch(&mut entry, points, &mut scratch);
+                split.add(&entry, points.len());
+            },
+        );
         split.finish()
     }
 }
 
-/// Groups items with equal keys, keeping first-seen order (a series with several buckets'
-/// points becomes one series with several points, as the Agent sends it).
-fn group<T, K: std::hash::Hash + Eq>(items: &[T], key: impl Fn(&T) -> K) -> Vec<Vec<&T>> {
-    let mut index: HashMap<K, usize> = HashMap::with_capacity(items.len());
-    let mut groups: Vec<Vec<&T>> = Vec::with_capacity(items.len());
+/// Calls `f` with each group of items with equal keys, in first-seen order (a series with
+/// several buckets' points becomes one series with several points, as the Agent sends it).
+/// A fixed number of allocations whatever the number of groups: items are tagged with their
+/// group and sorted stably, so each group is a contiguous run.
+fn for_each_group<T, K: std::hash::Hash + Eq>(
+    items: &[T],
+    key: impl Fn(&T) -> K,
+    mut f: impl FnMut(&[&T]),
+) {
+    let mut index: HashMap<K, u32> = HashMap::with_capacity(items.len());
+    let mut tagged: Vec<(u32, &T)> = Vec::with_capacity(items.len());
     for item in items {
-        let i = *index.entry(key(item)).or_insert_with(|| {
-            groups.push(Vec::with_capacity(1));
-            groups.len() - 1
-        });
-        groups[i].push(item);
+        let next = index.len() as u32;
+        let g = *index.entry(key(item)).or_insert(next);
+        tagged.push((g, item));
     }
-    groups
+    drop(index);
+    tagged.sort_by_key(|&(g, _)| g);
+    let refs: Vec<&T> = tagged.iter().map(|&(_, t)| t).collect();
+    let mut start = 0;
+    for i in 1..=refs.len() {
+        if i == refs.len() || tagged[i].0 != tagged[start].0 {
+            f(&refs[start..i]);
+            start = i;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +388,21 @@ mod tests {
             Compression::Zstd => zstd::decode_all(&p.body[..]).unwrap(),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn groups_keep_first_seen_order_and_item_order_within_a_group() {
+        let items = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5)];
+        let mut groups = Vec::new();
+        for_each_group(
+            &items,
+            |i| i.0,
+            |g| groups.push(g.iter().map(|i| i.1).collect::<Vec<_>>()),
+        );
+        assert_eq!(groups, [vec![1, 3], vec![2, 5], vec![4]]);
+        let mut none = 0;
+        for_each_group(&[] as &[(u8, u8)], |i| i.0, |_| none += 1);
+        assert_eq!(none, 0);
     }
 
     #[test]
