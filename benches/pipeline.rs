@@ -13,7 +13,7 @@ use whippet::parser::{self, Message};
 use whippet::serializer::{Compression, Serializer, SeriesApi};
 use whippet::shard::Expiry;
 use whippet::sketch::Sketch;
-use whippet::telemetry::{Telemetry, Transport};
+use whippet::telemetry::Telemetry;
 use whippet::worker::{Enrichment, Worker};
 
 fn main() {
@@ -30,29 +30,7 @@ fn corpus() -> &'static [Vec<u8>] {
 
 /// The corpus in 8 KiB packets, 32 to a batch, as the Unix listener delivers it.
 fn batches(pool: &Pool) -> Vec<Batch> {
-    let mut out = Vec::new();
-    let mut batch = pool.get(Transport::Unix);
-    let (mut slot, mut used) = (0, 0);
-    for line in corpus() {
-        if used + line.len() + 1 > 8192 {
-            batch.push_frame(slot * 8192, slot * 8192 + used);
-            (slot, used) = (slot + 1, 0);
-            if slot == pool.slots() {
-                out.push(std::mem::replace(&mut batch, pool.get(Transport::Unix)));
-                slot = 0;
-            }
-        }
-        let at = slot * 8192 + used;
-        batch.buffer_mut()[at..at + line.len()].copy_from_slice(line);
-        batch.buffer_mut()[at + line.len()] = b'\n';
-        used += line.len() + 1;
-    }
-    batch.push_frame(slot * 8192, slot * 8192 + used);
-    out.push(batch);
-    for b in &mut out {
-        b.received_at = 1_700_000_000;
-    }
-    out
+    whippet::blast::batches(pool, corpus(), 1_700_000_000)
 }
 
 fn worker(demux: Arc<Demux>) -> Worker {

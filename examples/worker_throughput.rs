@@ -7,39 +7,17 @@ use std::time::Instant;
 
 use whippet::demux::Demux;
 use whippet::packet::Pool;
-use whippet::telemetry::{Telemetry, Transport};
+use whippet::telemetry::Telemetry;
 use whippet::worker::{Enrichment, Worker};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("usage: worker_throughput FILE [ROUNDS]");
     let rounds: usize = args.get(2).map_or(20, |r| r.parse().unwrap());
-    let text = std::fs::read(path).unwrap();
+    let messages = whippet::blast::corpus(std::path::Path::new(path)).unwrap();
     let pool = Pool::new(8192, 4096);
-    let mut batches = Vec::new();
-    let mut batch = pool.get(Transport::Unix);
-    let (mut slot, mut used, mut messages) = (0usize, 0usize, 0u64);
-    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        if used + line.len() + 1 > 8192 {
-            batch.push_frame(slot * 8192, slot * 8192 + used);
-            slot += 1;
-            used = 0;
-            if slot == pool.slots() {
-                batches.push(std::mem::replace(&mut batch, pool.get(Transport::Unix)));
-                slot = 0;
-            }
-        }
-        let at = slot * 8192 + used;
-        batch.buffer_mut()[at..at + line.len()].copy_from_slice(line);
-        batch.buffer_mut()[at + line.len()] = b'\n';
-        used += line.len() + 1;
-        messages += 1;
-    }
-    batch.push_frame(slot * 8192, slot * 8192 + used);
-    batches.push(batch);
-    for b in &mut batches {
-        b.received_at = 1_700_000_000;
-    }
+    let batches = whippet::blast::batches(&pool, &messages, 1_700_000_000);
+    let messages = messages.len() as u64;
     let enrichment = Enrichment {
         hostname: "bench-host".into(),
         extra_tags: Arc::new([]),

@@ -456,12 +456,9 @@ mod tests {
         // merge; a reference sketch always merges fully.
         let mut fast = Sketch::default();
         let mut reference = Sketch::default();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::blast::Rng::new(0x9e37_79b9_7f4a_7c15);
         for i in 0..20_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let v = (state % 1_000_000) as f64 / 7.0 - 50_000.0;
+            let v = rng.below(1_000_000) as f64 / 7.0 - 50_000.0;
             let rate = [0.5, 0.01, 1.0, 1e-6][i % 4];
             fast.insert(v, rate);
             if rate > 0.0 && rate < 1.0 {

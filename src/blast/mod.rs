@@ -307,6 +307,39 @@ fn send_batch(
     }
 }
 
+/// Messages packed into 8 KiB packets, a pool's worth of packets per batch, as the Unix
+/// datagram listener would deliver them, stamped `received_at`: the input of the worker
+/// benchmarks.
+pub fn batches(
+    pool: &crate::packet::Pool,
+    messages: &[Vec<u8>],
+    received_at: i64,
+) -> Vec<crate::packet::Batch> {
+    let slot = pool.slot_bytes();
+    let mut out = Vec::new();
+    let mut batch = pool.get(crate::telemetry::Transport::Unix);
+    let mut at = 0;
+    for (packet, _) in pack(messages, slot) {
+        if at == pool.slots() {
+            out.push(std::mem::replace(
+                &mut batch,
+                pool.get(crate::telemetry::Transport::Unix),
+            ));
+            at = 0;
+        }
+        // A message longer than a slot would be a truncated datagram: it is cut here.
+        let (start, len) = (at * slot, packet.len().min(slot));
+        batch.buffer_mut()[start..start + len].copy_from_slice(&packet[..len]);
+        batch.push_frame(start, start + len);
+        at += 1;
+    }
+    out.push(batch);
+    for b in &mut out {
+        b.received_at = received_at;
+    }
+    out
+}
+
 /// `whippet-blast sink`: a receiver that only drains a datagram socket with `recvmmsg` and
 /// counts messages; the physical floor the bench compares whippet with. Runs until `stop`
 /// is set and the socket is shut down; returns (packets, messages).

@@ -455,17 +455,10 @@ mod tests {
             b"",
         );
         let mut split = Splitter::new(builder);
-        let mut state = 88172645463325252u64;
+        let mut rng = crate::blast::Rng::new(88172645463325252);
         let mut total = 0;
         for _ in 0..50 {
-            let entry: Vec<u8> = (0..500)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
+            let entry: Vec<u8> = (0..500).map(|_| rng.next_u64() as u8).collect();
             split.add(&entry, 1);
             total += 1;
         }
