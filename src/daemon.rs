@@ -1,15 +1,21 @@
 //! The daemon: the only place that knows which threads exist, how they are wired, and the
 //! order they stop in.
 //!
-//! Start: bind every socket first (so a bad flag fails before any thread runs), then start the
-//! flusher, the workers, and the readers last.
+//! Start: take the sockets systemd passed (socket activation) or bind every socket first (so
+//! a bad flag fails before any thread runs), then start the flusher, the workers, the
+//! readers, and the status endpoint last; then tell systemd READY=1.
+//!
+//! Reload (SIGHUP): re-read the configuration; apply the API key, intake URL, extra tags and
+//! log level in place (no thread stops, no sample waits); anything else that changed is
+//! named in a log line as needing a restart. An invalid file changes nothing.
 //!
 //! Stop (SIGTERM/SIGINT), from the sources down:
 //! 1. set `stopping` and `shutdown(SHUT_RD)` every socket: readers drain what the kernel holds
 //!    and exit; their queue senders drop with them;
 //! 2. workers drain the queue and exit when it is closed and empty;
 //! 3. the flusher is told to stop: it flushes every bucket, the open one included, and
-//!    finishes the output.
+//!    finishes the output (the forwarder gets `--shutdown-timeout` to deliver it);
+//! 4. the status endpoint stops last, so it answers while whippet drains.
 
 use std::net::{Shutdown, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
@@ -21,20 +27,23 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::demux::Demux;
 use crate::flush::{FlushSettings, Flusher};
-use crate::forwarder::{self, Forwarder, ForwarderConfig, IntakeOutput};
+use crate::forwarder::{self, Forwarder, ForwarderConfig, IntakeOutput, Retarget};
 use crate::listener::{self, stream, udp, unix, ReaderContext};
+use crate::log;
 use crate::output::{Console, Output};
 use crate::packet::{Batch, Pool};
 use crate::serializer::{Serializer, SeriesApi};
 use crate::shard::Expiry;
+use crate::status::{self, StatusServer};
+use crate::systemd;
 use crate::telemetry::{Point, Snapshot, Telemetry, Transport};
-use crate::worker::{Enrichment, Worker};
+use crate::worker::{Enrichment, LiveTags, Worker};
 use crate::Error;
 
 /// Where the listeners ended up (port 0 resolved).
@@ -44,6 +53,35 @@ pub struct Bound {
     pub udp_rcvbuf: usize,
     pub socket: Option<PathBuf>,
     pub stream_socket: Option<PathBuf>,
+    /// Sockets systemd passed in (socket activation).
+    pub activated: usize,
+    /// The status endpoint's address.
+    pub status: Option<SocketAddr>,
+}
+
+/// Reads the gauges that live outside [`Telemetry`]; shared with the status endpoint.
+struct Probe {
+    telemetry: Arc<Telemetry>,
+    queue: Receiver<Batch>,
+    udp_inodes: Vec<u64>,
+}
+
+impl Probe {
+    fn snapshot(&self) -> Snapshot {
+        let gauges = [
+            Point {
+                name: "whippet_queue_depth",
+                labels: vec![],
+                value: self.queue.len() as u64,
+            },
+            Point {
+                name: "whippet_udp_kernel_drops",
+                labels: vec![],
+                value: udp::kernel_drops(&self.udp_inodes),
+            },
+        ];
+        self.telemetry.snapshot(&gauges)
+    }
 }
 
 /// A running whippet.
@@ -52,13 +90,19 @@ pub struct Daemon {
     pub telemetry: Arc<Telemetry>,
     stopping: Arc<AtomicBool>,
     udp: Vec<Arc<UdpSocket>>,
-    udp_inodes: Vec<u64>,
     unix: Option<Arc<UnixDatagram>>,
     stream: Option<Arc<stream::Connections>>,
     readers: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     flusher: Option<(Sender<()>, JoinHandle<()>)>,
-    queue: Receiver<Batch>,
+    probe: Arc<Probe>,
+    /// Socket files whippet created and removes at exit (not those systemd passed).
+    owned_paths: Vec<PathBuf>,
+    live_tags: Arc<LiveTags>,
+    retarget: Option<Retarget>,
+    status: Option<(StatusServer, Arc<status::Sources>)>,
+    /// The settings in effect, for reloads to compare with.
+    config: Config,
 }
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
@@ -75,41 +119,69 @@ impl Daemon {
         Daemon::start_with(config, |telemetry| output_for(config, telemetry))
     }
 
-    /// Like [`Daemon::start`], with an output of the caller's making.
+    /// Like [`Daemon::start`], with an output of the caller's making (and, if it forwards to
+    /// an intake, the handle that retargets it on reload).
     pub fn start_with(
         config: &Config,
-        make_output: impl FnOnce(Arc<Telemetry>) -> Result<Box<dyn Output>, Error>,
+        make_output: impl FnOnce(Arc<Telemetry>) -> Result<(Box<dyn Output>, Option<Retarget>), Error>,
     ) -> Result<Daemon, Error> {
         let mut bound = Bound::default();
-        let (udp_sockets, rcvbuf) = match config.udp {
-            Some(addr) => udp::bind_all(addr, config.udp_readers, config.so_rcvbuf)?,
-            None => (Vec::new(), 0),
+        let mut owned_paths = Vec::new();
+        let passed = systemd::listen_fds()?;
+        bound.activated = passed.udp.len()
+            + passed.datagram.is_some() as usize
+            + passed.stream.is_some() as usize;
+        // A kind of socket systemd passed replaces the configured one of that kind.
+        let udp_sockets = if !passed.udp.is_empty() {
+            bound.udp_rcvbuf =
+                nix::sys::socket::getsockopt(&passed.udp[0], nix::sys::socket::sockopt::RcvBuf)
+                    .unwrap_or(0);
+            passed.udp
+        } else {
+            match config.udp {
+                Some(addr) => {
+                    let (sockets, rcvbuf) =
+                        udp::bind_all(addr, config.udp_readers, config.so_rcvbuf)?;
+                    bound.udp_rcvbuf = rcvbuf;
+                    sockets
+                }
+                None => Vec::new(),
+            }
         };
         bound.udp = udp_sockets.first().and_then(|s| s.local_addr().ok());
-        bound.udp_rcvbuf = rcvbuf;
-        let unix_socket = match &config.socket {
-            Some(path) => {
-                let (s, _) = unix::bind_datagram(path, config.socket_mode, config.so_rcvbuf)?;
-                bound.socket = Some(path.clone());
+        let unix_socket = match (passed.datagram, &config.socket) {
+            (Some((s, path)), _) => {
+                bound.socket = path;
                 Some(Arc::new(s))
             }
-            None => None,
+            (None, Some(path)) => {
+                let (s, _) = unix::bind_datagram(path, config.socket_mode, config.so_rcvbuf)?;
+                bound.socket = Some(path.clone());
+                owned_paths.push(path.clone());
+                Some(Arc::new(s))
+            }
+            (None, None) => None,
         };
-        let stream_listener = match &config.stream_socket {
-            Some(path) => {
+        let stream_listener = match (passed.stream, &config.stream_socket) {
+            (Some((l, path)), _) => {
+                bound.stream_socket = path;
+                Some(l)
+            }
+            (None, Some(path)) => {
                 unix::prepare_path(path, unix::SocketKind::Stream, "--stream-socket")?;
                 let l = UnixListener::bind(path).map_err(|e| {
                     listener::bind_error("--stream-socket", &path.display().to_string(), e)
                 })?;
                 unix::set_mode(path, config.socket_mode, "--socket-mode")?;
                 bound.stream_socket = Some(path.clone());
+                owned_paths.push(path.clone());
                 Some(l)
             }
-            None => None,
+            (None, None) => None,
         };
 
         let telemetry = Arc::new(Telemetry::default());
-        let output = make_output(telemetry.clone())?;
+        let (output, retarget) = make_output(telemetry.clone())?;
         let demux = Arc::new(Demux::new(config.shards, config.event_backlog));
         let pool = Arc::new(Pool::new(
             config.buffer_size,
@@ -132,6 +204,7 @@ impl Daemon {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher_thread = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
 
+        let live_tags = Arc::new(LiveTags::new(&config.tags));
         let enrichment = Enrichment {
             hostname: config.hostname.as_str().into(),
             extra_tags: config
@@ -143,7 +216,8 @@ impl Daemon {
         };
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
-            let worker = Worker::new(demux.clone(), telemetry.clone(), enrichment.clone());
+            let worker = Worker::new(demux.clone(), telemetry.clone(), enrichment.clone())
+                .with_live_tags(live_tags.clone());
             let (rx, pool) = (queue_rx.clone(), pool.clone());
             workers.push(spawn(format!("whippet-worker-{i}"), move || {
                 worker.run(rx, pool)
@@ -185,9 +259,28 @@ impl Daemon {
         }
         drop(ctx); // only readers hold queue senders now: the queue closes when they exit
 
-        Ok(Daemon {
-            bound,
+        let probe = Arc::new(Probe {
+            telemetry: telemetry.clone(),
+            queue: queue_rx,
             udp_inodes: udp.iter().map(|s| udp::inode(s)).collect(),
+        });
+        let status = match config.status {
+            Some(addr) => {
+                let p = probe.clone();
+                let sources = Arc::new(status::Sources {
+                    snapshot: Box::new(move || p.snapshot()),
+                    demux: demux.clone(),
+                    info: Default::default(),
+                    started: std::time::Instant::now(),
+                });
+                let server = StatusServer::start(addr, sources.clone())?;
+                bound.status = Some(server.addr);
+                Some((server, sources))
+            }
+            None => None,
+        };
+        let daemon = Daemon {
+            bound,
             telemetry,
             stopping,
             udp,
@@ -196,25 +289,91 @@ impl Daemon {
             readers,
             workers,
             flusher: Some((stop_tx, flusher_thread)),
-            queue: queue_rx,
-        })
+            probe,
+            owned_paths,
+            live_tags,
+            retarget,
+            status,
+            config: config.clone(),
+        };
+        daemon.update_status_info();
+        Ok(daemon)
     }
 
     /// Every counter, plus the gauges read now (queue depth, kernel UDP drops).
     pub fn snapshot(&self) -> Snapshot {
-        let gauges = [
-            Point {
-                name: "whippet_queue_depth",
-                labels: vec![],
-                value: self.queue.len() as u64,
-            },
-            Point {
-                name: "whippet_udp_kernel_drops",
-                labels: vec![],
-                value: udp::kernel_drops(&self.udp_inodes),
-            },
-        ];
-        self.telemetry.snapshot(&gauges)
+        self.probe.snapshot()
+    }
+
+    /// Applies a re-read configuration: the API key, intake URL, extra tags and log level
+    /// change in place. Returns a line for each other setting that changed and needs a
+    /// restart, and for an intake change the running output cannot make.
+    pub fn reload(&mut self, new: &Config) -> Vec<String> {
+        let mut notes = Vec::new();
+        let old = &self.config;
+        log::set_level(new.log_level);
+        if new.tags != old.tags {
+            self.live_tags.set(&new.tags);
+        }
+        match (&self.retarget, &new.intake_url) {
+            (Some(retarget), Some(url)) => retarget.set(url, &new.api_key.0),
+            (None, None) => {}
+            (Some(_), None) => notes.push("the new settings have no intake (no --dd-url and no API key); still forwarding to the old one until a restart".into()),
+            (None, Some(_)) => notes.push("an intake is now configured, but whippet started printing to stdout; restart whippet to forward".into()),
+        }
+        const RELOADABLE: [&str; 5] = ["api-key", "dd-url", "site", "tags", "log-level"];
+        for (flag, value, _) in &new.sources {
+            if RELOADABLE.contains(flag) {
+                continue;
+            }
+            let before = old
+                .sources
+                .iter()
+                .find(|(f, _, _)| f == flag)
+                .map(|(_, v, _)| v);
+            if before != Some(value) {
+                notes.push(format!("--{flag} changed; restart whippet to apply it"));
+            }
+        }
+        let keep_intake = self.retarget.is_some() != new.intake_url.is_some();
+        let previous_url = old.intake_url.clone();
+        self.config = new.clone();
+        if keep_intake {
+            self.config.intake_url = previous_url;
+        }
+        self.update_status_info();
+        notes
+    }
+
+    /// The settings part of `/status`.
+    fn update_status_info(&self) {
+        let Some((_, sources)) = &self.status else {
+            return;
+        };
+        let c = &self.config;
+        let mut info = serde_json::Map::new();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        info.insert(
+            "listeners".into(),
+            serde_json::json!({
+                "udp": self.bound.udp.map(|a| a.to_string()),
+                "socket": path(&self.bound.socket),
+                "stream_socket": path(&self.bound.stream_socket),
+                "socket_activated": self.bound.activated,
+            }),
+        );
+        info.insert("intake".into(), serde_json::json!(c.intake_url));
+        info.insert("hostname".into(), serde_json::json!(c.hostname));
+        info.insert("tags".into(), serde_json::json!(c.tags));
+        info.insert(
+            "config_file".into(),
+            serde_json::json!(path(&c.config_file)),
+        );
+        info.insert(
+            "log_level".into(),
+            serde_json::json!(format!("{:?}", c.log_level).to_lowercase()),
+        );
+        *sources.info.write().unwrap_or_else(|e| e.into_inner()) = info;
     }
 
     /// Stops in order (see the module doc) and returns the final telemetry.
@@ -245,22 +404,25 @@ impl Daemon {
             drop(stop);
             let _ = thread.join();
         }
-        for path in [&self.bound.socket, &self.bound.stream_socket]
-            .into_iter()
-            .flatten()
-        {
+        for path in &self.owned_paths {
             let _ = std::fs::remove_file(path);
         }
-        self.snapshot()
+        let last = self.snapshot();
+        if let Some((server, _)) = self.status.take() {
+            server.stop();
+        }
+        last
     }
 }
 
 /// The console, or the serializer and forwarder when an intake is configured.
-fn output_for(config: &Config, telemetry: Arc<Telemetry>) -> Result<Box<dyn Output>, Error> {
+fn output_for(
+    config: &Config,
+    telemetry: Arc<Telemetry>,
+) -> Result<(Box<dyn Output>, Option<Retarget>), Error> {
     let Some(url) = &config.intake_url else {
-        return Ok(Box::new(Console::new(std::io::BufWriter::new(
-            std::io::stdout(),
-        ))));
+        let console = Console::new(std::io::BufWriter::new(std::io::stdout()));
+        return Ok((Box::new(console), None));
     };
     let forwarder_config = ForwarderConfig {
         base_url: url.clone(),
@@ -276,7 +438,8 @@ fn output_for(config: &Config, telemetry: Arc<Telemetry>) -> Result<Box<dyn Outp
         forwarder::validate_api_key(&check)
     })?;
     let forwarder = Forwarder::start(forwarder_config, telemetry.clone())?;
-    Ok(Box::new(IntakeOutput {
+    let retarget = forwarder.retarget();
+    let output = Box::new(IntakeOutput {
         serializer: Serializer {
             series_api: config.series_api,
             compression: config.compression,
@@ -285,20 +448,63 @@ fn output_for(config: &Config, telemetry: Arc<Telemetry>) -> Result<Box<dyn Outp
         forwarder: Some(forwarder),
         telemetry,
         shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
-    }))
+    });
+    Ok((output, Some(retarget)))
 }
 
-fn log(msg: &str) {
-    eprintln!("whippet: {msg}");
-}
-
-/// Runs whippet until SIGTERM or SIGINT, with console output. SIGUSR1 logs the telemetry.
-pub fn run(config: &Config) -> Result<(), Error> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])
+/// Runs whippet until SIGTERM or SIGINT. SIGHUP re-reads the configuration with `reload`;
+/// SIGUSR1 logs the telemetry. Speaks sd_notify when systemd asks for it.
+pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Result<(), Error> {
+    log::set_level(config.log_level);
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
-    let daemon = Daemon::start(config)?;
+    warn_if_key_readable(config);
+    let mut daemon = Daemon::start(config)?;
+    log_start(config, &daemon.bound);
+    systemd::notify("READY=1\nSTATUS=listening");
+    let watchdog = systemd::watchdog_interval()
+        .map(start_watchdog)
+        .transpose()?;
+    for signal in signals.forever() {
+        match signal {
+            SIGUSR1 => log_snapshot(&daemon.snapshot()),
+            SIGHUP => {
+                systemd::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+                match reload() {
+                    Ok(new) => {
+                        warn_if_key_readable(&new);
+                        for note in daemon.reload(&new) {
+                            log::warn(&format!("reload: {note}"));
+                        }
+                        log::info("reloaded the configuration");
+                    }
+                    Err(e) => log::error(&format!(
+                        "reload rejected, the old settings stay: {}",
+                        e.to_string().replace('\n', "; ")
+                    )),
+                }
+                systemd::notify("READY=1\nSTATUS=listening");
+            }
+            _ => {
+                log::info("stopping: draining queues and flushing every bucket");
+                break;
+            }
+        }
+    }
+    systemd::notify("STOPPING=1");
+    let last = daemon.shutdown();
+    if let Some((stop, thread)) = watchdog {
+        drop(stop);
+        let _ = thread.join();
+    }
+    log_snapshot(&last);
+    log::info("stopped");
+    Ok(())
+}
+
+fn log_start(config: &Config, bound: &Bound) {
     match &config.intake_url {
-        Some(url) => log(&format!(
+        Some(url) => log::info(&format!(
             "forwarding to {url} (series {}, {} compression)",
             match config.series_api {
                 SeriesApi::V1 => "v1 JSON",
@@ -306,42 +512,74 @@ pub fn run(config: &Config) -> Result<(), Error> {
             },
             config.compression.header().unwrap_or("no")
         )),
-        None => log("no intake configured (--dd-url or an API key): printing to stdout"),
+        None => log::info("no intake configured (--dd-url or an API key): printing to stdout"),
     }
-    if let Some(addr) = daemon.bound.udp {
-        log(&format!(
-            "listening on udp {addr} (receive buffer {} bytes)",
-            daemon.bound.udp_rcvbuf
+    if bound.activated > 0 {
+        log::info(&format!(
+            "socket activation: using {} socket(s) passed by systemd",
+            bound.activated
         ));
     }
-    if let Some(path) = &daemon.bound.socket {
-        log(&format!("listening on unix {}", path.display()));
+    if let Some(addr) = bound.udp {
+        log::info(&format!(
+            "listening on udp {addr} (receive buffer {} bytes)",
+            bound.udp_rcvbuf
+        ));
     }
-    if let Some(path) = &daemon.bound.stream_socket {
-        log(&format!("listening on unix_stream {}", path.display()));
+    if let Some(path) = &bound.socket {
+        log::info(&format!("listening on unix {}", path.display()));
     }
-    log(&format!(
+    if let Some(path) = &bound.stream_socket {
+        log::info(&format!("listening on unix_stream {}", path.display()));
+    }
+    if let Some(addr) = bound.status {
+        log::info(&format!("status endpoint on http://{addr}/status"));
+    }
+    log::info(&format!(
         "ready: {} workers, {} shards, {}s buckets",
         config.workers, config.shards, config.bucket_seconds
     ));
-    for signal in signals.forever() {
-        if signal == SIGUSR1 {
-            log_snapshot(&daemon.snapshot());
-        } else {
-            log("stopping: draining queues and flushing every bucket");
-            break;
+}
+
+/// An API key in a config file others can read deserves a warning (not a refusal).
+fn warn_if_key_readable(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    for (flag, _, source) in &config.sources {
+        if let (&"api-key", Source::File { path, .. }) = (flag, source) {
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o044 != 0 {
+                    log::warn(&format!(
+                        "{} holds the API key and is readable by group or others (mode {:o}); chmod 0600 it or move the key to a credential file",
+                        path.display(),
+                        meta.permissions().mode() & 0o777
+                    ));
+                }
+            }
         }
     }
-    let last = daemon.shutdown();
-    log_snapshot(&last);
-    log("stopped");
-    Ok(())
+}
+
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
+}
+
+/// Pings the systemd watchdog every `interval` until its channel's sender is dropped.
+fn start_watchdog(interval: Duration) -> Result<(Sender<()>, JoinHandle<()>), Error> {
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let thread = spawn("whippet-watchdog".into(), move || {
+        systemd::notify("WATCHDOG=1");
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval)
+        {
+            systemd::notify("WATCHDOG=1");
+        }
+    })?;
+    Ok((stop_tx, thread))
 }
 
 fn log_snapshot(s: &Snapshot) {
-    let mut text = String::new();
     for p in &s.points {
-        text.push_str(&format!("whippet: telemetry {p}\n"));
+        log::info(&format!("telemetry {p}"));
     }
-    eprint!("{text}");
 }

@@ -1,9 +1,9 @@
 //! The demux: `--shards` mutex-guarded [`Shard`]s, the hasher that routes a context to its
 //! shard, and the backlog of events and service checks waiting for the next flush.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::context::ContextHasher;
+use crate::context::{ContextHasher, ContextKey};
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::sample::Sample;
 use crate::shard::{Closed, Expiry, InsertStats, Shard};
@@ -91,6 +91,18 @@ impl Demux {
 
     pub fn take_backlog(&self) -> Backlog {
         std::mem::take(&mut *lock(&self.backlog))
+    }
+
+    /// The `n` busiest contexts across shards (most samples since created), busiest first.
+    /// Locks one shard at a time, as a flush does.
+    pub fn busiest(&self, n: usize) -> Vec<(u64, Arc<ContextKey>)> {
+        let mut top = Vec::with_capacity(n + 1);
+        if n > 0 {
+            for shard in self.shards.iter() {
+                lock(shard).busiest(n, &mut top);
+            }
+        }
+        top
     }
 
     /// Closes buckets before `boundary` in every shard, one shard lock at a time. Returns

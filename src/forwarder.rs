@@ -13,10 +13,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::log;
 use crate::serializer::{Endpoint, Payload};
 use crate::telemetry::{Outcome, Telemetry};
 
@@ -54,15 +55,29 @@ struct State {
     closing: bool,
     /// After this instant, whatever still waits at shutdown is dropped and counted.
     deadline: Option<Instant>,
-    last_forbidden_log: Option<Instant>,
 }
 
 struct Shared {
     config: ForwarderConfig,
+    /// Intake URL and API key now: SIGHUP may change them (see [`Retarget`]).
+    target: RwLock<(String, String)>,
     agent: ureq::Agent,
     telemetry: Arc<Telemetry>,
     state: Mutex<State>,
     changed: Condvar,
+}
+
+/// Changes the intake URL and API key of a running forwarder; payloads still waiting go to
+/// the new target with the new key.
+#[derive(Clone)]
+pub struct Retarget(Arc<Shared>);
+
+impl Retarget {
+    pub fn set(&self, base_url: &str, api_key: &str) {
+        *self.0.target.write().unwrap_or_else(|e| e.into_inner()) =
+            (base_url.to_string(), api_key.to_string());
+        self.0.changed.notify_all();
+    }
 }
 
 /// A running forwarder.
@@ -109,10 +124,10 @@ pub fn validate_api_key(config: &ForwarderConfig) {
     let url = format!("{}/api/v1/validate", config.base_url);
     let answer = agent.get(&url).header("DD-API-KEY", &config.api_key).call();
     match answer.map(|r| r.status().as_u16()) {
-        Ok(200..=299) => log("API key is valid"),
-        Ok(403) => log("invalid API key: the intake answered 403 to /api/v1/validate; set --api-key or DD_API_KEY"),
-        Ok(status) => log(&format!("API key check answered HTTP {status}; continuing")),
-        Err(e) => log(&format!("API key check failed ({e}); continuing, payloads will be retried")),
+        Ok(200..=299) => log::info("API key is valid"),
+        Ok(403) => log::error("invalid API key: the intake answered 403 to /api/v1/validate; set --api-key or DD_API_KEY"),
+        Ok(status) => log::warn(&format!("API key check answered HTTP {status}; continuing")),
+        Err(e) => log::warn(&format!("API key check failed ({e}); continuing, payloads will be retried")),
     }
 }
 
@@ -123,10 +138,6 @@ fn agent(config: &ForwarderConfig) -> ureq::Agent {
         .user_agent(format!("whippet/{}", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
-}
-
-fn log(msg: &str) {
-    eprintln!("whippet: {msg}");
 }
 
 impl Forwarder {
@@ -140,6 +151,7 @@ impl Forwarder {
             telemetry,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            target: RwLock::new((config.base_url.clone(), config.api_key.clone())),
             config,
         });
         let mut threads = Vec::new();
@@ -154,6 +166,11 @@ impl Forwarder {
             threads.push(t);
         }
         Ok(Forwarder { shared, threads })
+    }
+
+    /// A handle that changes where payloads go and with which API key, for SIGHUP.
+    pub fn retarget(&self) -> Retarget {
+        Retarget(self.shared.clone())
     }
 
     /// Queues payloads for sending; the oldest waiting payloads are dropped (and counted)
@@ -250,11 +267,17 @@ impl Shared {
     }
 
     fn send(&self, p: &Payload) -> Option<u16> {
-        let url = format!("{}{}", self.config.base_url, p.endpoint.path());
+        let (url, key) = {
+            let target = self.target.read().unwrap_or_else(|e| e.into_inner());
+            (
+                format!("{}{}", target.0, p.endpoint.path()),
+                target.1.clone(),
+            )
+        };
         let mut request = self
             .agent
             .post(&url)
-            .header("DD-API-KEY", &self.config.api_key)
+            .header("DD-API-KEY", &key)
             .header("Content-Type", p.endpoint.content_type());
         if let Some(encoding) = p.compression.header() {
             request = request.header("Content-Encoding", encoding);
@@ -291,13 +314,17 @@ impl Shared {
             }
             Class::Drop(status) => {
                 self.count(endpoint, Outcome::Dropped(status));
-                if status == 403
-                    && state
-                        .last_forbidden_log
-                        .is_none_or(|t| now - t >= Duration::from_secs(10))
-                {
-                    state.last_forbidden_log = Some(now);
-                    log("invalid API key: the intake answered 403; payload dropped (set --api-key or DD_API_KEY)");
+                if status == 403 {
+                    log::warn_limited("forwarder-403", || {
+                        "invalid API key: the intake answered 403; payload dropped (set --api-key or DD_API_KEY)".into()
+                    });
+                } else {
+                    log::warn_limited("forwarder-drop", || {
+                        format!(
+                            "the intake answered {status} to a {} payload; dropped and counted",
+                            endpoint.path()
+                        )
+                    });
                 }
                 None
             }
@@ -306,6 +333,12 @@ impl Shared {
                 b.failures = b.failures.saturating_add(1);
                 b.until = Some(now + backoff(b.failures, self.config.retry_base, random()));
                 self.count(endpoint, Outcome::Retried(status));
+                log::warn_limited("forwarder-retry", || {
+                    match status {
+                    Some(s) => format!("the intake answered {s} to a {} payload; retrying with backoff", endpoint.path()),
+                    None => format!("cannot reach the intake for a {} payload (network error or --request-timeout-ms); retrying with backoff", endpoint.path()),
+                }
+                });
                 w.attempts += 1;
                 Some(w)
             }

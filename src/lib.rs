@@ -39,7 +39,9 @@
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
 //! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
-//! | main | 1 | signals | [`daemon::run`] |
+//! | `whippet-status` | 1 if `--status` | HTTP request | [`status`] |
+//! | `whippet-watchdog` | 1 if systemd's `WatchdogSec=` | timer | [`daemon::run`] |
+//! | main | 1 | signals (SIGTERM, SIGINT, SIGHUP reload, SIGUSR1) | [`daemon::run`] |
 //!
 //! [`daemon`] decides which threads exist and stops them in order; the stream listener and
 //! the forwarder run their own pools, started and stopped by the daemon.
@@ -66,6 +68,7 @@ pub mod flush;
 pub mod forwarder;
 pub mod intake;
 pub mod listener;
+pub mod log;
 pub mod output;
 pub mod packet;
 pub mod parser;
@@ -73,6 +76,8 @@ pub mod sample;
 pub mod serializer;
 pub mod shard;
 pub mod sketch;
+pub mod status;
+pub mod systemd;
 pub mod telemetry;
 pub mod worker;
 

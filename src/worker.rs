@@ -6,8 +6,8 @@
 //! Nothing here allocates per message on the happy path: the tag arena and the per-shard
 //! sample vectors are reused across batches (their lifetimes are re-bound to each batch).
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 
 use crossbeam_channel::Receiver;
 
@@ -34,6 +34,35 @@ pub struct Enrichment {
     pub extra_tags: Arc<[Box<str>]>,
     /// Bucket length in seconds.
     pub bucket_seconds: i64,
+}
+
+/// Extra tags that SIGHUP may replace while whippet runs: each worker checks the generation
+/// once per batch (one atomic load) and, when it changed, takes the new tags and forgets its
+/// context cache, whose contexts carry the old ones. No sample waits or is lost.
+#[derive(Debug, Default)]
+pub struct LiveTags {
+    generation: AtomicU64,
+    tags: RwLock<Arc<[Box<str>]>>,
+}
+
+impl LiveTags {
+    pub fn new(tags: &[String]) -> LiveTags {
+        let live = LiveTags::default();
+        live.set(tags);
+        live
+    }
+
+    /// Replaces the tags; workers apply them from their next batch.
+    pub fn set(&self, tags: &[String]) {
+        let tags: Arc<[Box<str>]> = tags.iter().map(|t| Box::<str>::from(t.as_str())).collect();
+        *self.tags.write().unwrap_or_else(|e| e.into_inner()) = tags;
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    fn current(&self) -> (u64, Arc<[Box<str>]>) {
+        let tags = self.tags.read().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Relaxed), tags.clone())
+    }
 }
 
 /// Counts kept by one worker during one batch, added to [`Telemetry`] at its end.
@@ -122,6 +151,8 @@ pub struct Worker {
     demux: Arc<Demux>,
     telemetry: Arc<Telemetry>,
     enrichment: Enrichment,
+    /// Reloadable extra tags and the generation this worker applied.
+    live: Option<(Arc<LiveTags>, u64)>,
     tally: Tally,
     /// Reused across batches: the tag arena and one sample vector per shard.
     tags: Vec<&'static str>,
@@ -146,6 +177,7 @@ impl Worker {
             demux,
             telemetry,
             enrichment,
+            live: None,
             tally: Tally::default(),
             tags: Vec::new(),
             sort_scratch: Vec::new(),
@@ -159,6 +191,12 @@ impl Worker {
         }
     }
 
+    /// Takes its extra tags from `live` from now on (and whenever they change).
+    pub fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
+        self.live = Some((live, u64::MAX));
+        self
+    }
+
     /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
     pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
         while let Ok(batch) = queue.recv() {
@@ -169,6 +207,14 @@ impl Worker {
 
     /// Parses and aggregates every message of one batch.
     pub fn process(&mut self, batch: &Batch) {
+        if let Some((live, seen)) = &mut self.live {
+            if live.generation.load(Relaxed) != *seen {
+                let (generation, tags) = live.current();
+                *seen = generation;
+                self.enrichment.extra_tags = tags;
+                self.cache.clear();
+            }
+        }
         let enrichment = self.enrichment.clone();
         let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
         let mut scratch: Vec<(u64, &str)> = recycle(std::mem::take(&mut self.sort_scratch));

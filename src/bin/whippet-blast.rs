@@ -237,7 +237,12 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let m = match options().parse(args.get(1..).unwrap_or_default()) {
+    // The subcommand comes first; `whippet-blast --help` has none.
+    let rest = match args.first().map(String::as_str) {
+        Some("send" | "bench" | "sink") => &args[1..],
+        _ => &args[..],
+    };
+    let m = match options().parse(rest) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("whippet-blast: {e}\n\n{USAGE}");
@@ -246,7 +251,7 @@ fn main() {
     };
     let result = match args.first().map(String::as_str) {
         _ if m.opt_present("help") => {
-            println!("{USAGE}\n\n{}", options().usage("Options:"));
+            println!("{USAGE}\n\n{}", options().usage("").trim_start());
             return;
         }
         Some("send") => cmd_send(&m),

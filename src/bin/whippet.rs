@@ -1,4 +1,4 @@
-//! `whippet`: flags → Config → daemon::run → exit code.
+//! `whippet`: flags, config file and environment → Config → daemon::run → exit code.
 
 use whippet::config::{self, Command};
 
@@ -13,11 +13,23 @@ fn main() {
             println!("whippet {}", env!("CARGO_PKG_VERSION"));
             return;
         }
-        Ok(Command::Run(config)) => whippet::daemon::run(&config),
+        Ok(Command::Check(report)) => {
+            print!("{report}");
+            return;
+        }
+        // SIGHUP re-reads the same flags, the config file as it is now, and the environment.
+        Ok(Command::Run(config)) => whippet::daemon::run(&config, || match config::parse(&args)? {
+            Command::Run(c) => Ok(*c),
+            _ => Err(whippet::Error::Config(
+                "the command line changed meaning on reload".into(),
+            )),
+        }),
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        eprintln!("whippet: {e}");
+        for line in e.to_string().lines() {
+            eprintln!("whippet: {line}");
+        }
         std::process::exit(e.exit_code());
     }
 }

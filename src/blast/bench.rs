@@ -174,7 +174,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         "--udp".into(),
         "127.0.0.1:0".into(),
     ];
-    args.extend(["--shutdown-timeout-ms".into(), "30000".into()]);
+    args.extend(["--shutdown-timeout".into(), "30s".into()]);
     let mut child = Command::new(&opts.whippet)
         .args(&args)
         .stdout(Stdio::null())

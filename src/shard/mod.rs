@@ -48,6 +48,8 @@ struct Context {
     /// Bucket of the last sample.
     last_seen: i64,
     dirty: bool,
+    /// Samples since the context was created (for `/contexts?top=N`).
+    samples: u64,
     acc: Accumulator,
 }
 
@@ -76,6 +78,7 @@ fn accumulate(
     }
     ctx.bucket = bucket;
     ctx.dirty = true;
+    ctx.samples += 1;
     ctx.last_seen = ctx.last_seen.max(bucket);
     match s.value {
         SampleValue::Number(v) => ctx.acc.add(v, s.sample_rate),
@@ -178,6 +181,7 @@ impl Shard {
                                 bucket,
                                 last_seen: bucket,
                                 dirty: false,
+                                samples: 0,
                                 acc: Accumulator::new(s.kind),
                             })
                             .into_mut()
@@ -205,6 +209,19 @@ impl Shard {
             timestamp: ts,
             acc,
         });
+    }
+
+    /// Adds this shard's `n` busiest contexts (most samples since created) to `top`, which
+    /// is kept sorted, busiest first, and at most `n` long.
+    pub fn busiest(&self, n: usize, top: &mut Vec<(u64, Arc<ContextKey>)>) {
+        for ctx in self.contexts.iter() {
+            if top.len() == n && top.last().is_some_and(|l| l.0 >= ctx.samples) {
+                continue;
+            }
+            let at = top.partition_point(|t| t.0 >= ctx.samples);
+            top.insert(at, (ctx.samples, ctx.key.clone()));
+            top.truncate(n);
+        }
     }
 
     /// Closes every bucket that starts before `boundary` and appends it to `out`, with a zero

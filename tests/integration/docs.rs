@@ -18,13 +18,81 @@ fn flags(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The OPTIONS section of a man page: where each flag is documented.
+fn options_section(page: &str) -> String {
+    let start = page.find(".SH OPTIONS").expect("an OPTIONS section");
+    let rest = &page[start + 3..];
+    rest[..rest.find("\n.SH ").unwrap_or(rest.len())].to_string()
+}
+
+fn help_of(binary: &str) -> String {
+    let out = Command::new(binary).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn every_flag_in_help_is_in_the_man_page_and_the_reverse() {
-    let out = Command::new(binary()).arg("--help").output().unwrap();
-    let help = flags(&String::from_utf8(out.stdout).unwrap());
-    let man = flags(&manifest("man/whippet.8"));
-    assert!(help.len() >= 20, "{help:?}");
-    assert_eq!(help, man);
+    let pages = [
+        (binary(), "man/whippet.8", 35),
+        (
+            env!("CARGO_BIN_EXE_whippet-intake"),
+            "man/whippet-intake.1",
+            7,
+        ),
+        (
+            env!("CARGO_BIN_EXE_whippet-blast"),
+            "man/whippet-blast.1",
+            13,
+        ),
+    ];
+    for (bin, page, at_least) in pages {
+        let help = flags(&help_of(bin));
+        let man = flags(&options_section(&manifest(page)));
+        assert!(help.len() >= at_least, "{page}: {help:?}");
+        assert_eq!(help, man, "{page}");
+    }
+}
+
+#[test]
+fn every_variable_in_help_is_in_the_man_page() {
+    let help = help_of(binary());
+    // Words only: the page wraps lines anywhere.
+    let man = manifest("man/whippet.8")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let vars: Vec<&str> = help
+        .split(['[', ']'])
+        .skip(1)
+        .step_by(2)
+        .filter(|v| v.starts_with("DD_") || v.starts_with("WHIPPET_"))
+        .collect();
+    assert_eq!(vars.len(), whippet::config::SETTINGS.len(), "{help}");
+    for v in vars {
+        assert!(
+            man.contains(&format!("Variable: {v}.")),
+            "{v} missing from whippet.8"
+        );
+    }
+}
+
+#[test]
+fn man_pages_are_mandoc_lint_clean() {
+    for page in [
+        "man/whippet.8",
+        "man/whippet-intake.1",
+        "man/whippet-blast.1",
+    ] {
+        let out = Command::new("mandoc")
+            .args(["-T", "lint"])
+            .arg(format!("{}/{page}", env!("CARGO_MANIFEST_DIR")))
+            .output()
+            .expect("mandoc is installed (CI installs the mandoc package)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.is_empty(), "{page}: {text}");
+    }
 }
 
 #[test]

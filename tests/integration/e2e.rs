@@ -352,7 +352,7 @@ fn payloads_beyond_the_retry_queue_bound_are_dropped_oldest_first_and_counted() 
     // One byte of room: every payload pushes out whatever waited before it, itself included.
     let w = whippet_to(
         &intake,
-        &["--retry-queue-bytes", "1", "--shutdown-timeout-ms", "200"],
+        &["--retry-queue-bytes", "1", "--shutdown-timeout", "200ms"],
     );
     w.send_udp(
         b"queued:1|g
@@ -380,8 +380,8 @@ fn an_intake_that_never_answers_costs_the_shutdown_timeout_and_the_drop_is_count
         &url,
         "--retry-base-ms",
         "10",
-        "--shutdown-timeout-ms",
-        "300",
+        "--shutdown-timeout",
+        "300ms",
     ]);
     w.send_udp(b"lost:1|g");
     let s = w.stop();

@@ -7,4 +7,5 @@ mod docs;
 mod e2e;
 mod intake;
 mod lifecycle;
+mod ops;
 mod transports;

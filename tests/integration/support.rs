@@ -96,10 +96,33 @@ impl Whippet {
         Whippet::spawn(args, dir)
     }
 
-    /// Starts whippet with exactly `args`.
+    /// Starts whippet with exactly `args` and an empty environment.
     pub fn spawn(args: Vec<String>, dir: TempDir) -> Whippet {
-        let mut child = Command::new(binary())
-            .args(&args)
+        Whippet::spawn_env(args, &[], dir)
+    }
+
+    /// Starts whippet with exactly `args` and only the environment `env` (so a developer's
+    /// DD_* variables cannot change a test), and waits until it is ready.
+    pub fn spawn_env(args: Vec<String>, env: &[(&str, &str)], dir: TempDir) -> Whippet {
+        Whippet::spawn_command(
+            Command::new(binary()).args(&args),
+            env,
+            dir,
+            "whippet: ready",
+        )
+    }
+
+    /// Starts `command` (whippet, or a wrapper that execs it) with only `env`, and waits for
+    /// a stderr line starting with `ready`.
+    pub fn spawn_command(
+        command: &mut Command,
+        env: &[(&str, &str)],
+        dir: TempDir,
+        ready: &str,
+    ) -> Whippet {
+        let mut child = command
+            .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -119,7 +142,7 @@ impl Whippet {
             stream_socket: None,
             _dir: dir,
         };
-        w.wait_for_stderr("whippet: ready");
+        w.wait_for_stderr(ready);
         let seen = w.stderr_seen.borrow().clone();
         for line in &seen {
             if let Some(rest) = line.strip_prefix("whippet: listening on udp ") {

@@ -1,0 +1,490 @@
+//! Running as a daemon: config file and environment, `--check-config`, SIGHUP reload,
+//! sd_notify and the watchdog, socket activation, journald priorities, log level, and the
+//! status endpoint.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use whippet::intake::{Intake, IntakeConfig};
+
+use crate::support::*;
+
+fn start_intake() -> Intake {
+    Intake::start(IntakeConfig::default()).expect("start intake")
+}
+
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn check_config_prints_sources_and_exits_0_or_lists_every_problem_and_exits_2() {
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    write(
+        &conf,
+        "# whippet\nDD_API_KEY=\"check-secret\"\nDD_DOGSTATSD_TAGS=env:prod team:a\n",
+    );
+    let out = Command::new(binary())
+        .env_clear()
+        .env("DD_DOGSTATSD_PORT", "9000")
+        .args(["--config", conf.to_str().unwrap(), "--check-config"])
+        .args(["--hostname", "h1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("check-secret"), "{text}");
+    let line = |flag: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(flag))
+            .unwrap_or_else(|| panic!("no {flag} in {text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let at = |n: u32| format!("({}:{n})", conf.display());
+    assert_eq!(line("api-key"), format!("api-key (redacted) {}", at(2)));
+    assert_eq!(line("tags"), format!("tags env:prod team:a {}", at(3)));
+    assert_eq!(line("port"), "port 9000 (environment)");
+    assert_eq!(line("hostname"), "hostname h1 (flag)");
+    assert_eq!(line("workers"), "workers (default)");
+    assert_eq!(line("=>"), "=> intake https://app.datadoghq.com");
+    assert!(
+        text.contains("=> udp                   127.0.0.1:9000\n"),
+        "{text}"
+    );
+
+    write(&conf, "DD_DOGSTATSD_PORT=x\nDD_NOPE=1\n");
+    let out = Command::new(binary())
+        .env_clear()
+        .env("DD_LOG_LEVEL", "loud")
+        .args(["--config", conf.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 3, "{err}");
+    assert!(err.contains(&format!(
+        "whippet: DD_DOGSTATSD_PORT {}: 'x' is not a whole number",
+        at(1)
+    )));
+    assert!(err.contains("whippet: DD_LOG_LEVEL (environment): 'loud' is not one of"));
+    assert!(err.contains(&format!(
+        "whippet: {}:2: DD_NOPE is not a whippet setting",
+        conf.display()
+    )));
+}
+
+#[test]
+fn config_file_and_environment_configure_the_daemon() {
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    let socket = dir.path("env.socket");
+    write(
+        &conf,
+        &format!(
+            "DD_DOGSTATSD_SOCKET={}\nDD_DOGSTATSD_TAGS=\"from:file\"\n",
+            socket.display()
+        ),
+    );
+    let args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--bucket-seconds".into(),
+        ONE_BUCKET.into(),
+    ];
+    let env = [
+        ("DD_DOGSTATSD_PORT", "0"), // the Agent's "UDP off"
+        ("DD_HOSTNAME", "env-host"),
+        ("DD_DOGSTATSD_TAGS", "from:env"), // the file wins
+    ];
+    let w = Whippet::spawn_env(args, &env, dir);
+    assert_eq!(w.udp, None);
+    assert_eq!(w.socket.as_deref(), Some(socket.as_path()));
+    w.send_unix(b"cfg.gauge:2|g|#own:tag");
+    w.wait_for_telemetry(r#"whippet_samples_total"#, 1);
+    let s = w.stop();
+    assert!(s.status.success());
+    let line = s.one("series", "cfg.gauge", "from:file,own:tag");
+    assert_eq!(line.get("host"), "env-host");
+    assert_eq!(line.f64("value"), 2.0);
+}
+
+/// Polls the intake until `pred` holds for its points.
+fn wait_points(intake: &Intake, pred: impl Fn(&[whippet::intake::store::PointRecord]) -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !pred(&intake.store().points()) {
+        assert!(
+            Instant::now() < end,
+            "intake never saw it: {:?}",
+            intake.store().points()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_applies_key_tags_url_and_log_level_and_rejects_a_bad_file() {
+    let first = start_intake();
+    let second = start_intake();
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    let settings = |url: &str, key: &str, tags: &str| {
+        format!("DD_DD_URL={url}\nDD_API_KEY={key}\nDD_DOGSTATSD_TAGS={tags}\nDD_LOG_LEVEL=info\n")
+    };
+    write(&conf, &settings(&first.url(), "key-one", "phase:one"));
+    let args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--udp".into(),
+        "127.0.0.1:0".into(),
+        "--bucket-seconds".into(),
+        "1".into(),
+        "--retry-base-ms".into(),
+        "10".into(),
+    ];
+    let w = Whippet::spawn_env(args, &[], dir);
+    w.send_udp(b"reload.gauge:1|g");
+    wait_points(&first, |p| p.iter().any(|p| p.metric == "reload.gauge"));
+
+    write(&conf, &settings(&second.url(), "key-two", "phase:two"));
+    w.signal(Signal::SIGHUP);
+    w.wait_for_new_stderr("whippet: reloaded the configuration");
+    w.send_udp(b"reload.gauge:2|g");
+    wait_points(&second, |p| p.iter().any(|p| p.metric == "reload.gauge"));
+
+    // A broken file is rejected whole: the old settings stay.
+    write(&conf, "DD_API_KEY=key-three\nDD_DOGSTATSD_PORT=many\n");
+    w.signal(Signal::SIGHUP);
+    let line = w.wait_for_new_stderr("whippet: reload rejected, the old settings stay:");
+    assert!(line.contains("'many' is not a whole number"), "{line}");
+    assert!(!line.contains("key-three"));
+    w.send_udp(b"reload.gauge:3|g");
+    wait_points(&second, |p| p.iter().any(|p| p.value == 3.0));
+    let s = w.stop();
+    assert!(s.status.success());
+
+    let tagged = |intake: &Intake, value: f64| {
+        let p = intake.store().points();
+        let p = p
+            .iter()
+            .find(|p| p.metric == "reload.gauge" && p.value == value)
+            .unwrap_or_else(|| panic!("no {value}: {p:?}"))
+            .clone();
+        p.tags
+    };
+    assert_eq!(tagged(&first, 1.0), ["phase:one"]);
+    assert_eq!(tagged(&second, 2.0), ["phase:two"]);
+    assert_eq!(tagged(&second, 3.0), ["phase:two"]);
+    let keys = |intake: &Intake| {
+        let mut k: Vec<String> = intake
+            .store()
+            .payloads(None)
+            .into_iter()
+            .map(|p| p.api_key)
+            .collect();
+        k.dedup();
+        k
+    };
+    assert_eq!(keys(&first), ["key-one"]);
+    assert_eq!(keys(&second), ["key-two"]);
+    for line in &s.stderr {
+        assert!(
+            !line.contains("key-one") && !line.contains("key-two"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn sighup_under_load_loses_nothing() {
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    write(&conf, "DD_DOGSTATSD_TAGS=gen:0\n");
+    let socket = dir.path("load.socket");
+    let args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--udp".into(),
+        "off".into(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--bucket-seconds".into(),
+        ONE_BUCKET.into(),
+    ];
+    let w = Whippet::spawn_env(args, &[], dir);
+    const N: u64 = 20_000;
+    let sender = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let s = UnixDatagram::unbound().unwrap();
+            for _ in 0..N / 10 {
+                // The Unix datagram reader applies backpressure: blocking sends, none lost.
+                s.send_to(b"load.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c", &socket).unwrap();
+            }
+        })
+    };
+    for generation in 1..=5 {
+        write(&conf, &format!("DD_DOGSTATSD_TAGS=gen:{generation}\n"));
+        w.signal(Signal::SIGHUP);
+        w.wait_for_new_stderr("whippet: reloaded the configuration");
+    }
+    sender.join().unwrap();
+    w.wait_for_telemetry("whippet_samples_total", N);
+    let s = w.stop();
+    let total: f64 = s
+        .lines()
+        .iter()
+        .filter(|l| l.name == "load.c")
+        .map(|l| l.f64("value"))
+        .sum();
+    // One bucket of ONE_BUCKET seconds: each context's rate × interval is its count.
+    let interval: f64 = ONE_BUCKET.parse().unwrap();
+    assert_eq!((total * interval).round() as u64, N);
+    assert_eq!(s.telemetry("whippet_samples_total"), N);
+}
+
+/// A notification socket that collects what whippet says to systemd.
+struct Notify {
+    socket: UnixDatagram,
+}
+
+impl Notify {
+    fn next_not_watchdog(&self, watchdogs: &mut u32) -> String {
+        loop {
+            let mut buf = [0u8; 256];
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .expect("a notification before the deadline");
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if msg == "WATCHDOG=1" {
+                *watchdogs += 1;
+            } else {
+                return msg;
+            }
+        }
+    }
+}
+
+#[test]
+fn sd_notify_ready_reloading_stopping_and_watchdog() {
+    let dir = TempDir::new();
+    let path = dir.path("notify");
+    let notify = Notify {
+        socket: UnixDatagram::bind(&path).unwrap(),
+    };
+    notify.socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "100000"),
+    ];
+    let args = vec!["--udp".into(), "127.0.0.1:0".into()];
+    let w = Whippet::spawn_env(args, &env, TempDir::new());
+    let mut watchdogs = 0;
+    assert_eq!(
+        notify.next_not_watchdog(&mut watchdogs),
+        "READY=1\nSTATUS=listening"
+    );
+    // The watchdog pings every WATCHDOG_USEC / 2.
+    while watchdogs < 2 {
+        let mut buf = [0u8; 64];
+        let n = notify.socket.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+        watchdogs += 1;
+    }
+    w.signal(Signal::SIGHUP);
+    let reloading = notify.next_not_watchdog(&mut watchdogs);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(
+        notify.next_not_watchdog(&mut watchdogs),
+        "READY=1\nSTATUS=listening"
+    );
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(notify.next_not_watchdog(&mut watchdogs), "STOPPING=1");
+}
+
+/// A close-on-exec copy of `fd` numbered 100 or above, clear of the fds 3..=5 it will be
+/// moved to in the child.
+fn high_copy(fd: &impl AsRawFd) -> OwnedFd {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let raw = fcntl(borrowed, FcntlArg::F_DUPFD_CLOEXEC(100)).unwrap();
+    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+}
+
+fn libc_dup2(from: i32, to: i32) -> i32 {
+    extern "C" {
+        fn dup2(oldfd: i32, newfd: i32) -> i32;
+    }
+    // SAFETY: dup2 takes two integers and touches no memory of ours.
+    unsafe { dup2(from, to) }
+}
+
+#[test]
+fn socket_activation_serves_the_passed_sockets_and_leaves_their_files() {
+    let dir = TempDir::new();
+    let dgram_path = dir.path("activated.socket");
+    let stream_path = dir.path("activated-stream.socket");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_addr = udp.local_addr().unwrap();
+    let dgram = UnixDatagram::bind(&dgram_path).unwrap();
+    let stream = UnixListener::bind(&stream_path).unwrap();
+    let fds = [high_copy(&udp), high_copy(&dgram), high_copy(&stream)];
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // As systemd does: the sockets at fds 3, 4, 5, LISTEN_FDS=3, LISTEN_PID = the pid that
+    // runs whippet (the shell execs it, keeping its pid). The flags ask for other sockets,
+    // which the passed ones replace.
+    let mut command = Command::new("/bin/sh");
+    command.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\"",
+        binary(),
+    ]);
+    command.args(["--udp", "127.0.0.1:0"]);
+    command.args(["--socket", dir.path("unused.socket").to_str().unwrap()]);
+    command.args(["--bucket-seconds", ONE_BUCKET, "--hostname", "h"]);
+    // SAFETY: only dup2 between fork and exec, which is async-signal-safe; dup2 clears
+    // close-on-exec on the copies, and the high originals close at exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            for (i, fd) in raw.iter().enumerate() {
+                if libc_dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let w = Whippet::spawn_command(&mut command, &[], TempDir::new(), "whippet: ready");
+    drop((udp, dgram, stream, fds)); // whippet holds its own copies now
+    w.wait_for_stderr("whippet: socket activation: using 3 socket(s) passed by systemd");
+    assert_eq!(w.udp, Some(udp_addr));
+    assert_eq!(w.socket.as_deref(), Some(dgram_path.as_path()));
+    assert_eq!(w.stream_socket.as_deref(), Some(stream_path.as_path()));
+    assert!(!dir.path("unused.socket").exists());
+    w.send_udp(b"act.udp:1|g");
+    w.send_unix(b"act.unix:2|g");
+    w.send_stream(&[b"act.stream:3|g"]);
+    w.wait_for_telemetry("whippet_samples_total", 3);
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(s.one("series", "act.udp", "").f64("value"), 1.0);
+    assert_eq!(s.one("series", "act.unix", "").f64("value"), 2.0);
+    assert_eq!(s.one("series", "act.stream", "").f64("value"), 3.0);
+    // systemd owns the socket files: whippet leaves them.
+    assert!(dgram_path.exists() && stream_path.exists());
+}
+
+#[test]
+fn journald_priorities_and_log_level() {
+    // stderr is a pipe whose device and inode whippet finds in JOURNAL_STREAM, as under
+    // journald; --log-level warn hides the info lines, so readiness comes from sd_notify.
+    let (read, write_end): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    let st = nix::sys::stat::fstat(&write_end).unwrap();
+    let journal = format!("{}:{}", st.st_dev, st.st_ino);
+    let dir = TempDir::new();
+    let notify_path = dir.path("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut child = Command::new(binary())
+        .env_clear()
+        .env("JOURNAL_STREAM", &journal)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("DD_DD_URL", "http://127.0.0.1:9") // nothing listens: the API key check fails
+        .env("DD_API_KEY", "journal-secret")
+        .args(["--udp", "127.0.0.1:0", "--log-level", "warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(write_end))
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1\nSTATUS=listening");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_with_deadline(&mut child);
+    assert!(status.success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut text).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(
+            line.starts_with("<4>whippet: ") || line.starts_with("<3>whippet: "),
+            "{line}"
+        );
+        assert!(!line.contains("journal-secret"), "{line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>whippet: API key check failed")),
+        "{lines:?}"
+    );
+}
+
+fn get(url: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(url).call().unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
+#[test]
+fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
+    let w = Whippet::start(&["--status", "127.0.0.1:0", "--tags", "svc:x"]);
+    let addr = w
+        .wait_for_stderr("whippet: status endpoint on http://")
+        .trim_start_matches("whippet: status endpoint on http://")
+        .trim_end_matches("/status")
+        .to_string();
+    w.send_udp(b"busy.a:1|c\nbusy.a:1|c\nbusy.a:1|c\nbusy.b:1|c|#k:v\nbusy.b:1|c|#k:v\nbusy.c:5|g");
+    w.wait_for_telemetry("whippet_samples_total", 6);
+
+    let (code, body) = get(&format!("http://{addr}/contexts?top=2"));
+    assert_eq!(code, 200);
+    let top: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        top,
+        serde_json::json!([
+            {"name": "busy.a", "type": "c", "host": "test-host", "tags": ["svc:x"], "samples": 3},
+            {"name": "busy.b", "type": "c", "host": "test-host", "tags": ["k:v", "svc:x"], "samples": 2},
+        ])
+    );
+    let (code, body) = get(&format!("http://{addr}/metrics"));
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("# TYPE whippet_samples_total counter\nwhippet_samples_total 6\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("whippet_packets_total{transport=\"udp\"} 1\n"),
+        "{body}"
+    );
+    let (code, body) = get(&format!("http://{addr}/status"));
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["telemetry"]["whippet_samples_total"], 6);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["tags"], serde_json::json!(["svc:x"]));
+    assert_eq!(status["listeners"]["udp"], w.udp.unwrap().to_string());
+    assert_eq!(get(&format!("http://{addr}/contexts?top=0")).0, 400);
+    assert_eq!(get(&format!("http://{addr}/nothing")).0, 404);
+    let s = w.stop();
+    assert!(s.status.success());
+}
