@@ -102,15 +102,63 @@ fn the_systemd_unit_verifies_and_runs_the_built_binary() {
     let unit = manifest("packaging/whippet.service").replace("/usr/bin/whippet", binary());
     let path = dir.path("whippet.service");
     std::fs::write(&path, unit).unwrap();
+    std::fs::write(
+        dir.path("whippet.socket"),
+        manifest("packaging/whippet.socket"),
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path)
+        .arg(dir.path("whippet.socket"))
         .output()
         .expect("systemd-analyze is installed (CI installs the systemd package)");
     let err = String::from_utf8_lossy(&out.stderr);
     let complaints: Vec<&str> = err
         .lines()
-        .filter(|l| l.contains("whippet.service"))
+        .filter(|l| l.contains("whippet.service") || l.contains("whippet.socket"))
         .collect();
     assert!(out.status.success() && complaints.is_empty(), "{err}");
+}
+
+#[test]
+fn the_packaged_config_lists_every_setting_commented_out_and_parses() {
+    let text = manifest("packaging/whippet.conf");
+    for s in whippet::config::SETTINGS {
+        let line = format!("# {}=", s.var);
+        assert!(
+            text.contains(&line),
+            "{} missing from packaging/whippet.conf",
+            s.var
+        );
+    }
+    assert!(text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.starts_with('#')));
+    // Uncommented, each example value is valid (placeholders in parentheses aside).
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    let active: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.split('=')
+                .next()
+                .is_some_and(|k| k.starts_with("DD_") || k.starts_with("WHIPPET_"))
+        })
+        .filter(|l| !l.contains("=(") && !l.ends_with('='))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf, &active).unwrap();
+    let out = Command::new(binary())
+        .env_clear()
+        .args(["--config", conf.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
