@@ -106,24 +106,11 @@ pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// once per [`WARN_INTERVAL`] per `key`, with the number of repeats suppressed since.
 pub fn warn_limited(key: &'static str, msg: impl FnOnce() -> String) {
     static SEEN: Mutex<Vec<(&'static str, Instant, u64)>> = Mutex::new(Vec::new());
-    let now = Instant::now();
-    let suppressed = {
+    let admitted = {
         let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        match seen.iter_mut().find(|(k, _, _)| *k == key) {
-            Some((_, last, n)) if now.duration_since(*last) < WARN_INTERVAL => {
-                *n += 1;
-                return;
-            }
-            Some((_, last, n)) => {
-                *last = now;
-                std::mem::take(n)
-            }
-            None => {
-                seen.push((key, now, 0));
-                0
-            }
-        }
+        admit(&mut seen, key, Instant::now())
     };
+    let Some(suppressed) = admitted else { return };
     let mut text = msg();
     if suppressed > 0 {
         text.push_str(&format!(
@@ -134,9 +121,46 @@ pub fn warn_limited(key: &'static str, msg: impl FnOnce() -> String) {
     warn(&text);
 }
 
+/// Whether a warning of `key` may be written at `now`: `Some(repeats suppressed since the
+/// last one written)`, or `None` to suppress (and count) it.
+fn admit(
+    seen: &mut Vec<(&'static str, Instant, u64)>,
+    key: &'static str,
+    now: Instant,
+) -> Option<u64> {
+    match seen.iter_mut().find(|(k, _, _)| *k == key) {
+        Some((_, last, n)) if now.duration_since(*last) < WARN_INTERVAL => {
+            *n += 1;
+            None
+        }
+        Some((_, last, n)) => {
+            *last = now;
+            Some(std::mem::take(n))
+        }
+        None => {
+            seen.push((key, now, 0));
+            Some(0)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_warnings_are_written_once_per_interval_with_the_count_suppressed() {
+        let mut seen = Vec::new();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(admit(&mut seen, "a", t0), Some(0));
+        assert_eq!(admit(&mut seen, "a", t0 + s), None);
+        assert_eq!(admit(&mut seen, "a", t0 + 9 * s), None);
+        assert_eq!(admit(&mut seen, "b", t0 + 9 * s), Some(0)); // keys are independent
+        assert_eq!(admit(&mut seen, "a", t0 + WARN_INTERVAL), Some(2));
+        assert_eq!(admit(&mut seen, "a", t0 + WARN_INTERVAL + s), None);
+        assert_eq!(admit(&mut seen, "a", t0 + 3 * WARN_INTERVAL), Some(1));
+    }
 
     #[test]
     fn agent_level_names_parse() {
