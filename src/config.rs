@@ -76,6 +76,7 @@ pub const SETTINGS: &[Setting] = &[
     s("histogram-percentiles", "DD_HISTOGRAM_PERCENTILES", "LIST", "Histogram percentiles as fractions (comma- or space-separated). Default 0.95"),
     s("expiry-seconds", "DD_DOGSTATSD_EXPIRY_SECONDS", "N", "Counters report 0 for this long after their last sample. Default 300"),
     s("context-expiry-seconds", "DD_DOGSTATSD_CONTEXT_EXPIRY_SECONDS", "N", "Other contexts are freed once idle this long. Default 20"),
+    s("context-limit", "WHIPPET_CONTEXT_LIMIT", "N", "Most live metric contexts; a sample that would create one more is dropped and counted (whippet_dropped_total{reason=context_limit}), existing contexts keep working. Bounds memory against unbounded tag values (about 0.7 KiB per context of ~2 KB messages). Default 500000"),
     s("event-backlog", "WHIPPET_EVENT_BACKLOG", "N", "Most events plus service checks held between two flushes; beyond, they are dropped and counted. Default 10000"),
     s("dd-url", "DD_DD_URL", "URL", "Intake URL (http:// or https://) that payloads are sent to. Reloaded on SIGHUP. Default: https://app.SITE when an API key is set; otherwise whippet prints to the console"),
     s("site", "DD_SITE", "SITE", "Datadog site used to build the intake URL. Reloaded on SIGHUP. Default datadoghq.com"),
@@ -114,6 +115,7 @@ pub struct Config {
     pub histogram_percentiles: Vec<u32>,
     pub expiry_seconds: i64,
     pub context_expiry_seconds: i64,
+    pub context_limit: usize,
     pub event_backlog: usize,
     /// Where payloads go (scheme://host[:port]); `None` prints to the console instead.
     pub intake_url: Option<String>,
@@ -469,6 +471,7 @@ impl Resolver<'_> {
             histogram_percentiles: self.get("histogram-percentiles", vec![95], percentiles),
             expiry_seconds: self.number("expiry-seconds", 300, 0, 1 << 40),
             context_expiry_seconds: self.number("context-expiry-seconds", 20, 0, 1 << 40),
+            context_limit: self.number("context-limit", 500_000, 1, 1 << 32),
             event_backlog: self.number("event-backlog", 10_000, 1, 10_000_000),
             intake_url: None,
             api_key: ApiKey(api_key),

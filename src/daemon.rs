@@ -182,7 +182,11 @@ impl Daemon {
 
         let telemetry = Arc::new(Telemetry::default());
         let (output, retarget) = make_output(telemetry.clone())?;
-        let demux = Arc::new(Demux::new(config.shards, config.event_backlog));
+        let demux = Arc::new(Demux::with_context_limit(
+            config.shards,
+            config.event_backlog,
+            config.context_limit,
+        ));
         let pool = Arc::new(Pool::new(
             config.buffer_size,
             config.workers * 2 + config.udp_readers + 4,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::context::{ContextHasher, ContextKey};
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::sample::Sample;
-use crate::shard::{Closed, Expiry, InsertStats, Shard};
+use crate::shard::{Closed, ContextBudget, Expiry, InsertStats, Shard};
 
 /// Events and service checks received since the last flush.
 #[derive(Debug, Default)]
@@ -29,11 +29,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Demux {
+    /// A demux without a context limit.
     pub fn new(shards: usize, backlog_limit: usize) -> Demux {
+        Demux::with_context_limit(shards, backlog_limit, usize::MAX)
+    }
+
+    /// A demux holding at most `context_limit` live contexts across its shards.
+    pub fn with_context_limit(shards: usize, backlog_limit: usize, context_limit: usize) -> Demux {
         let hasher = ContextHasher::default();
+        let budget = Arc::new(ContextBudget::new(context_limit));
         Demux {
             shards: (0..shards.max(1))
-                .map(|_| Mutex::new(Shard::new(hasher.clone())))
+                .map(|_| Mutex::new(Shard::with_budget(hasher.clone(), budget.clone())))
                 .collect(),
             hasher,
             backlog: Mutex::new(Backlog::default()),

@@ -40,13 +40,16 @@ pub enum Discard {
     TimestampedUnsupported = 1,
     /// Too many events or service checks waiting for the next flush.
     EventBacklogFull = 2,
+    /// A sample for a new context while `--context-limit` contexts are live.
+    ContextLimit = 3,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 3] = [
+    pub const ALL: [Discard; 4] = [
         Discard::QueueFull,
         Discard::TimestampedUnsupported,
         Discard::EventBacklogFull,
+        Discard::ContextLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Discard {
             Discard::QueueFull => "queue_full",
             Discard::TimestampedUnsupported => "timestamped_unsupported",
             Discard::EventBacklogFull => "event_backlog_full",
+            Discard::ContextLimit => "context_limit",
         }
     }
 }
@@ -125,7 +129,7 @@ pub struct Telemetry {
     /// Parse errors, per kind and reason.
     pub parse_errors: [[AtomicU64; Reason::COUNT]; 3],
     /// Messages or samples dropped after parsing, per reason.
-    pub dropped: [AtomicU64; 3],
+    pub dropped: [AtomicU64; 4],
     /// `@rate` outside (0, 1], treated as 1.
     pub sample_rate_invalid: AtomicU64,
     /// Metric samples handed to shards (one per value).

@@ -72,6 +72,7 @@ struct Tally {
     errors: [[u64; Reason::COUNT]; 3],
     samples: u64,
     new_contexts: u64,
+    over_limit: u64,
     rate_invalid: u64,
     timestamped_unsupported: u64,
     backlog_full: u64,
@@ -101,6 +102,7 @@ impl Tally {
             &t.dropped[Discard::EventBacklogFull as usize],
             self.backlog_full,
         );
+        add(&t.dropped[Discard::ContextLimit as usize], self.over_limit);
         *self = Tally::default();
     }
 }
@@ -257,6 +259,7 @@ impl Worker {
             let stats = self.demux.insert(shard, samples, &tags, &mut self.missing);
             self.tally.samples += stats.samples;
             self.tally.new_contexts += stats.new_contexts;
+            self.tally.over_limit += stats.over_limit;
             if !self.missing.is_empty() {
                 // Cached contexts the shard no longer holds (expired): send them again with
                 // their canonical tags so the shard can create them.
@@ -272,6 +275,8 @@ impl Worker {
                 let stats = self.demux.insert(shard, &retry, &tags, &mut self.missing);
                 self.tally.samples += stats.samples;
                 self.tally.new_contexts += stats.new_contexts;
+                self.tally.over_limit += stats.over_limit;
+                self.tally.over_limit += stats.over_limit;
             }
             samples.clear();
         }

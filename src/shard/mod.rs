@@ -11,6 +11,7 @@
 pub mod accumulator;
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use hashbrown::HashTable;
@@ -91,6 +92,40 @@ fn accumulate(
 pub struct InsertStats {
     pub samples: u64,
     pub new_contexts: u64,
+    /// Samples dropped because they would have created a context beyond the limit.
+    pub over_limit: u64,
+}
+
+/// Live contexts across every shard, and how many may live (`--context-limit`): a sample
+/// that would create one more is dropped and counted; existing contexts keep working.
+#[derive(Debug)]
+pub struct ContextBudget {
+    live: AtomicUsize,
+    limit: usize,
+}
+
+impl ContextBudget {
+    pub fn new(limit: usize) -> ContextBudget {
+        ContextBudget {
+            live: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes room for one context, if there is any.
+    fn take(&self) -> bool {
+        self.live
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.live.fetch_sub(n, Relaxed);
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Relaxed)
+    }
 }
 
 /// One shard of the aggregator.
@@ -103,17 +138,24 @@ pub struct Shard {
     /// Every bucket starting before this has been flushed.
     flushed_through: i64,
     members: ContextHasher,
+    budget: Arc<ContextBudget>,
 }
 
 impl Shard {
     /// `members` hashes set members; share one across shards so flushes are reproducible.
     pub fn new(members: ContextHasher) -> Shard {
+        Shard::with_budget(members, Arc::new(ContextBudget::new(usize::MAX)))
+    }
+
+    /// A shard whose new contexts draw on `budget`, shared by every shard.
+    pub fn with_budget(members: ContextHasher, budget: Arc<ContextBudget>) -> Shard {
         Shard {
             contexts: HashTable::new(),
             closed: Vec::new(),
             timestamped: Vec::new(),
             flushed_through: i64::MIN,
             members,
+            budget,
         }
     }
 
@@ -174,6 +216,10 @@ impl Shard {
                     match entry {
                         hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
                         hashbrown::hash_table::Entry::Vacant(v) => {
+                            if !self.budget.take() {
+                                stats.over_limit += 1;
+                                continue;
+                            }
                             stats.new_contexts += 1;
                             v.insert(Context {
                                 hash: s.hash,
@@ -262,7 +308,9 @@ impl Shard {
             }
             idle < expiry.context_seconds
         });
-        before - self.contexts.len()
+        let freed = before - self.contexts.len();
+        self.budget.release(freed);
+        freed
     }
 }
 
@@ -385,6 +433,51 @@ mod tests {
                 row("s", 100, "set 2"),
             ]
         );
+    }
+
+    #[test]
+    fn the_context_limit_drops_new_contexts_only_and_frees_room_on_expiry() {
+        let mut f = Fixture::new();
+        let budget = Arc::new(ContextBudget::new(2));
+        f.shard = Shard::with_budget(f.hasher.clone(), budget.clone());
+        let mut other = Shard::with_budget(f.hasher.clone(), budget.clone());
+        f.add("g1", MetricKind::Gauge, n(1.0), 100);
+        f.add("g2", MetricKind::Gauge, n(2.0), 100);
+        f.add("g3", MetricKind::Gauge, n(3.0), 100); // over the limit: dropped
+        f.add("g1", MetricKind::Gauge, n(9.0), 100); // an existing context still works
+        assert_eq!((f.shard.len(), budget.live()), (2, 2));
+        // The budget is shared: another shard cannot create a context either.
+        let tags = ["env:dev"];
+        let sample = Sample {
+            hash: 7,
+            name: "elsewhere",
+            host: "h",
+            tags: Some((0, 1)),
+            raw_tags: "",
+            kind: MetricKind::Gauge,
+            value: n(1.0),
+            sample_rate: 1.0,
+            timestamp: None,
+            bucket: 100,
+        };
+        let stats = other.insert(&[sample], &tags, &mut Vec::new());
+        assert_eq!(
+            stats,
+            InsertStats {
+                samples: 0,
+                new_contexts: 0,
+                over_limit: 1
+            }
+        );
+        assert_eq!(
+            f.flush(110),
+            [row("g1", 100, "gauge 9"), row("g2", 100, "gauge 2")]
+        );
+        // Once idle past --context-expiry-seconds the contexts are freed, and room returns.
+        assert_eq!(f.flush(200), []);
+        assert_eq!((f.shard.len(), budget.live()), (0, 0));
+        f.add("g3", MetricKind::Gauge, n(3.0), 200);
+        assert_eq!((f.shard.len(), budget.live()), (1, 1));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use crate::support::{write_frame, Whippet};
+use crate::support::{write_frame, Line, Whippet};
 
 /// The 16 message shapes of the million-message test, by `i % 16`.
 fn message(i: u64) -> Vec<u8> {
@@ -310,4 +310,33 @@ fn several_udp_readers_share_one_port_and_lose_nothing_sent_at_a_gentle_pace() {
         400
     );
     assert_eq!(s.one("series", "spread", "").f64("value"), 400.0 / 1e9);
+}
+
+#[test]
+fn the_context_limit_drops_samples_for_new_contexts_and_counts_them() {
+    let w = Whippet::start(&["--context-limit", "100"]);
+    w.send_unix(b"lim.0:1|g");
+    w.wait_for_telemetry("whippet_samples_total", 1);
+    let rest: Vec<String> = (1..150).map(|i| format!("lim.{i}:1|g")).collect();
+    for chunk in rest.chunks(50) {
+        w.send_unix(chunk.join("\n").as_bytes());
+    }
+    w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, 150);
+    w.send_unix(b"lim.0:5|g"); // an existing context keeps working at the limit
+    w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, 151);
+    let s = w.stop();
+    assert!(s.status.success());
+    let series: Vec<Line> = s
+        .lines()
+        .into_iter()
+        .filter(|l| l.name.starts_with("lim."))
+        .collect();
+    assert_eq!(series.len(), 100);
+    assert_eq!(s.one("series", "lim.0", "").f64("value"), 5.0);
+    assert_eq!(s.telemetry("whippet_contexts_created_total"), 100);
+    assert_eq!(
+        s.telemetry(r#"whippet_dropped_total{reason="context_limit"}"#),
+        50
+    );
+    assert_eq!(s.telemetry("whippet_samples_total"), 101);
 }
