@@ -62,7 +62,7 @@ pub const SETTINGS: &[Setting] = &[
     s("udp-readers", "WHIPPET_UDP_READERS", "N", "UDP sockets bound with SO_REUSEPORT, one reader thread each; more readers spread load across cores. Default 1"),
     s("so-rcvbuf", "DD_DOGSTATSD_SO_RCVBUF", "BYTES", "Receive buffer for the UDP and Unix datagram sockets, in bytes; larger absorbs bursts, capped by net.core.rmem_max. 0 keeps the OS default. Default 4194304"),
     s("socket", "DD_DOGSTATSD_SOCKET", "PATH", "Unix datagram socket path. Default off"),
-    s("socket-mode", "WHIPPET_SOCKET_MODE", "OCTAL", "File mode of the Unix sockets, octal. Default 0722 (anyone may write, nobody else may read)"),
+    s("socket-mode", "WHIPPET_SOCKET_MODE", "OCTAL", "File mode of the Unix sockets, octal; a world-readable mode is refused. Default 0722 (anyone may write, nobody else may read)"),
     s("stream-socket", "DD_DOGSTATSD_STREAM_SOCKET", "PATH", "Unix stream socket path (4-byte little-endian length framing). Default off"),
     s("stream-max-connections", "WHIPPET_STREAM_MAX_CONNECTIONS", "N", "Most concurrent stream connections; one thread each. Default 256"),
     s("buffer-size", "DD_DOGSTATSD_BUFFER_SIZE", "BYTES", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192"),
@@ -441,10 +441,16 @@ impl Resolver<'_> {
             so_rcvbuf: self.number("so-rcvbuf", 4 << 20, 0, 1 << 30),
             socket: self.string("socket").map(PathBuf::from),
             socket_mode: self.get("socket-mode", 0o722, |v, name| {
-                u32::from_str_radix(v.trim_start_matches("0o"), 8)
+                let mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
                     .ok()
                     .filter(|m| *m <= 0o777)
-                    .ok_or_else(|| format!("{name}: '{v}' is not an octal file mode like 0722"))
+                    .ok_or_else(|| format!("{name}: '{v}' is not an octal file mode like 0722"))?;
+                if mode & 0o004 != 0 {
+                    return Err(format!(
+                        "{name}: {mode:04o} would make the sockets world-readable; drop the 'other read' bit (like 0722 or 0720)"
+                    ));
+                }
+                Ok(mode)
             }),
             stream_socket: self.string("stream-socket").map(PathBuf::from),
             stream_max_connections: self.number("stream-max-connections", 256, 1, 65536),
@@ -943,6 +949,10 @@ mod tests {
                 "--histogram-percentiles: '95' is not a fraction",
             ),
             (vec!["--workers", "0"], "--workers: 0 is outside 1..=256"),
+            (
+                vec!["--socket-mode", "0766"],
+                "--socket-mode: 0766 would make the sockets world-readable",
+            ),
             (
                 vec!["--non-local-traffic", "maybe"],
                 "--non-local-traffic: 'maybe' is not true or false",

@@ -488,3 +488,37 @@ fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     let s = w.stop();
     assert!(s.status.success());
 }
+
+#[test]
+fn an_api_key_in_a_readable_config_file_draws_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false)] {
+        let dir = TempDir::new();
+        let conf = dir.path("whippet.conf");
+        write(
+            &conf,
+            "DD_API_KEY=perm-secret\nDD_DD_URL=http://127.0.0.1:9\n",
+        );
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(mode)).unwrap();
+        let args = vec![
+            "--config".into(),
+            conf.display().to_string(),
+            "--udp".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let w = Whippet::spawn_env(args, &[], dir);
+        let s = w.stop();
+        assert!(s.status.success());
+        let warning = format!(
+            "whippet: {} holds the API key and is readable by group or others (mode {mode:o})",
+            conf.display()
+        );
+        assert_eq!(
+            s.stderr.iter().any(|l| l.starts_with(&warning)),
+            warned,
+            "mode {mode:o}: {:?}",
+            s.stderr
+        );
+        assert!(s.stderr.iter().all(|l| !l.contains("perm-secret")));
+    }
+}
