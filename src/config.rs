@@ -433,8 +433,13 @@ impl Resolver<'_> {
         let workers_default = std::thread::available_parallelism().map_or(2, |n| n.get());
         let tags_flag = self.m.opt_present("tags");
         let api_key = self.string("api-key").unwrap_or_default();
-        let dd_url = self.string("dd-url");
-        let site = self.string("site");
+        let dd_url = self.get("dd-url", None, |v, name| intake_base(v, name).map(Some));
+        let site = self.get("site", "datadoghq.com".to_string(), |v, name| {
+            if v.is_empty() || v.contains('/') {
+                return Err(format!("{name}: '{v}' is not a site like datadoghq.com"));
+            }
+            Ok(v.to_string())
+        });
         let mut c = Config {
             udp,
             udp_readers: self.number("udp-readers", 1, 1, 64),
@@ -513,20 +518,9 @@ impl Resolver<'_> {
             config_file: None,
             sources: Vec::new(),
         };
-        let have_key = !c.api_key.0.is_empty();
-        match intake_url(dd_url, site, have_key) {
-            Ok(url) => c.intake_url = url,
-            Err(e) => {
-                let flag = if e.starts_with("--dd-url") {
-                    "dd-url"
-                } else {
-                    "site"
-                };
-                let name = self.raw(flag).map_or(format!("--{flag}"), |r| r.2);
-                self.errors
-                    .push(format!("{name}{}", &e[e.find(':').unwrap_or(0)..]));
-            }
-        }
+        // An explicit URL, else the site's intake when there is a key, else the console.
+        c.intake_url =
+            dd_url.or_else(|| (!c.api_key.0.is_empty()).then(|| format!("https://app.{site}")));
         c
     }
 
@@ -628,29 +622,18 @@ fn percentiles(v: &str, name: &str) -> Result<Vec<u32>, String> {
         .collect()
 }
 
-/// `--dd-url`, else `https://app.SITE` when there is an API key, else none (console).
-fn intake_url(
-    url: Option<String>,
-    site: Option<String>,
-    have_key: bool,
-) -> Result<Option<String>, String> {
-    if let Some(url) = url {
-        let url = url.trim_end_matches('/').to_string();
-        let rest = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"));
-        return match rest {
-            Some(host) if !host.is_empty() && !host.contains('/') => Ok(Some(url)),
-            _ => Err(format!(
-                "--dd-url: '{url}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)"
-            )),
-        };
+/// An intake URL: scheme, host and optional port, no path; a trailing slash is dropped.
+fn intake_base(v: &str, name: &str) -> Result<String, String> {
+    let url = v.trim_end_matches('/');
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match host {
+        Some(host) if !host.is_empty() && !host.contains('/') => Ok(url.to_string()),
+        _ => Err(format!(
+            "{name}: '{url}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)"
+        )),
     }
-    let site = site.unwrap_or_else(|| "datadoghq.com".into());
-    if site.is_empty() || site.contains('/') {
-        return Err(format!("--site: '{site}' is not a site like datadoghq.com"));
-    }
-    Ok(have_key.then(|| format!("https://app.{site}")))
 }
 
 /// This machine's hostname, or empty if it cannot be read.

@@ -319,11 +319,16 @@ impl Daemon {
         if new.tags != old.tags {
             self.live_tags.set(&new.tags);
         }
+        let mut applied = new.clone();
         match (&self.retarget, &new.intake_url) {
             (Some(retarget), Some(url)) => retarget.set(url, &new.api_key.0),
             (None, None) => {}
             (Some(_), None) => notes.push("the new settings have no intake (no --dd-url and no API key); still forwarding to the old one until a restart".into()),
             (None, Some(_)) => notes.push("an intake is now configured, but whippet started printing to stdout; restart whippet to forward".into()),
+        }
+        if self.retarget.is_some() != new.intake_url.is_some() {
+            // The output cannot change kind while running: the old intake stays in effect.
+            applied.intake_url = old.intake_url.clone();
         }
         const RELOADABLE: [&str; 5] = ["api-key", "dd-url", "site", "tags", "log-level"];
         for (flag, value, _) in &new.sources {
@@ -339,12 +344,7 @@ impl Daemon {
                 notes.push(format!("--{flag} changed; restart whippet to apply it"));
             }
         }
-        let keep_intake = self.retarget.is_some() != new.intake_url.is_some();
-        let previous_url = old.intake_url.clone();
-        self.config = new.clone();
-        if keep_intake {
-            self.config.intake_url = previous_url;
-        }
+        self.config = applied;
         self.update_status_info();
         notes
     }

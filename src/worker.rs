@@ -195,7 +195,9 @@ impl Worker {
 
     /// Takes its extra tags from `live` from now on (and whenever they change).
     pub fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
-        self.live = Some((live, u64::MAX));
+        let (generation, tags) = live.current();
+        self.enrichment.extra_tags = tags;
+        self.live = Some((live, generation));
         self
     }
 
