@@ -66,6 +66,8 @@ pub mod daemon;
 pub mod demux;
 pub mod flush;
 pub mod forwarder;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod intake;
 pub mod listener;
 pub mod log;

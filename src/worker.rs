@@ -278,7 +278,6 @@ impl Worker {
                 self.tally.samples += stats.samples;
                 self.tally.new_contexts += stats.new_contexts;
                 self.tally.over_limit += stats.over_limit;
-                self.tally.over_limit += stats.over_limit;
             }
             samples.clear();
         }
@@ -646,6 +645,31 @@ mod tests {
         assert_eq!(flushed(&w), ["gone host=h tags=k:v ts=1700000020 gauge=7"]);
         assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
         assert_eq!(w.telemetry.samples.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_cached_context_refused_over_the_limit_is_counted_once() {
+        let demux = Arc::new(Demux::with_context_limit(1, 100, 1));
+        let enrichment = Enrichment {
+            hostname: "h".into(),
+            extra_tags: Arc::new([]),
+            bucket_seconds: 10,
+        };
+        let mut w = Worker::new(demux, Arc::new(Telemetry::default()), enrichment);
+        feed(&mut w, &["gone:1|g"]);
+        let expiry = Expiry {
+            interval: 10,
+            counter_seconds: 300,
+            context_seconds: 0,
+        };
+        let mut out = Vec::new();
+        w.demux.flush(1_700_000_010, &expiry, &mut out);
+        w.demux.flush(1_700_000_020, &expiry, &mut out); // frees it; the cache still has it
+        feed(&mut w, &["other:1|g"]); // takes the only slot
+        feed(&mut w, &["gone:2|g"]); // cache hit, shard miss, refused on the retry
+        let over = &w.telemetry.dropped[Discard::ContextLimit as usize];
+        assert_eq!(over.load(Relaxed), 1);
+        assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
     }
 
     #[test]

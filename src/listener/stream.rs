@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use nix::sys::socket::{getsockopt, sockopt};
 
 use super::{unix_now, ReaderContext};
+use crate::packet::{Batch, Pool};
 use crate::telemetry::Transport;
 
 /// Open connections, so the daemon can wake their threads at shutdown.
@@ -151,11 +152,9 @@ impl Acceptor {
 /// Reads frames from one connection until end-of-file, an error or an oversized frame.
 fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
     let counters = ctx.telemetry.transport(Transport::Stream);
-    let max_frame = ctx.pool.slot_bytes();
-    let mut batch = ctx.pool.get(Transport::Stream);
-    let mut filled = 0;
+    let mut frames = Reassembly::new(&ctx.pool);
     loop {
-        let n = match stream.read(&mut batch.buffer_mut()[filled..]) {
+        let n = match stream.read(frames.space()) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -164,44 +163,102 @@ fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
                 break;
             }
         };
-        filled += n;
         counters.bytes.fetch_add(n as u64, Relaxed);
-        let (consumed, oversized) = split_frames(&mut batch, filled, max_frame);
-        counters
-            .packets
-            .fetch_add(batch.frame_count() as u64, Relaxed);
-        if batch.frame_count() > 0 {
-            // Ship the complete frames; the partial one moves to the next buffer.
-            let mut next = ctx.pool.get(Transport::Stream);
-            next.buffer_mut()[..filled - consumed]
-                .copy_from_slice(&batch.buffer()[consumed..filled]);
+        let fed = frames.fed(n, &ctx.pool);
+        if let Some(mut batch) = fed.complete {
+            counters
+                .packets
+                .fetch_add(batch.frame_count() as u64, Relaxed);
             batch.received_at = unix_now();
-            if ctx.queue.send(std::mem::replace(&mut batch, next)).is_err() {
+            if ctx.queue.send(batch).is_err() {
                 return;
             }
-        } else if consumed > 0 {
-            batch.buffer_mut().copy_within(consumed..filled, 0);
         }
-        filled -= consumed;
-        if oversized {
+        if fed.oversized {
             counters.frames_too_large.fetch_add(1, Relaxed);
-            filled = 0;
+            frames.discard_pending();
             break;
         }
     }
-    if filled > 0 {
+    if frames.pending() > 0 {
         counters.partial_frames.fetch_add(1, Relaxed);
     }
-    ctx.pool.put(batch);
+    frames.release(&ctx.pool);
+}
+
+/// Frame reassembly for one connection: bytes in as the socket gives them, batches of
+/// complete frames out. A partial frame stays behind for the next read.
+pub struct Reassembly {
+    batch: Batch,
+    filled: usize,
+    max_frame: usize,
+}
+
+/// What one read produced.
+pub struct Fed {
+    /// The complete frames so far, ready to send (`None` when there are none).
+    pub complete: Option<Batch>,
+    /// A frame header declared more than `--buffer-size` bytes: the connection must close.
+    pub oversized: bool,
+}
+
+impl Reassembly {
+    pub fn new(pool: &Pool) -> Reassembly {
+        Reassembly {
+            batch: pool.get(Transport::Stream),
+            filled: 0,
+            max_frame: pool.slot_bytes(),
+        }
+    }
+
+    /// Where the next read goes; never empty (a pending partial frame is at most
+    /// `--buffer-size` + 3 bytes and a batch buffer holds at least four of them).
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.batch.buffer_mut()[self.filled..]
+    }
+
+    /// Accounts `n` bytes just read into [`Reassembly::space`].
+    pub fn fed(&mut self, n: usize, pool: &Pool) -> Fed {
+        self.filled += n;
+        let (consumed, oversized) = split_frames(&mut self.batch, self.filled, self.max_frame);
+        let rest = self.filled - consumed;
+        let complete = if self.batch.frame_count() > 0 {
+            // Ship the complete frames; the partial one moves to the next buffer.
+            let mut next = pool.get(Transport::Stream);
+            next.buffer_mut()[..rest].copy_from_slice(&self.batch.buffer()[consumed..self.filled]);
+            Some(std::mem::replace(&mut self.batch, next))
+        } else {
+            self.batch
+                .buffer_mut()
+                .copy_within(consumed..self.filled, 0);
+            None
+        };
+        self.filled = rest;
+        Fed {
+            complete,
+            oversized,
+        }
+    }
+
+    /// Bytes of a frame not yet complete.
+    pub fn pending(&self) -> usize {
+        self.filled
+    }
+
+    /// Forgets the pending bytes (after an oversized frame header).
+    pub fn discard_pending(&mut self) {
+        self.filled = 0;
+    }
+
+    /// Returns the buffer to the pool.
+    pub fn release(self, pool: &Pool) {
+        pool.put(self.batch);
+    }
 }
 
 /// Records the complete frames in `batch.buffer()[..filled]`. Returns the bytes they use
 /// (zero-length frames included) and whether an oversized frame header was met.
-fn split_frames(
-    batch: &mut crate::packet::Batch,
-    filled: usize,
-    max_frame: usize,
-) -> (usize, bool) {
+fn split_frames(batch: &mut Batch, filled: usize, max_frame: usize) -> (usize, bool) {
     let mut pos = 0;
     while filled - pos >= 4 {
         let header: [u8; 4] = batch.buffer()[pos..pos + 4].try_into().unwrap_or_default();
@@ -223,7 +280,6 @@ fn split_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::Pool;
 
     fn frame(payload: &[u8]) -> Vec<u8> {
         let mut f = (payload.len() as u32).to_le_bytes().to_vec();
