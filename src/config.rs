@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use getopts::Options;
+use getopts::{HasArg, Occur, Options};
 
 use crate::flush::Aggregate;
 use crate::log::Level;
@@ -65,6 +65,7 @@ pub const SETTINGS: &[Setting] = &[
     s("socket-mode", "WHIPPET_SOCKET_MODE", "OCTAL", "File mode of the Unix sockets, octal; a world-readable mode is refused. Default 0722 (anyone may write, nobody else may read)"),
     s("stream-socket", "DD_DOGSTATSD_STREAM_SOCKET", "PATH", "Unix stream socket path (4-byte little-endian length framing). Default off"),
     s("stream-max-connections", "WHIPPET_STREAM_MAX_CONNECTIONS", "N", "Most concurrent stream connections; one thread each. Default 256"),
+    s("stream-idle-timeout", "WHIPPET_STREAM_IDLE_TIMEOUT", "DURATION", "Close a stream connection that sends nothing for this long (so idle clients cannot hold every slot); 0 never closes. Clients reconnect on their next write. Default 5m"),
     s("buffer-size", "DD_DOGSTATSD_BUFFER_SIZE", "BYTES", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192"),
     s("queue-size", "DD_DOGSTATSD_QUEUE_SIZE", "N", "Packet batches (up to 32 packets each) waiting for workers; more absorbs bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Default 32 (8 MiB at worst with the default buffer size)"),
     s("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", "Parser threads. Default: the number of CPUs"),
@@ -84,11 +85,14 @@ pub const SETTINGS: &[Setting] = &[
     s("series-api", "WHIPPET_SERIES_API", "VERSION", "Series API: v2 (protobuf) or v1 (JSON, legacy). Default v2"),
     s("compression", "DD_SERIALIZER_COMPRESSOR_KIND", "KIND", "Payload compression: zstd (level 1), zlib (also called deflate) or none. Default zstd"),
     s("retry-queue-bytes", "WHIPPET_RETRY_QUEUE_BYTES", "BYTES", "Bytes of payloads that may wait for the intake (new and failed); beyond, the oldest is dropped and counted. Default 15728640"),
+    s("retry-dir", "WHIPPET_RETRY_DIR", "DIR", "Directory where payloads that no longer fit --retry-queue-bytes (and those still waiting at shutdown) are kept until the intake takes them, oldest first, across restarts. Created if missing. Default off (they are dropped and counted)"),
+    s("retry-dir-bytes", "WHIPPET_RETRY_DIR_BYTES", "BYTES", "Most bytes kept in --retry-dir; beyond, the oldest payload on disk is dropped and counted. Default 268435456 (256 MiB)"),
     s("forwarder-threads", "WHIPPET_FORWARDER_THREADS", "N", "Concurrent requests to the intake. Default 2"),
     s("request-timeout-ms", "WHIPPET_REQUEST_TIMEOUT_MS", "MS", "Timeout of one request to the intake, in milliseconds; a timeout is retried. Default 20000"),
     s("retry-base-ms", "WHIPPET_RETRY_BASE_MS", "MS", "First retry delay in milliseconds; each further failure doubles it, up to 32 times. Default 2000"),
     s("shutdown-timeout", "WHIPPET_SHUTDOWN_TIMEOUT", "DURATION", "How long the final flush may take to reach the intake at shutdown (10s, 500ms, 1m; a bare number is seconds); what is left is dropped and counted. Default 10s"),
     s("log-level", "DD_LOG_LEVEL", "LEVEL", "Least severe log lines written: error, warn, info or debug (the Agent's trace, critical and off are accepted). Reloaded on SIGHUP. Default info"),
+    s("allow-root", "WHIPPET_ALLOW_ROOT", "BOOL", "Run even as root. whippet needs no privilege: run it as its own user (the packaged service uses User=whippet). Default false"),
     s("status", "WHIPPET_STATUS", "ADDR", "Serve /status (JSON), /metrics (Prometheus) and /contexts?top=N over HTTP on this address; a bare port means 127.0.0.1:PORT. Default off"),
 ];
 
@@ -104,6 +108,8 @@ pub struct Config {
     pub socket_mode: u32,
     pub stream_socket: Option<PathBuf>,
     pub stream_max_connections: usize,
+    /// Idle stream connections are closed after this long; 0 never.
+    pub stream_idle_timeout_ms: u64,
     pub buffer_size: usize,
     pub queue_size: usize,
     pub workers: usize,
@@ -123,12 +129,16 @@ pub struct Config {
     pub series_api: SeriesApi,
     pub compression: Compression,
     pub retry_queue_bytes: usize,
+    /// `--retry-dir`: where payloads spill to disk; `None` drops them instead.
+    pub retry_dir: Option<PathBuf>,
+    pub retry_dir_bytes: u64,
     pub forwarder_threads: usize,
     pub request_timeout_ms: u64,
     pub retry_base_ms: u64,
     pub shutdown_timeout_ms: u64,
     pub log_level: Level,
     pub status: Option<SocketAddr>,
+    pub allow_root: bool,
     /// `--config FILE`, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
     /// Where each setting came from, in [`SETTINGS`] order: (flag, value as given, source).
@@ -170,7 +180,12 @@ fn options() -> Options {
     let mut o = Options::new();
     for s in SETTINGS {
         let help = format!("{} [{}]", s.help, s.var);
-        o.optmulti("", s.flag, &help, s.hint);
+        if s.hint == "BOOL" {
+            // `--allow-root` alone means true; `--allow-root=false` is accepted too.
+            o.opt("", s.flag, &help, s.hint, HasArg::Maybe, Occur::Multi);
+        } else {
+            o.optmulti("", s.flag, &help, s.hint);
+        }
     }
     o.optmulti("", "config", "Read settings from FILE: KEY=VALUE lines named like the environment variables in brackets above ('#' comments, blank lines and quotes allowed), so one file serves as whippet's config and as a systemd EnvironmentFile. Re-read on SIGHUP", "FILE");
     o.optflag(
@@ -339,6 +354,9 @@ impl Resolver<'_> {
         if let Some(v) = self.m.opt_strs(flag).pop() {
             return Some((v, Source::Flag, format!("--{flag}")));
         }
+        if self.m.opt_present(flag) {
+            return Some(("true".into(), Source::Flag, format!("--{flag}")));
+        }
         if let (Some((v, line)), Some(path)) = (self.file.get(s.var), &self.file_path) {
             let source = Source::File {
                 path: path.clone(),
@@ -459,6 +477,7 @@ impl Resolver<'_> {
             }),
             stream_socket: self.string("stream-socket").map(PathBuf::from),
             stream_max_connections: self.number("stream-max-connections", 256, 1, 65536),
+            stream_idle_timeout_ms: self.get("stream-idle-timeout", 300_000, duration_ms),
             buffer_size: self.number("buffer-size", 8192, 512, MAX_BUFFER_SIZE),
             queue_size: self.number("queue-size", 32, 1, 1 << 20),
             workers: self.number("workers", workers_default, 1, 256),
@@ -496,6 +515,8 @@ impl Resolver<'_> {
                     .ok_or_else(|| format!("{name}: '{v}' is not zstd, zlib, deflate or none"))
             }),
             retry_queue_bytes: self.number("retry-queue-bytes", 15 << 20, 0, 1 << 40),
+            retry_dir: self.string("retry-dir").filter(|d| !d.is_empty()).map(PathBuf::from),
+            retry_dir_bytes: self.number("retry-dir-bytes", 256 << 20, 0, 1 << 50),
             forwarder_threads: self.number("forwarder-threads", 2, 1, 64),
             request_timeout_ms: self.number("request-timeout-ms", 20_000, 1, 3_600_000),
             retry_base_ms: self.number("retry-base-ms", 2000, 1, 3_600_000),
@@ -515,6 +536,7 @@ impl Resolver<'_> {
                     format!("{name}: '{v}' is not an address like 127.0.0.1:5000 or a port")
                 })
             }),
+            allow_root: self.get("allow-root", false, boolean),
             config_file: None,
             sources: Vec::new(),
         };
@@ -937,7 +959,7 @@ mod tests {
                 "--socket-mode: 0766 would make the sockets world-readable",
             ),
             (
-                vec!["--non-local-traffic", "maybe"],
+                vec!["--non-local-traffic=maybe"],
                 "--non-local-traffic: 'maybe' is not true or false",
             ),
             (

@@ -435,6 +435,10 @@ fn output_for(
         retry_queue_bytes: config.retry_queue_bytes,
         timeout: Duration::from_millis(config.request_timeout_ms),
         retry_base: Duration::from_millis(config.retry_base_ms),
+        retry_dir: config
+            .retry_dir
+            .clone()
+            .map(|dir| (dir, config.retry_dir_bytes)),
     };
     // A short-lived thread: it logs whether the key is valid and ends; whippet runs either way.
     let check = forwarder_config.clone();
@@ -460,6 +464,7 @@ fn output_for(
 /// SIGUSR1 logs the telemetry. Speaks sd_notify when systemd asks for it.
 pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Result<(), Error> {
     log::set_level(config.log_level);
+    refuse_root(config, nix::unistd::geteuid().is_root())?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
     warn_if_key_readable(config);
@@ -546,6 +551,16 @@ fn log_start(config: &Config, bound: &Bound) {
 }
 
 /// An API key in a config file others can read deserves a warning (not a refusal).
+/// whippet needs no privilege, so running as root is a mistake unless the operator says so.
+fn refuse_root(config: &Config, is_root: bool) -> Result<(), Error> {
+    if is_root && !config.allow_root {
+        return Err(Error::Config(
+            "refusing to run as root: whippet needs no privilege; run it as an unprivileged user (the packaged service uses User=whippet) or pass --allow-root (WHIPPET_ALLOW_ROOT=true)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn warn_if_key_readable(config: &Config) {
     use std::os::unix::fs::PermissionsExt;
     for (flag, _, source) in &config.sources {
@@ -585,5 +600,24 @@ fn start_watchdog(interval: Duration) -> Result<(Sender<()>, JoinHandle<()>), Er
 fn log_snapshot(s: &Snapshot) {
     for p in &s.points {
         log::info(&format!("telemetry {p}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_refused_unless_allowed() {
+        let parsed = crate::config::parse_with(&[], &|_| None);
+        let Ok(crate::config::Command::Run(mut config)) = parsed else {
+            panic!("the defaults do not parse: {parsed:?}")
+        };
+        let err = refuse_root(&config, true).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--allow-root"), "{err}");
+        assert_eq!(refuse_root(&config, false), Ok(()));
+        config.allow_root = true;
+        assert_eq!(refuse_root(&config, true), Ok(()));
     }
 }

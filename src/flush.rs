@@ -237,7 +237,10 @@ impl Flusher {
             let boundary = secs - secs.rem_euclid(interval) + interval;
             let wait = Duration::from_secs(boundary as u64) + GRACE - now;
             match stop.recv_timeout(wait) {
-                Err(RecvTimeoutError::Timeout) => self.flush(boundary),
+                Err(RecvTimeoutError::Timeout) => {
+                    crate::inject_fault("flusher");
+                    self.flush(boundary)
+                }
                 _ => break,
             }
         }

@@ -83,6 +83,22 @@ pub mod systemd;
 pub mod telemetry;
 pub mod worker;
 
+/// Test-only fault injection, compiled into debug builds only (release builds and the
+/// packages have none): with `WHIPPET_FAULT_INJECT=panic:<thread>` the named thread
+/// (`worker`, `flusher`, `unix`, `udp`) panics at its next unit of work, which proves that a
+/// panic anywhere ends the process with a failure status (panic = "abort").
+#[doc(hidden)]
+#[inline]
+pub fn inject_fault(thread: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("WHIPPET_FAULT_INJECT").is_ok_and(|v| v.strip_prefix("panic:") == Some(thread))
+    {
+        panic!("injected fault in {thread}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = thread;
+}
+
 /// What can stop whippet from starting. The binary maps these to exit codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {

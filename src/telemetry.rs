@@ -74,6 +74,13 @@ pub enum Outcome {
     DroppedQueueFull,
     /// Still waiting when the shutdown deadline passed.
     DroppedShutdown,
+    /// Written to `--retry-dir` to wait there.
+    Spilled,
+    /// The oldest payload on disk, pushed out by `--retry-dir-bytes`, or one that could not
+    /// be written there.
+    DroppedDiskFull,
+    /// A file in `--retry-dir` that could not be read back.
+    DroppedUnreadable,
 }
 
 impl Outcome {
@@ -97,6 +104,9 @@ impl Outcome {
             Outcome::Dropped(s) => ("dropped", status(s)),
             Outcome::DroppedQueueFull => ("dropped", "retry_queue_full"),
             Outcome::DroppedShutdown => ("dropped", "shutdown"),
+            Outcome::Spilled => ("spilled", "disk"),
+            Outcome::DroppedDiskFull => ("dropped", "retry_dir_full"),
+            Outcome::DroppedUnreadable => ("dropped", "retry_dir_unreadable"),
         }
     }
 }
@@ -149,6 +159,8 @@ pub struct Telemetry {
     pub oversized_items: AtomicU64,
     /// Bytes of payloads waiting in the forwarder.
     pub retry_queue_bytes: AtomicU64,
+    /// Bytes of payloads waiting in `--retry-dir`.
+    pub retry_dir_bytes: AtomicU64,
 }
 
 impl Telemetry {
@@ -278,6 +290,7 @@ impl Telemetry {
             &self.oversized_items,
         );
         push("whippet_retry_queue_bytes", vec![], &self.retry_queue_bytes);
+        push("whippet_retry_dir_bytes", vec![], &self.retry_dir_bytes);
         let payloads = self
             .payloads
             .lock()

@@ -204,6 +204,7 @@ impl Worker {
     /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
     pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
         while let Ok(batch) = queue.recv() {
+            crate::inject_fault("worker");
             self.process(&batch);
             pool.put(batch);
         }

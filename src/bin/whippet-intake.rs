@@ -32,9 +32,21 @@ fn parse(args: &[String]) -> Result<Option<IntakeConfig>, String> {
     );
     o.optopt(
         "",
+        "fail-for",
+        "Answer STATUS to every data request for SECONDS after start, e.g. 503:60. Default none",
+        "STATUS:SECONDS",
+    );
+    o.optopt(
+        "",
         "delay-ms",
-        "Hold every answer this many milliseconds. Default 0",
+        "Hold answers this many milliseconds, after the payload is stored. Default 0",
         "MS",
+    );
+    o.optopt(
+        "",
+        "slow",
+        "Hold only the first N answers (with --delay-ms). Default 0: all",
+        "N",
     );
     o.optflag(
         "",
@@ -69,6 +81,20 @@ fn parse(args: &[String]) -> Result<Option<IntakeConfig>, String> {
         config.fail = Some(
             parsed.ok_or_else(|| format!("--fail: '{fail}' is not STATUS:COUNT like 503:10"))?,
         );
+    }
+    if let Some(fail) = m.opt_str("fail-for") {
+        let parsed = fail
+            .split_once(':')
+            .and_then(|(s, c)| Some((s.parse::<u16>().ok()?, c.parse::<u64>().ok()?)))
+            .filter(|(s, _)| (100..=599).contains(s));
+        let (status, secs) = parsed
+            .ok_or_else(|| format!("--fail-for: '{fail}' is not STATUS:SECONDS like 503:60"))?;
+        config.fail_for = Some((status, Duration::from_secs(secs)));
+    }
+    if let Some(n) = m.opt_str("slow") {
+        config.slow_requests = n
+            .parse()
+            .map_err(|_| format!("--slow: '{n}' is not a whole number"))?;
     }
     if let Some(ms) = m.opt_str("delay-ms") {
         let ms: u64 = ms

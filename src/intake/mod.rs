@@ -4,7 +4,9 @@
 //! binary, and by the benchmark.
 //!
 //! Fault injection: `api_key` answers 403 to other keys, `fail` answers a status to the next
-//! N requests, `delay` holds every answer.
+//! N requests, `fail_for` answers a status for a while after start, `delay` holds answers
+//! (every one, or the first `slow_requests`) after the payload is stored, as an intake that
+//! is slow to acknowledge.
 
 pub mod proto;
 pub mod store;
@@ -34,8 +36,12 @@ pub struct IntakeConfig {
     pub api_key: Option<String>,
     /// Answer `status` to the next `count` data requests.
     pub fail: Option<(u16, u64)>,
-    /// Hold every answer this long.
+    /// Answer `status` to every data request for this long after start.
+    pub fail_for: Option<(u16, Duration)>,
+    /// Hold answers this long (after storing the payload).
     pub delay: Duration,
+    /// Delay only the first this many requests; 0 delays all.
+    pub slow_requests: u64,
     /// Print a readable line per decoded point, sketch, event and check.
     pub print: bool,
 }
@@ -46,7 +52,9 @@ impl Default for IntakeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_key: None,
             fail: None,
+            fail_for: None,
             delay: Duration::ZERO,
+            slow_requests: 0,
             print: false,
         }
     }
@@ -56,6 +64,8 @@ struct Shared {
     config: IntakeConfig,
     store: Arc<Store>,
     fail_left: AtomicU64,
+    slow_left: AtomicU64,
+    started: std::time::Instant,
     stopping: AtomicBool,
 }
 
@@ -81,6 +91,8 @@ impl Intake {
         let server = Arc::new(server);
         let shared = Arc::new(Shared {
             fail_left: AtomicU64::new(config.fail.map_or(0, |f| f.1)),
+            slow_left: AtomicU64::new(config.slow_requests),
+            started: std::time::Instant::now(),
             config,
             store: Arc::new(Store::default()),
             stopping: AtomicBool::new(false),
@@ -160,14 +172,22 @@ fn handle(shared: &Shared, mut request: Request) {
     let path = path.to_string();
     let query = query.to_string();
     shared.store.record_route(&path);
-    if !shared.config.delay.is_zero() {
-        std::thread::sleep(shared.config.delay);
-    }
     let response = if path.starts_with("/fakeintake/") {
         fakeintake(shared, &path, &query)
     } else {
         data(shared, &mut request, &path)
     };
+    // Only payload submissions are slow, not the API key check or queries.
+    let payload = !path.starts_with("/fakeintake/") && path != "/api/v1/validate";
+    let slow = payload
+        && (shared.config.slow_requests == 0
+            || shared
+                .slow_left
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok());
+    if !shared.config.delay.is_zero() && slow {
+        std::thread::sleep(shared.config.delay);
+    }
     let _ = request.respond(response);
 }
 
@@ -184,6 +204,12 @@ fn data(shared: &Shared, request: &mut Request, path: &str) -> Response<std::io:
         return json_response(200, &json!({"valid": true}));
     }
     // Injected failures hit payload submissions only, not the key check.
+    if let Some((status, span)) = shared.config.fail_for {
+        if shared.started.elapsed() < span {
+            store.record_rejected(&format!("injected_{status}"));
+            return json_response(status, &json!({"errors": ["injected failure"]}));
+        }
+    }
     if let Some((status, _)) = shared.config.fail {
         let took = shared
             .fail_left

@@ -118,6 +118,7 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
             continue;
         }
         batch.received_at = unix_now();
+        crate::inject_fault(transport.label());
         let full = std::mem::replace(&mut batch, ctx.pool.get(transport));
         if transport != Transport::Udp {
             if ctx.queue.send(full).is_err() {

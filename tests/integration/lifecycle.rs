@@ -12,6 +12,7 @@ use crate::support::{binary, wait_with_deadline, TempDir, Whippet, ONE_BUCKET};
 /// Runs whippet expecting it to fail at startup; returns (exit code, stderr).
 fn fails(args: &[&str]) -> (i32, String) {
     let mut child = Command::new(binary())
+        .arg("--allow-root")
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -349,7 +349,7 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_their_files() {
         "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\"",
         binary(),
     ]);
-    command.args(["--udp", "127.0.0.1:0"]);
+    command.args(["--allow-root", "--udp", "127.0.0.1:0"]);
     command.args(["--socket", dir.path("unused.socket").to_str().unwrap()]);
     command.args(["--bucket-seconds", ONE_BUCKET, "--hostname", "h"]);
     // SAFETY: only dup2 between fork and exec, which is async-signal-safe; dup2 clears
@@ -401,7 +401,13 @@ fn journald_priorities_and_log_level() {
         .env("NOTIFY_SOCKET", &notify_path)
         .env("DD_DD_URL", "http://127.0.0.1:9") // nothing listens: the API key check fails
         .env("DD_API_KEY", "journal-secret")
-        .args(["--udp", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "--allow-root",
+            "--udp",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(write_end))
         .spawn()

@@ -104,8 +104,9 @@ impl Whippet {
     /// Starts whippet with exactly `args` and only the environment `env` (so a developer's
     /// DD_* variables cannot change a test), and waits until it is ready.
     pub fn spawn_env(args: Vec<String>, env: &[(&str, &str)], dir: TempDir) -> Whippet {
+        // Tests may run as root (CI does); whippet refuses root unless told.
         Whippet::spawn_command(
-            Command::new(binary()).args(&args),
+            Command::new(binary()).arg("--allow-root").args(&args),
             env,
             dir,
             "whippet: ready",

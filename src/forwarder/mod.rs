@@ -2,13 +2,16 @@
 //! classifies each outcome (SPEC §4), and retries what can be retried with exponential
 //! backoff per endpoint. Everything waiting — new payloads and failed ones — lives in one
 //! queue bounded in bytes (`--retry-queue-bytes`): when it is full the oldest payload is
-//! dropped and counted. Nothing is dropped without a counter.
+//! dropped and counted — or, with `--retry-dir`, written to disk ([`disk`]) and sent later,
+//! oldest first, also after a restart. Nothing is dropped without a counter.
 //!
 //! | outcome | what happens |
 //! |---|---|
 //! | 2xx | sent |
 //! | 400, 403, 413 | dropped and counted (403 also logs "invalid API key", at most every 10 s) |
 //! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s, jittered |
+
+pub mod disk;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::log;
 use crate::serializer::{Endpoint, Payload};
 use crate::telemetry::{Outcome, Telemetry};
+use disk::{Disk, Entry};
 
 /// How the forwarder reaches the intake.
 #[derive(Debug, Clone)]
@@ -33,11 +37,15 @@ pub struct ForwarderConfig {
     pub timeout: Duration,
     /// First retry delay; later ones double up to 32 times this (2 s → 64 s by default).
     pub retry_base: Duration,
+    /// `--retry-dir` and `--retry-dir-bytes`.
+    pub retry_dir: Option<(std::path::PathBuf, u64)>,
 }
 
 struct Waiting {
     payload: Payload,
     attempts: u32,
+    /// Read from the retry directory: its file goes once the payload is settled.
+    from_disk: Option<Entry>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -53,8 +61,10 @@ struct State {
     backoff: HashMap<Endpoint, Backoff>,
     in_flight: usize,
     closing: bool,
-    /// After this instant, whatever still waits at shutdown is dropped and counted.
+    /// After this instant, whatever still waits at shutdown is dropped and counted (or
+    /// written to the retry directory).
     deadline: Option<Instant>,
+    disk: Option<Disk>,
 }
 
 struct Shared {
@@ -146,10 +156,26 @@ impl Forwarder {
         telemetry: Arc<Telemetry>,
     ) -> Result<Forwarder, crate::Error> {
         let agent = agent(&config);
+        let mut state = State::default();
+        if let Some((dir, limit)) = &config.retry_dir {
+            let (disk, found) = Disk::open(dir, *limit).map_err(crate::Error::Startup)?;
+            if found.payloads > 0 || found.unreadable > 0 {
+                log::info(&format!(
+                    "retry dir {}: {} payload(s), {} bytes waiting from before; sending them first",
+                    dir.display(),
+                    found.payloads,
+                    found.bytes
+                ));
+            }
+            for _ in 0..found.unreadable {
+                telemetry.count_payload(Endpoint::SeriesV2, Outcome::DroppedUnreadable);
+            }
+            state.disk = Some(disk);
+        }
         let shared = Arc::new(Shared {
             agent,
             telemetry,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             changed: Condvar::new(),
             target: RwLock::new((config.base_url.clone(), config.api_key.clone())),
             config,
@@ -182,6 +208,7 @@ impl Forwarder {
             state.queue.push_back(Waiting {
                 payload,
                 attempts: 0,
+                from_disk: None,
             });
         }
         self.shared.enforce_bound(&mut state);
@@ -204,12 +231,16 @@ impl Forwarder {
         let mut state = self.shared.lock();
         let left: Vec<Waiting> = state.queue.drain(..).collect();
         state.queued_bytes = 0;
-        self.shared.set_queue_gauge(&state);
-        drop(state);
         for w in left {
-            self.shared
-                .count(w.payload.endpoint, Outcome::DroppedShutdown);
+            if state.disk.is_some() {
+                // It waits on disk for the next start.
+                self.shared.spill(&mut state, w.payload);
+            } else {
+                self.shared
+                    .count(w.payload.endpoint, Outcome::DroppedShutdown);
+            }
         }
+        self.shared.set_queue_gauge(&state);
     }
 }
 
@@ -223,26 +254,91 @@ impl Shared {
     }
 
     fn set_queue_gauge(&self, state: &State) {
-        self.telemetry.retry_queue_bytes.store(
-            state.queued_bytes as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = &self.telemetry;
+        t.retry_queue_bytes
+            .store(state.queued_bytes as u64, Relaxed);
+        t.retry_dir_bytes
+            .store(state.disk.as_ref().map_or(0, Disk::bytes), Relaxed);
     }
 
+    /// Makes the memory queue fit its bound: the oldest payloads go to the retry directory,
+    /// or are dropped and counted without one.
     fn enforce_bound(&self, state: &mut State) {
         while state.queued_bytes > self.config.retry_queue_bytes {
             let Some(oldest) = state.queue.pop_front() else {
                 break;
             };
             state.queued_bytes -= oldest.payload.body.len();
-            self.count(oldest.payload.endpoint, Outcome::DroppedQueueFull);
+            if oldest.from_disk.is_some() || state.disk.is_none() {
+                self.count(oldest.payload.endpoint, Outcome::DroppedQueueFull);
+            } else {
+                self.spill(state, oldest.payload);
+            }
         }
         self.set_queue_gauge(state);
     }
 
+    /// Writes a payload to the retry directory (held in `state`), counting what that costs.
+    /// File I/O under the state lock: it happens only while the intake is unreachable, and
+    /// only the flusher and forwarder threads wait on this lock, never a reader.
+    fn spill(&self, state: &mut State, payload: Payload) {
+        let Some(disk) = state.disk.as_mut() else {
+            return;
+        };
+        match disk.push(&payload) {
+            Ok(pushed_out) => {
+                self.count(payload.endpoint, Outcome::Spilled);
+                for endpoint in pushed_out {
+                    self.count(endpoint, Outcome::DroppedDiskFull);
+                }
+            }
+            Err(e) => {
+                self.count(payload.endpoint, Outcome::DroppedDiskFull);
+                log::warn_limited("retry-dir-write", || {
+                    format!("cannot write a payload to --retry-dir ({e}); dropped and counted")
+                });
+            }
+        }
+    }
+
     /// The oldest payload whose endpoint is not backing off, or how long until one may be.
+    /// The retry directory holds the oldest payloads, so it is asked first.
     fn next(&self, state: &mut State, now: Instant) -> Result<Waiting, Option<Duration>> {
         let mut wait: Option<Duration> = None;
+        let State { disk, backoff, .. } = state;
+        if let Some(disk) = disk.as_mut() {
+            let ready = |e: Endpoint| {
+                backoff
+                    .get(&e)
+                    .and_then(|b| b.until)
+                    .is_none_or(|u| u <= now)
+            };
+            while let Some(entry) = disk.take(ready) {
+                match disk.read(&entry) {
+                    Ok(payload) => {
+                        return Ok(Waiting {
+                            payload,
+                            attempts: 0,
+                            from_disk: Some(entry),
+                        });
+                    }
+                    Err(_) => {
+                        disk.done(&entry);
+                        self.count(entry.endpoint, Outcome::DroppedUnreadable);
+                    }
+                }
+            }
+            if !disk.is_empty() {
+                // Every endpoint on disk is backing off: wake when the first may try again.
+                wait = backoff
+                    .values()
+                    .filter_map(|b| b.until)
+                    .filter(|&u| u > now)
+                    .map(|u| u - now)
+                    .min();
+            }
+        }
         let mut pick = None;
         for (i, w) in state.queue.iter().enumerate() {
             match state.backoff.get(&w.payload.endpoint).and_then(|b| b.until) {
@@ -360,12 +456,20 @@ fn sender(shared: &Shared) {
                 let class = classify(shared.send(&w.payload));
                 state = shared.lock();
                 state.in_flight -= 1;
-                if let Some(retry) = shared.settle(&mut state, w, class, Instant::now()) {
-                    // Back to the front: payloads keep their age order.
-                    state.queued_bytes += retry.payload.body.len();
-                    state.queue.push_front(retry);
-                    shared.enforce_bound(&mut state);
+                let from_disk = w.from_disk;
+                let retry = shared.settle(&mut state, w, class, Instant::now());
+                match (retry, from_disk, state.disk.as_mut()) {
+                    // Back where it came from, at the front: payloads keep their age order.
+                    (Some(_), Some(entry), Some(disk)) => disk.restore(entry),
+                    (Some(retry), _, _) => {
+                        state.queued_bytes += retry.payload.body.len();
+                        state.queue.push_front(retry);
+                        shared.enforce_bound(&mut state);
+                    }
+                    (None, Some(entry), Some(disk)) => disk.done(&entry),
+                    (None, _, _) => {}
                 }
+                shared.set_queue_gauge(&state);
                 shared.changed.notify_all();
             }
             Err(wait) => {

@@ -1,0 +1,370 @@
+//! Faults outside and inside whippet: an intake that is down, failing, slow or resetting
+//! connections; an outage longer than memory with a restart in the middle; a panic. Every
+//! point sent is asserted to arrive exactly once, or to be in a named counter.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use whippet::intake::store::PointRecord;
+use whippet::intake::{Intake, IntakeConfig};
+
+use crate::support::{binary, TempDir, Whippet, DEADLINE};
+
+/// A loopback address nothing listens on (yet).
+fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn intake_at(addr: SocketAddr, config: IntakeConfig) -> Intake {
+    Intake::start(IntakeConfig {
+        listen: addr,
+        ..config
+    })
+    .expect("start intake")
+}
+
+/// Σ value × interval of the count points named `metric` tagged `tag`: the number of
+/// increments that arrived.
+fn increments(points: &[PointRecord], metric: &str, tag: &str) -> f64 {
+    points
+        .iter()
+        .filter(|p| p.metric == metric && p.tags.iter().any(|t| t == tag))
+        .map(|p| p.value * p.interval as f64)
+        .sum()
+}
+
+/// Sends `n` increments of `outage.count` tagged `phase` over the Unix datagram socket (no
+/// loss: the sender blocks when whippet is busy), spread over `span`.
+fn send_increments(w: &Whippet, phase: &str, n: u32, span: Duration) {
+    let msg = format!("outage.count:1|c|#phase:{phase}");
+    let start = Instant::now();
+    for i in 0..n {
+        w.send_unix(msg.as_bytes());
+        // Spread over several buckets (paced, not timed: any pace gives the same totals).
+        let due = span.mul_f64(f64::from(i + 1) / f64::from(n));
+        if let Some(rest) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let end = Instant::now() + DEADLINE * 2;
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_nothing() {
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let state = TempDir::new();
+    let retry_dir = state.path("retry");
+    let retry_dir = retry_dir.to_str().unwrap();
+    // One-second buckets compress ten-second ones tenfold; one byte of memory queue sends
+    // every payload to disk at once.
+    let args = [
+        "--dd-url",
+        &url,
+        "--bucket-seconds",
+        "1",
+        "--retry-queue-bytes",
+        "1",
+        "--retry-dir",
+        retry_dir,
+        "--retry-base-ms",
+        "50",
+        "--shutdown-timeout",
+        "200ms",
+    ];
+    let first = Whippet::start(&args);
+    send_increments(&first, "before", 1500, Duration::from_secs(15));
+    let s1 = first.stop();
+    assert!(s1.status.success(), "{:?}", s1.stderr);
+    let spilled1 = s1.telemetry(
+        r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="spilled",status="disk"}"#,
+    );
+    assert!(spilled1 >= 15, "{spilled1} payloads spilled");
+    let on_disk = std::fs::read_dir(retry_dir)
+        .unwrap()
+        .filter(|f| f.as_ref().unwrap().path().extension() == Some("payload".as_ref()))
+        .count() as u64;
+    assert_eq!(on_disk, spilled1, "every spilled payload is a file");
+
+    // Restarted mid-outage: the payloads from before wait, new ones join them.
+    let second = Whippet::start(&args);
+    second.wait_for_stderr(&format!(
+        "whippet: retry dir {retry_dir}: {spilled1} payload(s)"
+    ));
+    send_increments(&second, "after", 1500, Duration::from_secs(15));
+
+    // The intake returns: everything arrives, oldest first, exactly once.
+    let intake = intake_at(addr, IntakeConfig::default());
+    let store = intake.store().clone();
+    wait_until("every increment at the intake", || {
+        let points = store.points();
+        increments(&points, "outage.count", "phase:before") >= 1500.0
+            && increments(&points, "outage.count", "phase:after") >= 1500.0
+    });
+    let s2 = second.stop();
+    assert!(s2.status.success(), "{:?}", s2.stderr);
+    let points = intake.store().points();
+    assert_eq!(increments(&points, "outage.count", "phase:before"), 1500.0);
+    assert_eq!(increments(&points, "outage.count", "phase:after"), 1500.0);
+    let first_after = points
+        .iter()
+        .position(|p| p.tags.iter().any(|t| t == "phase:after"))
+        .unwrap();
+    assert!(
+        points[first_after..]
+            .iter()
+            .all(|p| !p.tags.iter().any(|t| t == "phase:before")),
+        "the older payloads were replayed first"
+    );
+    for s in [&s1, &s2] {
+        let dropped = s
+            .stderr
+            .iter()
+            .filter(|l| l.contains(r#"outcome="dropped""#))
+            .collect::<Vec<_>>();
+        assert!(dropped.is_empty(), "{dropped:?}");
+    }
+    assert_eq!(s2.telemetry("whippet_retry_dir_bytes"), 0);
+    intake.stop();
+}
+
+#[test]
+fn an_intake_down_at_start_gets_everything_once_when_it_comes_up() {
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let w = Whippet::start(&[
+        "--dd-url",
+        &url,
+        "--retry-base-ms",
+        "20",
+        "--bucket-seconds",
+        "1",
+    ]);
+    send_increments(&w, "down", 500, Duration::from_secs(3));
+    w.wait_for_stderr("whippet: cannot reach the intake");
+    let intake = intake_at(addr, IntakeConfig::default());
+    let store = intake.store().clone();
+    wait_until("the increments", || {
+        increments(&store.points(), "outage.count", "phase:down") >= 500.0
+    });
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(
+        increments(&intake.store().points(), "outage.count", "phase:down"),
+        500.0
+    );
+    intake.stop();
+}
+
+#[test]
+fn a_minute_of_503_then_recovery_loses_nothing_and_duplicates_nothing() {
+    let intake = Intake::start(IntakeConfig {
+        fail_for: Some((503, Duration::from_secs(60))),
+        ..IntakeConfig::default()
+    })
+    .unwrap();
+    let url = intake.url();
+    let w = Whippet::start(&[
+        "--dd-url",
+        &url,
+        "--retry-base-ms",
+        "200",
+        "--bucket-seconds",
+        "1",
+    ]);
+    send_increments(&w, "503", 6000, Duration::from_secs(60));
+    let store = intake.store().clone();
+    wait_until("the increments", || {
+        increments(&store.points(), "outage.count", "phase:503") >= 6000.0
+    });
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(
+        increments(&intake.store().points(), "outage.count", "phase:503"),
+        6000.0
+    );
+    let retried = s.telemetry(
+        r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="5xx"}"#,
+    );
+    let rejected = intake
+        .store()
+        .rejected()
+        .get("injected_503")
+        .copied()
+        .unwrap_or(0);
+    assert!(retried > 0);
+    assert_eq!(
+        retried, rejected,
+        "every 503 answered was retried, nothing else"
+    );
+    intake.stop();
+}
+
+#[test]
+fn a_slow_intake_times_out_and_every_timed_out_payload_is_retried_at_least_once() {
+    // The intake stores each body before it answers, then answers late: a timed-out request
+    // was stored, and its retry is stored again. The duplicates are exactly the timeouts.
+    let intake = Intake::start(IntakeConfig {
+        delay: Duration::from_millis(600),
+        slow_requests: 3,
+        ..IntakeConfig::default()
+    })
+    .unwrap();
+    let url = intake.url();
+    let w = Whippet::start(&[
+        "--dd-url",
+        &url,
+        "--request-timeout-ms",
+        "200",
+        "--retry-base-ms",
+        "20",
+        "--forwarder-threads",
+        "1",
+    ]);
+    w.send_unix(b"slow.gauge:5|g");
+    let s = w.stop();
+    assert!(s.status.success());
+    let timeouts = s.telemetry(
+        r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="network"}"#,
+    );
+    assert_eq!(timeouts, 3, "routes: {:?}", intake.store().routes());
+    let points = intake.store().points();
+    assert_eq!(points.len() as u64, 1 + timeouts);
+    assert!(points
+        .iter()
+        .all(|p| p.metric == "slow.gauge" && p.value == 5.0));
+    intake.stop();
+}
+
+/// A front for the intake that resets the first `resets` connections (accepted, then closed
+/// with RST before a byte is read) and relays the rest.
+fn resetting_proxy(target: SocketAddr, resets: u32) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut left = resets;
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            if left > 0 {
+                left -= 1;
+                let _ = nix::sys::socket::setsockopt(
+                    &client,
+                    nix::sys::socket::sockopt::Linger,
+                    &nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    },
+                );
+                drop(client);
+                continue;
+            }
+            let Ok(upstream) = TcpStream::connect(target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                (upstream, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn connection_resets_are_retried_and_everything_arrives_once() {
+    let intake = Intake::start(IntakeConfig::default()).unwrap();
+    let front = resetting_proxy(intake.addr(), 4);
+    let url = format!("http://{front}");
+    let w = Whippet::start(&[
+        "--dd-url",
+        &url,
+        "--retry-base-ms",
+        "20",
+        "--forwarder-threads",
+        "1",
+    ]);
+    // The first reset meets the API key check at start (not retried); the other three meet
+    // the payloads flushed at shutdown.
+    w.wait_for_stderr("whippet: API key check failed");
+    w.send_unix(b"reset.count:3|c\nreset.gauge:9|g\n_sc|reset.check|0");
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let points = intake.store().points();
+    let count: Vec<_> = points
+        .iter()
+        .filter(|p| p.metric == "reset.count")
+        .collect();
+    assert_eq!(count.len(), 1);
+    assert_eq!(count[0].value * count[0].interval as f64, 3.0);
+    let gauge: Vec<_> = points
+        .iter()
+        .filter(|p| p.metric == "reset.gauge")
+        .collect();
+    assert_eq!(gauge.len(), 1);
+    assert_eq!(gauge[0].value, 9.0);
+    assert_eq!(intake.store().payloads(Some("/api/v1/check_run")).len(), 1);
+    let retried: u64 = ["/api/v2/series", "/api/v1/check_run"]
+        .iter()
+        .map(|e| {
+            s.telemetry(&format!(
+                r#"whippet_payloads_total{{endpoint="{e}",outcome="retried",status="network"}}"#
+            ))
+        })
+        .sum();
+    assert_eq!(retried, 3, "each reset of a payload was one retry");
+    intake.stop();
+}
+
+#[test]
+fn a_panic_in_any_thread_ends_the_process_with_a_failure_status() {
+    // The hidden switch exists only in debug builds (what `cargo test` runs); a release
+    // build ignores the variable.
+    for thread in ["worker", "flusher", "unix"] {
+        let dir = TempDir::new();
+        let socket = dir.path("dsd.socket");
+        let mut child = std::process::Command::new(binary())
+            .env_clear()
+            .env("WHIPPET_FAULT_INJECT", format!("panic:{thread}"))
+            .args([
+                "--allow-root",
+                "--udp",
+                "127.0.0.1:0",
+                "--bucket-seconds",
+                "1",
+            ])
+            .args(["--socket", socket.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + DEADLINE;
+        while !socket.exists() {
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        // Enough traffic to reach the worker and flusher.
+        let _ = s.send_to(b"trigger:1|c", &socket);
+        let status = crate::support::wait_with_deadline(&mut child);
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{thread}: {status:?}");
+        assert!(
+            err.contains(&format!("injected fault in {thread}")),
+            "{thread}: {err}"
+        );
+    }
+}
