@@ -251,13 +251,14 @@ impl Daemon {
         let mut stream_handle = None;
         if let Some(l) = stream_listener {
             let connections = Arc::new(stream::Connections::default());
-            let (conns, ctx, max) = (
-                connections.clone(),
-                ctx.clone(),
-                config.stream_max_connections,
-            );
+            let limits = stream::Limits {
+                max_connections: config.stream_max_connections,
+                idle_timeout: (config.stream_idle_timeout_ms > 0)
+                    .then(|| Duration::from_millis(config.stream_idle_timeout_ms)),
+            };
+            let (conns, ctx) = (connections.clone(), ctx.clone());
             readers.push(spawn("whippet-stream-accept".into(), move || {
-                stream::accept_loop(l, ctx, max, conns)
+                stream::accept_loop(l, ctx, limits, conns)
             })?);
             stream_handle = Some(connections);
         }

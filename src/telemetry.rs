@@ -128,6 +128,8 @@ pub struct TransportCounters {
     pub connections_refused: AtomicU64,
     pub frames_too_large: AtomicU64,
     pub partial_frames: AtomicU64,
+    /// Stream only: connections closed after `--stream-idle-timeout` without a byte.
+    pub idle_closed: AtomicU64,
 }
 
 /// Every counter whippet keeps.
@@ -221,6 +223,11 @@ impl Telemetry {
             "whippet_stream_partial_frames_total",
             vec![],
             &stream.partial_frames,
+        );
+        push(
+            "whippet_stream_idle_closed_total",
+            vec![],
+            &stream.idle_closed,
         );
         for k in Kind::ALL {
             push(

@@ -51,12 +51,12 @@ impl Connections {
 pub fn accept_loop(
     listener: UnixListener,
     ctx: ReaderContext,
-    max_connections: usize,
+    limits: Limits,
     connections: Arc<Connections>,
 ) {
     let mut acceptor = Acceptor {
         ctx,
-        max_connections,
+        limits,
         connections,
         threads: Vec::new(),
         next_id: 0,
@@ -90,9 +90,19 @@ pub fn accept_loop(
     }
 }
 
+/// What one client may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `--stream-max-connections`: connections over it are closed at once and counted.
+    pub max_connections: usize,
+    /// `--stream-idle-timeout`: a connection silent this long is closed and counted, so idle
+    /// clients cannot keep the slots from others. `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
 struct Acceptor {
     ctx: ReaderContext,
-    max_connections: usize,
+    limits: Limits,
     connections: Arc<Connections>,
     threads: Vec<JoinHandle<()>>,
     next_id: u64,
@@ -117,8 +127,12 @@ impl Acceptor {
     fn admit(&mut self, stream: UnixStream) {
         let counters = self.ctx.telemetry.transport(Transport::Stream);
         self.threads.retain(|t| !t.is_finished());
-        if self.connections.len() >= self.max_connections {
+        if self.connections.len() >= self.limits.max_connections {
             counters.connections_refused.fetch_add(1, Relaxed);
+            return;
+        }
+        if stream.set_read_timeout(self.limits.idle_timeout).is_err() {
+            self.count_error();
             return;
         }
         let Ok(handle) = stream.try_clone() else {
@@ -149,7 +163,8 @@ impl Acceptor {
     }
 }
 
-/// Reads frames from one connection until end-of-file, an error or an oversized frame.
+/// Reads frames from one connection until end-of-file, an error, an oversized frame or the
+/// idle timeout (the socket's read timeout).
 fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
     let counters = ctx.telemetry.transport(Transport::Stream);
     let mut frames = Reassembly::new(&ctx.pool);
@@ -158,6 +173,10 @@ fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                counters.idle_closed.fetch_add(1, Relaxed);
+                break;
+            }
             Err(_) => {
                 counters.errors.fetch_add(1, Relaxed);
                 break;

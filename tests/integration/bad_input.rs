@@ -205,6 +205,76 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
     assert_eq!(s.one("series", "capped", "").f64("value"), 2.0 / 1e9);
 }
 
+/// The current value of a logged telemetry line (SIGUSR1 asks for one).
+fn telemetry_now(w: &Whippet, key: &str) -> u64 {
+    let prefix = format!("whippet: telemetry {key} ");
+    w.signal(nix::sys::signal::Signal::SIGUSR1);
+    w.wait_for_new_stderr(&prefix)[prefix.len()..]
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_thousand_idle_connections_cannot_keep_out_a_client_that_has_something_to_say() {
+    let w = Whippet::start(&[
+        "--stream-max-connections",
+        "64",
+        "--stream-idle-timeout",
+        "1s",
+    ]);
+    let path = w.stream_socket.clone().unwrap();
+    // The hog: 1,000 connections that never send and never close.
+    let hog: Vec<UnixStream> = (0..1000).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    let packets = r#"whippet_packets_total{transport="unix_stream"}"#;
+    let mut attempts = 0u64;
+    let end = std::time::Instant::now() + crate::support::DEADLINE;
+    // The client: connect, say one thing, wait for the close (at once when refused, after
+    // the idle timeout when served), until whippet has heard it.
+    while telemetry_now(&w, packets) == 0 {
+        assert!(std::time::Instant::now() < end, "starved after {attempts} attempts");
+        attempts += 1;
+        let mut c = UnixStream::connect(&path).unwrap();
+        // A refused connection may already be closed: the write then fails, as a client's would.
+        let _ = c.write_all(b"\x09\x00\x00\x00heard:1|c");
+        let _ = c.read(&mut [0u8; 1]);
+    }
+    let s = w.stop();
+    drop(hog);
+    assert!(s.status.success());
+    let accepted = s.telemetry("whippet_stream_connections_total");
+    let refused = s.telemetry("whippet_stream_connections_refused_total");
+    assert_eq!(accepted + refused, 1000 + attempts);
+    // Every served connection that went quiet was closed for it, the hog's 64 included.
+    assert!(s.telemetry("whippet_stream_idle_closed_total") >= 64);
+    assert_eq!(s.telemetry(packets), 1);
+    assert_eq!(s.one("series", "heard", "").f64("value"), 1.0 / 1e9);
+}
+
+#[test]
+fn ten_thousand_connects_in_a_row_do_not_starve_a_steady_client() {
+    let w = Whippet::start(&[]);
+    let path = w.stream_socket.clone().unwrap();
+    let mut steady = UnixStream::connect(&path).unwrap();
+    write_frame(&mut steady, b"steady:1|c");
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix_stream"}"#, 1);
+    let churn = std::thread::spawn(move || {
+        for _ in 0..10_000 {
+            drop(UnixStream::connect(&path).unwrap());
+        }
+    });
+    for _ in 1..1000 {
+        write_frame(&mut steady, b"steady:1|c");
+    }
+    churn.join().unwrap();
+    drop(steady);
+    let s = w.stop();
+    assert!(s.status.success());
+    let accepted = s.telemetry("whippet_stream_connections_total");
+    let refused = s.telemetry("whippet_stream_connections_refused_total");
+    assert_eq!(accepted + refused, 10_001);
+    assert_eq!(s.one("series", "steady", "").f64("value"), 1000.0 / 1e9);
+}
+
 #[test]
 fn a_full_queue_pushes_back_on_unix_datagram_senders_and_loses_nothing() {
     // One worker and a one-batch queue: the reader waits for room, the socket queue fills,
