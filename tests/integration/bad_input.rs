@@ -410,3 +410,147 @@ fn the_context_limit_drops_samples_for_new_contexts_and_counts_them() {
     );
     assert_eq!(s.telemetry("whippet_samples_total"), 101);
 }
+
+#[test]
+fn two_million_unique_contexts_stay_within_the_memory_bound() {
+    const SENT: u64 = 2_000_000;
+    const LIMIT: u64 = 500_000;
+    // Gauges tagged by user id, the classic cardinality accident; one-second buckets so the
+    // flush of all the contexts happens (and is measured) while whippet runs.
+    let w = Whippet::start(&[
+        "--context-limit",
+        &LIMIT.to_string(),
+        "--bucket-seconds",
+        "1",
+    ]);
+    let mut stream = UnixStream::connect(w.stream_socket.as_ref().unwrap()).unwrap();
+    let mut frame = Vec::with_capacity(8192);
+    for i in 0..SENT {
+        let m = format!("user.seen:1|g|#user:{i},env:prod\n");
+        if frame.len() + m.len() > 8000 {
+            write_frame(&mut stream, &frame);
+            frame.clear();
+        }
+        frame.extend_from_slice(m.as_bytes());
+    }
+    write_frame(&mut stream, &frame);
+    drop(stream);
+    w.wait_for_telemetry(r#"whippet_dropped_total{reason="context_limit"}"#, SENT - LIMIT);
+    w.wait_for_telemetry(r#"whippet_flushed_total{data="points"}"#, LIMIT);
+    let peak_mib = w.status_kib("VmHWM") / 1024;
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(s.telemetry("whippet_contexts_created_total"), LIMIT);
+    assert_eq!(s.telemetry("whippet_samples_total"), LIMIT);
+    // README "Memory": 24 MiB of fixed cost (binary, buffers, the default queue) plus 400 bytes
+    // per context with keys this short, flush included.
+    let bound_mib = 24 + LIMIT * 400 / (1 << 20);
+    eprintln!("peak RSS {peak_mib} MiB with {LIMIT} contexts, bound {bound_mib} MiB");
+    assert!(peak_mib <= bound_mib, "peak RSS {peak_mib} MiB over {bound_mib} MiB");
+}
+
+#[test]
+fn a_million_malformed_messages_of_every_kind_cost_nothing_but_counters() {
+    use whippet::parser::{self, Message};
+    const TOTAL: u64 = 1_000_000;
+    let long_name = "n".repeat(64 * 1024 - 16);
+    let many_tags: String = (0..3000).map(|i| format!("t{i}:v,")).collect();
+    let shapes: Vec<Vec<u8>> = vec![
+        b"ok.count:1|c".to_vec(),
+        b"huge:1e400|g".to_vec(),
+        b"huge.neg:-1e309|c".to_vec(),
+        b"type:1|zz".to_vec(),
+        b"bad\xc3\x28utf8:1|c".to_vec(),
+        b"_e{5,10}:hello|wor".to_vec(),
+        b"_e{100,1}:a|b".to_vec(),
+        b"_e{-1,1}:a|b".to_vec(),
+        b"nul\x00name:1|c".to_vec(),
+        b"\x00\x00\x00".to_vec(),
+        b"_sc|x|9|#a".to_vec(),
+        b"many.values:1:2:x|h".to_vec(),
+    ];
+    // What the parser says of each shape; the pipeline must count exactly that.
+    let mut want: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut verdict = |line: &[u8], n: u64| {
+        let key = match parser::parse(line) {
+            Ok(Message::Metric(_)) => r#"whippet_messages_total{kind="metric"}"#.to_string(),
+            Ok(Message::Event(_)) => r#"whippet_messages_total{kind="event"}"#.to_string(),
+            Ok(Message::ServiceCheck(_)) => {
+                r#"whippet_messages_total{kind="service_check"}"#.to_string()
+            }
+            Err(e) => format!(
+                r#"whippet_parse_errors_total{{kind="{}",reason="{}"}}"#,
+                e.kind.label(),
+                e.reason.label()
+            ),
+        };
+        *want.entry(key).or_default() += n;
+    };
+    let per_shape = TOTAL / shapes.len() as u64;
+    for s in &shapes {
+        verdict(s, per_shape);
+    }
+    let giants = 50u64;
+    verdict(format!("{long_name}:1|c").as_bytes(), giants);
+    verdict(format!("tagged:1|c|#{many_tags}").as_bytes(), giants);
+
+    let w = Whippet::start(&["--buffer-size", "65536", "--event-backlog", "10"]);
+    let path = w.stream_socket.clone().unwrap();
+    let mut stream = UnixStream::connect(&path).unwrap();
+    let mut frame = Vec::with_capacity(65536);
+    let mut frames = 0u64;
+    for i in 0..per_shape * shapes.len() as u64 {
+        let m = &shapes[(i % shapes.len() as u64) as usize];
+        if frame.len() + m.len() + 1 > 8000 {
+            write_frame(&mut stream, &frame);
+            frame.clear();
+            frames += 1;
+            if frames % 100 == 0 {
+                write_frame(&mut stream, b""); // zero-length frames are skipped
+            }
+        }
+        frame.extend_from_slice(m);
+        frame.push(b'\n');
+    }
+    write_frame(&mut stream, &frame);
+    for _ in 0..giants {
+        write_frame(&mut stream, format!("{long_name}:1|c").as_bytes());
+        write_frame(&mut stream, format!("tagged:1|c|#{many_tags}").as_bytes());
+    }
+    drop(stream);
+    // Half frames: a header promising more than the connection ever sends.
+    for _ in 0..20 {
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(&100u32.to_le_bytes()).unwrap();
+        c.write_all(b"half:1|c").unwrap();
+    }
+    w.wait_for_telemetry("whippet_stream_partial_frames_total", 20);
+    let peak_mib = w.status_kib("VmHWM") / 1024;
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    for (key, n) in &want {
+        assert_eq!(s.telemetry(key), *n, "{key}");
+    }
+    // The final telemetry (SIGUSR1 printed earlier snapshots too).
+    let stopping = s.stderr.iter().rposition(|l| l.starts_with("whippet: stopping")).unwrap();
+    let errors: u64 = s.stderr[stopping..]
+        .iter()
+        .filter(|l| l.starts_with("whippet: telemetry whippet_parse_errors_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    let want_errors: u64 = want
+        .iter()
+        .filter(|(k, _)| k.starts_with("whippet_parse_errors_total"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(errors, want_errors, "no other reason was counted");
+    assert_eq!(s.telemetry("whippet_stream_frames_too_large_total"), 0);
+    // The valid messages among them were all aggregated, the giants included.
+    assert_eq!(s.one("series", "ok.count", "").f64("value"), per_shape as f64 / 1e9);
+    let tagged: Vec<&String> = s.stdout.iter().filter(|l| l.starts_with("series tagged ")).collect();
+    assert_eq!(tagged.len(), 1);
+    assert!(tagged[0].contains(" value=0.00000005 ") && tagged[0].contains(",t2999:v,"));
+    let giant = format!("series {long_name} rate ts=1000000000 value=0.00000005 ");
+    assert_eq!(s.stdout.iter().filter(|l| l.starts_with(&giant)).count(), 1);
+    assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
+}
