@@ -224,14 +224,19 @@ fn a_thousand_idle_connections_cannot_keep_out_a_client_that_has_something_to_sa
     ]);
     let path = w.stream_socket.clone().unwrap();
     // The hog: 1,000 connections that never send and never close.
-    let hog: Vec<UnixStream> = (0..1000).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    let hog: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
     let packets = r#"whippet_packets_total{transport="unix_stream"}"#;
     let mut attempts = 0u64;
     let end = std::time::Instant::now() + crate::support::DEADLINE;
     // The client: connect, say one thing, wait for the close (at once when refused, after
     // the idle timeout when served), until whippet has heard it.
     while telemetry_now(&w, packets) == 0 {
-        assert!(std::time::Instant::now() < end, "starved after {attempts} attempts");
+        assert!(
+            std::time::Instant::now() < end,
+            "starved after {attempts} attempts"
+        );
         attempts += 1;
         let mut c = UnixStream::connect(&path).unwrap();
         // A refused connection may already be closed: the write then fails, as a client's would.
@@ -435,7 +440,10 @@ fn two_million_unique_contexts_stay_within_the_memory_bound() {
     }
     write_frame(&mut stream, &frame);
     drop(stream);
-    w.wait_for_telemetry(r#"whippet_dropped_total{reason="context_limit"}"#, SENT - LIMIT);
+    w.wait_for_telemetry(
+        r#"whippet_dropped_total{reason="context_limit"}"#,
+        SENT - LIMIT,
+    );
     w.wait_for_telemetry(r#"whippet_flushed_total{data="points"}"#, LIMIT);
     let peak_mib = w.status_kib("VmHWM") / 1024;
     let s = w.stop();
@@ -446,7 +454,10 @@ fn two_million_unique_contexts_stay_within_the_memory_bound() {
     // per context with keys this short, flush included.
     let bound_mib = 24 + LIMIT * 400 / (1 << 20);
     eprintln!("peak RSS {peak_mib} MiB with {LIMIT} contexts, bound {bound_mib} MiB");
-    assert!(peak_mib <= bound_mib, "peak RSS {peak_mib} MiB over {bound_mib} MiB");
+    assert!(
+        peak_mib <= bound_mib,
+        "peak RSS {peak_mib} MiB over {bound_mib} MiB"
+    );
 }
 
 #[test]
@@ -532,7 +543,11 @@ fn a_million_malformed_messages_of_every_kind_cost_nothing_but_counters() {
         assert_eq!(s.telemetry(key), *n, "{key}");
     }
     // The final telemetry (SIGUSR1 printed earlier snapshots too).
-    let stopping = s.stderr.iter().rposition(|l| l.starts_with("whippet: stopping")).unwrap();
+    let stopping = s
+        .stderr
+        .iter()
+        .rposition(|l| l.starts_with("whippet: stopping"))
+        .unwrap();
     let errors: u64 = s.stderr[stopping..]
         .iter()
         .filter(|l| l.starts_with("whippet: telemetry whippet_parse_errors_total"))
@@ -546,8 +561,15 @@ fn a_million_malformed_messages_of_every_kind_cost_nothing_but_counters() {
     assert_eq!(errors, want_errors, "no other reason was counted");
     assert_eq!(s.telemetry("whippet_stream_frames_too_large_total"), 0);
     // The valid messages among them were all aggregated, the giants included.
-    assert_eq!(s.one("series", "ok.count", "").f64("value"), per_shape as f64 / 1e9);
-    let tagged: Vec<&String> = s.stdout.iter().filter(|l| l.starts_with("series tagged ")).collect();
+    assert_eq!(
+        s.one("series", "ok.count", "").f64("value"),
+        per_shape as f64 / 1e9
+    );
+    let tagged: Vec<&String> = s
+        .stdout
+        .iter()
+        .filter(|l| l.starts_with("series tagged "))
+        .collect();
     assert_eq!(tagged.len(), 1);
     assert!(tagged[0].contains(" value=0.00000005 ") && tagged[0].contains(",t2999:v,"));
     let giant = format!("series {long_name} rate ts=1000000000 value=0.00000005 ");

@@ -368,3 +368,38 @@ fn a_panic_in_any_thread_ends_the_process_with_a_failure_status() {
         );
     }
 }
+
+#[test]
+fn sigterm_under_full_load_loses_nothing_the_socket_accepted() {
+    // Two senders blast the Unix datagram socket as fast as it takes datagrams; SIGTERM lands
+    // mid-stream. Every send that succeeded was accepted by the kernel into whippet's queue
+    // and must be aggregated; after the stop, sends fail instead of vanishing.
+    let w = Whippet::start(&["--udp", "off"]);
+    let socket = w.socket.clone().unwrap();
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            let (socket, started) = (socket.clone(), started.clone());
+            std::thread::spawn(move || {
+                let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+                let packet = b"term.c:1|c\nterm.c:1|c\nterm.c:1|c\nterm.c:1|c\nterm.c:1|c";
+                let mut accepted = 0u64;
+                while s.send_to(packet, &socket).is_ok() {
+                    accepted += 5;
+                    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                accepted
+            })
+        })
+        .collect();
+    // Under load for real: thousands of datagrams in before the signal.
+    wait_until("load", || {
+        started.load(std::sync::atomic::Ordering::Relaxed) >= 20_000
+    });
+    let s = w.stop();
+    let accepted: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(s.status.success());
+    assert_eq!(s.telemetry("whippet_samples_total"), accepted);
+    let value = s.one("series", "term.c", "").f64("value");
+    assert_eq!((value * 1e9).round() as u64, accepted);
+}
