@@ -403,3 +403,70 @@ fn sigterm_under_full_load_loses_nothing_the_socket_accepted() {
     let value = s.one("series", "term.c", "").f64("value");
     assert_eq!((value * 1e9).round() as u64, accepted);
 }
+
+#[test]
+fn an_intake_with_an_untrusted_certificate_is_refused_not_trusted() {
+    // A self-signed TLS server (openssl s_server) at --dd-url https://…: whippet must refuse
+    // the handshake (no setting turns verification off), retry, and never send a payload.
+    let dir = TempDir::new();
+    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (the tests need it; .ci/run installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let addr = free_addr();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-www", "-accept"])
+        .arg(addr.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the TLS server", || TcpStream::connect(addr).is_ok());
+    let url = format!("https://{addr}");
+    let w = Whippet::start(&[
+        "--dd-url",
+        &url,
+        "--retry-base-ms",
+        "20",
+        "--shutdown-timeout",
+        "300ms",
+    ]);
+    let refused = w.wait_for_stderr("whippet: API key check failed");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    w.send_unix(b"tls.gauge:1|g");
+    let s = w.stop();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(s.status.success());
+    let key = |outcome: &str, status: &str| {
+        format!(
+            r#"whippet_payloads_total{{endpoint="/api/v2/series",outcome="{outcome}",status="{status}"}}"#
+        )
+    };
+    assert!(s.telemetry(&key("retried", "network")) >= 1);
+    assert_eq!(s.telemetry(&key("dropped", "shutdown")), 1);
+    assert!(!s.stderr.iter().any(|l| l.contains(r#"outcome="sent""#)));
+}
