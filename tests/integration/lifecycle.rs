@@ -138,6 +138,11 @@ fn startup_errors_name_the_flag_and_exit_nonzero() {
         (vec!["--udp", "off", "--socket", &missing_dir], 1, "cannot bind".into()),
         (vec!["--buffer-size", "1000000"], 2, "--buffer-size: 1000000 is outside 512..=65536".into()),
         (vec!["--udp", "nope"], 2, "--udp: 'nope' is not an address".into()),
+        (
+            vec!["--udp", "off", "--dd-url", "http://127.0.0.1:9", "--retry-dir", &file_s],
+            1,
+            format!("--retry-dir {file_s}: cannot create the directory"),
+        ),
     ];
     for (args, code, message) in cases {
         let (got, err) = fails(&args);
