@@ -55,11 +55,8 @@ pub fn metric(data: &[u8]) {
 
 /// [`parser::event::parse`]: a title is never empty; unescaping never grows the text.
 pub fn event(data: &[u8]) {
-    let Some(line) = utf8_line(data) else { return };
-    let line = if line.starts_with("_e{") {
-        line.to_owned()
-    } else {
-        format!("_e{{{line}")
+    let Some(line) = prefixed(data, "_e{") else {
+        return;
     };
     if let Ok(e) = parser::event::parse(&line) {
         assert!(!e.title.is_empty());
@@ -70,11 +67,8 @@ pub fn event(data: &[u8]) {
 
 /// [`parser::service_check::parse`].
 pub fn service_check(data: &[u8]) {
-    let Some(line) = utf8_line(data) else { return };
-    let line = if line.starts_with("_sc|") {
-        line.to_owned()
-    } else {
-        format!("_sc|{line}")
+    let Some(line) = prefixed(data, "_sc|") else {
+        return;
     };
     if let Ok(c) = parser::service_check::parse(&line) {
         assert!(!c.name.is_empty());
@@ -207,6 +201,17 @@ pub fn stream(data: &[u8]) {
 fn utf8_line(data: &[u8]) -> Option<&str> {
     let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
     std::str::from_utf8(line).ok()
+}
+
+/// The first line of `data` starting with `prefix` (added when missing), so the fuzzer
+/// spends its time past the prefix the kind is recognized by.
+fn prefixed(data: &[u8], prefix: &str) -> Option<String> {
+    let line = utf8_line(data)?;
+    Some(if line.starts_with(prefix) {
+        line.to_owned()
+    } else {
+        format!("{prefix}{line}")
+    })
 }
 
 fn check_metric(m: &parser::Metric<'_>) {

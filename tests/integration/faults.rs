@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use whippet::intake::store::PointRecord;
 use whippet::intake::{Intake, IntakeConfig};
 
-use crate::support::{binary, TempDir, Whippet, DEADLINE};
+use crate::support::{binary, Stopped, TempDir, Whippet, DEADLINE};
 
 /// A loopback address nothing listens on (yet).
 fn free_addr() -> SocketAddr {
@@ -47,6 +47,30 @@ fn send_increments(w: &Whippet, phase: &str, n: u32, span: Duration) {
             std::thread::sleep(rest);
         }
     }
+}
+
+/// Waits until the intake holds `n` increments of every `(phase, n)`, stops whippet, and
+/// checks that exactly that many arrived: nothing lost, nothing twice.
+fn stop_once_delivered(w: Whippet, intake: &Intake, phases: &[(&str, u32)]) -> Stopped {
+    let tag = |phase: &str| format!("phase:{phase}");
+    let store = intake.store().clone();
+    wait_until("every increment at the intake", || {
+        let points = store.points();
+        phases
+            .iter()
+            .all(|(p, n)| increments(&points, "outage.count", &tag(p)) >= f64::from(*n))
+    });
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let points = store.points();
+    for (p, n) in phases {
+        assert_eq!(
+            increments(&points, "outage.count", &tag(p)),
+            f64::from(*n),
+            "{p}"
+        );
+    }
+    s
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) {
@@ -103,17 +127,8 @@ fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_noth
 
     // The intake returns: everything arrives, oldest first, exactly once.
     let intake = intake_at(addr, IntakeConfig::default());
-    let store = intake.store().clone();
-    wait_until("every increment at the intake", || {
-        let points = store.points();
-        increments(&points, "outage.count", "phase:before") >= 1500.0
-            && increments(&points, "outage.count", "phase:after") >= 1500.0
-    });
-    let s2 = second.stop();
-    assert!(s2.status.success(), "{:?}", s2.stderr);
+    let s2 = stop_once_delivered(second, &intake, &[("before", 1500), ("after", 1500)]);
     let points = intake.store().points();
-    assert_eq!(increments(&points, "outage.count", "phase:before"), 1500.0);
-    assert_eq!(increments(&points, "outage.count", "phase:after"), 1500.0);
     let first_after = points
         .iter()
         .position(|p| p.tags.iter().any(|t| t == "phase:after"))
@@ -151,16 +166,7 @@ fn an_intake_down_at_start_gets_everything_once_when_it_comes_up() {
     send_increments(&w, "down", 500, Duration::from_secs(3));
     w.wait_for_stderr("whippet: cannot reach the intake");
     let intake = intake_at(addr, IntakeConfig::default());
-    let store = intake.store().clone();
-    wait_until("the increments", || {
-        increments(&store.points(), "outage.count", "phase:down") >= 500.0
-    });
-    let s = w.stop();
-    assert!(s.status.success());
-    assert_eq!(
-        increments(&intake.store().points(), "outage.count", "phase:down"),
-        500.0
-    );
+    stop_once_delivered(w, &intake, &[("down", 500)]);
     intake.stop();
 }
 
@@ -181,16 +187,7 @@ fn a_minute_of_503_then_recovery_loses_nothing_and_duplicates_nothing() {
         "1",
     ]);
     send_increments(&w, "503", 6000, Duration::from_secs(60));
-    let store = intake.store().clone();
-    wait_until("the increments", || {
-        increments(&store.points(), "outage.count", "phase:503") >= 6000.0
-    });
-    let s = w.stop();
-    assert!(s.status.success());
-    assert_eq!(
-        increments(&intake.store().points(), "outage.count", "phase:503"),
-        6000.0
-    );
+    let s = stop_once_delivered(w, &intake, &[("503", 6000)]);
     let retried = s.telemetry(
         r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="5xx"}"#,
     );
