@@ -431,7 +431,7 @@ fn output_for(
     };
     let forwarder_config = ForwarderConfig {
         base_url: url.clone(),
-        api_key: config.api_key.0.clone(),
+        api_key: config.api_key.clone(),
         threads: config.forwarder_threads,
         retry_queue_bytes: config.retry_queue_bytes,
         timeout: Duration::from_millis(config.request_timeout_ms),

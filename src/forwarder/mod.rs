@@ -30,7 +30,8 @@ use disk::{Disk, Entry};
 pub struct ForwarderConfig {
     /// Scheme, host and port, no trailing slash: `https://app.datadoghq.com`.
     pub base_url: String,
-    pub api_key: String,
+    /// Redacted by `{:?}`, so no log line or panic message can carry it.
+    pub api_key: crate::config::ApiKey,
     pub threads: usize,
     pub retry_queue_bytes: usize,
     /// Whole-request timeout.
@@ -132,7 +133,10 @@ fn random() -> u64 {
 pub fn validate_api_key(config: &ForwarderConfig) {
     let agent = agent(config);
     let url = format!("{}/api/v1/validate", config.base_url);
-    let answer = agent.get(&url).header("DD-API-KEY", &config.api_key).call();
+    let answer = agent
+        .get(&url)
+        .header("DD-API-KEY", &config.api_key.0)
+        .call();
     match answer.map(|r| r.status().as_u16()) {
         Ok(200..=299) => log::info("API key is valid"),
         Ok(403) => log::error("invalid API key: the intake answered 403 to /api/v1/validate; set --api-key or DD_API_KEY"),
@@ -177,7 +181,7 @@ impl Forwarder {
             telemetry,
             state: Mutex::new(state),
             changed: Condvar::new(),
-            target: RwLock::new((config.base_url.clone(), config.api_key.clone())),
+            target: RwLock::new((config.base_url.clone(), config.api_key.0.clone())),
             config,
         });
         let mut threads = Vec::new();
@@ -521,6 +525,22 @@ impl crate::output::Output for IntakeOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_key_never_shows_in_debug_output() {
+        let config = ForwarderConfig {
+            base_url: "https://app.datadoghq.com".into(),
+            api_key: crate::config::ApiKey("secret-key-123".into()),
+            threads: 1,
+            retry_queue_bytes: 1,
+            timeout: Duration::from_secs(1),
+            retry_base: Duration::from_secs(1),
+            retry_dir: None,
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret-key-123"), "{shown}");
+        assert!(shown.contains("(redacted)"), "{shown}");
+    }
 
     #[test]
     fn outcomes_are_classified_as_the_spec_says() {
