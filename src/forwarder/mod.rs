@@ -68,6 +68,21 @@ struct State {
     disk: Option<Disk>,
 }
 
+impl State {
+    /// At shutdown: nothing waits in memory, and the retry directory is empty or the intake
+    /// is not answering (what is on disk waits there for the next start; while the intake
+    /// answers, it is sent until the deadline).
+    fn done_at_close(&self, now: Instant) -> bool {
+        let backing_off = self
+            .backoff
+            .values()
+            .any(|b| b.until.is_some_and(|u| u > now));
+        self.queue.is_empty()
+            && self.in_flight == 0
+            && (self.disk.as_ref().is_none_or(Disk::is_empty) || backing_off)
+    }
+}
+
 struct Shared {
     config: ForwarderConfig,
     /// Intake URL and API key now: SIGHUP may change them (see [`Retarget`]).
@@ -450,7 +465,7 @@ fn sender(shared: &Shared) {
     let mut state = shared.lock();
     loop {
         let now = Instant::now();
-        if state.closing && (state.queue.is_empty() || state.deadline.is_some_and(|d| now >= d)) {
+        if state.closing && (state.deadline.is_some_and(|d| now >= d) || state.done_at_close(now)) {
             break;
         }
         match shared.next(&mut state, now) {

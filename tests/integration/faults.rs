@@ -49,6 +49,13 @@ fn send_increments(w: &Whippet, phase: &str, n: u32, span: Duration) {
     }
 }
 
+/// whippet sending to `url`, with `extra` flags.
+fn whippet_at(url: &str, extra: &[&str]) -> Whippet {
+    let mut args = vec!["--dd-url", url];
+    args.extend_from_slice(extra);
+    Whippet::start(&args)
+}
+
 /// Waits until the intake holds `n` increments of every `(phase, n)`, stops whippet, and
 /// checks that exactly that many arrived: nothing lost, nothing twice.
 fn stop_once_delivered(w: Whippet, intake: &Intake, phases: &[(&str, u32)]) -> Stopped {
@@ -103,6 +110,9 @@ fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_noth
         "50",
         "--shutdown-timeout",
         "200ms",
+        // One sender, so arrival order is send order and "oldest first" can be checked.
+        "--forwarder-threads",
+        "1",
     ];
     let first = Whippet::start(&args);
     send_increments(&first, "before", 1500, Duration::from_secs(15));
@@ -155,14 +165,7 @@ fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_noth
 fn an_intake_down_at_start_gets_everything_once_when_it_comes_up() {
     let addr = free_addr();
     let url = format!("http://{addr}");
-    let w = Whippet::start(&[
-        "--dd-url",
-        &url,
-        "--retry-base-ms",
-        "20",
-        "--bucket-seconds",
-        "1",
-    ]);
+    let w = whippet_at(&url, &["--retry-base-ms", "20", "--bucket-seconds", "1"]);
     send_increments(&w, "down", 500, Duration::from_secs(3));
     w.wait_for_stderr("whippet: cannot reach the intake");
     let intake = intake_at(addr, IntakeConfig::default());
@@ -178,14 +181,7 @@ fn a_minute_of_503_then_recovery_loses_nothing_and_duplicates_nothing() {
     })
     .unwrap();
     let url = intake.url();
-    let w = Whippet::start(&[
-        "--dd-url",
-        &url,
-        "--retry-base-ms",
-        "200",
-        "--bucket-seconds",
-        "1",
-    ]);
+    let w = whippet_at(&url, &["--retry-base-ms", "200", "--bucket-seconds", "1"]);
     send_increments(&w, "503", 6000, Duration::from_secs(60));
     let s = stop_once_delivered(w, &intake, &[("503", 6000)]);
     let retried = s.telemetry(
@@ -216,16 +212,17 @@ fn a_slow_intake_times_out_and_every_timed_out_payload_is_retried_at_least_once(
     })
     .unwrap();
     let url = intake.url();
-    let w = Whippet::start(&[
-        "--dd-url",
+    let w = whippet_at(
         &url,
-        "--request-timeout-ms",
-        "200",
-        "--retry-base-ms",
-        "20",
-        "--forwarder-threads",
-        "1",
-    ]);
+        &[
+            "--request-timeout-ms",
+            "200",
+            "--retry-base-ms",
+            "20",
+            "--forwarder-threads",
+            "1",
+        ],
+    );
     w.send_unix(b"slow.gauge:5|g");
     let s = w.stop();
     assert!(s.status.success());
@@ -285,14 +282,7 @@ fn connection_resets_are_retried_and_everything_arrives_once() {
     let intake = Intake::start(IntakeConfig::default()).unwrap();
     let front = resetting_proxy(intake.addr(), 4);
     let url = format!("http://{front}");
-    let w = Whippet::start(&[
-        "--dd-url",
-        &url,
-        "--retry-base-ms",
-        "20",
-        "--forwarder-threads",
-        "1",
-    ]);
+    let w = whippet_at(&url, &["--retry-base-ms", "20", "--forwarder-threads", "1"]);
     // The first reset meets the API key check at start (not retried); the other three meet
     // the payloads flushed at shutdown.
     w.wait_for_stderr("whippet: API key check failed");
@@ -445,14 +435,10 @@ fn an_intake_with_an_untrusted_certificate_is_refused_not_trusted() {
         .unwrap();
     wait_until("the TLS server", || TcpStream::connect(addr).is_ok());
     let url = format!("https://{addr}");
-    let w = Whippet::start(&[
-        "--dd-url",
+    let w = whippet_at(
         &url,
-        "--retry-base-ms",
-        "20",
-        "--shutdown-timeout",
-        "300ms",
-    ]);
+        &["--retry-base-ms", "20", "--shutdown-timeout", "300ms"],
+    );
     let refused = w.wait_for_stderr("whippet: API key check failed");
     assert!(refused.to_lowercase().contains("certificate"), "{refused}");
     w.send_unix(b"tls.gauge:1|g");
