@@ -117,12 +117,25 @@ impl Demux {
     pub fn flush(&self, boundary: i64, expiry: &Expiry, out: &mut Vec<Closed>) -> (usize, usize) {
         let mut freed = 0;
         let mut live = 0;
-        for shard in self.shards.iter() {
-            let mut shard = lock(shard);
-            freed += shard.flush(boundary, expiry, out);
-            live += shard.len();
+        for shard in 0..self.shards.len() {
+            let (f, l) = self.flush_shard(shard, boundary, expiry, out);
+            freed += f;
+            live += l;
         }
         (freed, live)
+    }
+
+    /// [`Demux::flush`] for one shard, so a flush can be emitted a few shards at a time.
+    pub fn flush_shard(
+        &self,
+        shard: usize,
+        boundary: i64,
+        expiry: &Expiry,
+        out: &mut Vec<Closed>,
+    ) -> (usize, usize) {
+        let mut shard = lock(&self.shards[shard]);
+        let freed = shard.flush(boundary, expiry, out);
+        (freed, shard.len())
     }
 }
 

@@ -171,6 +171,10 @@ fn percentiles(h: &Histogram, pcts: &[(i64, Arc<str>)], mut emit: impl FnMut(&Ar
 }
 
 /// Runs flushes: periodically on bucket boundaries, and once more at shutdown.
+/// Closed contexts per emit of a flush: the series payload's 10,000-point limit, so chunking
+/// costs at most one extra, smaller payload per emit.
+pub const EMIT_CONTEXTS: usize = 10_000;
+
 pub struct Flusher {
     pub demux: Arc<Demux>,
     pub telemetry: Arc<Telemetry>,
@@ -196,24 +200,41 @@ impl Flusher {
         }
     }
 
-    /// Closes every bucket starting before `boundary` and emits it with the backlog.
+    /// Closes every bucket starting before `boundary` and emits it with the backlog, a few
+    /// shards at a time: each emit carries about [`EMIT_CONTEXTS`] closed contexts, so the
+    /// transient memory of a flush (closed accumulators, series, payloads being built) stays
+    /// that of a chunk however many contexts there are.
     pub fn flush(&mut self, boundary: i64) {
-        let (freed, live) = self
-            .demux
-            .flush(boundary, &self.settings.expiry, &mut self.closed);
         let backlog = self.demux.take_backlog();
         let mut out = Flushed {
             events: backlog.events,
             service_checks: backlog.service_checks,
             ..Flushed::default()
         };
-        for closed in self.closed.drain(..) {
-            self.settings.finish(closed, &mut out);
+        let (mut freed, mut live) = (0, 0);
+        let shards = self.demux.shard_count();
+        for shard in 0..shards {
+            let (f, l) =
+                self.demux
+                    .flush_shard(shard, boundary, &self.settings.expiry, &mut self.closed);
+            freed += f;
+            live += l;
+            if self.closed.len() < EMIT_CONTEXTS && shard + 1 < shards {
+                continue;
+            }
+            for closed in self.closed.drain(..) {
+                self.settings.finish(closed, &mut out);
+            }
+            self.emit(std::mem::take(&mut out));
         }
         let t = &self.telemetry;
         t.flushes.fetch_add(1, Relaxed);
         t.contexts_expired.fetch_add(freed as u64, Relaxed);
         t.contexts.store(live as u64, Relaxed);
+    }
+
+    fn emit(&mut self, out: Flushed) {
+        let t = &self.telemetry;
         t.flushed_points.fetch_add(out.series.len() as u64, Relaxed);
         t.flushed_sketches
             .fetch_add(out.sketches.len() as u64, Relaxed);
@@ -291,6 +312,64 @@ mod tests {
             acc.add(v, rate);
         }
         acc
+    }
+
+    #[test]
+    fn a_large_flush_is_emitted_in_chunks_and_loses_nothing() {
+        use crate::packet::Pool;
+        use crate::telemetry::Transport;
+        use crate::worker::{Enrichment, Worker};
+        use std::sync::Mutex;
+
+        /// (series, events) of each emit.
+        struct Capture(Arc<Mutex<Vec<(usize, usize)>>>);
+        impl Output for Capture {
+            fn emit(&mut self, f: Flushed) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((f.series.len(), f.events.len()));
+            }
+        }
+
+        const CONTEXTS: usize = 25_000;
+        let demux = Arc::new(Demux::new(4, 100));
+        let telemetry = Arc::new(Telemetry::default());
+        let enrichment = Enrichment {
+            hostname: "h".into(),
+            extra_tags: Arc::new([]),
+            bucket_seconds: 10,
+        };
+        let mut worker = Worker::new(demux.clone(), telemetry.clone(), enrichment);
+        let pool = Pool::new(8192, 1);
+        let mut lines: Vec<String> = (0..CONTEXTS).map(|i| format!("g{i}:1|g")).collect();
+        lines.push("_e{1,1}:t|x".into());
+        for chunk in lines.chunks(500) {
+            let packet = chunk.join("\n");
+            let mut batch = pool.get(Transport::Unix);
+            batch.buffer_mut()[..packet.len()].copy_from_slice(packet.as_bytes());
+            batch.push_frame(0, packet.len());
+            batch.received_at = 1_000;
+            worker.process(&batch);
+            pool.put(batch);
+        }
+        let emits = Arc::new(Mutex::new(Vec::new()));
+        let settings = FlushSettings::new(EXPIRY, &[], &[]);
+        let mut flusher = Flusher::new(
+            demux,
+            telemetry.clone(),
+            settings,
+            Box::new(Capture(emits.clone())),
+        );
+        flusher.flush(2_000);
+        let emits = emits.lock().unwrap().clone();
+        // Four shards of about 6,250 contexts: emitted two shards at a time.
+        assert_eq!(emits.len(), 2, "{emits:?}");
+        assert!(emits[0].0 >= EMIT_CONTEXTS, "{emits:?}");
+        assert_eq!(emits.iter().map(|e| e.0).sum::<usize>(), CONTEXTS);
+        assert_eq!(emits.iter().map(|e| e.1).collect::<Vec<_>>(), [1, 0]);
+        assert_eq!(telemetry.flushed_points.load(Relaxed), CONTEXTS as u64);
+        assert_eq!(telemetry.flushes.load(Relaxed), 1);
     }
 
     #[test]
