@@ -170,11 +170,11 @@ fn percentiles(h: &Histogram, pcts: &[(i64, Arc<str>)], mut emit: impl FnMut(&Ar
     }
 }
 
-/// Runs flushes: periodically on bucket boundaries, and once more at shutdown.
 /// Closed contexts per emit of a flush: the series payload's 10,000-point limit, so chunking
 /// costs at most one extra, smaller payload per emit.
 pub const EMIT_CONTEXTS: usize = 10_000;
 
+/// Runs flushes: periodically on bucket boundaries, and once more at shutdown.
 pub struct Flusher {
     pub demux: Arc<Demux>,
     pub telemetry: Arc<Telemetry>,

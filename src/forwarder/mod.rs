@@ -178,7 +178,7 @@ impl Forwarder {
         let mut state = State::default();
         if let Some((dir, limit)) = &config.retry_dir {
             let (disk, found) = Disk::open(dir, *limit).map_err(crate::Error::Startup)?;
-            if found.payloads > 0 || found.unreadable > 0 {
+            if found.payloads > 0 {
                 log::info(&format!(
                     "retry dir {}: {} payload(s), {} bytes waiting from before; sending them first",
                     dir.display(),
@@ -186,6 +186,15 @@ impl Forwarder {
                     found.bytes
                 ));
             }
+            if found.unreadable > 0 {
+                log::warn(&format!(
+                    "retry dir {}: removed {} file(s) that were not whole payloads",
+                    dir.display(),
+                    found.unreadable
+                ));
+            }
+            // A file without a readable header names no endpoint: counted under series,
+            // where almost every payload on disk belongs.
             for _ in 0..found.unreadable {
                 telemetry.count_payload(Endpoint::SeriesV2, Outcome::DroppedUnreadable);
             }
@@ -289,7 +298,8 @@ impl Shared {
                 break;
             };
             state.queued_bytes -= oldest.payload.body.len();
-            if oldest.from_disk.is_some() || state.disk.is_none() {
+            // (Payloads read from disk never wait here: a retry puts them back on disk.)
+            if state.disk.is_none() {
                 self.count(oldest.payload.endpoint, Outcome::DroppedQueueFull);
             } else {
                 self.spill(state, oldest.payload);
