@@ -187,10 +187,6 @@ impl Daemon {
             config.event_backlog,
             config.context_limit,
         ));
-        let pool = Arc::new(Pool::new(
-            config.buffer_size,
-            config.workers * 2 + config.udp_readers + 4,
-        ));
         let (queue_tx, queue_rx) = crossbeam_channel::bounded::<Batch>(config.queue_size);
         let stopping = Arc::new(AtomicBool::new(false));
 
@@ -204,7 +200,13 @@ impl Daemon {
             &config.histogram_aggregates,
             &config.histogram_percentiles,
         );
-        let flusher = Flusher::new(demux.clone(), telemetry.clone(), settings, output);
+        // Every batch that can be in circulation at once stays pooled under load: the queue,
+        // what the workers hold, one per datagram reader, and a few for stream connections.
+        // Idle spares beyond a handful are freed after each flush.
+        let in_flight = config.queue_size + config.workers + config.udp_readers + 1 + 4;
+        let pool = Arc::new(Pool::new(config.buffer_size, in_flight));
+        let flusher = Flusher::new(demux.clone(), telemetry.clone(), settings, output)
+            .with_pool(pool.clone(), config.workers + config.udp_readers + 2);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher_thread = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
 

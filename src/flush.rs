@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::demux::Demux;
 use crate::output::{Flushed, Output, Series, SeriesKind, SketchPoint};
+use crate::packet::Pool;
 use crate::shard::{Accumulator, Closed, Expiry, Histogram};
 use crate::telemetry::Telemetry;
 
@@ -182,6 +183,8 @@ pub struct Flusher {
     pub output: Box<dyn Output>,
     /// Reused between flushes.
     closed: Vec<Closed>,
+    /// The packet buffer pool, trimmed to this many spares after each flush.
+    pool: Option<(Arc<Pool>, usize)>,
 }
 
 impl Flusher {
@@ -197,7 +200,14 @@ impl Flusher {
             settings,
             output,
             closed: Vec::new(),
+            pool: None,
         }
+    }
+
+    /// Trims `pool` to `keep` spare buffers after each flush (see [`Pool::trim`]).
+    pub fn with_pool(mut self, pool: Arc<Pool>, keep: usize) -> Flusher {
+        self.pool = Some((pool, keep));
+        self
     }
 
     /// Closes every bucket starting before `boundary` and emits it with the backlog, a few
@@ -260,7 +270,10 @@ impl Flusher {
             match stop.recv_timeout(wait) {
                 Err(RecvTimeoutError::Timeout) => {
                     crate::inject_fault("flusher");
-                    self.flush(boundary)
+                    self.flush(boundary);
+                    if let Some((pool, keep)) = &self.pool {
+                        pool.trim(*keep);
+                    }
                 }
                 _ => break,
             }
