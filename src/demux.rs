@@ -102,7 +102,7 @@ impl Demux {
 
     /// The `n` busiest contexts across shards (most samples since created), busiest first.
     /// Locks one shard at a time, as a flush does.
-    pub fn busiest(&self, n: usize) -> Vec<(u64, Arc<ContextKey>)> {
+    pub fn busiest(&self, n: usize) -> Vec<(u64, ContextKey)> {
         let mut top = Vec::with_capacity(n + 1);
         if n > 0 {
             for shard in self.shards.iter() {

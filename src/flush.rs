@@ -304,7 +304,7 @@ mod tests {
             kind,
         };
         Closed {
-            context: Arc::new(ContextKey::new(&context)),
+            context: ContextKey::new(&context),
             timestamp: 100,
             acc,
         }

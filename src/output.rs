@@ -31,7 +31,7 @@ impl SeriesKind {
 /// `.95percentile`, … for histograms; empty otherwise).
 #[derive(Debug, Clone)]
 pub struct Series {
-    pub context: Arc<ContextKey>,
+    pub context: ContextKey,
     pub suffix: Arc<str>,
     pub kind: SeriesKind,
     pub interval: i64,
@@ -48,7 +48,7 @@ impl Series {
 /// One distribution's sketch for one bucket (already finished).
 #[derive(Debug, Clone)]
 pub struct SketchPoint {
-    pub context: Arc<ContextKey>,
+    pub context: ContextKey,
     pub timestamp: i64,
     pub sketch: Box<Sketch>,
 }

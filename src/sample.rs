@@ -22,7 +22,7 @@ pub struct Sample<'a> {
     /// The canonical tags, as a range into the worker's tag arena for the packet (sorted,
     /// de-duplicated, extra tags included, `host:` removed); `None` when the worker's
     /// context cache vouched for the context by its hash: the shard then checks the type and
-    /// the name and host lengths beside the hash, and reports the sample missing if it holds
+    /// the name length kept beside the hash, and reports the sample missing if it holds
     /// no such context.
     pub tags: Option<(u32, u32)>,
     /// The raw `#` field, to build the canonical tags for a sample reported missing.

@@ -116,17 +116,11 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
-/// Most contexts a worker's cache holds; when full it starts over. 64 Ki entries of 40 bytes.
+/// Most contexts a worker's cache holds; when full it starts over. 64 Ki entries of 32 bytes.
 const CACHE_LIMIT: usize = 1 << 16;
 
-/// Where a context's host comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HostFrom {
-    /// `--hostname`.
-    Default,
-    /// A `host:` tag: this byte range of the raw tag field.
-    Tag(u32, u32),
-}
+/// [`Cached::host`] when the host is `--hostname`.
+const DEFAULT_HOST: (u32, u32) = (u32::MAX, u32::MAX);
 
 /// A context the worker has canonicalized before, keyed by its raw bytes (name, raw `#`
 /// field, type). Default host and extra tags are the same for every message of a worker, so
@@ -135,11 +129,19 @@ enum HostFrom {
 #[derive(Debug, Clone, Copy)]
 struct Cached {
     raw_hash: u64,
-    name_len: u32,
-    tags_len: u32,
-    kind: MetricKind,
     hash: u64,
-    host: HostFrom,
+    /// Where the host comes from: this byte range of the raw tag field (a `host:` tag), or
+    /// [`DEFAULT_HOST`].
+    host: (u32, u32),
+    /// Name and raw tag field lengths, saturating (a packet is at most 64 KiB).
+    name_len: u16,
+    tags_len: u16,
+    kind: MetricKind,
+}
+
+/// A length as [`Cached`] keeps it.
+fn short_len(s: &str) -> u16 {
+    s.len().min(u16::MAX as usize) as u16
 }
 
 /// A batch's reusable buffers, borrowed for one message.
@@ -324,8 +326,8 @@ impl Worker {
             self.cache
                 .find(raw, |c| {
                     c.raw_hash == raw
-                        && c.name_len as usize == m.name.len()
-                        && c.tags_len as usize == m.tags.len()
+                        && c.name_len == short_len(m.name)
+                        && c.tags_len == short_len(m.tags)
                         && c.kind == m.kind
                 })
                 .copied()
@@ -333,8 +335,8 @@ impl Worker {
         let (hash, host, range) = match cached {
             Some(c) => {
                 let host = match c.host {
-                    HostFrom::Default => &*enrichment.hostname,
-                    HostFrom::Tag(a, b) => &m.tags[a as usize..b as usize],
+                    DEFAULT_HOST => &*enrichment.hostname,
+                    (a, b) => &m.tags[a as usize..b as usize],
                 };
                 (c.hash, host, None)
             }
@@ -357,14 +359,14 @@ impl Worker {
                         // The host tag is a slice of the raw field: keep its byte range.
                         Some(h) => {
                             let at = h.as_ptr() as usize - m.tags.as_ptr() as usize;
-                            HostFrom::Tag(at as u32, (at + h.len()) as u32)
+                            (at as u32, (at + h.len()) as u32)
                         }
-                        None => HostFrom::Default,
+                        None => DEFAULT_HOST,
                     };
                     let entry = Cached {
                         raw_hash: raw,
-                        name_len: m.name.len() as u32,
-                        tags_len: m.tags.len() as u32,
+                        name_len: short_len(m.name),
+                        tags_len: short_len(m.tags),
                         kind: m.kind,
                         hash,
                         host,
@@ -671,6 +673,11 @@ mod tests {
         let over = &w.telemetry.dropped[Discard::ContextLimit as usize];
         assert_eq!(over.load(Relaxed), 1);
         assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_cache_entry_stays_small() {
+        assert_eq!(std::mem::size_of::<Cached>(), 32);
     }
 
     #[test]

@@ -244,6 +244,36 @@ impl Forwarder {
         self.shared.changed.notify_all();
     }
 
+    /// Waits, at most `max_wait`, until no more than `bytes` of payloads wait in memory, so a
+    /// flush of many contexts produces payloads at the pace the intake takes them instead of
+    /// holding them all at once. Returns at once while an endpoint is backing off (the intake
+    /// is failing: the byte bound and the retry directory handle that) or at shutdown.
+    pub fn pace(&self, bytes: usize, max_wait: Duration) {
+        let deadline = Instant::now() + max_wait;
+        let mut state = self.shared.lock();
+        while state.queued_bytes > bytes && !state.closing {
+            let now = Instant::now();
+            let failing = state
+                .backoff
+                .values()
+                .any(|b| b.until.is_some_and(|u| u > now));
+            if failing || now >= deadline {
+                break;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Payload bytes waiting in memory.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.lock().queued_bytes
+    }
+
     /// Sends what is queued until it is done or `deadline` passes, then stops the threads;
     /// whatever is left is dropped and counted.
     pub fn close(self, deadline: Instant) {
@@ -385,6 +415,8 @@ impl Shared {
             Some(w) => {
                 state.queued_bytes -= w.payload.body.len();
                 self.set_queue_gauge(state);
+                // A flusher may be pacing itself on the queue (`Forwarder::pace`).
+                self.changed.notify_all();
                 Ok(w)
             }
             None => Err(wait),
@@ -518,6 +550,12 @@ fn sender(shared: &Shared) {
     shared.changed.notify_all();
 }
 
+/// A flush emitting in chunks waits while more than this many payload bytes wait for the
+/// intake (about four chunks of 10,000 series; see [`Forwarder::pace`]).
+const PACE_BYTES: usize = 2 << 20;
+/// Longest wait per chunk: a slow intake delays a flush by at most this per chunk.
+const PACE_WAIT: Duration = Duration::from_secs(1);
+
 /// The output used when an intake is configured: serialize each flush, forward the payloads.
 pub struct IntakeOutput {
     pub serializer: crate::serializer::Serializer,
@@ -537,6 +575,7 @@ impl crate::output::Output for IntakeOutput {
         }
         if let Some(f) = &self.forwarder {
             f.submit(serialized.payloads);
+            f.pace(PACE_BYTES, PACE_WAIT);
         }
     }
 
@@ -565,6 +604,39 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret-key-123"), "{shown}");
         assert!(shown.contains("(redacted)"), "{shown}");
+    }
+
+    #[test]
+    fn a_paced_flush_waits_until_the_intake_has_taken_the_queue() {
+        let intake = crate::intake::Intake::start(crate::intake::IntakeConfig {
+            delay: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .unwrap();
+        let config = ForwarderConfig {
+            base_url: intake.url(),
+            api_key: crate::config::ApiKey("k".into()),
+            threads: 1,
+            retry_queue_bytes: 1 << 20,
+            timeout: Duration::from_secs(30),
+            retry_base: Duration::from_secs(1),
+            retry_dir: None,
+        };
+        let forwarder = Forwarder::start(config, Arc::new(Telemetry::default())).unwrap();
+        let payloads = (0..8)
+            .map(|_| Payload {
+                endpoint: Endpoint::Events,
+                body: vec![b'x'; 1000],
+                compression: crate::serializer::compress::Compression::None,
+                items: 1,
+            })
+            .collect();
+        forwarder.submit(payloads);
+        forwarder.pace(0, Duration::from_secs(120));
+        assert_eq!(forwarder.queued_bytes(), 0);
+        // Above the mark it returns without waiting.
+        forwarder.pace(usize::MAX, Duration::from_secs(120));
+        forwarder.close(Instant::now() + Duration::from_secs(60));
     }
 
     #[test]

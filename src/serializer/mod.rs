@@ -294,7 +294,7 @@ impl Serializer {
     fn series(&self, series: &[Series]) -> (Vec<Payload>, usize) {
         let key = |s: &Series| {
             (
-                Arc::as_ptr(&s.context) as usize,
+                s.context.id(),
                 Arc::as_ptr(&s.suffix) as *const u8 as usize,
                 s.kind as usize,
             )
@@ -340,7 +340,7 @@ impl Serializer {
         let mut scratch = (Vec::new(), Vec::new());
         for_each_group(
             sketches,
-            |s| Arc::as_ptr(&s.context) as usize,
+            |s| s.context.id(),
             |points| {
                 entry.clear();
                 encode::sketch(&mut entry, points, &mut scratch);

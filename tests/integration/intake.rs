@@ -91,7 +91,7 @@ fn series_body() -> Vec<u8> {
     });
     let flushed = Flushed {
         series: vec![Series {
-            context: std::sync::Arc::new(context),
+            context,
             suffix: "".into(),
             kind: SeriesKind::Gauge,
             interval: 10,
