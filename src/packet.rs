@@ -6,7 +6,7 @@
 //! send per batch, not per packet. Batches return to a [`Pool`] after a worker is done with
 //! them; buffers are reused, and the pool keeps only a few spare ones so idle memory stays low.
 
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::telemetry::Transport;
 
@@ -77,10 +77,12 @@ impl Batch {
     }
 }
 
-/// The free list of batch buffers.
+/// The free list of batch buffers: a stack, so the buffer a worker just returned (still in
+/// cache) is the next one a reader fills. A FIFO hands out the coldest buffer instead, and
+/// the kernel's copy into it then misses the cache on every line.
 pub struct Pool {
-    free_tx: Sender<Batch>,
-    free_rx: Receiver<Batch>,
+    free: Mutex<Vec<Batch>>,
+    spare: usize,
     batch_bytes: usize,
     slot_bytes: usize,
 }
@@ -90,13 +92,16 @@ impl Pool {
     /// at most `spare` free buffers are kept, the rest are freed.
     pub fn new(slot_bytes: usize, spare: usize) -> Pool {
         let slots = (BATCH_BYTES / slot_bytes).clamp(4, MAX_SLOTS);
-        let (free_tx, free_rx) = crossbeam_channel::bounded(spare.max(1));
         Pool {
-            free_tx,
-            free_rx,
+            free: Mutex::new(Vec::with_capacity(spare.max(1))),
+            spare: spare.max(1),
             batch_bytes: slots * slot_bytes,
             slot_bytes,
         }
+    }
+
+    fn free(&self) -> MutexGuard<'_, Vec<Batch>> {
+        self.free.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Packets a batch holds.
@@ -109,12 +114,10 @@ impl Pool {
         self.slot_bytes
     }
 
-    /// An empty batch: a spare one, or a new one.
+    /// An empty batch: the spare one returned last, or a new one.
     pub fn get(&self, transport: Transport) -> Batch {
-        let mut batch = self
-            .free_rx
-            .try_recv()
-            .unwrap_or_else(|_| Batch::new(self.batch_bytes));
+        let spare = self.free().pop();
+        let mut batch = spare.unwrap_or_else(|| Batch::new(self.batch_bytes));
         batch.transport = transport;
         batch
     }
@@ -122,24 +125,28 @@ impl Pool {
     /// Returns a batch for reuse; freed if enough are spare.
     pub fn put(&self, mut batch: Batch) {
         batch.clear();
-        let _ = self.free_tx.try_send(batch);
+        let mut free = self.free();
+        if free.len() < self.spare {
+            free.push(batch);
+        }
     }
 
-    /// Frees spare batches beyond `keep`. The pool keeps every batch in circulation under
-    /// load (re-allocating a 256 KiB buffer means zeroing it and faulting its pages in: 6% of
-    /// the daemon's CPU under all-out Unix load when spares were freed at once); the flusher
-    /// trims it once per bucket so memory returns to idle after a burst.
+    /// Frees spare batches beyond `keep` (the coldest ones). The pool keeps every batch in
+    /// circulation under load (re-allocating a 256 KiB buffer means zeroing it and faulting
+    /// its pages in: 6% of the daemon's CPU under all-out Unix load when spares were freed at
+    /// once); the flusher trims it once per bucket so memory returns to idle after a burst.
     pub fn trim(&self, keep: usize) -> usize {
-        let mut freed = 0;
-        while self.free_rx.len() > keep && self.free_rx.try_recv().is_ok() {
-            freed += 1;
-        }
-        freed
+        let cold: Vec<Batch> = {
+            let mut free = self.free();
+            let n = free.len().saturating_sub(keep);
+            free.drain(..n).collect()
+        };
+        cold.len()
     }
 
     /// Spare batches held.
     pub fn spare(&self) -> usize {
-        self.free_rx.len()
+        self.free().len()
     }
 }
 
