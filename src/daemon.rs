@@ -459,6 +459,7 @@ fn output_for(
         forwarder: Some(forwarder),
         telemetry,
         shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+        pacing: true,
     });
     Ok((output, Some(retarget)))
 }

@@ -279,6 +279,7 @@ impl Flusher {
             }
         }
         let secs = crate::listener::unix_now();
+        self.output.stopping();
         self.flush(secs - secs.rem_euclid(interval) + interval);
         self.output.finish();
     }

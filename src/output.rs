@@ -100,6 +100,8 @@ impl Flushed {
 /// forwarder applies its own bounds), `finish` is called once at shutdown after the last emit.
 pub trait Output: Send {
     fn emit(&mut self, flushed: Flushed);
+    /// Called before the final flush at shutdown.
+    fn stopping(&mut self) {}
     fn finish(&mut self) {}
 }
 

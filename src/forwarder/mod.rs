@@ -563,6 +563,9 @@ pub struct IntakeOutput {
     pub telemetry: Arc<Telemetry>,
     /// How long the final flush may take to send at shutdown.
     pub shutdown_timeout: Duration,
+    /// Flushes wait for the intake ([`Forwarder::pace`]); not the final one, which
+    /// `--shutdown-timeout` bounds instead.
+    pub pacing: bool,
 }
 
 impl crate::output::Output for IntakeOutput {
@@ -575,8 +578,14 @@ impl crate::output::Output for IntakeOutput {
         }
         if let Some(f) = &self.forwarder {
             f.submit(serialized.payloads);
-            f.pace(PACE_BYTES, PACE_WAIT);
+            if self.pacing {
+                f.pace(PACE_BYTES, PACE_WAIT);
+            }
         }
+    }
+
+    fn stopping(&mut self) {
+        self.pacing = false;
     }
 
     fn finish(&mut self) {
