@@ -4,7 +4,8 @@
 //! A [`Batch`] is one buffer holding up to [`Batch::slots`] packets (datagrams, or frames of
 //! the stream transport) read in one go, so a reader makes one `recvmmsg` call and one channel
 //! send per batch, not per packet. Batches return to a [`Pool`] after a worker is done with
-//! them; buffers are reused, and the pool keeps only a few spare ones so idle memory stays low.
+//! them; buffers are reused (the last returned first), every batch in circulation is kept
+//! while traffic flows, and the flusher trims the spares once per bucket.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

@@ -89,6 +89,8 @@ fn accumulate(
             bucket = ctx.bucket;
         }
     }
+    // Expiry counts idle time from `bucket`, which relies on it never going back.
+    debug_assert!(bucket >= ctx.bucket, "{bucket} < {}", ctx.bucket);
     ctx.bucket = bucket;
     ctx.dirty = true;
     ctx.samples = ctx.samples.saturating_add(1);
