@@ -116,8 +116,71 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
-/// Most contexts a worker's cache holds; when full it starts over. 64 Ki entries of 32 bytes.
-const CACHE_LIMIT: usize = 1 << 16;
+/// Most contexts a worker's cache holds: 64 Ki entries of 32 bytes (4.2 MiB with the table's
+/// spare room).
+const CACHE_MAX: usize = 1 << 16;
+/// Fewest it is cut down to when it does not pay.
+const CACHE_MIN: usize = 1 << 12;
+
+/// Raw context bytes → canonical context, sized by how well it pays. When full it starts
+/// over; if fewer than 1 in 10 lookups of the round hit (far more contexts than it holds:
+/// each round is mostly misses, and its memory is wasted) it halves, down to [`CACHE_MIN`];
+/// if 3 in 10 or more hit (a little more than it holds) it doubles, up to [`CACHE_MAX`].
+/// At 300k contexts the two workers' caches took 8.6 MB at the full size.
+struct ContextCache {
+    table: HashTable<Cached>,
+    limit: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl ContextCache {
+    fn new() -> ContextCache {
+        ContextCache {
+            table: HashTable::new(),
+            limit: CACHE_MAX,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn find(&mut self, raw: u64, eq: impl Fn(&Cached) -> bool) -> Option<Cached> {
+        let found = self.table.find(raw, eq).copied();
+        match found {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        found
+    }
+
+    fn insert(&mut self, entry: Cached) {
+        if self.table.len() >= self.limit {
+            let looked = self.hits + self.misses;
+            let limit = if self.hits * 10 < looked {
+                (self.limit / 2).max(CACHE_MIN)
+            } else if self.hits * 10 >= looked * 3 {
+                (self.limit * 2).min(CACHE_MAX)
+            } else {
+                self.limit
+            };
+            if limit < self.limit {
+                // Give the memory back, not just the entries.
+                self.table = HashTable::new();
+            } else {
+                self.table.clear();
+            }
+            self.limit = limit;
+            self.hits = 0;
+            self.misses = 0;
+        }
+        self.table
+            .insert_unique(entry.raw_hash, entry, |c| c.raw_hash);
+    }
+
+    fn clear(&mut self) {
+        self.table.clear();
+    }
+}
 
 /// [`Cached::host`] when the host is `--hostname`.
 const DEFAULT_HOST: (u32, u32) = (u32::MAX, u32::MAX);
@@ -166,7 +229,7 @@ pub struct Worker {
     per_shard: Vec<Vec<Sample<'static>>>,
     /// Raw context bytes → canonical context, so a known context skips splitting, sorting
     /// and hashing its tags.
-    cache: HashTable<Cached>,
+    cache: ContextCache,
     /// Reused: samples a shard reported missing, and their retries.
     missing: Vec<u32>,
     retry: Vec<Sample<'static>>,
@@ -186,7 +249,7 @@ impl Worker {
             tags: Vec::new(),
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
-            cache: HashTable::new(),
+            cache: ContextCache::new(),
             missing: Vec::new(),
             retry: Vec::new(),
             per_shard: (0..shards).map(|_| Vec::new()).collect(),
@@ -323,14 +386,12 @@ impl Worker {
             None
         };
         let cached = raw_hash.and_then(|raw| {
-            self.cache
-                .find(raw, |c| {
-                    c.raw_hash == raw
-                        && c.name_len == short_len(m.name)
-                        && c.tags_len == short_len(m.tags)
-                        && c.kind == m.kind
-                })
-                .copied()
+            self.cache.find(raw, |c| {
+                c.raw_hash == raw
+                    && c.name_len == short_len(m.name)
+                    && c.tags_len == short_len(m.tags)
+                    && c.kind == m.kind
+            })
         });
         let (hash, host, range) = match cached {
             Some(c) => {
@@ -352,9 +413,6 @@ impl Worker {
                 };
                 let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
                 if let Some(raw) = raw_hash {
-                    if self.cache.len() >= CACHE_LIMIT {
-                        self.cache.clear();
-                    }
                     let host = match host_tag {
                         // The host tag is a slice of the raw field: keep its byte range.
                         Some(h) => {
@@ -371,7 +429,7 @@ impl Worker {
                         hash,
                         host,
                     };
-                    self.cache.insert_unique(raw, entry, |c| c.raw_hash);
+                    self.cache.insert(entry);
                 }
                 (hash, host, Some((start as u32, tags.len() as u32)))
             }
@@ -617,7 +675,7 @@ mod tests {
         let packet = "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev\nb:1|g|#x\nc:5|c|#host:,y";
         feed(&mut w, &[packet]);
         feed(&mut w, &[packet]); // every message now hits the cache
-        assert_eq!(w.cache.len(), 4);
+        assert_eq!(w.cache.table.len(), 4);
         assert_eq!(
             flushed(&w),
             [
@@ -673,6 +731,70 @@ mod tests {
         let over = &w.telemetry.dropped[Discard::ContextLimit as usize];
         assert_eq!(over.load(Relaxed), 1);
         assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn the_context_cache_shrinks_when_it_does_not_pay_and_grows_back_when_it_does() {
+        let entry = |n: u64| Cached {
+            raw_hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            hash: n,
+            host: DEFAULT_HOST,
+            name_len: 1,
+            tags_len: 0,
+            kind: MetricKind::Gauge,
+        };
+        let mut cache = ContextCache::new();
+        let round = |cache: &mut ContextCache, first: u64, hits_per_miss: u64| {
+            // Fill one round: every new context misses once and is inserted; `hits_per_miss`
+            // hits on the one just inserted.
+            let limit = cache.limit as u64;
+            for n in first..first + limit + 1 {
+                let e = entry(n);
+                assert!(cache.find(e.raw_hash, |c| c.hash == n).is_none());
+                cache.insert(e);
+                for _ in 0..hits_per_miss {
+                    assert!(cache.find(e.raw_hash, |c| c.hash == n).is_some());
+                }
+            }
+        };
+        // Nothing but misses: halves each round down to the floor, and stays there.
+        let mut next = 0;
+        for want in [
+            CACHE_MAX / 2,
+            CACHE_MAX / 4,
+            CACHE_MAX / 8,
+            CACHE_MAX / 16,
+            CACHE_MIN,
+            CACHE_MIN,
+        ] {
+            round(&mut cache, next, 0);
+            next += 1 << 20;
+            assert_eq!(cache.limit, want);
+        }
+        // One hit per miss (50%): doubles back to the full size.
+        for want in [
+            CACHE_MIN * 2,
+            CACHE_MIN * 4,
+            CACHE_MIN * 8,
+            CACHE_MIN * 16,
+            CACHE_MAX,
+        ] {
+            round(&mut cache, next, 1);
+            next += 1 << 20;
+            assert_eq!(cache.limit, want);
+        }
+        // 1 hit in 5 lookups (20%): stays.
+        let mut quarter = ContextCache::new();
+        quarter.limit = CACHE_MIN;
+        for n in 0..CACHE_MIN as u64 + 1 {
+            let e = entry(n);
+            assert!(quarter.find(e.raw_hash, |c| c.hash == n).is_none());
+            quarter.insert(e);
+            if n % 4 == 0 {
+                quarter.find(e.raw_hash, |c| c.hash == n);
+            }
+        }
+        assert_eq!(quarter.limit, CACHE_MIN);
     }
 
     #[test]
