@@ -46,7 +46,7 @@ impl ContextRef<'_> {
 /// An owned context, cheap to clone: one shared allocation holding a short header, then the
 /// name, the host and the tags joined by commas (a tag never holds a comma: tags are split at
 /// commas). One allocation a context instead of three (reference count, text, tag offsets):
-/// 300,000 contexts of 10 tags took 77 MB instead of 127 MB measured with massif.
+/// with 10-tag contexts, about 230 bytes a context instead of 315 (massif, 300k contexts).
 ///
 /// The header is [`HEADER`] ASCII bytes, so the whole key is one `str`: the type, then the
 /// lengths of name and host and the tag count, 7 bits per byte.
