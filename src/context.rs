@@ -202,6 +202,13 @@ impl<'a> Iterator for Tags<'a> {
 
 impl ExactSizeIterator for Tags<'_> {}
 
+/// A length as the compact context records keep it (a shard's entry, a worker's cache):
+/// saturating at 65535, which a packet of at most 64 KiB never needs to exceed in practice;
+/// it is a cheap structural check beside the 64-bit hash, not an identity.
+pub fn short_len(s: &str) -> u16 {
+    s.len().min(u16::MAX as usize) as u16
+}
+
 /// The non-empty tags of a raw `a,b:c` list, split with SIMD `memchr`.
 pub fn split_tags(raw: &str) -> impl Iterator<Item = &str> {
     let mut at = 0;

@@ -139,6 +139,7 @@ impl Pool {
     /// the allocator (glibc keeps most of that memory mapped: RSS after a 3 s all-out burst
     /// stays about 24 MiB, as it did when spares were freed at once).
     pub fn trim(&self, keep: usize) -> usize {
+        // Taken out under the lock, freed after it.
         let cold: Vec<Batch> = {
             let mut free = self.free();
             let n = free.len().saturating_sub(keep);

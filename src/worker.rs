@@ -15,7 +15,7 @@ use std::hash::{BuildHasher, Hasher};
 
 use hashbrown::HashTable;
 
-use crate::context::{canonical_tags, split_tags, ContextRef};
+use crate::context::{canonical_tags, short_len, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
 use crate::packet::{lines, Batch, Pool};
@@ -200,11 +200,6 @@ struct Cached {
     name_len: u16,
     tags_len: u16,
     kind: MetricKind,
-}
-
-/// A length as [`Cached`] keeps it.
-fn short_len(s: &str) -> u16 {
-    s.len().min(u16::MAX as usize) as u16
 }
 
 /// A batch's reusable buffers, borrowed for one message.
@@ -540,6 +535,13 @@ mod tests {
         w.process(&batch);
     }
 
+    /// Ten-second buckets; a context idle through one flush is freed at the next.
+    const FREE_IDLE: Expiry = Expiry {
+        interval: 10,
+        counter_seconds: 300,
+        context_seconds: 0,
+    };
+
     /// (name, host, tags, value description) of every closed context, sorted.
     fn flushed(w: &Worker) -> Vec<String> {
         let expiry = Expiry {
@@ -692,17 +694,14 @@ mod tests {
     fn a_cached_context_that_expired_from_its_shard_is_created_again() {
         let mut w = worker(2, "h", &[]);
         feed(&mut w, &["gone:1|g|#k:v"]);
-        let expiry = Expiry {
-            interval: 10,
-            counter_seconds: 300,
-            context_seconds: 0,
-        };
+        let expiry = FREE_IDLE;
         let mut out = Vec::new();
         w.demux.flush(1_700_000_010, &expiry, &mut out); // emits the bucket
         w.demux.flush(1_700_000_020, &expiry, &mut out); // frees the idle context
         assert_eq!(out.len(), 1);
-        feed(&mut w, &["gone:7|g|#k:v"]); // cache hit, shard miss, retried with its tags
-                                          // Received at …005 but its bucket was flushed: it joins the open one, …020.
+        // A cache hit and a shard miss, retried with its tags. Received at …005, but that
+        // bucket was flushed: it joins the open one, …020.
+        feed(&mut w, &["gone:7|g|#k:v"]);
         assert_eq!(flushed(&w), ["gone host=h tags=k:v ts=1700000020 gauge=7"]);
         assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
         assert_eq!(w.telemetry.samples.load(Relaxed), 2);
@@ -718,11 +717,7 @@ mod tests {
         };
         let mut w = Worker::new(demux, Arc::new(Telemetry::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
-        let expiry = Expiry {
-            interval: 10,
-            counter_seconds: 300,
-            context_seconds: 0,
-        };
+        let expiry = FREE_IDLE;
         let mut out = Vec::new();
         w.demux.flush(1_700_000_010, &expiry, &mut out);
         w.demux.flush(1_700_000_020, &expiry, &mut out); // frees it; the cache still has it

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use crate::context::{ContextHasher, ContextKey, ContextRef};
+use crate::context::{short_len, ContextHasher, ContextKey, ContextRef};
 use crate::parser::MetricKind;
 use crate::sample::{Sample, SampleValue};
 pub use accumulator::{Accumulator, Histogram};
@@ -59,11 +59,6 @@ struct Context {
     name_len: u16,
     kind: MetricKind,
     dirty: bool,
-}
-
-/// A length as [`Context`] keeps it.
-fn short_len(s: &str) -> u16 {
-    s.len().min(u16::MAX as usize) as u16
 }
 
 /// Adds one sample to its context, first moving a closed bucket's accumulator aside.
