@@ -105,6 +105,24 @@ pub struct Daemon {
     config: Config,
 }
 
+/// Asks glibc's allocator for a single arena, unless `MALLOC_ARENA_MAX` says otherwise.
+///
+/// By default glibc gives threads arenas of their own (up to 8 per CPU). Here workers
+/// allocate context keys and accumulators and the flusher frees them, so memory freed in one
+/// arena sits unused while another grows: at 300k contexts, peak RSS was 5 to 9 MiB higher
+/// with the default than with one arena (three runs of each). Allocation is off the
+/// per-message path (a new context, a closed bucket), so the shared arena's lock is rarely
+/// taken.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; any value is valid to pass.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, Error> {
     std::thread::Builder::new()
         .name(name.clone())
@@ -125,6 +143,7 @@ impl Daemon {
         config: &Config,
         make_output: impl FnOnce(Arc<Telemetry>) -> Result<(Box<dyn Output>, Option<Retarget>), Error>,
     ) -> Result<Daemon, Error> {
+        one_malloc_arena();
         let mut bound = Bound::default();
         let mut owned_paths = Vec::new();
         let passed = systemd::listen_fds()?;
@@ -204,7 +223,9 @@ impl Daemon {
         // what the workers hold, one per datagram reader, and a few for stream connections.
         // Idle spares beyond a handful are freed after each flush.
         let in_flight = config.queue_size + config.workers + config.udp_readers + 1 + 4;
-        let pool = Arc::new(Pool::new(config.buffer_size, in_flight));
+        // Unix readers queue at most two batches per worker (see `Pool::admit`).
+        let pool =
+            Arc::new(Pool::new(config.buffer_size, in_flight).with_admissions(2 * config.workers));
         let flusher = Flusher::new(demux.clone(), telemetry.clone(), settings, output)
             .with_pool(pool.clone(), config.workers + config.udp_readers + 2);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);

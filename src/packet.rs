@@ -9,6 +9,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crossbeam_channel::{Receiver, Sender};
+
 use crate::telemetry::Transport;
 
 /// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB.
@@ -25,6 +27,8 @@ pub struct Batch {
     pub transport: Transport,
     /// Arrival time, unix seconds: picks the bucket (SPEC §3.1).
     pub received_at: i64,
+    /// Holds one of the pool's admissions (see [`Pool::admit`]).
+    admitted: bool,
 }
 
 impl Batch {
@@ -35,6 +39,7 @@ impl Batch {
             frames: Vec::with_capacity(MAX_SLOTS),
             transport: Transport::Udp,
             received_at: 0,
+            admitted: false,
         }
     }
 
@@ -86,6 +91,8 @@ pub struct Pool {
     spare: usize,
     batch_bytes: usize,
     slot_bytes: usize,
+    /// One message per admitted batch not yet returned (see [`Pool::admit`]).
+    admissions: Option<(Sender<()>, Receiver<()>)>,
 }
 
 impl Pool {
@@ -98,6 +105,29 @@ impl Pool {
             spare: spare.max(1),
             batch_bytes: slots * slot_bytes,
             slot_bytes,
+            admissions: None,
+        }
+    }
+
+    /// Lets at most `depth` admitted batches be queued or parsed at once (see
+    /// [`Pool::admit`]).
+    pub fn with_admissions(mut self, depth: usize) -> Pool {
+        self.admissions = Some(crossbeam_channel::bounded(depth.max(1)));
+        self
+    }
+
+    /// Waits until fewer than the pool's admission depth of admitted batches are queued or
+    /// being parsed, then admits `batch`; it counts until it comes back through
+    /// [`Pool::put`]. Readers whose senders can wait (the Unix transports) admit each batch
+    /// before queueing it: a queue deeper than the workers need adds memory, not throughput,
+    /// when the sender can be made to wait instead (all-out over a Unix socket, the 32-batch
+    /// queue held 8 MiB of packets). UDP readers, which cannot make anyone wait, do not, and
+    /// keep the whole queue for bursts.
+    pub fn admit(&self, batch: &mut Batch) {
+        if let Some((tx, _)) = &self.admissions {
+            if !batch.admitted && tx.send(()).is_ok() {
+                batch.admitted = true;
+            }
         }
     }
 
@@ -126,6 +156,11 @@ impl Pool {
     /// Returns a batch for reuse; freed if enough are spare.
     pub fn put(&self, mut batch: Batch) {
         batch.clear();
+        if std::mem::take(&mut batch.admitted) {
+            if let Some((_, rx)) = &self.admissions {
+                let _ = rx.try_recv();
+            }
+        }
         let mut free = self.free();
         if free.len() < self.spare {
             free.push(batch);
@@ -146,6 +181,11 @@ impl Pool {
             free.drain(..n).collect()
         };
         cold.len()
+    }
+
+    /// Admitted batches not yet returned.
+    pub fn admitted(&self) -> usize {
+        self.admissions.as_ref().map_or(0, |(_, rx)| rx.len())
     }
 
     /// Spare batches held.
@@ -179,6 +219,7 @@ pub fn lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn a_trimmed_pool_keeps_only_what_it_is_told() {
@@ -191,6 +232,43 @@ mod tests {
         assert_eq!(pool.spare(), 2);
         assert_eq!(pool.trim(2), 0);
         assert_eq!(pool.spare(), 2);
+    }
+
+    #[test]
+    fn admissions_wait_for_an_admitted_batch_to_come_back() {
+        let pool = Arc::new(Pool::new(8192, 8).with_admissions(2));
+        let (mut a, mut b) = (pool.get(Transport::Unix), pool.get(Transport::Unix));
+        pool.admit(&mut a);
+        pool.admit(&mut a); // a batch is admitted once
+        pool.admit(&mut b);
+        assert_eq!(pool.admitted(), 2);
+        // A batch never admitted (what a UDP reader queues) gives nothing back.
+        pool.put(pool.get(Transport::Udp));
+        assert_eq!(pool.admitted(), 2);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let third = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let mut c = pool.get(Transport::Unix);
+                pool.admit(&mut c);
+                done_tx.send(()).unwrap();
+                c
+            })
+        };
+        // The third admission can only complete once one of the first two is returned.
+        assert!(done_rx.try_recv().is_err());
+        pool.put(a);
+        done_rx.recv().unwrap();
+        let c = third.join().unwrap();
+        assert_eq!(pool.admitted(), 2);
+        pool.put(b);
+        pool.put(c);
+        assert_eq!(pool.admitted(), 0);
+        // Without admissions, admitting never waits.
+        let open = Pool::new(8192, 8);
+        let mut many: Vec<Batch> = (0..50).map(|_| open.get(Transport::Unix)).collect();
+        many.iter_mut().for_each(|b| open.admit(b));
+        assert_eq!(open.admitted(), 0);
     }
 
     #[test]

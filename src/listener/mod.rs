@@ -119,8 +119,9 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
         }
         batch.received_at = unix_now();
         crate::inject_fault(transport.label());
-        let full = std::mem::replace(&mut batch, ctx.pool.get(transport));
+        let mut full = std::mem::replace(&mut batch, ctx.pool.get(transport));
         if transport != Transport::Udp {
+            ctx.pool.admit(&mut full);
             if ctx.queue.send(full).is_err() {
                 break;
             }

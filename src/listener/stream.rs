@@ -189,6 +189,7 @@ fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
                 .packets
                 .fetch_add(batch.frame_count() as u64, Relaxed);
             batch.received_at = unix_now();
+            ctx.pool.admit(&mut batch);
             if ctx.queue.send(batch).is_err() {
                 return;
             }
