@@ -43,7 +43,7 @@ pub struct Expiry {
     pub context_seconds: i64,
 }
 
-/// One live context: 72 bytes, held in the shard's dense vector: what a sample needs is
+/// One live context: 64 bytes, held in the shard's dense vector: what a sample needs is
 /// here, the key is shared.
 struct Context {
     hash: u64,
@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn a_context_entry_stays_small() {
-        assert_eq!(std::mem::size_of::<Context>(), 72);
+        assert_eq!(std::mem::size_of::<Context>(), 64);
     }
 
     const EXPIRY: Expiry = Expiry {
