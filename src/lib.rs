@@ -6,7 +6,7 @@
 //!  UDP / Unix datagram / Unix stream
 //!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch)
 //!        ▼
-//!  packet queue (bounded crossbeam channel; datagrams: drop+count when full, stream: block)
+//!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
 //!        ▼  worker × --workers: split lines → parser → context hashed once → samples
 //!  per-shard sample batches
@@ -32,9 +32,9 @@
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
 //! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::read_datagrams`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg` | [`listener::read_datagrams`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission | [`listener::read_datagrams`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
-//! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue send | [`listener::stream`] |
+//! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
 //! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
