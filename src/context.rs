@@ -111,6 +111,23 @@ struct Parts<'a> {
     kind: MetricKind,
 }
 
+impl<'a> Parts<'a> {
+    fn name(&self) -> &'a str {
+        &self.text[..self.name_end]
+    }
+
+    fn host(&self) -> &'a str {
+        &self.text[self.name_end..self.host_end]
+    }
+
+    fn tags(&self) -> Tags<'a> {
+        Tags {
+            rest: &self.text[self.host_end..],
+            left: self.tags,
+        }
+    }
+}
+
 const KINDS: [MetricKind; 6] = [
     MetricKind::Count,
     MetricKind::Gauge,
@@ -196,14 +213,12 @@ impl ContextKey {
     }
 
     pub fn name(&self) -> &str {
-        let p = self.parts();
-        &p.text[..p.name_end]
+        self.parts().name()
     }
 
     /// The host; empty means "no host".
     pub fn host(&self) -> &str {
-        let p = self.parts();
-        &p.text[p.name_end..p.host_end]
+        self.parts().host()
     }
 
     pub fn kind(&self) -> MetricKind {
@@ -212,11 +227,7 @@ impl ContextKey {
 
     /// The tags, sorted and de-duplicated.
     pub fn tags(&self) -> Tags<'_> {
-        let p = self.parts();
-        Tags {
-            rest: &p.text[p.host_end..],
-            left: p.tags,
-        }
+        self.parts().tags()
     }
 
     /// The value of the `device:` tag, if any (it becomes the v2 `device` resource).
@@ -236,14 +247,10 @@ impl ContextKey {
         if p.kind != c.kind || p.tags != c.tags.len() {
             return false;
         }
-        if &p.text[..p.name_end] != c.name || &p.text[p.name_end..p.host_end] != c.host {
+        if p.name() != c.name || p.host() != c.host {
             return false;
         }
-        let tags = Tags {
-            rest: &p.text[p.host_end..],
-            left: p.tags,
-        };
-        tags.zip(c.tags.iter()).all(|(a, b)| a.len() == b.len())
+        p.tags().zip(c.tags.iter()).all(|(a, b)| a.len() == b.len())
     }
 }
 
@@ -283,10 +290,12 @@ impl Drop for ContextKey {
 
 impl PartialEq for ContextKey {
     fn eq(&self, other: &ContextKey) -> bool {
+        if self.0 == other.0 {
+            return true;
+        }
         let (a, b) = (self.parts(), other.parts());
-        self.0 == other.0
-            || (a.kind, a.name_end, a.host_end, a.tags, a.text)
-                == (b.kind, b.name_end, b.host_end, b.tags, b.text)
+        (a.kind, a.name_end, a.host_end, a.tags, a.text)
+            == (b.kind, b.name_end, b.host_end, b.tags, b.text)
     }
 }
 

@@ -694,10 +694,9 @@ mod tests {
     fn a_cached_context_that_expired_from_its_shard_is_created_again() {
         let mut w = worker(2, "h", &[]);
         feed(&mut w, &["gone:1|g|#k:v"]);
-        let expiry = FREE_IDLE;
         let mut out = Vec::new();
-        w.demux.flush(1_700_000_010, &expiry, &mut out); // emits the bucket
-        w.demux.flush(1_700_000_020, &expiry, &mut out); // frees the idle context
+        w.demux.flush(1_700_000_010, &FREE_IDLE, &mut out); // emits the bucket
+        w.demux.flush(1_700_000_020, &FREE_IDLE, &mut out); // frees the idle context
         assert_eq!(out.len(), 1);
         // A cache hit and a shard miss, retried with its tags. Received at …005, but that
         // bucket was flushed: it joins the open one, …020.
@@ -717,10 +716,9 @@ mod tests {
         };
         let mut w = Worker::new(demux, Arc::new(Telemetry::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
-        let expiry = FREE_IDLE;
         let mut out = Vec::new();
-        w.demux.flush(1_700_000_010, &expiry, &mut out);
-        w.demux.flush(1_700_000_020, &expiry, &mut out); // frees it; the cache still has it
+        w.demux.flush(1_700_000_010, &FREE_IDLE, &mut out);
+        w.demux.flush(1_700_000_020, &FREE_IDLE, &mut out); // frees it; the cache still has it
         feed(&mut w, &["other:1|g"]); // takes the only slot
         feed(&mut w, &["gone:2|g"]); // cache hit, shard miss, refused on the retry
         let over = &w.telemetry.dropped[Discard::ContextLimit as usize];
