@@ -31,6 +31,10 @@ pub struct Row {
     pub offered: Option<u64>,
     pub sent: Sent,
     pub cpu_seconds: f64,
+    /// The part of `cpu_seconds` spent by the workers, the flusher and the forwarders: parse
+    /// through serialize and send. The rest is receiving (reader threads, mostly the kernel's
+    /// copy). `None` for a floor row.
+    pub pipeline_seconds: Option<f64>,
     pub peak_rss_kib: u64,
     /// Messages parsed or rejected by the parser.
     pub received: u64,
@@ -43,7 +47,11 @@ pub struct Row {
 
 impl Row {
     fn us_per_message(&self) -> f64 {
-        self.cpu_seconds * 1e6 / self.received.max(1) as f64
+        self.per_message(self.cpu_seconds)
+    }
+
+    fn per_message(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.received.max(1) as f64
     }
 }
 
@@ -54,20 +62,54 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |x| x.1)
-        .split_whitespace()
-        .collect();
+    stat_cpu(&format!("/proc/{pid}/stat")).1
+}
+
+/// (command name, utime + stime in seconds) from a `/proc/…/stat` file.
+fn stat_cpu(path: &str) -> (String, f64) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // The command name is between the first '(' and the last ')' (it may hold spaces).
+    let (head, rest) = stat.rsplit_once(')').unwrap_or_default();
+    let name = head.split_once('(').map_or("", |x| x.1).to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
     let get = |i: usize| {
         fields
             .get(i)
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (get(11) + get(12)) / clock_ticks()
+    (name, (get(11) + get(12)) / clock_ticks())
+}
+
+/// Threads that parse, aggregate, serialize and send, by their names' prefixes (Linux keeps
+/// 15 bytes of a thread's name).
+const PIPELINE_THREADS: [&str; 3] = ["whippet-worker", "whippet-flusher", "whippet-forward"];
+
+/// CPU seconds of each pipeline thread of a process, by thread id.
+fn pipeline_cpu(pid: u32) -> Vec<(String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let (name, secs) = stat_cpu(&format!("{}/stat", t.path().display()));
+            (t.file_name().to_string_lossy().into_owned(), name, secs)
+        })
+        .filter(|(_, name, _)| PIPELINE_THREADS.iter().any(|p| name.starts_with(p)))
+        .map(|(tid, _, secs)| (tid, secs))
+        .collect()
+}
+
+/// CPU seconds the pipeline threads spent between two [`pipeline_cpu`] readings.
+fn pipeline_delta(before: &[(String, f64)], after: &[(String, f64)]) -> f64 {
+    after
+        .iter()
+        .map(|(tid, secs)| {
+            let start = before.iter().find(|(t, _)| t == tid).map_or(0.0, |b| b.1);
+            secs - start
+        })
+        .sum()
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -203,7 +245,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         .and_then(|r| r.split(' ').next()?.parse().ok());
     let target = target_for(s.via, dir, udp);
     let pid = child.id();
-    let cpu0 = cpu_seconds(pid);
+    let (cpu0, pipeline0) = (cpu_seconds(pid), pipeline_cpu(pid));
     let plan = Plan {
         rate: s.rate,
         duration: Some(Duration::from_secs_f64(opts.seconds)),
@@ -213,6 +255,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
     // Let whippet drain what is queued before reading its CPU time.
     std::thread::sleep(Duration::from_millis(300));
     let cpu = cpu_seconds(pid) - cpu0;
+    let pipeline = pipeline_delta(&pipeline0, &pipeline_cpu(pid));
     let rss = peak_rss_kib(pid);
     terminate(&mut child);
     seen.extend(stderr.iter());
@@ -234,6 +277,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         offered: s.rate,
         sent,
         cpu_seconds: cpu,
+        pipeline_seconds: Some(pipeline),
         peak_rss_kib: rss,
         received,
         counted_drops: counted,
@@ -282,6 +326,7 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         offered: s.rate,
         sent,
         cpu_seconds: cpu,
+        pipeline_seconds: None,
         peak_rss_kib: rss,
         received,
         counted_drops: 0,
@@ -362,9 +407,9 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut rows = Vec::new();
     println!(
-        "| scenario | offered msg/s | achieved msg/s | CPU µs/msg | vs floor | peak RSS MiB | sent | received | dropped (counted) | unaccounted | points at intake |"
+        "| scenario | offered msg/s | achieved msg/s | CPU µs/msg | vs floor | receive µs/msg | parse→send µs/msg | peak RSS MiB | sent | received | dropped (counted) | unaccounted | points at intake |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (scenario, with_floor) in scenarios(opts) {
         let floor = if with_floor {
             Some(run_floor(opts, &scenario, &dir)?)
@@ -387,13 +432,23 @@ fn print_row(r: &Row, floor: Option<&Row>) {
     let ratio = floor.map_or("".to_string(), |f| {
         format!("{:.2}×", r.us_per_message() / f.us_per_message().max(1e-9))
     });
+    let (receive, pipeline) = r
+        .pipeline_seconds
+        .map_or((String::new(), String::new()), |p| {
+            (
+                format!("{:.2}", r.per_message(r.cpu_seconds - p)),
+                format!("{:.2}", r.per_message(p)),
+            )
+        });
     println!(
-        "| {} | {} | {:.0} | {:.2} | {} | {:.1} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
         r.scenario,
         r.offered.map_or("max".to_string(), |o| o.to_string()),
         r.sent.per_second(r.sent.messages),
         r.us_per_message(),
         ratio,
+        receive,
+        pipeline,
         r.peak_rss_kib as f64 / 1024.0,
         r.sent.messages,
         r.received,
@@ -401,4 +456,67 @@ fn print_row(r: &Row, floor: Option<&Row>) {
         r.unaccounted,
         r.points_at_intake,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_the_thread_name_and_its_cpu_seconds() {
+        let dir = std::env::temp_dir().join(format!("whippet-stat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stat");
+        // A name with a space and a ')' of its own; utime 250 and stime 75 ticks.
+        std::fs::write(
+            &path,
+            "42 (whippet-wo) rk) S 1 42 42 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 9 0",
+        )
+        .unwrap();
+        let (name, secs) = stat_cpu(&path.display().to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(name, "whippet-wo) rk");
+        assert_eq!(secs, 3.25);
+        assert_eq!(stat_cpu("/nonexistent/stat"), (String::new(), 0.0));
+    }
+
+    #[test]
+    fn pipeline_cpu_counts_workers_flusher_and_forwarders_of_this_process() {
+        let names = ["whippet-worker-0", "whippet-flusher", "whippet-unix"];
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+        let threads: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (ready, done) = (ready_tx.clone(), done_rx.clone());
+                std::thread::Builder::new()
+                    .name(n.to_string())
+                    .spawn(move || {
+                        ready.send((i, nix::unistd::gettid().to_string())).unwrap();
+                        let _ = done.lock().unwrap().recv();
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let mut tids: Vec<(usize, String)> =
+            names.iter().map(|_| ready_rx.recv().unwrap()).collect();
+        tids.sort();
+        let seen = pipeline_cpu(std::process::id());
+        drop(done_tx);
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        // The worker and the flusher, not the reader nor the test harness's threads (other
+        // tests may run pipeline threads of their own meanwhile).
+        let found: Vec<bool> = tids
+            .iter()
+            .map(|t| seen.iter().any(|s| s.0 == t.1))
+            .collect();
+        assert_eq!(found, [true, true, false], "{tids:?} {seen:?}");
+        assert!(seen.iter().all(|s| s.1 >= 0.0));
+        let before = vec![("7".to_string(), 1.0), ("8".to_string(), 2.0)];
+        let after = vec![("7".to_string(), 1.5), ("9".to_string(), 0.25)];
+        // Thread 8 exited (not counted); 9 started after the first reading.
+        assert_eq!(pipeline_delta(&before, &after), 0.75);
+    }
 }
