@@ -101,7 +101,8 @@ fn pipeline_cpu(pid: u32) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// CPU seconds the pipeline threads spent between two [`pipeline_cpu`] readings.
+/// CPU seconds the pipeline threads spent between two [`pipeline_cpu`] readings. A thread
+/// that ended between them is missed; whippet's pipeline threads live as long as it does.
 fn pipeline_delta(before: &[(String, f64)], after: &[(String, f64)]) -> f64 {
     after
         .iter()
