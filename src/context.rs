@@ -128,15 +128,6 @@ impl<'a> Parts<'a> {
     }
 }
 
-const KINDS: [MetricKind; 6] = [
-    MetricKind::Count,
-    MetricKind::Gauge,
-    MetricKind::Histogram,
-    MetricKind::Timer,
-    MetricKind::Distribution,
-    MetricKind::Set,
-];
-
 impl ContextKey {
     pub fn new(c: &ContextRef<'_>) -> ContextKey {
         let tags_len = c.tags.iter().map(|t| t.len() + 1).sum::<usize>();
@@ -146,7 +137,7 @@ impl ContextKey {
         for n in [text_len, c.name.len(), c.host.len(), c.tags.len()] {
             put_varint(&mut header, &mut at, n);
         }
-        header[at] = KINDS.iter().position(|&k| k == c.kind).unwrap_or(0) as u8;
+        header[at] = c.kind as u8;
         let header = &header[..at + 1];
         let layout = layout(COUNT + header.len() + text_len);
         // SAFETY: the layout has a non-zero size (the count alone is 4 bytes).
@@ -194,7 +185,7 @@ impl ContextKey {
             let name = varint(base, &mut at);
             let host = varint(base, &mut at);
             let tags = varint(base, &mut at);
-            let kind = KINDS[*base.add(at) as usize];
+            let kind = MetricKind::ALL[*base.add(at) as usize];
             let text = std::slice::from_raw_parts(base.add(at + 1), text_len);
             Parts {
                 text: std::str::from_utf8_unchecked(text),
@@ -443,7 +434,7 @@ mod tests {
             (&long_name, "h", vec![&long_tag, "z"]),
             ("m", "h", (0..300).map(|_| "x").collect()),
         ];
-        for kind in KINDS {
+        for kind in MetricKind::ALL {
             for (name, host, tags) in &cases {
                 let c = ContextRef {
                     name,

@@ -20,6 +20,16 @@ pub enum MetricKind {
 }
 
 impl MetricKind {
+    /// Every type, each at the index of its discriminant (`ALL[k as usize] == k`).
+    pub const ALL: [MetricKind; 6] = [
+        MetricKind::Count,
+        MetricKind::Gauge,
+        MetricKind::Histogram,
+        MetricKind::Timer,
+        MetricKind::Distribution,
+        MetricKind::Set,
+    ];
+
     pub fn from_wire(s: &str) -> Option<MetricKind> {
         Some(match s {
             "c" => MetricKind::Count,
@@ -219,6 +229,14 @@ fn integer(s: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_sits_at_its_discriminant_and_round_trips_its_wire_form() {
+        for (i, kind) in MetricKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i);
+            assert_eq!(MetricKind::from_wire(kind.wire()), Some(kind));
+        }
+    }
 
     #[test]
     fn the_integer_fast_path_is_bit_identical_to_parsing_the_decimal() {
