@@ -13,8 +13,6 @@ use crossbeam_channel::Receiver;
 
 use std::hash::{BuildHasher, Hasher};
 
-use hashbrown::HashTable;
-
 use crate::context::{canonical_tags, short_len, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
@@ -116,69 +114,148 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
-/// Most contexts a worker's cache holds: 64 Ki entries of 32 bytes (4.2 MiB with the table's
-/// spare room).
+/// Contexts in one set of the worker's cache: four 32-byte entries, two cache lines.
+const WAYS: usize = 4;
+/// Most contexts a worker's cache holds: 64 Ki entries of 32 bytes (2 MiB).
 const CACHE_MAX: usize = 1 << 16;
-/// Fewest it is cut down to when it does not pay.
+/// Fewest (128 KiB).
 const CACHE_MIN: usize = 1 << 12;
+/// Where it starts (512 KiB): enough for a few thousand contexts with few sets overflowing.
+const CACHE_START: usize = 1 << 14;
 
-/// Raw context bytes → canonical context, sized by how well it pays. When full it starts
-/// over; if fewer than 1 in 10 lookups of the round hit (far more contexts than it holds:
-/// each round is mostly misses, and its memory is wasted) it halves, down to [`CACHE_MIN`];
-/// if 3 in 10 or more hit (a little more than it holds) it doubles, up to [`CACHE_MAX`].
-/// At 300k contexts the two workers' caches took 8.6 MB at the full size.
+/// One set: the contexts whose raw hash picks it, most recently used first.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Set([Cached; WAYS]);
+
+/// Raw context bytes → canonical context: a set-associative cache, so a lookup reads one
+/// known set that the worker can prefetch while it parses the next message (a hash table's
+/// probe is two dependent cache misses that nothing can start early). A full set forgets its
+/// least recently used context. It is sized by how well it pays, judged each time it has
+/// missed as many times as it holds contexts: if fewer than 1 in 10 lookups hit (far more
+/// contexts than it holds: its memory is wasted) it halves, down to [`CACHE_MIN`]; if 3 in 10
+/// or more hit and more than 1 in 100 missed (a little more than it holds, or sets that
+/// overflow) it doubles, up to [`CACHE_MAX`].
 struct ContextCache {
-    table: HashTable<Cached>,
-    limit: usize,
+    sets: Vec<Set>,
     hits: u64,
     misses: u64,
 }
 
 impl ContextCache {
     fn new() -> ContextCache {
+        ContextCache::with_capacity(CACHE_START)
+    }
+
+    fn with_capacity(entries: usize) -> ContextCache {
         ContextCache {
-            table: HashTable::new(),
-            limit: CACHE_MAX,
+            sets: vec![Set([Cached::EMPTY; WAYS]); entries / WAYS],
             hits: 0,
             misses: 0,
         }
     }
 
-    fn find(&mut self, raw: u64, eq: impl Fn(&Cached) -> bool) -> Option<Cached> {
-        let found = self.table.find(raw, eq).copied();
-        match found {
-            Some(_) => self.hits += 1,
-            None => self.misses += 1,
+    fn capacity(&self) -> usize {
+        self.sets.len() * WAYS
+    }
+
+    fn set_of(&self, raw: u64) -> usize {
+        raw as usize & (self.sets.len() - 1)
+    }
+
+    /// Starts loading the set `raw` picks into the CPU cache.
+    fn prefetch(&self, raw: u64) {
+        let set = &self.sets[self.set_of(raw)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let at = set as *const Set as *const i8;
+            // SAFETY: prefetching is only a hint, valid for any address; both lines are
+            // inside `set`.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(at);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
+            }
         }
-        found
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = set;
+    }
+
+    fn find(&mut self, raw: u64, name_len: u16, tags_len: u16, kind: MetricKind) -> Option<Cached> {
+        let i = self.set_of(raw);
+        let set = &mut self.sets[i].0;
+        // An empty way has no name; no metric lacks one.
+        let way = set.iter().position(|c| {
+            c.raw_hash == raw
+                && c.name_len == name_len
+                && name_len != 0
+                && c.tags_len == tags_len
+                && c.kind == kind
+        });
+        match way {
+            Some(way) => {
+                self.hits += 1;
+                set[..=way].rotate_right(1);
+                Some(set[0])
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
     }
 
     fn insert(&mut self, entry: Cached) {
-        if self.table.len() >= self.limit {
-            let looked = self.hits + self.misses;
-            let limit = if self.hits * 10 < looked {
-                (self.limit / 2).max(CACHE_MIN)
-            } else if self.hits * 10 >= looked * 3 {
-                (self.limit * 2).min(CACHE_MAX)
-            } else {
-                self.limit
-            };
-            if limit < self.limit {
-                // Give the memory back, not just the entries.
-                self.table = HashTable::new();
-            } else {
-                self.table.clear();
-            }
-            self.limit = limit;
-            self.hits = 0;
-            self.misses = 0;
+        if self.misses >= self.capacity() as u64 {
+            self.resize();
         }
-        self.table
-            .insert_unique(entry.raw_hash, entry, |c| c.raw_hash);
+        let i = self.set_of(entry.raw_hash);
+        let set = &mut self.sets[i].0;
+        set.rotate_right(1);
+        set[0] = entry;
+    }
+
+    fn resize(&mut self) {
+        let looked = self.hits + self.misses;
+        let capacity = self.capacity();
+        let to = if self.hits * 10 < looked {
+            (capacity / 2).max(CACHE_MIN)
+        } else if self.hits * 10 >= looked * 3 && self.misses * 100 > looked {
+            (capacity * 2).min(CACHE_MAX)
+        } else {
+            capacity
+        };
+        self.hits = 0;
+        self.misses = 0;
+        if to == capacity {
+            return;
+        }
+        let old = std::mem::replace(self, ContextCache::with_capacity(to));
+        // Least recently used first, so each set keeps its order.
+        for way in (0..WAYS).rev() {
+            for set in &old.sets {
+                if !set.0[way].is_empty() {
+                    let i = self.set_of(set.0[way].raw_hash);
+                    let into = &mut self.sets[i].0;
+                    into.rotate_right(1);
+                    into[0] = set.0[way];
+                }
+            }
+        }
     }
 
     fn clear(&mut self) {
-        self.table.clear();
+        self.sets.fill(Set([Cached::EMPTY; WAYS]));
+    }
+
+    /// How many contexts it holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sets
+            .iter()
+            .flat_map(|s| &s.0)
+            .filter(|c| !c.is_empty())
+            .count()
     }
 }
 
@@ -200,6 +277,30 @@ struct Cached {
     name_len: u16,
     tags_len: u16,
     kind: MetricKind,
+}
+
+impl Cached {
+    /// An unused way: no metric has an empty name.
+    const EMPTY: Cached = Cached {
+        raw_hash: 0,
+        hash: 0,
+        host: DEFAULT_HOST,
+        name_len: 0,
+        tags_len: 0,
+        kind: MetricKind::Count,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.name_len == 0
+    }
+}
+
+/// How a metric's context is looked up: by the hash of its raw bytes in the worker's cache,
+/// or (timestamped samples) built afresh.
+#[derive(Clone, Copy)]
+enum RawKey {
+    Hash(u64),
+    Uncached,
 }
 
 /// A batch's reusable buffers, borrowed for one message.
@@ -289,17 +390,23 @@ impl Worker {
             .collect();
         let interval = enrichment.bucket_seconds;
         let bucket = batch.received_at - batch.received_at.rem_euclid(interval);
+        // A metric is finished one message late, so the context cache's set it needs is
+        // loaded while the next message is parsed.
+        let mut pending: Option<(Metric<'_>, RawKey)> = None;
         for frame in batch.frames() {
             for line in lines(frame) {
                 match parser::parse(line) {
                     Ok(Message::Metric(m)) => {
                         self.tally.messages[0] += 1;
-                        let out = Scratch {
-                            tags: &mut tags,
-                            sort: &mut scratch,
-                            per_shard: &mut per_shard,
-                        };
-                        self.metric(&m, &enrichment, bucket, out);
+                        let Some(key) = self.admit(&m) else { continue };
+                        if let Some((m, key)) = pending.replace((m, key)) {
+                            let out = Scratch {
+                                tags: &mut tags,
+                                sort: &mut scratch,
+                                per_shard: &mut per_shard,
+                            };
+                            self.metric(&m, key, &enrichment, bucket, out);
+                        }
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[1] += 1;
@@ -312,6 +419,14 @@ impl Worker {
                     Err(e) => self.tally.errors[e.kind as usize][e.reason as usize] += 1,
                 }
             }
+        }
+        if let Some((m, key)) = pending.take() {
+            let out = Scratch {
+                tags: &mut tags,
+                sort: &mut scratch,
+                per_shard: &mut per_shard,
+            };
+            self.metric(&m, key, &enrichment, bucket, out);
         }
         let mut retry: Vec<Sample<'_>> = recycle(std::mem::take(&mut self.retry));
         for (shard, samples) in per_shard.iter_mut().enumerate() {
@@ -352,9 +467,34 @@ impl Worker {
         self.tally.drain_into(&self.telemetry);
     }
 
+    /// The first half of a metric: counts what it is owed and returns its key for the
+    /// context cache, whose set it starts loading; `None` when the metric is dropped.
+    fn admit(&mut self, m: &Metric<'_>) -> Option<RawKey> {
+        if m.sample_rate_invalid {
+            self.tally.rate_invalid += 1;
+        }
+        if m.timestamp.is_some() {
+            if !matches!(m.kind, MetricKind::Gauge | MetricKind::Count) {
+                self.tally.timestamped_unsupported += 1;
+                return None;
+            }
+            // Timestamped samples bypass the cache.
+            return Some(RawKey::Uncached);
+        }
+        let mut h = self.demux.hasher().build_hasher();
+        h.write(m.name.as_bytes());
+        h.write(m.tags.as_bytes());
+        h.write_u8(m.kind as u8);
+        let raw = h.finish();
+        self.cache.prefetch(raw);
+        Some(RawKey::Hash(raw))
+    }
+
+    /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
         m: &Metric<'a>,
+        key: RawKey,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: Scratch<'_, 'a>,
@@ -364,29 +504,13 @@ impl Worker {
             sort,
             per_shard,
         } = scratch;
-        if m.sample_rate_invalid {
-            self.tally.rate_invalid += 1;
-        }
-        if m.timestamp.is_some() && !matches!(m.kind, MetricKind::Gauge | MetricKind::Count) {
-            self.tally.timestamped_unsupported += 1;
-            return;
-        }
-        let raw_hash = if m.timestamp.is_none() {
-            let mut h = self.demux.hasher().build_hasher();
-            h.write(m.name.as_bytes());
-            h.write(m.tags.as_bytes());
-            h.write_u8(m.kind as u8);
-            Some(h.finish())
-        } else {
-            None
+        let raw_hash = match key {
+            RawKey::Hash(raw) => Some(raw),
+            RawKey::Uncached => None,
         };
         let cached = raw_hash.and_then(|raw| {
-            self.cache.find(raw, |c| {
-                c.raw_hash == raw
-                    && c.name_len == short_len(m.name)
-                    && c.tags_len == short_len(m.tags)
-                    && c.kind == m.kind
-            })
+            self.cache
+                .find(raw, short_len(m.name), short_len(m.tags), m.kind)
         });
         let (hash, host, range) = match cached {
             Some(c) => {
@@ -677,7 +801,7 @@ mod tests {
         let packet = "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev\nb:1|g|#x\nc:5|c|#host:,y";
         feed(&mut w, &[packet]);
         feed(&mut w, &[packet]); // every message now hits the cache
-        assert_eq!(w.cache.table.len(), 4);
+        assert_eq!(w.cache.len(), 4);
         assert_eq!(
             flushed(&w),
             [
@@ -726,34 +850,72 @@ mod tests {
         assert_eq!(w.telemetry.contexts_created.load(Relaxed), 2);
     }
 
-    #[test]
-    fn the_context_cache_shrinks_when_it_does_not_pay_and_grows_back_when_it_does() {
-        let entry = |n: u64| Cached {
-            raw_hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    /// A cache entry for context `n`; `set` picks its set in any cache of at most 2^20 sets.
+    fn entry(n: u64, set: u64) -> Cached {
+        Cached {
+            raw_hash: (n << 20) | set,
             hash: n,
             host: DEFAULT_HOST,
             name_len: 1,
             tags_len: 0,
             kind: MetricKind::Gauge,
-        };
-        let mut cache = ContextCache::new();
+        }
+    }
+
+    fn look(cache: &mut ContextCache, e: &Cached) -> Option<u64> {
+        cache
+            .find(e.raw_hash, e.name_len, e.tags_len, e.kind)
+            .map(|c| c.hash)
+    }
+
+    #[test]
+    fn the_context_cache_grows_while_it_pays_and_shrinks_when_it_does_not() {
+        let spread = |n: u64| entry(n, n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 44);
+        // One round: `capacity` new contexts miss and are inserted, each followed by
+        // `hits_per_miss` hits on itself; the next insert judges the round.
         let round = |cache: &mut ContextCache, first: u64, hits_per_miss: u64| {
-            // Fill one round: every new context misses once and is inserted; `hits_per_miss`
-            // hits on the one just inserted.
-            let limit = cache.limit as u64;
-            for n in first..first + limit + 1 {
-                let e = entry(n);
-                assert!(cache.find(e.raw_hash, |c| c.hash == n).is_none());
+            for n in first..first + cache.capacity() as u64 + 1 {
+                let e = spread(n);
+                assert_eq!(look(cache, &e), None);
                 cache.insert(e);
                 for _ in 0..hits_per_miss {
-                    assert!(cache.find(e.raw_hash, |c| c.hash == n).is_some());
+                    assert_eq!(look(cache, &e), Some(n));
                 }
             }
         };
-        // Nothing but misses: halves each round down to the floor, and stays there.
+        assert_eq!(ContextCache::new().capacity(), CACHE_START);
+        let mut cache = ContextCache::with_capacity(CACHE_MIN);
+        // Half the lookups hit and half miss: doubles up to the most.
         let mut next = 0;
         for want in [
-            CACHE_MAX / 2,
+            CACHE_MIN * 2,
+            CACHE_MIN * 4,
+            CACHE_MIN * 8,
+            CACHE_MIN * 16,
+            CACHE_MAX,
+            CACHE_MAX,
+        ] {
+            round(&mut cache, next, 1);
+            next += 1 << 20;
+            assert_eq!(cache.capacity(), want);
+        }
+        // No hits at all: halves.
+        round(&mut cache, next, 0);
+        assert_eq!(cache.capacity(), CACHE_MAX / 2);
+        // 1 hit in 5 lookups (20%): stays.
+        let mut fifth = ContextCache::with_capacity(CACHE_MIN * 2);
+        for n in 0..CACHE_MIN as u64 * 2 + 1 {
+            let e = spread(n);
+            assert_eq!(look(&mut fifth, &e), None);
+            fifth.insert(e);
+            if n % 4 == 0 {
+                look(&mut fifth, &e);
+            }
+        }
+        assert_eq!(fifth.capacity(), CACHE_MIN * 2);
+        // Nothing but misses: halves each round down to the floor, and stays there.
+        next += 1 << 20;
+        for want in [
             CACHE_MAX / 4,
             CACHE_MAX / 8,
             CACHE_MAX / 16,
@@ -762,37 +924,70 @@ mod tests {
         ] {
             round(&mut cache, next, 0);
             next += 1 << 20;
-            assert_eq!(cache.limit, want);
+            assert_eq!(cache.capacity(), want);
         }
-        // One hit per miss (50%): doubles back to the full size.
-        for want in [
-            CACHE_MIN * 2,
-            CACHE_MIN * 4,
-            CACHE_MIN * 8,
-            CACHE_MIN * 16,
-            CACHE_MAX,
-        ] {
-            round(&mut cache, next, 1);
-            next += 1 << 20;
-            assert_eq!(cache.limit, want);
-        }
-        // 1 hit in 5 lookups (20%): stays.
-        let mut quarter = ContextCache::new();
-        quarter.limit = CACHE_MIN;
-        for n in 0..CACHE_MIN as u64 + 1 {
-            let e = entry(n);
-            assert!(quarter.find(e.raw_hash, |c| c.hash == n).is_none());
-            quarter.insert(e);
-            if n % 4 == 0 {
-                quarter.find(e.raw_hash, |c| c.hash == n);
-            }
-        }
-        assert_eq!(quarter.limit, CACHE_MIN);
+        // Almost every lookup hits (1 miss in 200): growing would not pay, so it stays.
+        round(&mut cache, next, 199);
+        assert_eq!(cache.capacity(), CACHE_MIN);
     }
 
     #[test]
-    fn a_cache_entry_stays_small() {
+    fn a_full_set_forgets_its_least_recently_used_context() {
+        let mut cache = ContextCache::new();
+        let set = 5;
+        let e: Vec<Cached> = (1..=WAYS as u64 + 1).map(|n| entry(n, set)).collect();
+        for c in &e[..WAYS] {
+            cache.insert(*c);
+        }
+        // All four fit; touching the oldest makes the second the least recently used.
+        for (n, c) in e[..WAYS].iter().enumerate() {
+            assert_eq!(look(&mut cache, c), Some(n as u64 + 1));
+        }
+        assert_eq!(look(&mut cache, &e[0]), Some(1));
+        cache.insert(e[WAYS]);
+        assert_eq!(
+            look(&mut cache, &e[1]),
+            None,
+            "the least recently used went"
+        );
+        for c in [e[0], e[2], e[3], e[4]] {
+            assert_eq!(look(&mut cache, &c), Some(c.hash));
+        }
+        // Another set is untouched by all of it, and an empty way matches nothing.
+        assert_eq!(look(&mut cache, &entry(1, set + 1)), None);
+        assert_eq!(look(&mut cache, &Cached::EMPTY), None);
+        assert_eq!(cache.len(), WAYS);
+    }
+
+    #[test]
+    fn a_growing_cache_keeps_its_contexts_and_their_order() {
+        let mut cache = ContextCache::with_capacity(CACHE_MIN);
+        let sets = (CACHE_MIN / WAYS) as u64;
+        // Set 3 of the small cache: these land in sets 3 and 3 + sets once it doubles.
+        let e: Vec<Cached> = (0..WAYS as u64)
+            .map(|n| entry(n, 3 + (n % 2) * sets))
+            .collect();
+        for c in &e {
+            cache.insert(*c);
+        }
+        cache.hits = 1;
+        cache.misses = 1;
+        cache.resize(); // 50% hit, 50% missed: doubles
+        assert_eq!(cache.capacity(), CACHE_MIN * 2);
+        assert_eq!(cache.len(), WAYS);
+        for c in &e {
+            assert_eq!(look(&mut cache, c), Some(c.hash));
+        }
+        // Each new set holds its two in the order they were last used.
+        let s = &cache.sets[3].0;
+        assert_eq!((s[0].hash, s[1].hash, s[2].is_empty()), (2, 0, true));
+    }
+
+    #[test]
+    fn a_cache_entry_and_set_stay_small() {
         assert_eq!(std::mem::size_of::<Cached>(), 32);
+        assert_eq!(std::mem::size_of::<Set>(), 128);
+        assert_eq!(std::mem::align_of::<Set>(), 64);
     }
 
     #[test]
