@@ -567,6 +567,7 @@ impl Worker {
             bucket,
         };
         match m.values {
+            Values::One(v) => out.push(sample(SampleValue::Number(v))),
             Values::Member(member) => out.push(sample(SampleValue::Member(member))),
             values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
         }
