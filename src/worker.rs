@@ -120,7 +120,8 @@ const WAYS: usize = 4;
 const CACHE_MAX: usize = 1 << 16;
 /// Fewest (128 KiB).
 const CACHE_MIN: usize = 1 << 12;
-/// Where it starts (512 KiB): enough for a few thousand contexts with few sets overflowing.
+/// Its size at the first metric (512 KiB; an idle worker holds none): enough for a few
+/// thousand contexts with few sets overflowing.
 const CACHE_START: usize = 1 << 14;
 
 /// One set: the contexts whose raw hash picks it, most recently used first.
@@ -144,7 +145,7 @@ struct ContextCache {
 
 impl ContextCache {
     fn new() -> ContextCache {
-        ContextCache::with_capacity(CACHE_START)
+        ContextCache::with_capacity(0)
     }
 
     fn with_capacity(entries: usize) -> ContextCache {
@@ -159,13 +160,16 @@ impl ContextCache {
         self.sets.len() * WAYS
     }
 
+    /// The set `raw` picks (none before the first insert).
     fn set_of(&self, raw: u64) -> usize {
-        raw as usize & (self.sets.len() - 1)
+        raw as usize & self.sets.len().wrapping_sub(1)
     }
 
     /// Starts loading the set `raw` picks into the CPU cache.
     fn prefetch(&self, raw: u64) {
-        let set = &self.sets[self.set_of(raw)];
+        let Some(set) = self.sets.get(self.set_of(raw)) else {
+            return;
+        };
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -183,7 +187,10 @@ impl ContextCache {
 
     fn find(&mut self, raw: u64, name_len: u16, tags_len: u16, kind: MetricKind) -> Option<Cached> {
         let i = self.set_of(raw);
-        let set = &mut self.sets[i].0;
+        let Some(Set(set)) = self.sets.get_mut(i) else {
+            self.misses += 1;
+            return None;
+        };
         // An empty way has no name; no metric lacks one.
         let way = set.iter().position(|c| {
             c.raw_hash == raw
@@ -206,7 +213,9 @@ impl ContextCache {
     }
 
     fn insert(&mut self, entry: Cached) {
-        if self.misses >= self.capacity() as u64 {
+        if self.sets.is_empty() {
+            *self = ContextCache::with_capacity(CACHE_START);
+        } else if self.misses >= self.capacity() as u64 {
             self.resize();
         }
         let i = self.set_of(entry.raw_hash);
@@ -884,7 +893,12 @@ mod tests {
                 }
             }
         };
-        assert_eq!(ContextCache::new().capacity(), CACHE_START);
+        let mut fresh = ContextCache::new();
+        assert_eq!(fresh.capacity(), 0, "an idle worker holds no cache");
+        assert_eq!(look(&mut fresh, &spread(1)), None);
+        fresh.insert(spread(1));
+        assert_eq!(fresh.capacity(), CACHE_START);
+        assert_eq!(look(&mut fresh, &spread(1)), Some(1));
         let mut cache = ContextCache::with_capacity(CACHE_MIN);
         // Half the lookups hit and half miss: doubles up to the most.
         let mut next = 0;
