@@ -513,14 +513,12 @@ impl Worker {
             sort,
             per_shard,
         } = scratch;
-        let raw_hash = match key {
-            RawKey::Hash(raw) => Some(raw),
+        let cached = match key {
+            RawKey::Hash(raw) => self
+                .cache
+                .find(raw, short_len(m.name), short_len(m.tags), m.kind),
             RawKey::Uncached => None,
         };
-        let cached = raw_hash.and_then(|raw| {
-            self.cache
-                .find(raw, short_len(m.name), short_len(m.tags), m.kind)
-        });
         let (hash, host, range) = match cached {
             Some(c) => {
                 let host = match c.host {
@@ -540,7 +538,7 @@ impl Worker {
                     kind: m.kind,
                 };
                 let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
-                if let Some(raw) = raw_hash {
+                if let RawKey::Hash(raw) = key {
                     let host = match host_tag {
                         // The host tag is a slice of the raw field: keep its byte range.
                         Some(h) => {
@@ -900,23 +898,21 @@ mod tests {
         assert_eq!(fresh.capacity(), CACHE_START);
         assert_eq!(look(&mut fresh, &spread(1)), Some(1));
         let mut cache = ContextCache::with_capacity(CACHE_MIN);
-        // Half the lookups hit and half miss: doubles up to the most.
+        // Runs one round per wanted capacity, checking the capacity after each.
         let mut next = 0;
-        for want in [
-            CACHE_MIN * 2,
-            CACHE_MIN * 4,
-            CACHE_MIN * 8,
-            CACHE_MIN * 16,
-            CACHE_MAX,
-            CACHE_MAX,
-        ] {
-            round(&mut cache, next, 1);
-            next += 1 << 20;
-            assert_eq!(cache.capacity(), want);
-        }
+        let mut rounds = |cache: &mut ContextCache, hits_per_miss: u64, wants: &[usize]| {
+            for &want in wants {
+                round(cache, next, hits_per_miss);
+                next += 1 << 20;
+                assert_eq!(cache.capacity(), want);
+            }
+        };
+        // Half the lookups hit and half miss: doubles up to the most.
+        let doubling = [CACHE_MIN * 2, CACHE_MIN * 4, CACHE_MIN * 8, CACHE_MIN * 16];
+        rounds(&mut cache, 1, &doubling);
+        rounds(&mut cache, 1, &[CACHE_MAX, CACHE_MAX]);
         // No hits at all: halves.
-        round(&mut cache, next, 0);
-        assert_eq!(cache.capacity(), CACHE_MAX / 2);
+        rounds(&mut cache, 0, &[CACHE_MAX / 2]);
         // 1 hit in 5 lookups (20%): stays.
         let mut fifth = ContextCache::with_capacity(CACHE_MIN * 2);
         for n in 0..CACHE_MIN as u64 * 2 + 1 {
@@ -929,21 +925,16 @@ mod tests {
         }
         assert_eq!(fifth.capacity(), CACHE_MIN * 2);
         // Nothing but misses: halves each round down to the floor, and stays there.
-        next += 1 << 20;
-        for want in [
+        let halving = [
             CACHE_MAX / 4,
             CACHE_MAX / 8,
             CACHE_MAX / 16,
             CACHE_MIN,
             CACHE_MIN,
-        ] {
-            round(&mut cache, next, 0);
-            next += 1 << 20;
-            assert_eq!(cache.capacity(), want);
-        }
+        ];
+        rounds(&mut cache, 0, &halving);
         // Almost every lookup hits (1 miss in 200): growing would not pay, so it stays.
-        round(&mut cache, next, 199);
-        assert_eq!(cache.capacity(), CACHE_MIN);
+        rounds(&mut cache, 199, &[CACHE_MIN]);
     }
 
     #[test]
