@@ -9,7 +9,7 @@ use crate::demux::Demux;
 use crate::flush::{Aggregate, FlushSettings};
 use crate::listener::stream::Reassembly;
 use crate::output::Flushed;
-use crate::packet::{lines, Pool};
+use crate::packet::{lines, scanned_lines, Line, Pool};
 use crate::parser::{self, Kind, Message, Values};
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
@@ -86,6 +86,10 @@ pub fn packet(data: &[u8]) {
     batch.buffer_mut()[..data.len()].copy_from_slice(data);
     batch.push_frame(0, data.len());
     batch.received_at = 1_700_000_000;
+    // The one-pass scan finds the same lines as splitting, and flags exactly the non-ASCII.
+    let scanned: Vec<Line<'_>> = scanned_lines(data).collect();
+    let split: Vec<Line<'_>> = lines(data).map(Line::new).collect();
+    assert_eq!(scanned, split, "scanned lines");
 
     let demux = Arc::new(Demux::with_context_limit(4, 1_000, 10_000));
     let telemetry = Arc::new(Telemetry::default());

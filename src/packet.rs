@@ -196,24 +196,122 @@ impl Pool {
 
 /// The non-empty messages of a packet: split at `\n`, a trailing `\r` removed.
 pub fn lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
+    scanned_lines(packet).map(|line| line.bytes())
+}
+
+/// One message of a packet, and whether it is all ASCII.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line<'a> {
+    bytes: &'a [u8],
+    /// True only if every byte is ASCII: the parser then takes the bytes as text unchecked.
+    ascii: bool,
+}
+
+impl<'a> Line<'a> {
+    /// A line checked for ASCII here.
+    pub fn new(bytes: &'a [u8]) -> Line<'a> {
+        Line {
+            bytes,
+            ascii: bytes.is_ascii(),
+        }
+    }
+
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    pub fn is_ascii(&self) -> bool {
+        self.ascii
+    }
+}
+
+/// [`lines`], each checked for ASCII in the same pass over its bytes as the search for its
+/// end, so the parser does not make a second pass (a message is ~2 KB).
+pub fn scanned_lines(packet: &[u8]) -> impl Iterator<Item = Line<'_>> {
     let mut rest = Some(packet);
     std::iter::from_fn(move || loop {
         let chunk = rest?;
-        let line = match memchr::memchr(b'\n', chunk) {
-            Some(i) => {
-                rest = Some(&chunk[i + 1..]);
-                &chunk[..i]
-            }
-            None => {
-                rest = None;
-                chunk
-            }
+        let (end, ascii) = line_end(chunk);
+        let bytes = if end < chunk.len() {
+            rest = Some(&chunk[end + 1..]);
+            &chunk[..end]
+        } else {
+            rest = None;
+            chunk
         };
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !line.is_empty() {
-            return Some(line);
+        // `\r` is ASCII: the flag holds for what is left.
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        if !bytes.is_empty() {
+            return Some(Line { bytes, ascii });
         }
     })
+}
+
+/// Where the line starting `chunk` ends (its first `\n`, or `chunk.len()`), and whether every
+/// byte before that is ASCII.
+fn line_end(chunk: &[u8]) -> (usize, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above (std caches the answer).
+        return unsafe { line_end_avx2(chunk) };
+    }
+    line_end_portable(chunk)
+}
+
+/// [`line_end`] in two passes: `memchr`, then the standard ASCII check.
+fn line_end_portable(chunk: &[u8]) -> (usize, bool) {
+    let end = memchr::memchr(b'\n', chunk).unwrap_or(chunk.len());
+    (end, chunk[..end].is_ascii())
+}
+
+/// [`line_end`] in one pass, 64 bytes a step: compares each block with `\n` and ORs it into
+/// an accumulator whose high bits say whether a non-ASCII byte went by.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool) {
+    use std::arch::x86_64::*;
+    let len = chunk.len();
+    let ptr = chunk.as_ptr();
+    // SAFETY (every load below): 32 bytes are read at `at` only after `at + 32 <= len` (or
+    // `at + 64 <= len` for the pair) was checked; loadu has no alignment requirement. (Not a
+    // closure: a closure would not inherit the AVX2 target feature.)
+    macro_rules! load {
+        ($at:expr) => {
+            _mm256_loadu_si256(ptr.add($at).cast::<__m256i>())
+        };
+    }
+    let newline = _mm256_set1_epi8(b'\n' as i8);
+    let mut seen = _mm256_setzero_si256();
+    let mut at = 0;
+    while at + 64 <= len {
+        let (a, b) = (load!(at), load!(at + 32));
+        let found = _mm256_or_si256(_mm256_cmpeq_epi8(a, newline), _mm256_cmpeq_epi8(b, newline));
+        if _mm256_movemask_epi8(found) != 0 {
+            break; // the newline is in these 64 bytes: located below
+        }
+        seen = _mm256_or_si256(seen, _mm256_or_si256(a, b));
+        at += 64;
+    }
+    while at + 32 <= len {
+        let a = load!(at);
+        let found = _mm256_movemask_epi8(_mm256_cmpeq_epi8(a, newline)) as u32;
+        if found != 0 {
+            let i = found.trailing_zeros();
+            // High bits of the bytes before the newline in this block.
+            let high = _mm256_movemask_epi8(a) as u32 & ((1u32 << i) - 1);
+            return (
+                at + i as usize,
+                _mm256_movemask_epi8(seen) == 0 && high == 0,
+            );
+        }
+        seen = _mm256_or_si256(seen, a);
+        at += 32;
+    }
+    let (end, tail_ascii) = line_end_portable(&chunk[at..]);
+    (at + end, _mm256_movemask_epi8(seen) == 0 && tail_ascii)
 }
 
 #[cfg(test)]
@@ -285,6 +383,60 @@ mod tests {
         for (packet, want) in cases {
             assert_eq!(lines(packet).collect::<Vec<_>>(), want, "{packet:?}");
         }
+    }
+
+    #[test]
+    fn the_one_pass_line_scan_matches_memchr_and_the_ascii_check() {
+        // A newline and a non-ASCII byte at every position around the 32- and 64-byte steps,
+        // before and after each other, in chunks of every length up to 200.
+        let mut cases = 0;
+        for len in 0..200usize {
+            for newline in (0..len).chain([usize::MAX]) {
+                for high in [
+                    usize::MAX,
+                    0,
+                    1,
+                    31,
+                    32,
+                    33,
+                    63,
+                    64,
+                    65,
+                    95,
+                    96,
+                    127,
+                    128,
+                    129,
+                ] {
+                    let mut chunk: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                    if high < len {
+                        chunk[high] = 0xc3;
+                    }
+                    if newline < len {
+                        chunk[newline] = b'\n';
+                    }
+                    let end = newline.min(len);
+                    let want = (end, high >= end);
+                    assert_eq!(line_end_portable(&chunk), want, "{len} {newline} {high}");
+                    assert_eq!(line_end(&chunk), want, "{len} {newline} {high}");
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 14 * (200 + 199 * 200 / 2));
+    }
+
+    #[test]
+    fn scanned_lines_flag_exactly_the_non_ascii_ones() {
+        let packet =
+            "a:1|c\nb\u{e9}:2|g\r\n\n".to_owned() + &"t".repeat(100) + ":3|c|#\u{fc}\nz:4|c";
+        let got: Vec<Line<'_>> = scanned_lines(packet.as_bytes()).collect();
+        let want: Vec<Line<'_>> = lines(packet.as_bytes()).map(Line::new).collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            got.iter().map(Line::is_ascii).collect::<Vec<_>>(),
+            [true, false, false, true]
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::hash::{BuildHasher, Hasher};
 use crate::context::{canonical_tags, short_len, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
-use crate::packet::{lines, Batch, Pool};
+use crate::packet::{scanned_lines, Batch, Pool};
 use crate::parser::{
     self, event::unescape, Event, Message, Metric, MetricKind, Reason, ServiceCheck, Values,
 };
@@ -403,8 +403,8 @@ impl Worker {
         // loaded while the next message is parsed.
         let mut pending: Option<(Metric<'_>, RawKey)> = None;
         for frame in batch.frames() {
-            for line in lines(frame) {
-                match parser::parse(line) {
+            for line in scanned_lines(frame) {
+                match parser::parse_line(line) {
                     Ok(Message::Metric(m)) => {
                         self.tally.messages[0] += 1;
                         let Some(key) = self.admit(&m) else { continue };
