@@ -312,7 +312,7 @@ enum RawKey {
     Uncached,
 }
 
-/// A batch's reusable buffers, borrowed for one message.
+/// A batch's reusable buffers, borrowed while its messages are parsed.
 struct Scratch<'s, 'a> {
     tags: &'s mut Vec<&'a str>,
     sort: &'s mut Vec<(u64, &'a str)>,
@@ -402,6 +402,11 @@ impl Worker {
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
         let mut pending: Option<(Metric<'_>, RawKey)> = None;
+        let mut out = Scratch {
+            tags: &mut tags,
+            sort: &mut scratch,
+            per_shard: &mut per_shard,
+        };
         for frame in batch.frames() {
             for line in scanned_lines(frame) {
                 match parser::parse_line(line) {
@@ -409,12 +414,7 @@ impl Worker {
                         self.tally.messages[0] += 1;
                         let Some(key) = self.admit(&m) else { continue };
                         if let Some((m, key)) = pending.replace((m, key)) {
-                            let out = Scratch {
-                                tags: &mut tags,
-                                sort: &mut scratch,
-                                per_shard: &mut per_shard,
-                            };
-                            self.metric(&m, key, &enrichment, bucket, out);
+                            self.metric(&m, key, &enrichment, bucket, &mut out);
                         }
                     }
                     Ok(Message::Event(e)) => {
@@ -430,12 +430,7 @@ impl Worker {
             }
         }
         if let Some((m, key)) = pending.take() {
-            let out = Scratch {
-                tags: &mut tags,
-                sort: &mut scratch,
-                per_shard: &mut per_shard,
-            };
-            self.metric(&m, key, &enrichment, bucket, out);
+            self.metric(&m, key, &enrichment, bucket, &mut out);
         }
         let mut retry: Vec<Sample<'_>> = recycle(std::mem::take(&mut self.retry));
         for (shard, samples) in per_shard.iter_mut().enumerate() {
@@ -506,7 +501,7 @@ impl Worker {
         key: RawKey,
         enrichment: &'a Enrichment,
         bucket: i64,
-        scratch: Scratch<'_, 'a>,
+        scratch: &mut Scratch<'_, 'a>,
     ) {
         let Scratch {
             tags,
