@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  UDP / Unix datagram / Unix stream
-//!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch)
+//!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch;
+//!        │  a Unix datagram batch waits ≤ 1 ms for several drains of the socket)
 //!        ▼
 //!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
@@ -32,7 +33,7 @@
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
 //! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::read_datagrams`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission | [`listener::read_datagrams`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, `poll` (≤ 1 ms, filling a batch), queue admission | [`listener::read_datagrams`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |

@@ -1,6 +1,8 @@
 //! Listeners: plain OS threads blocking on sockets, turning what they read into [`Batch`]es on
 //! the packet queue. UDP and Unix datagram sockets are read with batched `recvmmsg`; the Unix
-//! stream transport has a thread per connection.
+//! stream transport has a thread per connection. A partial batch waits a little for more
+//! before a worker is woken for it: UDP sleeps `LINGER` and then takes what came, a Unix
+//! datagram batch polls for further drains of the socket for up to `FILL_WAIT`.
 //!
 //! Queue-full policy: the UDP reader never waits for workers — a full queue drops the batch
 //! and counts it (SPEC §1), because UDP has no backpressure and a blocked reader only moves
@@ -21,10 +23,11 @@ use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Sender, TrySendError};
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
 
 use crate::packet::{Batch, Pool, MAX_SLOTS};
@@ -94,6 +97,21 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
             );
             n += more.unwrap_or(0);
         }
+        if transport == Transport::Unix && n > 0 && !ctx.stopping.load(Relaxed) {
+            let (batch, got) = (&mut batch, &mut got);
+            let stopping = &ctx.stopping;
+            n = top_up(
+                fd,
+                &mut headers,
+                batch,
+                slot,
+                n,
+                slots,
+                got,
+                FILL_WAIT,
+                stopping,
+            );
+        }
         let got = &got[..n];
         // After shutdown(SHUT_RD) and once the kernel queue is drained, reads return nothing.
         if ctx.stopping.load(Relaxed) && got.iter().all(|&(len, _)| len == 0) {
@@ -143,8 +161,75 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
     ctx.pool.put(batch);
 }
 
+/// Fills a Unix datagram batch that holds `n` datagrams: while a whole socket queue
+/// ([`FILL_ROOM`]) still fits, waits for more datagrams, `wait` at most in all. Returns how
+/// many datagrams the batch holds.
+///
+/// A Unix datagram socket queues at most `net.unix.max_dgram_qlen` datagrams (10 by default),
+/// so under load one `recvmmsg` brings about 8. Handing each drain to a worker woke a worker
+/// for every ~30 messages; filling the batch first wakes one for every ~100. Unix datagram
+/// all-out, dsd_base, five alternating 8 s runs each: context switches 270–320k → 130–150k,
+/// parse→send 0.66–0.75 → 0.53–0.59 µs per message, whole process 1.33–1.76 → 1.23–1.41.
+/// Batches wait at most `wait` (1 ms): nothing that a 10 s bucket would notice.
+#[allow(clippy::too_many_arguments)]
+fn top_up(
+    fd: BorrowedFd<'_>,
+    headers: &mut MultiHeaders<()>,
+    batch: &mut Batch,
+    slot: usize,
+    mut n: usize,
+    slots: usize,
+    got: &mut [(usize, bool); MAX_SLOTS],
+    wait: Duration,
+    stopping: &AtomicBool,
+) -> usize {
+    let deadline = Instant::now() + wait;
+    while n + FILL_ROOM <= slots {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // Rounded up: poll counts whole milliseconds.
+        let millis = left.as_nanos().div_ceil(1_000_000);
+        let timeout =
+            PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let more = receive(
+            fd,
+            headers,
+            batch,
+            slot,
+            n,
+            slots,
+            got,
+            MsgFlags::MSG_DONTWAIT,
+        );
+        match more {
+            Ok(m) if m > 0 => {
+                // After shutdown(SHUT_RD), reads return nothing at once: not packets.
+                if stopping.load(Relaxed) && got[n..n + m].iter().all(|&(len, _)| len == 0) {
+                    break;
+                }
+                n += m;
+            }
+            _ => break,
+        }
+    }
+    n
+}
+
+/// Longest a Unix datagram batch waits to fill ([`top_up`]).
+const FILL_WAIT: Duration = Duration::from_millis(1);
+/// Free slots a Unix datagram batch needs for [`top_up`] to wait for more: a full socket
+/// queue at the default `net.unix.max_dgram_qlen`.
+const FILL_ROOM: usize = 10;
+
 /// How long the UDP reader lets a partial batch fill before handing it to a worker.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+const LINGER: Duration = Duration::from_micros(500);
 
 /// One `recvmmsg` into the batch's slots `first..slots`; fills `got[first..]` with (length,
 /// truncated) per datagram and returns how many arrived. With `MSG_WAITFORONE` it blocks for
@@ -181,4 +266,109 @@ fn receive(
 /// Turns an `io::Error` from binding into a startup error naming the setting.
 pub fn bind_error(flag: &str, what: &str, e: io::Error) -> crate::Error {
     crate::Error::Startup(format!("cannot bind {what} ({flag}): {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixDatagram;
+
+    /// Receives the first datagrams of a batch as the reader does, then tops it up.
+    fn receive_and_top_up(socket: &UnixDatagram, wait: Duration, stopping: bool) -> Vec<usize> {
+        receive_then_top_up(socket, wait, stopping, || {})
+    }
+
+    /// ... with `between` run after the first receive.
+    fn receive_then_top_up(
+        socket: &UnixDatagram,
+        wait: Duration,
+        stopping: bool,
+        between: impl FnOnce(),
+    ) -> Vec<usize> {
+        let pool = Pool::new(8192, 1);
+        let slots = pool.slots();
+        let mut batch = pool.get(Transport::Unix);
+        let mut headers = MultiHeaders::<()>::preallocate(slots, None);
+        let mut got = [(0usize, false); MAX_SLOTS];
+        let fd = socket.as_fd();
+        let flags = MsgFlags::MSG_WAITFORONE;
+        let n = receive(
+            fd,
+            &mut headers,
+            &mut batch,
+            8192,
+            0,
+            slots,
+            &mut got,
+            flags,
+        )
+        .unwrap();
+        between();
+        let stopping = AtomicBool::new(stopping);
+        let (batch, got) = (&mut batch, &mut got);
+        let n = top_up(
+            fd,
+            &mut headers,
+            batch,
+            8192,
+            n,
+            slots,
+            got,
+            wait,
+            &stopping,
+        );
+        got[..n].iter().map(|&(len, _)| len).collect()
+    }
+
+    #[test]
+    fn a_unix_batch_takes_more_drains_until_a_full_socket_queue_would_not_fit() {
+        // The socket queues at most 10 (net.unix.max_dgram_qlen), so the sender blocks
+        // between drains; 32 slots less a queue's 10 is 22, so the batch stops at 23.
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            for i in 0..23 {
+                tx.send(format!("m:{i}|c").as_bytes()).unwrap();
+            }
+            tx
+        });
+        let lens = receive_and_top_up(&rx, Duration::from_secs(60), false);
+        let want: Vec<usize> = (0..23).map(|i| format!("m:{i}|c").len()).collect();
+        assert_eq!(lens, want);
+        drop(sender.join().unwrap());
+    }
+
+    #[test]
+    fn a_unix_batch_waits_for_more_no_longer_than_its_wait() {
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        for _ in 0..3 {
+            tx.send(b"m:1|c").unwrap();
+        }
+        assert_eq!(
+            receive_and_top_up(&rx, Duration::from_millis(20), false),
+            [5, 5, 5]
+        );
+    }
+
+    #[test]
+    fn a_shut_down_socket_ends_the_wait_at_once_and_empty_datagrams_count_as_packets() {
+        // An empty datagram is a packet (counted, holding no message) while running.
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        tx.send(b"m:1|c").unwrap();
+        let more = || {
+            tx.send(b"").unwrap();
+            tx.send(b"m:2|c").unwrap();
+        };
+        let wait = Duration::from_millis(20);
+        assert_eq!(receive_then_top_up(&rx, wait, false, more), [5, 0, 5]);
+
+        // After the daemon's shutdown(SHUT_RD), what reads return is not a packet.
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        tx.send(b"m:1|c").unwrap();
+        rx.shutdown(std::net::Shutdown::Read).unwrap();
+        let start = Instant::now();
+        assert_eq!(receive_and_top_up(&rx, Duration::from_secs(60), true), [5]);
+        // Not a timing assertion: without the shutdown check it would wait the full minute.
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
 }
