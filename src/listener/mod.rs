@@ -167,9 +167,9 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
 ///
 /// A Unix datagram socket queues at most `net.unix.max_dgram_qlen` datagrams (10 by default),
 /// so under load one `recvmmsg` brings about 8. Handing each drain to a worker woke a worker
-/// for every ~30 messages; filling the batch first wakes one for every ~100. Unix datagram
-/// all-out, dsd_base, five alternating 8 s runs each: context switches 270–320k → 130–150k,
-/// parse→send 0.66–0.75 → 0.53–0.59 µs per message, whole process 1.33–1.76 → 1.23–1.41.
+/// for every ~30 messages; filling the batch first wakes one for every ~85. Unix datagram
+/// all-out, dsd_base, 14 alternating 8 s runs each: context switches 272–317k → 121–151k per
+/// run, parse→send 0.66–0.83 → 0.53–0.72 µs per message, whole process 1.33–1.76 → 1.23–1.61.
 /// Batches wait at most `wait` (1 ms): nothing that a 10 s bucket would notice.
 #[allow(clippy::too_many_arguments)]
 fn top_up(
