@@ -13,6 +13,9 @@ use crossbeam_channel::Receiver;
 
 use std::hash::{BuildHasher, Hasher};
 
+use twox_hash::xxhash3_64::DEFAULT_SECRET_LENGTH;
+use twox_hash::XxHash3_64;
+
 use crate::context::{canonical_tags, short_len, split_tags, ContextRef};
 use crate::demux::Demux;
 use crate::output::{EventRecord, ServiceCheckRecord};
@@ -268,6 +271,17 @@ impl ContextCache {
     }
 }
 
+/// A random XXH3 secret: SipHash, keyed from the OS's randomness (std's `RandomState`), of
+/// the numbers 0, 1, 2 ...
+fn random_secret() -> [u8; DEFAULT_SECRET_LENGTH] {
+    let keyed = std::collections::hash_map::RandomState::new();
+    let mut secret = [0u8; DEFAULT_SECRET_LENGTH];
+    for (i, word) in secret.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&keyed.hash_one(i).to_le_bytes());
+    }
+    secret
+}
+
 /// [`Cached::host`] when the host is `--hostname`.
 const DEFAULT_HOST: (u32, u32) = (u32::MAX, u32::MAX);
 
@@ -335,6 +349,9 @@ pub struct Worker {
     /// Raw context bytes → canonical context, so a known context skips splitting, sorting
     /// and hashing its tags.
     cache: ContextCache,
+    /// Keys [`Worker::raw_tags_hash`]: random per worker, so hostile tags cannot be chosen
+    /// to collide in the cache (which trusts the hash).
+    raw_secret: [u8; DEFAULT_SECRET_LENGTH],
     /// Reused: samples a shard reported missing, and their retries.
     missing: Vec<u32>,
     retry: Vec<Sample<'static>>,
@@ -355,6 +372,7 @@ impl Worker {
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
+            raw_secret: random_secret(),
             missing: Vec::new(),
             retry: Vec::new(),
             per_shard: (0..shards).map(|_| Vec::new()).collect(),
@@ -487,11 +505,19 @@ impl Worker {
         }
         let mut h = self.demux.hasher().build_hasher();
         h.write(m.name.as_bytes());
-        h.write(m.tags.as_bytes());
+        h.write_u64(self.raw_tags_hash(m.tags));
         h.write_u8(m.kind as u8);
         let raw = h.finish();
         self.cache.prefetch(raw);
         Some(RawKey::Hash(raw))
+    }
+
+    /// A hash of a metric's raw tag field: XXH3 under this worker's random secret. The tags
+    /// are most of a message (~2 KB in `dsd_base`), and XXH3 takes them with AVX2 where the
+    /// CPU has it (chosen at run time), about twice as fast as foldhash's 64-bit multiplies.
+    fn raw_tags_hash(&self, tags: &str) -> u64 {
+        XxHash3_64::oneshot_with_secret(&self.raw_secret[..], tags.as_bytes())
+            .expect("the secret has the default length, above XXH3's minimum")
     }
 
     /// The second half: finds or builds the context and queues the samples for its shard.
@@ -647,6 +673,30 @@ mod tests {
             Arc::new(Telemetry::default()),
             enrichment,
         )
+    }
+
+    #[test]
+    fn the_raw_tags_hash_tells_apart_every_one_byte_change_and_differs_by_worker() {
+        let (w, other) = (worker(1, "h", &[]), worker(1, "h", &[]));
+        // Long enough for XXH3's long-input path (above 240 bytes), with a short tail.
+        let tags: String = (0..120).map(|i| format!("k{i}:v{},", i * 7)).collect();
+        let h = w.raw_tags_hash(&tags);
+        assert_eq!(w.raw_tags_hash(&tags), h, "the same tags hash the same");
+        let mut seen = std::collections::HashSet::from([h]);
+        let mut changed = tags.clone().into_bytes();
+        for i in 0..changed.len() {
+            changed[i] ^= 0x01;
+            let text = std::str::from_utf8(&changed).unwrap();
+            assert!(
+                seen.insert(w.raw_tags_hash(text)),
+                "byte {i} changed, same hash"
+            );
+            changed[i] ^= 0x01;
+        }
+        assert_eq!(seen.len(), tags.len() + 1);
+        // Each worker draws its own secret.
+        assert_ne!(w.raw_secret, other.raw_secret);
+        assert_ne!(other.raw_tags_hash(&tags), h);
     }
 
     fn feed(w: &mut Worker, packets: &[&str]) {
