@@ -68,7 +68,7 @@ pub const SETTINGS: &[Setting] = &[
     s("stream-idle-timeout", "WHIPPET_STREAM_IDLE_TIMEOUT", "DURATION", "Close a stream connection that sends nothing for this long (so idle clients cannot hold every slot); 0 never closes. Clients reconnect on their next write. Default 5m"),
     s("buffer-size", "DD_DOGSTATSD_BUFFER_SIZE", "BYTES", "Largest datagram or stream frame, in bytes; longer datagrams are counted as truncated and dropped. Max 65536. Default 8192"),
     s("queue-size", "DD_DOGSTATSD_QUEUE_SIZE", "N", "Packet batches (up to 32 packets each) waiting for workers; more absorbs UDP bursts at the cost of memory (queue-size × 32 × buffer-size at worst). Unix socket readers queue at most 2 per worker and then wait. Default 32 (8 MiB at worst with the default buffer size)"),
-    s("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", "Parser threads. Default: the number of CPUs"),
+    s("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", "Parser threads; steady traffic far below what one core parses uses less CPU with 1, more absorb bursts. Default: the number of CPUs"),
     s("shards", "DD_DOGSTATSD_PIPELINE_COUNT", "N", "Aggregation shards (mutex-guarded); more reduce lock contention between workers. Default 16"),
     s("tags", "DD_DOGSTATSD_TAGS", "TAGS", "Extra tags added to every metric, event and service check: comma-separated on the command line, space- or comma-separated in the environment and config file. Reloaded on SIGHUP. Default none"),
     s("hostname", "DD_HOSTNAME", "NAME", "Host reported for data without a host: tag. Default: this machine's hostname"),
