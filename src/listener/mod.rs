@@ -98,19 +98,9 @@ pub fn read_datagrams(fd: BorrowedFd<'_>, transport: Transport, ctx: &ReaderCont
             n += more.unwrap_or(0);
         }
         if transport == Transport::Unix && n > 0 && !ctx.stopping.load(Relaxed) {
-            let (batch, got) = (&mut batch, &mut got);
             let stopping = &ctx.stopping;
-            n = top_up(
-                fd,
-                &mut headers,
-                batch,
-                slot,
-                n,
-                slots,
-                got,
-                FILL_WAIT,
-                stopping,
-            );
+            let (headers, batch, got) = (&mut headers, &mut batch, &mut got);
+            n = top_up(fd, headers, batch, slot, n, slots, got, FILL_WAIT, stopping);
         }
         let got = &got[..n];
         // After shutdown(SHUT_RD) and once the kernel queue is drained, reads return nothing.
@@ -191,8 +181,7 @@ fn top_up(
         }
         // Rounded up: poll counts whole milliseconds.
         let millis = left.as_nanos().div_ceil(1_000_000);
-        let timeout =
-            PollTimeout::try_from(millis.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(0) | Err(_) => break,
@@ -306,18 +295,8 @@ mod tests {
         .unwrap();
         between();
         let stopping = AtomicBool::new(stopping);
-        let (batch, got) = (&mut batch, &mut got);
-        let n = top_up(
-            fd,
-            &mut headers,
-            batch,
-            8192,
-            n,
-            slots,
-            got,
-            wait,
-            &stopping,
-        );
+        let (headers, batch, got) = (&mut headers, &mut batch, &mut got);
+        let n = top_up(fd, headers, batch, 8192, n, slots, got, wait, &stopping);
         got[..n].iter().map(|&(len, _)| len).collect()
     }
 
