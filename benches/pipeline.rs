@@ -6,15 +6,13 @@ use std::sync::{Arc, OnceLock};
 use divan::{black_box, Bencher};
 use whippet::context::{canonical_tags, split_tags, ContextHasher, ContextRef};
 use whippet::demux::Demux;
-use whippet::flush::{Aggregate, FlushSettings};
-use whippet::output::Flushed;
+use whippet::flush::{Aggregate, FlushSettings, Flushed};
 use whippet::packet::{Batch, Pool};
 use whippet::parser::{self, Message};
 use whippet::serializer::{Compression, Serializer, SeriesApi};
 use whippet::shard::Expiry;
 use whippet::sketch::Sketch;
-use whippet::telemetry::Telemetry;
-use whippet::worker::{Enrichment, Worker};
+use whippet::worker::{Counters, Enrichment, Worker};
 
 fn main() {
     divan::main();
@@ -39,7 +37,7 @@ fn worker(demux: Arc<Demux>) -> Worker {
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
     };
-    Worker::new(demux, Arc::new(Telemetry::default()), enrichment)
+    Worker::new(demux, Arc::new(Counters::default()), enrichment)
 }
 
 /// Parsing every corpus message (throughput in messages).

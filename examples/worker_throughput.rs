@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use whippet::demux::Demux;
 use whippet::packet::Pool;
-use whippet::telemetry::Telemetry;
-use whippet::worker::{Enrichment, Worker};
+use whippet::worker::{Counters, Enrichment, Worker};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -23,10 +22,10 @@ fn main() {
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
     };
-    let telemetry = Arc::new(Telemetry::default());
+    let counters = Arc::new(Counters::default());
     let mut worker = Worker::new(
         Arc::new(Demux::new(16, 10_000)),
-        telemetry.clone(),
+        counters.clone(),
         enrichment,
     );
     for b in &batches {

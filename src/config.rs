@@ -10,23 +10,10 @@ use std::path::{Path, PathBuf};
 use getopts::{HasArg, Occur, Options};
 
 use crate::flush::Aggregate;
+pub use crate::forwarder::ApiKey;
 use crate::log::Level;
 use crate::serializer::{Compression, SeriesApi};
 use crate::Error;
-
-/// The API key: never printed, not even by `{:?}`.
-#[derive(Clone, PartialEq, Default)]
-pub struct ApiKey(pub String);
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "(none)"
-        } else {
-            "(redacted)"
-        })
-    }
-}
 
 /// Largest `--buffer-size`: the largest UDP payload, and what one frame may carry.
 pub const MAX_BUFFER_SIZE: usize = 65536;

@@ -31,19 +31,21 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, Source};
+use crate::console::Console;
 use crate::demux::Demux;
+use crate::flush::Output;
 use crate::flush::{FlushSettings, Flusher};
 use crate::forwarder::{self, Forwarder, ForwarderConfig, IntakeOutput, Retarget};
-use crate::listener::{self, stream, udp, unix, ReaderContext};
+use crate::listener::datagram::DatagramReader;
+use crate::listener::{self, stream, udp, unix, Handoff};
 use crate::log;
-use crate::output::{Console, Output};
-use crate::packet::{Batch, Pool};
+use crate::packet::{Batch, Pool, Transport};
 use crate::serializer::{Serializer, SeriesApi};
 use crate::shard::Expiry;
 use crate::status::{self, StatusServer};
 use crate::systemd;
-use crate::telemetry::{Point, Snapshot, Telemetry, Transport};
-use crate::worker::{Enrichment, LiveTags, Worker};
+use crate::telemetry::{Readings, Snapshot};
+use crate::worker::{self, Enrichment, LiveTags, Worker};
 use crate::Error;
 
 /// Where the listeners ended up (port 0 resolved).
@@ -59,28 +61,47 @@ pub struct Bound {
     pub status: Option<SocketAddr>,
 }
 
-/// Reads the gauges that live outside [`Telemetry`]; shared with the status endpoint.
+/// Every stage's counters, and the gauges read when a snapshot is taken; shared with the
+/// status endpoint.
+pub struct Telemetry {
+    pub listener: Arc<listener::Counters>,
+    pub worker: Arc<worker::Counters>,
+    pub flush: Arc<crate::flush::Counters>,
+    pub forwarder: Arc<forwarder::Counters>,
+}
+
+impl Telemetry {
+    fn new() -> Telemetry {
+        Telemetry {
+            listener: Arc::default(),
+            worker: Arc::default(),
+            flush: Arc::default(),
+            forwarder: Arc::default(),
+        }
+    }
+}
+
 struct Probe {
     telemetry: Arc<Telemetry>,
     queue: Receiver<Batch>,
-    udp_inodes: Vec<u64>,
+    kernel_drops: udp::KernelDrops,
+}
+
+impl Readings for Probe {
+    fn read(&self, out: &mut Snapshot) {
+        let t = &self.telemetry;
+        t.listener.read(out);
+        t.worker.read(out);
+        t.flush.read(out);
+        t.forwarder.read(out);
+        out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
+        self.kernel_drops.read(out);
+    }
 }
 
 impl Probe {
     fn snapshot(&self) -> Snapshot {
-        let gauges = [
-            Point {
-                name: "whippet_queue_depth",
-                labels: vec![],
-                value: self.queue.len() as u64,
-            },
-            Point {
-                name: "whippet_udp_kernel_drops",
-                labels: vec![],
-                value: udp::kernel_drops(&self.udp_inodes),
-            },
-        ];
-        self.telemetry.snapshot(&gauges)
+        Snapshot::of(&[self])
     }
 }
 
@@ -199,7 +220,7 @@ impl Daemon {
             (None, None) => None,
         };
 
-        let telemetry = Arc::new(Telemetry::default());
+        let telemetry = Arc::new(Telemetry::new());
         let (output, retarget) = make_output(telemetry.clone())?;
         let demux = Arc::new(Demux::with_context_limit(
             config.shards,
@@ -226,8 +247,14 @@ impl Daemon {
         // Unix readers queue at most two batches per worker (see `Pool::admit`).
         let pool =
             Arc::new(Pool::new(config.buffer_size, in_flight).with_admissions(2 * config.workers));
-        let flusher = Flusher::new(demux.clone(), telemetry.clone(), settings, output)
-            .with_pool(pool.clone(), config.workers + config.udp_readers + 2);
+        // The pool keeps every batch in circulation under load; after each flush, spares
+        // beyond what one round of readers and workers holds go back to the allocator.
+        let keep = config.workers + config.udp_readers + 2;
+        let trimmed = pool.clone();
+        let flusher = Flusher::new(demux.clone(), telemetry.flush.clone(), settings, output)
+            .after_each_flush(move || {
+                trimmed.trim(keep);
+            });
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher_thread = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
 
@@ -243,7 +270,7 @@ impl Daemon {
         };
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
-            let worker = Worker::new(demux.clone(), telemetry.clone(), enrichment.clone())
+            let worker = Worker::new(demux.clone(), telemetry.worker.clone(), enrichment.clone())
                 .with_live_tags(live_tags.clone());
             let (rx, pool) = (queue_rx.clone(), pool.clone());
             workers.push(spawn(format!("whippet-worker-{i}"), move || {
@@ -251,10 +278,10 @@ impl Daemon {
             })?);
         }
 
-        let ctx = ReaderContext {
+        let ctx = Handoff {
             queue: queue_tx,
             pool,
-            telemetry: telemetry.clone(),
+            counters: telemetry.listener.clone(),
             stopping: stopping.clone(),
         };
         let mut readers = Vec::new();
@@ -262,13 +289,13 @@ impl Daemon {
         for (i, socket) in udp.iter().enumerate() {
             let (socket, ctx) = (socket.clone(), ctx.clone());
             readers.push(spawn(format!("whippet-udp-{i}"), move || {
-                listener::read_datagrams(socket.as_fd(), Transport::Udp, &ctx)
+                DatagramReader::new(socket.as_fd(), Transport::Udp, &ctx).run()
             })?);
         }
         if let Some(socket) = &unix_socket {
             let (socket, ctx) = (socket.clone(), ctx.clone());
             readers.push(spawn("whippet-unix".into(), move || {
-                listener::read_datagrams(socket.as_fd(), Transport::Unix, &ctx)
+                DatagramReader::new(socket.as_fd(), Transport::Unix, &ctx).run()
             })?);
         }
         let mut stream_handle = None;
@@ -290,7 +317,7 @@ impl Daemon {
         let probe = Arc::new(Probe {
             telemetry: telemetry.clone(),
             queue: queue_rx,
-            udp_inodes: udp.iter().map(|s| udp::inode(s)).collect(),
+            kernel_drops: udp::KernelDrops::of(&udp),
         });
         let status = match config.status {
             Some(addr) => {
@@ -469,7 +496,7 @@ fn output_for(
     spawn("whippet-validate".into(), move || {
         forwarder::validate_api_key(&check)
     })?;
-    let forwarder = Forwarder::start(forwarder_config, telemetry.clone())?;
+    let forwarder = Forwarder::start(forwarder_config, telemetry.forwarder.clone())?;
     let retarget = forwarder.retarget();
     let output = Box::new(IntakeOutput {
         serializer: Serializer {
@@ -478,7 +505,7 @@ fn output_for(
             hostname: config.hostname.clone(),
         },
         forwarder: Some(forwarder),
-        telemetry,
+        counters: telemetry.forwarder.clone(),
         shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
         pacing: true,
     });
@@ -623,8 +650,8 @@ fn start_watchdog(interval: Duration) -> Result<(Sender<()>, JoinHandle<()>), Er
 }
 
 fn log_snapshot(s: &Snapshot) {
-    for p in &s.points {
-        log::info(&format!("telemetry {p}"));
+    for r in s.grouped() {
+        log::info(&format!("telemetry {r}"));
     }
 }
 

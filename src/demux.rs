@@ -4,8 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::context::{ContextHasher, ContextKey};
-use crate::output::{EventRecord, ServiceCheckRecord};
-use crate::sample::Sample;
+use crate::sample::{EventRecord, ServiceCheckRecord, ShardBatch};
 use crate::shard::{Closed, ContextBudget, Expiry, InsertStats, Shard};
 
 /// Events and service checks received since the last flush.
@@ -64,15 +63,9 @@ impl Demux {
     }
 
     /// Aggregates a batch of samples that all belong to `shard`: one lock for the batch.
-    /// See [`Shard::insert`] for `missing`.
-    pub fn insert(
-        &self,
-        shard: usize,
-        samples: &[Sample<'_>],
-        tags: &[&str],
-        missing: &mut Vec<u32>,
-    ) -> InsertStats {
-        lock(&self.shards[shard]).insert(samples, tags, missing)
+    /// See [`Shard::insert`] for the samples it sends back.
+    pub fn insert(&self, shard: usize, batch: &mut ShardBatch<'_>, tags: &[&str]) -> InsertStats {
+        lock(&self.shards[shard]).insert(batch, tags)
     }
 
     /// Adds events and service checks to the backlog (emptying the vectors). Returns how many

@@ -3,17 +3,89 @@
 //! locks, adds the event and service-check backlog, and hands the result to the [`Output`].
 //! At shutdown it flushes everything, the open bucket included.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::clock;
+use crate::context::ContextKey;
 use crate::demux::Demux;
-use crate::output::{Flushed, Output, Series, SeriesKind, SketchPoint};
-use crate::packet::Pool;
+use crate::sample::{EventRecord, ServiceCheckRecord};
 use crate::shard::{Accumulator, Closed, Expiry, Histogram};
-use crate::telemetry::Telemetry;
+use crate::sketch::Sketch;
+use crate::telemetry::{Counter, Gauge, Label, PerLabel, Readings, Snapshot};
+
+/// The intake's metric types (v2 `MetricType` numbering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesKind {
+    Count = 1,
+    Rate = 2,
+    Gauge = 3,
+}
+
+impl SeriesKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SeriesKind::Count => "count",
+            SeriesKind::Rate => "rate",
+            SeriesKind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One point of one series. The name is the context's name plus `suffix` (`.max`,
+/// `.95percentile`, … for histograms; empty otherwise).
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub context: ContextKey,
+    pub suffix: Arc<str>,
+    pub kind: SeriesKind,
+    pub interval: i64,
+    pub timestamp: i64,
+    pub value: f64,
+}
+
+impl Series {
+    pub fn name(&self) -> String {
+        format!("{}{}", self.context.name(), self.suffix)
+    }
+}
+
+/// One distribution's sketch for one bucket (already finished).
+#[derive(Debug, Clone)]
+pub struct SketchPoint {
+    pub context: ContextKey,
+    pub timestamp: i64,
+    pub sketch: Box<Sketch>,
+}
+
+/// Everything one flush hands to the output.
+#[derive(Debug, Default)]
+pub struct Flushed {
+    pub series: Vec<Series>,
+    pub sketches: Vec<SketchPoint>,
+    pub events: Vec<EventRecord>,
+    pub service_checks: Vec<ServiceCheckRecord>,
+}
+
+impl Flushed {
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+            && self.sketches.is_empty()
+            && self.events.is_empty()
+            && self.service_checks.is_empty()
+    }
+}
+
+/// Where flushed data goes. Called from the flusher thread only; `emit` may block (the
+/// forwarder applies its own bounds), `finish` is called once at shutdown after the last emit.
+pub trait Output: Send {
+    fn emit(&mut self, flushed: Flushed);
+    /// Called before the final flush at shutdown.
+    fn stopping(&mut self) {}
+    fn finish(&mut self) {}
+}
 
 /// After a boundary, wait this long before flushing, so samples that arrived just before it
 /// and are still in a worker's hands make it into their bucket.
@@ -175,38 +247,98 @@ fn percentiles(h: &Histogram, pcts: &[(i64, Arc<str>)], mut emit: impl FnMut(&Ar
 /// costs at most one extra, smaller payload per emit.
 pub const EMIT_CONTEXTS: usize = 10_000;
 
+/// What a flush produced, labelling `whippet_flushed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    Points = 0,
+    Sketches = 1,
+    Events = 2,
+    ServiceChecks = 3,
+}
+
+impl Data {
+    pub const COUNT: usize = <Self as Label>::ALL.len();
+}
+
+impl Label for Data {
+    const NAME: &'static str = "data";
+    const ALL: &'static [Data] = &[
+        Data::Points,
+        Data::Sketches,
+        Data::Events,
+        Data::ServiceChecks,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Data::Points => "points",
+            Data::Sketches => "sketches",
+            Data::Events => "events",
+            Data::ServiceChecks => "service_checks",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The flusher's counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub flushes: Counter,
+    pub contexts_expired: Counter,
+    /// Live contexts after the last flush.
+    pub contexts: Gauge,
+    pub flushed: PerLabel<Data, Counter, { Data::COUNT }>,
+}
+
+impl Readings for Counters {
+    fn read(&self, out: &mut Snapshot) {
+        out.counter(
+            "whippet_contexts_expired_total",
+            &[],
+            self.contexts_expired.get(),
+        );
+        out.gauge("whippet_contexts", &[], self.contexts.get());
+        out.counter("whippet_flushes_total", &[], self.flushes.get());
+        out.per_label("whippet_flushed_total", &self.flushed);
+    }
+}
+
 /// Runs flushes: periodically on bucket boundaries, and once more at shutdown.
 pub struct Flusher {
-    pub demux: Arc<Demux>,
-    pub telemetry: Arc<Telemetry>,
-    pub settings: FlushSettings,
-    pub output: Box<dyn Output>,
+    demux: Arc<Demux>,
+    counters: Arc<Counters>,
+    settings: FlushSettings,
+    output: Box<dyn Output>,
     /// Reused between flushes.
     closed: Vec<Closed>,
-    /// The packet buffer pool, trimmed to this many spares after each flush.
-    pool: Option<(Arc<Pool>, usize)>,
+    /// Run after each periodic flush: the daemon's housekeeping (trimming the packet pool).
+    after_flush: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl Flusher {
     pub fn new(
         demux: Arc<Demux>,
-        telemetry: Arc<Telemetry>,
+        counters: Arc<Counters>,
         settings: FlushSettings,
         output: Box<dyn Output>,
     ) -> Flusher {
         Flusher {
             demux,
-            telemetry,
+            counters,
             settings,
             output,
             closed: Vec::new(),
-            pool: None,
+            after_flush: None,
         }
     }
 
-    /// Trims `pool` to `keep` spare buffers after each flush (see [`Pool::trim`]).
-    pub fn with_pool(mut self, pool: Arc<Pool>, keep: usize) -> Flusher {
-        self.pool = Some((pool, keep));
+    /// Runs `f` after each periodic flush (not the final one): work that wants a steady,
+    /// unhurried tick, once per bucket.
+    pub fn after_each_flush(mut self, f: impl FnMut() + Send + 'static) -> Flusher {
+        self.after_flush = Some(Box::new(f));
         self
     }
 
@@ -237,20 +369,18 @@ impl Flusher {
             }
             self.emit(std::mem::take(&mut out));
         }
-        let t = &self.telemetry;
-        t.flushes.fetch_add(1, Relaxed);
-        t.contexts_expired.fetch_add(freed as u64, Relaxed);
-        t.contexts.store(live as u64, Relaxed);
+        let c = &self.counters;
+        c.flushes.add(1);
+        c.contexts_expired.add(freed as u64);
+        c.contexts.set(live as u64);
     }
 
     fn emit(&mut self, out: Flushed) {
-        let t = &self.telemetry;
-        t.flushed_points.fetch_add(out.series.len() as u64, Relaxed);
-        t.flushed_sketches
-            .fetch_add(out.sketches.len() as u64, Relaxed);
-        t.flushed_events.fetch_add(out.events.len() as u64, Relaxed);
-        t.flushed_service_checks
-            .fetch_add(out.service_checks.len() as u64, Relaxed);
+        let flushed = &self.counters.flushed;
+        flushed[Data::Points].add(out.series.len() as u64);
+        flushed[Data::Sketches].add(out.sketches.len() as u64);
+        flushed[Data::Events].add(out.events.len() as u64);
+        flushed[Data::ServiceChecks].add(out.service_checks.len() as u64);
         if !out.is_empty() {
             self.output.emit(out);
         }
@@ -264,23 +394,21 @@ impl Flusher {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
-            let secs = now.as_secs() as i64;
-            let boundary = secs - secs.rem_euclid(interval) + interval;
+            let boundary = clock::next_boundary(now.as_secs() as i64, interval);
             let wait = Duration::from_secs(boundary as u64) + GRACE - now;
             match stop.recv_timeout(wait) {
                 Err(RecvTimeoutError::Timeout) => {
                     crate::inject_fault("flusher");
                     self.flush(boundary);
-                    if let Some((pool, keep)) = &self.pool {
-                        pool.trim(*keep);
+                    if let Some(f) = &mut self.after_flush {
+                        f();
                     }
                 }
                 _ => break,
             }
         }
-        let secs = crate::listener::unix_now();
         self.output.stopping();
-        self.flush(secs - secs.rem_euclid(interval) + interval);
+        self.flush(clock::next_boundary(clock::unix_now(), interval));
         self.output.finish();
     }
 }
@@ -331,8 +459,8 @@ mod tests {
     #[test]
     fn a_large_flush_is_emitted_in_chunks_and_loses_nothing() {
         use crate::packet::Pool;
-        use crate::telemetry::Transport;
-        use crate::worker::{Enrichment, Worker};
+        use crate::packet::Transport;
+        use crate::worker::{self, Enrichment, Worker};
         use std::sync::Mutex;
 
         /// (series, events) of each emit.
@@ -348,13 +476,14 @@ mod tests {
 
         const CONTEXTS: usize = 25_000;
         let demux = Arc::new(Demux::new(4, 100));
-        let telemetry = Arc::new(Telemetry::default());
+        let counters = Arc::new(Counters::default());
         let enrichment = Enrichment {
             hostname: "h".into(),
             extra_tags: Arc::new([]),
             bucket_seconds: 10,
         };
-        let mut worker = Worker::new(demux.clone(), telemetry.clone(), enrichment);
+        let worker_counters = Arc::new(worker::Counters::default());
+        let mut worker = Worker::new(demux.clone(), worker_counters, enrichment);
         let pool = Pool::new(8192, 1);
         let mut lines: Vec<String> = (0..CONTEXTS).map(|i| format!("g{i}:1|g")).collect();
         lines.push("_e{1,1}:t|x".into());
@@ -362,7 +491,7 @@ mod tests {
             let packet = chunk.join("\n");
             let mut batch = pool.get(Transport::Unix);
             batch.buffer_mut()[..packet.len()].copy_from_slice(packet.as_bytes());
-            batch.push_frame(0, packet.len());
+            batch.push_packet(0, packet.len());
             batch.received_at = 1_000;
             worker.process(&batch);
             pool.put(batch);
@@ -371,7 +500,7 @@ mod tests {
         let settings = FlushSettings::new(EXPIRY, &[], &[]);
         let mut flusher = Flusher::new(
             demux,
-            telemetry.clone(),
+            counters.clone(),
             settings,
             Box::new(Capture(emits.clone())),
         );
@@ -382,8 +511,8 @@ mod tests {
         assert!(emits[0].0 >= EMIT_CONTEXTS, "{emits:?}");
         assert_eq!(emits.iter().map(|e| e.0).sum::<usize>(), CONTEXTS);
         assert_eq!(emits.iter().map(|e| e.1).collect::<Vec<_>>(), [1, 0]);
-        assert_eq!(telemetry.flushed_points.load(Relaxed), CONTEXTS as u64);
-        assert_eq!(telemetry.flushes.load(Relaxed), 1);
+        assert_eq!(counters.flushed[Data::Points].get(), CONTEXTS as u64);
+        assert_eq!(counters.flushes.get(), 1);
     }
 
     #[test]

@@ -6,15 +6,14 @@
 use std::sync::Arc;
 
 use crate::demux::Demux;
-use crate::flush::{Aggregate, FlushSettings};
+use crate::flush::{Aggregate, FlushSettings, Flushed};
 use crate::listener::stream::Reassembly;
-use crate::output::Flushed;
-use crate::packet::{lines, scanned_lines, Line, Pool};
-use crate::parser::{self, Kind, Message, Values};
+use crate::packet::{lines, scanned_lines, Line, Pool, Transport};
+use crate::parser::{self, Message, MessageKind, Values};
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
-use crate::telemetry::{Telemetry, Transport};
-use crate::worker::{Enrichment, Worker};
+use crate::telemetry::Snapshot;
+use crate::worker::{Counters, Enrichment, Worker};
 
 /// One fuzz entry point: arbitrary bytes in, a panic only on a broken invariant.
 pub type Target = fn(&[u8]);
@@ -39,7 +38,7 @@ pub fn message(data: &[u8]) {
         Ok(Message::ServiceCheck(c)) => assert!(!c.name.is_empty()),
         Err(e) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            assert_eq!(e.kind, Kind::of(line));
+            assert_eq!(e.kind, MessageKind::of(line));
         }
     }
 }
@@ -84,7 +83,7 @@ pub fn packet(data: &[u8]) {
     let pool = Pool::new(SLOT, 1);
     let mut batch = pool.get(Transport::Unix);
     batch.buffer_mut()[..data.len()].copy_from_slice(data);
-    batch.push_frame(0, data.len());
+    batch.push_packet(0, data.len());
     batch.received_at = 1_700_000_000;
     // The one-pass scan finds the same lines as splitting, and flags exactly the non-ASCII.
     let scanned: Vec<Line<'_>> = scanned_lines(data).collect();
@@ -92,18 +91,18 @@ pub fn packet(data: &[u8]) {
     assert_eq!(scanned, split, "scanned lines");
 
     let demux = Arc::new(Demux::with_context_limit(4, 1_000, 10_000));
-    let telemetry = Arc::new(Telemetry::default());
+    let counters = Arc::new(Counters::default());
     let enrichment = Enrichment {
         hostname: "fuzz".into(),
         extra_tags: Arc::new(["env:fuzz".into()]),
         bucket_seconds: 10,
     };
-    let mut worker = Worker::new(demux.clone(), telemetry.clone(), enrichment);
+    let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment);
     worker.process(&batch);
 
-    let snapshot = telemetry.snapshot(&[]);
+    let snapshot = Snapshot::of(&[&*counters]);
     let counted: u64 = snapshot
-        .points
+        .readings
         .iter()
         .filter(|p| p.name == "whippet_messages_total" || p.name == "whippet_parse_errors_total")
         .map(|p| p.value)
@@ -169,8 +168,8 @@ pub fn stream(data: &[u8]) {
         at += n;
         let fed = frames.fed(n, &pool);
         if let Some(batch) = fed.complete {
-            assert!(batch.frame_count() > 0);
-            got.extend(batch.frames().map(<[u8]>::to_vec));
+            assert!(batch.packet_count() > 0);
+            got.extend(batch.packets().map(<[u8]>::to_vec));
             pool.put(batch);
         }
         oversized = fed.oversized;

@@ -61,7 +61,9 @@
 //! - **intake**: the HTTP service payloads are sent to ([`intake`] is a test one).
 
 pub mod blast;
+pub mod clock;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod daemon;
 pub mod demux;
@@ -72,7 +74,6 @@ pub mod fuzz;
 pub mod intake;
 pub mod listener;
 pub mod log;
-pub mod output;
 pub mod packet;
 pub mod parser;
 pub mod sample;

@@ -1,7 +1,7 @@
 //! Packets: pooled buffers carrying what listeners read to the workers, and the splitting of a
 //! packet into messages.
 //!
-//! A [`Batch`] is one buffer holding up to [`Batch::slots`] packets (datagrams, or frames of
+//! A [`Batch`] is one buffer holding up to [`Pool::slots`] packets (datagrams, or frames of
 //! the stream transport) read in one go, so a reader makes one `recvmmsg` call and one channel
 //! send per batch, not per packet. Batches return to a [`Pool`] after a worker is done with
 //! them; buffers are reused (the last returned first), every batch in circulation is kept
@@ -11,7 +11,36 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::telemetry::Transport;
+use crate::telemetry::Label;
+
+/// Where packets come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp = 0,
+    Unix = 1,
+    Stream = 2,
+}
+
+impl Transport {
+    pub const COUNT: usize = <Self as Label>::ALL.len();
+}
+
+impl Label for Transport {
+    const NAME: &'static str = "transport";
+    const ALL: &'static [Transport] = &[Transport::Udp, Transport::Unix, Transport::Stream];
+
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Unix => "unix",
+            Transport::Stream => "unix_stream",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -23,7 +52,7 @@ pub const MAX_SLOTS: usize = 32;
 pub struct Batch {
     buf: Vec<u8>,
     /// Byte ranges of the packets in `buf`.
-    frames: Vec<(u32, u32)>,
+    packets: Vec<(u32, u32)>,
     pub transport: Transport,
     /// Arrival time, unix seconds: picks the bucket (SPEC §3.1).
     pub received_at: i64,
@@ -36,7 +65,7 @@ impl Batch {
         Batch {
             // Zeroed pages come from the kernel untouched: only what is received becomes RSS.
             buf: vec![0; bytes],
-            frames: Vec::with_capacity(MAX_SLOTS),
+            packets: Vec::with_capacity(MAX_SLOTS),
             transport: Transport::Udp,
             received_at: 0,
             admitted: false,
@@ -53,33 +82,33 @@ impl Batch {
     }
 
     /// Records that `buf[start..end]` holds one packet.
-    pub fn push_frame(&mut self, start: usize, end: usize) {
-        self.frames.push((start as u32, end as u32));
+    pub fn push_packet(&mut self, start: usize, end: usize) {
+        self.packets.push((start as u32, end as u32));
     }
 
-    pub fn frame_count(&self) -> usize {
-        self.frames.len()
+    pub fn packet_count(&self) -> usize {
+        self.packets.len()
     }
 
     /// The packets, in arrival order.
-    pub fn frames(&self) -> impl Iterator<Item = &[u8]> {
-        self.frames
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.packets
             .iter()
             .map(|&(s, e)| &self.buf[s as usize..e as usize])
     }
 
     /// Bytes of payload held.
     pub fn payload_bytes(&self) -> u64 {
-        self.frames.iter().map(|&(s, e)| (e - s) as u64).sum()
+        self.packets.iter().map(|&(s, e)| (e - s) as u64).sum()
     }
 
     /// Messages held (lines), counted only when a batch is dropped.
     pub fn message_count(&self) -> u64 {
-        self.frames().map(|f| lines(f).count() as u64).sum()
+        self.packets().map(|f| lines(f).count() as u64).sum()
     }
 
     fn clear(&mut self) {
-        self.frames.clear();
+        self.packets.clear();
     }
 }
 
@@ -427,20 +456,20 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_gives_back_the_frames_it_was_told_about() {
+    fn a_batch_gives_back_the_packets_it_was_told_about() {
         let pool = Pool::new(8192, 2);
         assert_eq!(pool.slots(), 32);
         let mut b = pool.get(Transport::Unix);
         b.buffer_mut()[..5].copy_from_slice(b"x:1|c");
         b.buffer_mut()[8192..8198].copy_from_slice(b"y:2|g\n");
-        b.push_frame(0, 5);
-        b.push_frame(8192, 8198);
-        assert_eq!(b.frames().collect::<Vec<_>>(), [&b"x:1|c"[..], b"y:2|g\n"]);
+        b.push_packet(0, 5);
+        b.push_packet(8192, 8198);
+        assert_eq!(b.packets().collect::<Vec<_>>(), [&b"x:1|c"[..], b"y:2|g\n"]);
         assert_eq!(b.payload_bytes(), 11);
         assert_eq!(b.message_count(), 2);
         pool.put(b);
         let again = pool.get(Transport::Udp);
-        assert_eq!(again.frame_count(), 0);
+        assert_eq!(again.packet_count(), 0);
         assert_eq!(again.transport, Transport::Udp);
     }
 

@@ -1,7 +1,8 @@
-//! Samples: one value of one metric message, with its context already hashed, on its way from
-//! a worker to the shard that owns the context.
+//! What a worker hands on: samples (one value of one metric message, its context already
+//! hashed) on their way to the shard that owns the context, and records (owned events and
+//! service checks) on their way to the demux's backlog.
 
-use crate::parser::MetricKind;
+use crate::parser::{AlertType, CheckStatus, MetricKind, Priority};
 
 /// What a sample adds to its context.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -19,20 +20,159 @@ pub struct Sample<'a> {
     pub name: &'a str,
     /// Empty means no host.
     pub host: &'a str,
-    /// The canonical tags, as a range into the worker's tag arena for the packet (sorted,
-    /// de-duplicated, extra tags included, `host:` removed); `None` when the worker's
-    /// context cache vouched for the context by its hash: the shard then checks the type and
-    /// the name length kept beside the hash, and reports the sample missing if it holds
-    /// no such context.
-    pub tags: Option<(u32, u32)>,
-    /// The raw `#` field, to build the canonical tags for a sample reported missing.
+    /// What the sample carries of its context's canonical tags.
+    pub tags: ContextTags,
+    /// The raw `#` field, to build the canonical tags for a sample sent back as missing.
     pub raw_tags: &'a str,
     pub kind: MetricKind,
     pub value: SampleValue<'a>,
     /// In (0, 1].
     pub sample_rate: f64,
-    /// `|T`: the sample bypasses buckets (gauges and counts only; SPEC §3.4).
+    /// `|T`: the sample bypasses buckets (gauges and counts only; docs/behaviour.md,
+    /// "Timestamps").
     pub timestamp: Option<i64>,
     /// Start of the bucket of its arrival time.
     pub bucket: i64,
+}
+
+/// What a sample carries of its context's canonical tags: the two sides of the handshake
+/// between a worker's context cache and the shard that holds the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextTags {
+    /// None: the worker's context cache vouched for the context by its hash. The shard finds
+    /// it by the hash, the type and the name length kept beside it; if the shard no longer
+    /// holds it (it expired), the sample goes back to the worker as missing
+    /// ([`ShardBatch::resend`]).
+    Vouched,
+    /// The canonical tags (sorted, de-duplicated, extra tags included, `host:` removed): this
+    /// range of the batch's tag arena. Enough for the shard to create the context.
+    Arena(u32, u32),
+}
+
+/// One shard's samples from one packet batch: handed to the shard under one lock, and what
+/// the shard sends back.
+#[derive(Debug, Default)]
+pub struct ShardBatch<'a> {
+    pub samples: Vec<Sample<'a>>,
+    /// Vouched samples whose context the shard does not hold: indexes into `samples`.
+    missing: Vec<u32>,
+}
+
+impl<'a> From<Vec<Sample<'a>>> for ShardBatch<'a> {
+    fn from(samples: Vec<Sample<'a>>) -> ShardBatch<'a> {
+        ShardBatch {
+            samples,
+            missing: Vec::new(),
+        }
+    }
+}
+
+impl<'a> ShardBatch<'a> {
+    /// The same allocations, empty, for samples that borrow from another batch.
+    pub fn rebind<'b>(self) -> ShardBatch<'b> {
+        let mut missing = self.missing;
+        missing.clear();
+        ShardBatch {
+            samples: recycle(self.samples),
+            missing,
+        }
+    }
+
+    /// Called by the shard: the sample at `index` names a context it does not hold.
+    pub fn send_back(&mut self, index: usize) {
+        self.missing.push(index as u32);
+    }
+
+    /// Keeps only the samples the shard sent back, each given its canonical tags by `tags`,
+    /// ready to be inserted again; false when none came back. Samples with tags are never
+    /// sent back (the shard creates their context, or refuses it over the limit), so a
+    /// second round always comes back empty.
+    pub fn resend(&mut self, mut tags: impl FnMut(&Sample<'a>) -> ContextTags) -> bool {
+        if self.missing.is_empty() {
+            self.samples.clear();
+            return false;
+        }
+        let mut kept = 0;
+        for i in 0..self.missing.len() {
+            let mut s = self.samples[self.missing[i] as usize];
+            s.tags = tags(&s);
+            self.samples[kept] = s;
+            kept += 1;
+        }
+        self.samples.truncate(kept);
+        self.missing.clear();
+        true
+    }
+}
+
+/// Re-binds an empty vector's allocation to another lifetime. The in-place `collect` reuses
+/// the buffer because the layouts are identical; no element is ever mapped.
+pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| -> U { unreachable!("the vector is empty") })
+        .collect()
+}
+
+/// An event as it will be sent (owned; `\n` escapes already turned into newlines).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub title: String,
+    pub text: String,
+    pub timestamp: i64,
+    pub host: String,
+    pub aggregation_key: String,
+    pub priority: Priority,
+    pub source_type: String,
+    pub alert_type: AlertType,
+    pub tags: Vec<String>,
+}
+
+/// A service check as it will be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceCheckRecord {
+    pub name: String,
+    pub status: CheckStatus,
+    pub timestamp: i64,
+    pub host: String,
+    pub message: String,
+    pub tags: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(hash: u64) -> Sample<'static> {
+        Sample {
+            hash,
+            name: "m",
+            host: "h",
+            tags: ContextTags::Vouched,
+            raw_tags: "a,b",
+            kind: MetricKind::Gauge,
+            value: SampleValue::Number(hash as f64),
+            sample_rate: 1.0,
+            timestamp: None,
+            bucket: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_samples_sent_back_are_resent_with_their_tags() {
+        let mut batch = ShardBatch::from((0..5).map(sample).collect::<Vec<_>>());
+        batch.send_back(1);
+        batch.send_back(3);
+        assert!(batch.resend(|s| ContextTags::Arena(s.hash as u32, 9)));
+        let got: Vec<(u64, ContextTags)> = batch.samples.iter().map(|s| (s.hash, s.tags)).collect();
+        assert_eq!(
+            got,
+            [(1, ContextTags::Arena(1, 9)), (3, ContextTags::Arena(3, 9))]
+        );
+        // Nothing sent back: nothing to resend, and the batch is emptied.
+        assert!(!batch.resend(|_| unreachable!("nothing was sent back")));
+        assert!(batch.samples.is_empty());
+        let rebound: ShardBatch<'_> = batch.rebind();
+        assert!(rebound.samples.is_empty() && rebound.missing.is_empty());
+    }
 }

@@ -1,7 +1,7 @@
 //! The status endpoint (`--status ADDR`, off by default): `/status` (JSON: version, uptime,
-//! listeners, intake, every counter), `/metrics` (Prometheus text format, every counter of
-//! SPEC §5) and `/contexts?top=N` (the busiest contexts with their sample counts, as the
-//! Agent's `dogstatsd-stats` shows). One tiny_http thread; it reads counters and locks one
+//! listeners, intake, every counter), `/metrics` (Prometheus text format, every counter) and
+//! `/contexts?top=N` (the busiest contexts with their sample counts, as the Agent's
+//! `dogstatsd-stats` shows). One tiny_http thread; it reads counters and locks one
 //! shard at a time, never the ingest path.
 
 use std::net::SocketAddr;
@@ -73,7 +73,7 @@ fn answer(sources: &Sources, request: Request) {
         "/metrics" => (
             200,
             "text/plain; version=0.0.4",
-            prometheus(&(sources.snapshot)()),
+            (sources.snapshot)().prometheus(),
         ),
         "/contexts" => match top_param(query) {
             Ok(n) => (
@@ -122,7 +122,7 @@ fn status_json(sources: &Sources) -> Value {
         json!(sources.started.elapsed().as_secs()),
     );
     let mut counters = Map::new();
-    for p in (sources.snapshot)().points {
+    for p in (sources.snapshot)().readings {
         let mut key = p.name.to_string();
         if !p.labels.is_empty() {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -151,61 +151,9 @@ fn contexts_json(sources: &Sources, n: usize) -> Value {
     )
 }
 
-/// The Prometheus text format: a `# TYPE` line per name (`_total` names are counters, the
-/// others gauges), then its samples.
-pub fn prometheus(s: &Snapshot) -> String {
-    let mut out = String::new();
-    let mut last = "";
-    for p in &s.points {
-        if p.name != last {
-            let kind = if p.name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
-            out.push_str(&format!("# TYPE {} {kind}\n", p.name));
-            last = p.name;
-        }
-        out.push_str(&format!("{p}\n"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::Point;
-
-    #[test]
-    fn prometheus_types_each_name_once() {
-        let s = Snapshot {
-            points: vec![
-                Point {
-                    name: "whippet_packets_total",
-                    labels: vec![("transport", "udp")],
-                    value: 3,
-                },
-                Point {
-                    name: "whippet_packets_total",
-                    labels: vec![("transport", "unix")],
-                    value: 4,
-                },
-                Point {
-                    name: "whippet_queue_depth",
-                    labels: vec![],
-                    value: 0,
-                },
-            ],
-        };
-        assert_eq!(
-            prometheus(&s),
-            "# TYPE whippet_packets_total counter\n\
-             whippet_packets_total{transport=\"udp\"} 3\n\
-             whippet_packets_total{transport=\"unix\"} 4\n\
-             # TYPE whippet_queue_depth gauge\n\
-             whippet_queue_depth 0\n"
-        );
-    }
 
     #[test]
     fn top_is_bounded() {

@@ -317,20 +317,20 @@ pub fn batches(
 ) -> Vec<crate::packet::Batch> {
     let slot = pool.slot_bytes();
     let mut out = Vec::new();
-    let mut batch = pool.get(crate::telemetry::Transport::Unix);
+    let mut batch = pool.get(crate::packet::Transport::Unix);
     let mut at = 0;
     for (packet, _) in pack(messages, slot) {
         if at == pool.slots() {
             out.push(std::mem::replace(
                 &mut batch,
-                pool.get(crate::telemetry::Transport::Unix),
+                pool.get(crate::packet::Transport::Unix),
             ));
             at = 0;
         }
         // A message longer than a slot would be a truncated datagram: it is cut here.
         let (start, len) = (at * slot, packet.len().min(slot));
         batch.buffer_mut()[start..start + len].copy_from_slice(&packet[..len]);
-        batch.push_frame(start, start + len);
+        batch.push_packet(start, start + len);
         at += 1;
     }
     out.push(batch);

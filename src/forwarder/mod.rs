@@ -12,6 +12,7 @@
 //! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s, jittered |
 
 pub mod disk;
+pub mod outcome;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -20,10 +21,26 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::flush::{Flushed, Output};
 use crate::log;
-use crate::serializer::{Endpoint, Payload};
-use crate::telemetry::{Outcome, Telemetry};
+use crate::serializer::{Endpoint, Payload, Serializer};
 use disk::{Disk, Entry};
+pub use outcome::Counters;
+use outcome::{backoff, classify, Answer, Cause, Class, Outcome};
+
+/// The API key: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Default)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "(none)"
+        } else {
+            "(redacted)"
+        })
+    }
+}
 
 /// How the forwarder reaches the intake.
 #[derive(Debug, Clone)]
@@ -31,7 +48,7 @@ pub struct ForwarderConfig {
     /// Scheme, host and port, no trailing slash: `https://app.datadoghq.com`.
     pub base_url: String,
     /// Redacted by `{:?}`, so no log line or panic message can carry it.
-    pub api_key: crate::config::ApiKey,
+    pub api_key: ApiKey,
     pub threads: usize,
     pub retry_queue_bytes: usize,
     /// Whole-request timeout.
@@ -88,7 +105,7 @@ struct Shared {
     /// Intake URL and API key now: SIGHUP may change them (see [`Retarget`]).
     target: RwLock<(String, String)>,
     agent: ureq::Agent,
-    telemetry: Arc<Telemetry>,
+    counters: Arc<Counters>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -110,30 +127,6 @@ impl Retarget {
 pub struct Forwarder {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-}
-
-/// What one request came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
-    Sent,
-    Drop(u16),
-    Retry(Option<u16>),
-}
-
-fn classify(status: Option<u16>) -> Class {
-    match status {
-        Some(s) if (200..300).contains(&s) => Class::Sent,
-        Some(s @ (400 | 403 | 413)) => Class::Drop(s),
-        other => Class::Retry(other),
-    }
-}
-
-/// Backoff before the next try after `failures` consecutive failures: base · 2ⁿ⁻¹, capped at
-/// 32 × base (2 s … 64 s by default), jittered to between half and all of it so endpoints do
-/// not retry in lockstep.
-pub fn backoff(failures: u32, base: Duration, jitter: u64) -> Duration {
-    let ms = (base.as_millis() as u64).saturating_mul(1 << failures.saturating_sub(1).min(5));
-    Duration::from_millis(ms / 2 + jitter % (ms / 2 + 1))
 }
 
 fn random() -> u64 {
@@ -172,7 +165,7 @@ fn agent(config: &ForwarderConfig) -> ureq::Agent {
 impl Forwarder {
     pub fn start(
         config: ForwarderConfig,
-        telemetry: Arc<Telemetry>,
+        counters: Arc<Counters>,
     ) -> Result<Forwarder, crate::Error> {
         let agent = agent(&config);
         let mut state = State::default();
@@ -196,13 +189,13 @@ impl Forwarder {
             // A file without a readable header names no endpoint: counted under series,
             // where almost every payload on disk belongs.
             for _ in 0..found.unreadable {
-                telemetry.count_payload(Endpoint::SeriesV2, Outcome::DroppedUnreadable);
+                counters.count(Endpoint::SeriesV2, Outcome::DroppedUnreadable);
             }
             state.disk = Some(disk);
         }
         let shared = Arc::new(Shared {
             agent,
-            telemetry,
+            counters,
             state: Mutex::new(state),
             changed: Condvar::new(),
             target: RwLock::new((config.base_url.clone(), config.api_key.0.clone())),
@@ -308,16 +301,14 @@ impl Shared {
     }
 
     fn count(&self, endpoint: Endpoint, outcome: Outcome) {
-        self.telemetry.count_payload(endpoint, outcome);
+        self.counters.count(endpoint, outcome);
     }
 
     fn set_queue_gauge(&self, state: &State) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let t = &self.telemetry;
-        t.retry_queue_bytes
-            .store(state.queued_bytes as u64, Relaxed);
-        t.retry_dir_bytes
-            .store(state.disk.as_ref().map_or(0, Disk::bytes), Relaxed);
+        let c = &self.counters;
+        c.retry_queue_bytes.set(state.queued_bytes as u64);
+        c.retry_dir_bytes
+            .set(state.disk.as_ref().map_or(0, Disk::bytes));
     }
 
     /// Makes the memory queue fit its bound: the oldest payloads go to the retry directory,
@@ -423,7 +414,7 @@ impl Shared {
         }
     }
 
-    fn send(&self, p: &Payload) -> Option<u16> {
+    fn send(&self, p: &Payload) -> Answer {
         let (url, key) = {
             let target = self.target.read().unwrap_or_else(|e| e.into_inner());
             (
@@ -448,9 +439,19 @@ impl Shared {
                     .as_reader()
                     .take(64 * 1024)
                     .read_to_end(&mut Vec::new());
-                Some(status)
+                Answer::Status(status)
             }
-            Err(_) => None,
+            Err(e) => {
+                let cause = Cause::of(&e);
+                log::warn_limited("forwarder-network", || {
+                    format!(
+                        "cannot reach the intake for a {} payload: {} ({e}); retrying with backoff",
+                        p.endpoint.path(),
+                        crate::telemetry::Label::label(cause)
+                    )
+                });
+                Answer::Failed(cause)
+            }
         }
     }
 
@@ -485,17 +486,19 @@ impl Shared {
                 }
                 None
             }
-            Class::Retry(status) => {
+            Class::Retry(answer) => {
                 let b = state.backoff.entry(endpoint).or_default();
                 b.failures = b.failures.saturating_add(1);
                 b.until = Some(now + backoff(b.failures, self.config.retry_base, random()));
-                self.count(endpoint, Outcome::Retried(status));
-                log::warn_limited("forwarder-retry", || {
-                    match status {
-                    Some(s) => format!("the intake answered {s} to a {} payload; retrying with backoff", endpoint.path()),
-                    None => format!("cannot reach the intake for a {} payload (network error or --request-timeout-ms); retrying with backoff", endpoint.path()),
+                self.count(endpoint, Outcome::Retried(answer));
+                if let Answer::Status(s) = answer {
+                    log::warn_limited("forwarder-retry", || {
+                        format!(
+                            "the intake answered {s} to a {} payload; retrying with backoff",
+                            endpoint.path()
+                        )
+                    });
                 }
-                });
                 w.attempts += 1;
                 Some(w)
             }
@@ -558,9 +561,9 @@ const PACE_WAIT: Duration = Duration::from_secs(1);
 
 /// The output used when an intake is configured: serialize each flush, forward the payloads.
 pub struct IntakeOutput {
-    pub serializer: crate::serializer::Serializer,
+    pub serializer: Serializer,
     pub forwarder: Option<Forwarder>,
-    pub telemetry: Arc<Telemetry>,
+    pub counters: Arc<Counters>,
     /// How long the final flush may take to send at shutdown.
     pub shutdown_timeout: Duration,
     /// Flushes wait for the intake ([`Forwarder::pace`]); not the final one, which
@@ -568,13 +571,11 @@ pub struct IntakeOutput {
     pub pacing: bool,
 }
 
-impl crate::output::Output for IntakeOutput {
-    fn emit(&mut self, flushed: crate::output::Flushed) {
+impl Output for IntakeOutput {
+    fn emit(&mut self, flushed: Flushed) {
         let serialized = self.serializer.serialize(&flushed);
         for (_, n) in &serialized.oversized {
-            self.telemetry
-                .oversized_items
-                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+            self.counters.oversized_items.add(*n as u64);
         }
         if let Some(f) = &self.forwarder {
             f.submit(serialized.payloads);
@@ -603,7 +604,7 @@ mod tests {
     fn the_api_key_never_shows_in_debug_output() {
         let config = ForwarderConfig {
             base_url: "https://app.datadoghq.com".into(),
-            api_key: crate::config::ApiKey("secret-key-123".into()),
+            api_key: ApiKey("secret-key-123".into()),
             threads: 1,
             retry_queue_bytes: 1,
             timeout: Duration::from_secs(1),
@@ -624,14 +625,14 @@ mod tests {
         .unwrap();
         let config = ForwarderConfig {
             base_url: intake.url(),
-            api_key: crate::config::ApiKey("k".into()),
+            api_key: ApiKey("k".into()),
             threads: 1,
             retry_queue_bytes: 1 << 20,
             timeout: Duration::from_secs(30),
             retry_base: Duration::from_secs(1),
             retry_dir: None,
         };
-        let forwarder = Forwarder::start(config, Arc::new(Telemetry::default())).unwrap();
+        let forwarder = Forwarder::start(config, Arc::new(Counters::default())).unwrap();
         let payloads = (0..8)
             .map(|_| Payload {
                 endpoint: Endpoint::Events,
@@ -646,49 +647,5 @@ mod tests {
         // Above the mark it returns without waiting.
         forwarder.pace(usize::MAX, Duration::from_secs(120));
         forwarder.close(Instant::now() + Duration::from_secs(60));
-    }
-
-    #[test]
-    fn outcomes_are_classified_as_the_spec_says() {
-        let cases = [
-            (Some(200), Class::Sent),
-            (Some(202), Class::Sent),
-            (Some(400), Class::Drop(400)),
-            (Some(403), Class::Drop(403)),
-            (Some(413), Class::Drop(413)),
-            (Some(404), Class::Retry(Some(404))),
-            (Some(408), Class::Retry(Some(408))),
-            (Some(429), Class::Retry(Some(429))),
-            (Some(500), Class::Retry(Some(500))),
-            (Some(503), Class::Retry(Some(503))),
-            (None, Class::Retry(None)),
-        ];
-        for (status, want) in cases {
-            assert_eq!(classify(status), want, "{status:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_from_two_seconds_caps_at_64_and_jitters_within_half() {
-        let bounds = [
-            (1, 2),
-            (2, 4),
-            (3, 8),
-            (4, 16),
-            (5, 32),
-            (6, 64),
-            (7, 64),
-            (30, 64),
-        ];
-        for (failures, cap) in bounds {
-            let base = Duration::from_secs(2);
-            let lo = backoff(failures, base, 0);
-            let hi = backoff(failures, base, u64::MAX - 1);
-            assert_eq!(lo, Duration::from_millis(cap * 500), "{failures}");
-            assert!(
-                hi <= Duration::from_secs(cap) && hi >= lo,
-                "{failures}: {hi:?}"
-            );
-        }
     }
 }

@@ -7,15 +7,14 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use nix::sys::socket::{getsockopt, sockopt};
 
-use super::{unix_now, ReaderContext};
-use crate::packet::{Batch, Pool};
-use crate::telemetry::Transport;
+use super::{Flow, Handoff};
+use crate::clock;
+use crate::packet::{Batch, Pool, Transport};
 
 /// Open connections, so the daemon can wake their threads at shutdown.
 #[derive(Default)]
@@ -50,19 +49,19 @@ impl Connections {
 /// must not lose what it wrote), stops reading everywhere, and joins every connection thread.
 pub fn accept_loop(
     listener: UnixListener,
-    ctx: ReaderContext,
+    handoff: Handoff,
     limits: Limits,
     connections: Arc<Connections>,
 ) {
     let mut acceptor = Acceptor {
-        ctx,
+        handoff,
         limits,
         connections,
         threads: Vec::new(),
         next_id: 0,
     };
     for stream in listener.incoming() {
-        if acceptor.ctx.stopping.load(Relaxed) {
+        if acceptor.handoff.stopping() {
             if let Ok(s) = stream {
                 acceptor.admit_unless_own(s);
             }
@@ -101,7 +100,7 @@ pub struct Limits {
 }
 
 struct Acceptor {
-    ctx: ReaderContext,
+    handoff: Handoff,
     limits: Limits,
     connections: Arc<Connections>,
     threads: Vec<JoinHandle<()>>,
@@ -110,8 +109,9 @@ struct Acceptor {
 
 impl Acceptor {
     fn count_error(&self) {
-        let counters = self.ctx.telemetry.transport(Transport::Stream);
-        counters.errors.fetch_add(1, Relaxed);
+        self.handoff.counters.transports[Transport::Stream]
+            .errors
+            .add(1);
     }
 
     /// At shutdown: the daemon wakes `accept` by connecting itself; that connection is not a
@@ -125,10 +125,10 @@ impl Acceptor {
 
     /// Starts a thread for a new connection, or refuses it over the cap.
     fn admit(&mut self, stream: UnixStream) {
-        let counters = self.ctx.telemetry.transport(Transport::Stream);
+        let counters = &self.handoff.counters.stream;
         self.threads.retain(|t| !t.is_finished());
         if self.connections.len() >= self.limits.max_connections {
-            counters.connections_refused.fetch_add(1, Relaxed);
+            counters.refused.add(1);
             return;
         }
         if stream.set_read_timeout(self.limits.idle_timeout).is_err() {
@@ -139,18 +139,18 @@ impl Acceptor {
             self.count_error();
             return;
         };
-        counters.connections.fetch_add(1, Relaxed);
+        counters.connections.add(1);
         let id = self.next_id;
         self.next_id += 1;
         self.connections.lock().insert(id, handle);
-        if self.ctx.stopping.load(Relaxed) {
+        if self.handoff.stopping() {
             let _ = stream.shutdown(Shutdown::Read);
         }
-        let (ctx, conns) = (self.ctx.clone(), self.connections.clone());
+        let (handoff, conns) = (self.handoff.clone(), self.connections.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("whippet-stream-{id}"))
             .spawn(move || {
-                serve(stream, &ctx);
+                serve(stream, &handoff);
                 conns.lock().remove(&id);
             });
         match spawned {
@@ -165,45 +165,43 @@ impl Acceptor {
 
 /// Reads frames from one connection until end-of-file, an error, an oversized frame or the
 /// idle timeout (the socket's read timeout).
-fn serve(mut stream: UnixStream, ctx: &ReaderContext) {
-    let counters = ctx.telemetry.transport(Transport::Stream);
-    let mut frames = Reassembly::new(&ctx.pool);
+fn serve(mut stream: UnixStream, handoff: &Handoff) {
+    let transport = &handoff.counters.transports[Transport::Stream];
+    let counters = &handoff.counters.stream;
+    let mut frames = Reassembly::new(&handoff.pool);
     loop {
         let n = match stream.read(frames.space()) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                counters.idle_closed.fetch_add(1, Relaxed);
+                counters.idle_closed.add(1);
                 break;
             }
             Err(_) => {
-                counters.errors.fetch_add(1, Relaxed);
+                transport.errors.add(1);
                 break;
             }
         };
-        counters.bytes.fetch_add(n as u64, Relaxed);
-        let fed = frames.fed(n, &ctx.pool);
+        transport.bytes.add(n as u64);
+        let fed = frames.fed(n, &handoff.pool);
         if let Some(mut batch) = fed.complete {
-            counters
-                .packets
-                .fetch_add(batch.frame_count() as u64, Relaxed);
-            batch.received_at = unix_now();
-            ctx.pool.admit(&mut batch);
-            if ctx.queue.send(batch).is_err() {
+            transport.packets.add(batch.packet_count() as u64);
+            batch.received_at = clock::unix_now();
+            if handoff.wait_for_room(batch) == Flow::Stop {
                 return;
             }
         }
         if fed.oversized {
-            counters.frames_too_large.fetch_add(1, Relaxed);
+            counters.frames_too_large.add(1);
             frames.discard_pending();
             break;
         }
     }
     if frames.pending() > 0 {
-        counters.partial_frames.fetch_add(1, Relaxed);
+        counters.partial_frames.add(1);
     }
-    frames.release(&ctx.pool);
+    frames.release(&handoff.pool);
 }
 
 /// Frame reassembly for one connection: bytes in as the socket gives them, batches of
@@ -242,7 +240,7 @@ impl Reassembly {
         self.filled += n;
         let (consumed, oversized) = split_frames(&mut self.batch, self.filled, self.max_frame);
         let rest = self.filled - consumed;
-        let complete = if self.batch.frame_count() > 0 {
+        let complete = if self.batch.packet_count() > 0 {
             // Ship the complete frames; the partial one moves to the next buffer.
             let mut next = pool.get(Transport::Stream);
             next.buffer_mut()[..rest].copy_from_slice(&self.batch.buffer()[consumed..self.filled]);
@@ -290,7 +288,7 @@ fn split_frames(batch: &mut Batch, filled: usize, max_frame: usize) -> (usize, b
             break;
         }
         if len > 0 {
-            batch.push_frame(pos + 4, pos + 4 + len);
+            batch.push_packet(pos + 4, pos + 4 + len);
         }
         pos += 4 + len;
     }
@@ -320,7 +318,7 @@ mod tests {
         let (consumed, oversized) = split_frames(&mut batch, bytes.len(), 64);
         assert_eq!((consumed, oversized), (complete, false));
         assert_eq!(
-            batch.frames().collect::<Vec<_>>(),
+            batch.packets().collect::<Vec<_>>(),
             [&b"a:1|c"[..], b"b:2|g\nc:3|c"]
         );
     }
@@ -334,6 +332,6 @@ mod tests {
         bytes.extend(65u32.to_le_bytes());
         batch.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
         assert_eq!(split_frames(&mut batch, bytes.len(), 64), (ok_len, true));
-        assert_eq!(batch.frame_count(), 1);
+        assert_eq!(batch.packet_count(), 1);
     }
 }

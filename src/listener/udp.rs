@@ -9,6 +9,7 @@ use nix::sys::socket::{
     SockaddrStorage,
 };
 
+use crate::telemetry::{Readings, Snapshot};
 use crate::Error;
 
 /// Binds `readers` sockets on `addr` (port 0: the OS picks one port for all of them).
@@ -50,9 +51,28 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<(UdpSocket, usiz
     Ok((UdpSocket::from(fd), effective))
 }
 
+/// The kernel's drop count of whippet's UDP sockets, read when a snapshot is taken.
+pub struct KernelDrops {
+    inodes: Vec<u64>,
+}
+
+impl KernelDrops {
+    pub fn of(sockets: &[std::sync::Arc<UdpSocket>]) -> KernelDrops {
+        KernelDrops {
+            inodes: sockets.iter().map(|s| inode(s)).collect(),
+        }
+    }
+}
+
+impl Readings for KernelDrops {
+    fn read(&self, out: &mut Snapshot) {
+        out.gauge("whippet_udp_kernel_drops", &[], kernel_drops(&self.inodes));
+    }
+}
+
 /// Datagrams the kernel dropped on these sockets because their receive buffers were full
 /// (the `drops` column of `/proc/net/udp{,6}` for our socket inodes).
-pub fn kernel_drops(inodes: &[u64]) -> u64 {
+fn kernel_drops(inodes: &[u64]) -> u64 {
     let mut total = 0;
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -74,7 +94,7 @@ pub fn kernel_drops(inodes: &[u64]) -> u64 {
 }
 
 /// The inode of a socket, to find it in `/proc/net/udp`.
-pub fn inode(socket: &UdpSocket) -> u64 {
+fn inode(socket: &UdpSocket) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd())).map_or(0, |m| m.ino())
 }

@@ -14,6 +14,7 @@ pub use metric::{Metric, MetricKind, Values};
 pub use service_check::{CheckStatus, ServiceCheck};
 
 use crate::packet::Line;
+use crate::telemetry::Label;
 
 /// One parsed message, borrowing from the packet it came in.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,34 +24,47 @@ pub enum Message<'a> {
     ServiceCheck(ServiceCheck<'a>),
 }
 
-/// What a message claims to be, judged by its first bytes; used to label counters.
+/// What a message claims to be, judged by its first bytes; labels counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub enum MessageKind {
     Metric = 0,
     Event = 1,
     ServiceCheck = 2,
 }
 
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Metric, Kind::Event, Kind::ServiceCheck];
+impl MessageKind {
+    pub const COUNT: usize = <Self as Label>::ALL.len();
 
-    pub fn label(self) -> &'static str {
+    /// Classifies a line by its prefix: `_e{` is an event, `_sc|` a service check.
+    pub fn of(line: &[u8]) -> MessageKind {
+        if line.starts_with(b"_e{") {
+            MessageKind::Event
+        } else if line.starts_with(b"_sc|") {
+            MessageKind::ServiceCheck
+        } else {
+            MessageKind::Metric
+        }
+    }
+}
+
+impl Label for MessageKind {
+    const NAME: &'static str = "kind";
+    const ALL: &'static [MessageKind] = &[
+        MessageKind::Metric,
+        MessageKind::Event,
+        MessageKind::ServiceCheck,
+    ];
+
+    fn label(self) -> &'static str {
         match self {
-            Kind::Metric => "metric",
-            Kind::Event => "event",
-            Kind::ServiceCheck => "service_check",
+            MessageKind::Metric => "metric",
+            MessageKind::Event => "event",
+            MessageKind::ServiceCheck => "service_check",
         }
     }
 
-    /// Classifies a line by its prefix: `_e{` is an event, `_sc|` a service check.
-    pub fn of(line: &[u8]) -> Kind {
-        if line.starts_with(b"_e{") {
-            Kind::Event
-        } else if line.starts_with(b"_sc|") {
-            Kind::ServiceCheck
-        } else {
-            Kind::Metric
-        }
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -91,7 +105,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const COUNT: usize = <Self as Label>::ALL.len();
+}
+
+impl Label for Reason {
+    const NAME: &'static str = "reason";
+    const ALL: &'static [Reason] = &[
         Reason::InvalidUtf8,
         Reason::MissingValue,
         Reason::EmptyName,
@@ -108,10 +127,8 @@ impl Reason {
         Reason::MissingField,
         Reason::InvalidStatus,
     ];
-    pub const COUNT: usize = Self::ALL.len();
 
-    /// The counter label.
-    pub fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Reason::InvalidUtf8 => "invalid_utf8",
             Reason::MissingValue => "missing_value",
@@ -130,12 +147,16 @@ impl Reason {
             Reason::InvalidStatus => "invalid_status",
         }
     }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// A rejected message: what it claimed to be and why it was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParseError {
-    pub kind: Kind,
+    pub kind: MessageKind,
     pub reason: Reason,
 }
 
@@ -153,7 +174,7 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ParseError> {
 /// [`parse`] for a line of a packet, whose ASCII check came with the search for its end
 /// ([`crate::packet::scanned_lines`]).
 pub fn parse_line(line: Line<'_>) -> Result<Message<'_>, ParseError> {
-    let kind = Kind::of(line.bytes());
+    let kind = MessageKind::of(line.bytes());
     let text = utf8(line).ok_or(ParseError {
         kind,
         reason: Reason::InvalidUtf8,
@@ -161,9 +182,9 @@ pub fn parse_line(line: Line<'_>) -> Result<Message<'_>, ParseError> {
     let text = text.strip_suffix('\r').unwrap_or(text);
     let fail = |reason| ParseError { kind, reason };
     match kind {
-        Kind::Metric => metric::parse(text).map(Message::Metric).map_err(fail),
-        Kind::Event => event::parse(text).map(Message::Event).map_err(fail),
-        Kind::ServiceCheck => service_check::parse(text)
+        MessageKind::Metric => metric::parse(text).map(Message::Metric).map_err(fail),
+        MessageKind::Event => event::parse(text).map(Message::Event).map_err(fail),
+        MessageKind::ServiceCheck => service_check::parse(text)
             .map(Message::ServiceCheck)
             .map_err(fail),
     }
@@ -220,24 +241,29 @@ mod tests {
 
     #[test]
     fn the_kind_of_a_line_comes_from_its_prefix() {
-        let cases: [(&[u8], Kind); 5] = [
-            (b"_e{1,1}:a|b", Kind::Event),
-            (b"_sc|x|0", Kind::ServiceCheck),
-            (b"_e", Kind::Metric),
-            (b"_scx", Kind::Metric),
-            (b"page.views:1|c", Kind::Metric),
+        let cases: [(&[u8], MessageKind); 5] = [
+            (b"_e{1,1}:a|b", MessageKind::Event),
+            (b"_sc|x|0", MessageKind::ServiceCheck),
+            (b"_e", MessageKind::Metric),
+            (b"_scx", MessageKind::Metric),
+            (b"page.views:1|c", MessageKind::Metric),
         ];
         for (line, kind) in cases {
-            assert_eq!(Kind::of(line), kind, "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                MessageKind::of(line),
+                kind,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
     #[test]
     fn invalid_utf8_is_rejected_and_labelled_with_the_claimed_kind() {
-        let cases: [(&[u8], Kind); 3] = [
-            (b"na\xffme:1|c", Kind::Metric),
-            (b"_e{2,1}:\xff\xfe|x", Kind::Event),
-            (b"_sc|n\xc3|0", Kind::ServiceCheck),
+        let cases: [(&[u8], MessageKind); 3] = [
+            (b"na\xffme:1|c", MessageKind::Metric),
+            (b"_e{2,1}:\xff\xfe|x", MessageKind::Event),
+            (b"_sc|n\xc3|0", MessageKind::ServiceCheck),
         ];
         for (line, kind) in cases {
             assert_eq!(
@@ -260,7 +286,7 @@ mod tests {
         assert_eq!(
             parse(b"caf\xc3\xa9:1|c|#\xc3"),
             Err(ParseError {
-                kind: Kind::Metric,
+                kind: MessageKind::Metric,
                 reason: Reason::InvalidUtf8
             })
         );
@@ -357,7 +383,7 @@ mod properties {
                 }
                 Ok(Message::Event(e)) => prop_assert!(!e.title.is_empty()),
                 Ok(Message::ServiceCheck(c)) => prop_assert!(!c.name.is_empty()),
-                Err(e) => prop_assert_eq!(e.kind, Kind::of(line.strip_suffix(b"\r").unwrap_or(&line))),
+                Err(e) => prop_assert_eq!(e.kind, MessageKind::of(line.strip_suffix(b"\r").unwrap_or(&line))),
             }
         }
 

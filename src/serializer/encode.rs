@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use super::protobuf as pb;
 use super::{Compression, Endpoint, Payload, PayloadBuilder, Splitter};
-use crate::output::{EventRecord, Series, ServiceCheckRecord, SketchPoint};
+use crate::flush::{Series, SketchPoint};
+use crate::sample::{EventRecord, ServiceCheckRecord};
 
 /// Origin of DogStatsD data, as the Agent stamps it: product Agent (10), category
 /// DogStatsD (10), service 0.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use compress::Compression;
 
-use crate::output::{Flushed, Series, SketchPoint};
+use crate::flush::{Flushed, Series, SketchPoint};
 use compress::Compressor;
 
 /// Where a payload goes.

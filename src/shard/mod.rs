@@ -20,7 +20,7 @@ use hashbrown::HashTable;
 
 use crate::context::{short_len, ContextHasher, ContextKey, ContextRef};
 use crate::parser::MetricKind;
-use crate::sample::{Sample, SampleValue};
+use crate::sample::{ContextTags, Sample, SampleValue, ShardBatch};
 pub use accumulator::{Accumulator, Histogram};
 
 /// A bucket's worth of one context, taken out of a shard for flushing.
@@ -276,20 +276,16 @@ impl Shard {
         self.contexts.len() == 0
     }
 
-    /// Aggregates a batch of samples; `tags` is the arena their tag ranges index. Samples
-    /// without canonical tags whose context this shard does not hold are not aggregated:
-    /// their indexes go to `missing`, for the worker to send again with their tags.
-    pub fn insert(
-        &mut self,
-        samples: &[Sample<'_>],
-        tags: &[&str],
-        missing: &mut Vec<u32>,
-    ) -> InsertStats {
+    /// Aggregates one shard batch; `tags` is the arena its tag ranges index. A vouched
+    /// sample whose context this shard does not hold is not aggregated: it is sent back
+    /// ([`ShardBatch::send_back`]) for the worker to send again with its tags.
+    pub fn insert(&mut self, batch: &mut ShardBatch<'_>, tags: &[&str]) -> InsertStats {
         let mut stats = InsertStats::default();
-        for (i, s) in samples.iter().enumerate() {
+        for i in 0..batch.samples.len() {
+            let s = batch.samples[i];
             let bucket = secs(s.bucket.max(self.flushed_through));
             let ctx = match s.tags {
-                None => {
+                ContextTags::Vouched => {
                     // As in `ContextKey::matches`, the 64-bit hash vouches for the bytes.
                     let found = self.contexts.find(s.hash, |c| {
                         c.hash == s.hash && c.kind == s.kind && c.name_len == short_len(s.name)
@@ -297,12 +293,12 @@ impl Shard {
                     match found {
                         Some(at) => &mut self.contexts.slab[at],
                         None => {
-                            missing.push(i as u32);
+                            batch.send_back(i);
                             continue;
                         }
                     }
                 }
-                Some((a, b)) => {
+                ContextTags::Arena(a, b) => {
                     let context = ContextRef {
                         name: s.name,
                         host: s.host,
@@ -311,7 +307,7 @@ impl Shard {
                     };
                     if let Some(ts) = s.timestamp {
                         stats.samples += 1;
-                        self.insert_timestamped(&context, s, ts);
+                        self.insert_timestamped(&context, &s, ts);
                         continue;
                     }
                     let found = self
@@ -343,7 +339,7 @@ impl Shard {
                 }
             };
             stats.samples += 1;
-            accumulate(ctx, s, bucket, &mut self.closed, &self.members);
+            accumulate(ctx, &s, bucket, &mut self.closed, &self.members);
         }
         stats
     }
@@ -539,7 +535,7 @@ mod tests {
                 hash,
                 name,
                 host: "h",
-                tags: Some((0, tags.len() as u32)),
+                tags: ContextTags::Arena(0, tags.len() as u32),
                 raw_tags: "",
                 kind,
                 value,
@@ -547,9 +543,9 @@ mod tests {
                 timestamp,
                 bucket,
             };
-            let mut missing = Vec::new();
-            self.shard.insert(&[sample], &tags, &mut missing);
-            assert!(missing.is_empty());
+            let mut batch = ShardBatch::from(vec![sample]);
+            self.shard.insert(&mut batch, &tags);
+            assert!(!batch.resend(|_| unreachable!("a sample with tags is never sent back")));
         }
 
         fn flush(&mut self, boundary: i64) -> Vec<(String, i64, String)> {
@@ -624,7 +620,7 @@ mod tests {
             hash: 7,
             name: "elsewhere",
             host: "h",
-            tags: Some((0, 1)),
+            tags: ContextTags::Arena(0, 1),
             raw_tags: "",
             kind: MetricKind::Gauge,
             value: n(1.0),
@@ -632,7 +628,8 @@ mod tests {
             timestamp: None,
             bucket: 100,
         };
-        let stats = other.insert(&[sample], &tags, &mut Vec::new());
+        let mut batch = ShardBatch::from(vec![sample]);
+        let stats = other.insert(&mut batch, &tags);
         assert_eq!(
             stats,
             InsertStats {

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use crate::support::{write_frame, Line, Whippet};
+use whippet::telemetry::Label;
 
 /// The 16 message shapes of the million-message test, by `i % 16`.
 fn message(i: u64) -> Vec<u8> {

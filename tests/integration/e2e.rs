@@ -388,6 +388,11 @@ fn an_intake_that_never_answers_costs_the_shutdown_timeout_and_the_drop_is_count
     assert!(s.status.success());
     assert!(s.telemetry(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="network"}"#) >= 1);
     assert_eq!(s.telemetry(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="dropped",status="shutdown"}"#), 1);
+    // Nothing listens: every failure is a refused connection.
+    assert_eq!(
+        s.telemetry(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="network"}"#),
+        s.telemetry(r#"whippet_network_errors_total{endpoint="/api/v2/series",cause="connect"}"#)
+    );
 }
 
 #[test]

@@ -230,6 +230,8 @@ fn a_slow_intake_times_out_and_every_timed_out_payload_is_retried_at_least_once(
         r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="network"}"#,
     );
     assert_eq!(timeouts, 3, "routes: {:?}", intake.store().routes());
+    let cause = r#"whippet_network_errors_total{endpoint="/api/v2/series",cause="timeout"}"#;
+    assert_eq!(s.telemetry(cause), 3);
     let points = intake.store().points();
     assert_eq!(points.len() as u64, 1 + timeouts);
     assert!(points
@@ -312,6 +314,15 @@ fn connection_resets_are_retried_and_everything_arrives_once() {
         })
         .sum();
     assert_eq!(retried, 3, "each reset of a payload was one retry");
+    let broken: u64 = ["/api/v2/series", "/api/v1/check_run"]
+        .iter()
+        .map(|e| {
+            s.telemetry_or_zero(&format!(
+                r#"whippet_network_errors_total{{endpoint="{e}",cause="io"}}"#
+            ))
+        })
+        .sum();
+    assert_eq!(broken, 3, "a reset is a broken connection");
     intake.stop();
 }
 
@@ -452,6 +463,10 @@ fn an_intake_with_an_untrusted_certificate_is_refused_not_trusted() {
         )
     };
     assert!(s.telemetry(&key("retried", "network")) >= 1);
+    assert_eq!(
+        s.telemetry(&key("retried", "network")),
+        s.telemetry(r#"whippet_network_errors_total{endpoint="/api/v2/series",cause="tls"}"#)
+    );
     assert_eq!(s.telemetry(&key("dropped", "shutdown")), 1);
     assert!(!s.stderr.iter().any(|l| l.contains(r#"outcome="sent""#)));
 }

@@ -81,7 +81,7 @@ impl IntakeProcess {
 /// A v2 series payload with one gauge point, encoded by whippet's serializer.
 fn series_body() -> Vec<u8> {
     use whippet::context::{ContextKey, ContextRef};
-    use whippet::output::{Flushed, Series, SeriesKind};
+    use whippet::flush::{Flushed, Series, SeriesKind};
     use whippet::serializer::{Compression, Serializer, SeriesApi};
     let context = ContextKey::new(&ContextRef {
         name: "probe",

@@ -380,6 +380,14 @@ impl Stopped {
 
     /// A final-telemetry value: `name{labels}` exactly as printed, e.g.
     /// `whippet_messages_total{kind="metric"}`.
+    /// Like [`Stopped::telemetry`], 0 when the reading is absent (sparse readings, such as
+    /// network errors per cause, appear once they count something).
+    pub fn telemetry_or_zero(&self, key: &str) -> u64 {
+        let prefix = format!("whippet: telemetry {key} ");
+        let mut found = self.stderr.iter().filter_map(|l| l.strip_prefix(&prefix));
+        found.next_back().map_or(0, |v| v.parse().unwrap())
+    }
+
     pub fn telemetry(&self, key: &str) -> u64 {
         let prefix = format!("whippet: telemetry {key} ");
         let found: Vec<u64> = self

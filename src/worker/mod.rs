@@ -1,0 +1,731 @@
+//! Workers: `--workers` threads that take packet batches off the queue, split them into
+//! messages, parse, build and hash each metric's context once, and hand samples to shards in
+//! per-shard batches (one lock per shard per packet batch). Events and service checks become
+//! owned records in the demux backlog.
+//!
+//! Nothing here allocates per message on the happy path: the tag arena and the per-shard
+//! sample vectors are reused across batches (their lifetimes are re-bound to each batch).
+
+mod cache;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+use crossbeam_channel::Receiver;
+
+use crate::clock;
+use crate::context::{canonical_tags, split_tags, ContextRef};
+use crate::demux::Demux;
+use crate::packet::{scanned_lines, Batch, Pool};
+use crate::parser::{
+    self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, Reason, ServiceCheck,
+    Values,
+};
+use crate::sample::{
+    recycle, ContextTags, EventRecord, Sample, SampleValue, ServiceCheckRecord, ShardBatch,
+};
+use crate::telemetry::{Counter, Label, PerLabel, Readings, Snapshot};
+use cache::{Cached, ContextCache, RawKey, DEFAULT_HOST};
+
+/// What a worker needs to turn messages into samples.
+#[derive(Debug, Clone)]
+pub struct Enrichment {
+    /// Host for messages without a `host:` tag (or `h:` field); empty for none.
+    pub hostname: Arc<str>,
+    /// `--tags`, added to every metric, event and service check.
+    pub extra_tags: Arc<[Box<str>]>,
+    /// Bucket length in seconds.
+    pub bucket_seconds: i64,
+}
+
+/// Extra tags that SIGHUP may replace while whippet runs: each worker checks the generation
+/// once per batch (one atomic load) and, when it changed, takes the new tags and forgets its
+/// context cache, whose contexts carry the old ones. No sample waits or is lost.
+#[derive(Debug, Default)]
+pub struct LiveTags {
+    generation: AtomicU64,
+    tags: RwLock<Arc<[Box<str>]>>,
+}
+
+impl LiveTags {
+    pub fn new(tags: &[String]) -> LiveTags {
+        let live = LiveTags::default();
+        live.set(tags);
+        live
+    }
+
+    /// Replaces the tags; workers apply them from their next batch.
+    pub fn set(&self, tags: &[String]) {
+        let tags: Arc<[Box<str>]> = tags.iter().map(|t| Box::<str>::from(t.as_str())).collect();
+        *self.tags.write().unwrap_or_else(|e| e.into_inner()) = tags;
+        self.generation.fetch_add(1, Relaxed);
+    }
+
+    fn current(&self) -> (u64, Arc<[Box<str>]>) {
+        let tags = self.tags.read().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Relaxed), tags.clone())
+    }
+}
+
+/// Why a worker dropped a message or sample it parsed, labelling `whippet_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// A `|T` timestamp on a type other than gauge or count (docs/behaviour.md,
+    /// "Timestamps").
+    TimestampedUnsupported = 0,
+    /// Too many events or service checks waiting for the next flush (`--event-backlog`).
+    EventBacklogFull = 1,
+    /// A sample for a new context while `--context-limit` contexts are live.
+    ContextLimit = 2,
+}
+
+impl Discard {
+    pub const COUNT: usize = <Self as Label>::ALL.len();
+}
+
+impl Label for Discard {
+    const NAME: &'static str = "reason";
+    const ALL: &'static [Discard] = &[
+        Discard::TimestampedUnsupported,
+        Discard::EventBacklogFull,
+        Discard::ContextLimit,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Discard::TimestampedUnsupported => "timestamped_unsupported",
+            Discard::EventBacklogFull => "event_backlog_full",
+            Discard::ContextLimit => "context_limit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Parse errors of one message kind, per reason.
+pub type ByReason<T> = PerLabel<Reason, T, { Reason::COUNT }>;
+/// One entry per message kind.
+pub type ByKind<T> = PerLabel<MessageKind, T, { MessageKind::COUNT }>;
+
+/// The workers' counters, shared by every worker.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages parsed, per kind.
+    pub messages: ByKind<Counter>,
+    /// Parse errors, per kind and reason.
+    pub parse_errors: ByKind<ByReason<Counter>>,
+    /// Messages or samples dropped after parsing, per reason.
+    pub dropped: PerLabel<Discard, Counter, { Discard::COUNT }>,
+    /// `@rate` outside (0, 1], treated as 1.
+    pub sample_rate_invalid: Counter,
+    /// Metric samples aggregated by shards (one per value).
+    pub samples: Counter,
+    pub contexts_created: Counter,
+}
+
+impl Readings for Counters {
+    fn read(&self, out: &mut Snapshot) {
+        out.per_label("whippet_messages_total", &self.messages);
+        for (kind, reasons) in self.parse_errors.iter() {
+            for (reason, c) in reasons.iter() {
+                let labels = [("kind", kind.label()), ("reason", reason.label())];
+                out.counter("whippet_parse_errors_total", &labels, c.get());
+            }
+        }
+        out.per_label("whippet_dropped_total", &self.dropped);
+        let rate = self.sample_rate_invalid.get();
+        out.counter("whippet_sample_rate_invalid_total", &[], rate);
+        out.counter("whippet_samples_total", &[], self.samples.get());
+        let created = self.contexts_created.get();
+        out.counter("whippet_contexts_created_total", &[], created);
+    }
+}
+
+/// Counts kept by one worker during one batch, added to its [`Counters`] at the batch's end.
+#[derive(Default)]
+struct Tally {
+    messages: ByKind<u64>,
+    errors: ByKind<ByReason<u64>>,
+    dropped: PerLabel<Discard, u64, { Discard::COUNT }>,
+    samples: u64,
+    new_contexts: u64,
+    rate_invalid: u64,
+}
+
+impl Tally {
+    fn drain_into(&mut self, c: &Counters) {
+        for (kind, n) in self.messages.iter() {
+            c.messages[kind].add(*n);
+        }
+        for (kind, reasons) in self.errors.iter() {
+            for (reason, n) in reasons.iter() {
+                c.parse_errors[kind][reason].add(*n);
+            }
+        }
+        for (discard, n) in self.dropped.iter() {
+            c.dropped[discard].add(*n);
+        }
+        c.samples.add(self.samples);
+        c.contexts_created.add(self.new_contexts);
+        c.sample_rate_invalid.add(self.rate_invalid);
+        *self = Tally::default();
+    }
+
+    fn inserted(&mut self, stats: crate::shard::InsertStats) {
+        self.samples += stats.samples;
+        self.new_contexts += stats.new_contexts;
+        self.dropped[Discard::ContextLimit] += stats.over_limit;
+    }
+}
+
+/// A batch's reusable buffers, borrowed while its messages are parsed.
+struct Scratch<'s, 'a> {
+    tags: &'s mut Vec<&'a str>,
+    sort: &'s mut Vec<(u64, &'a str)>,
+    per_shard: &'s mut [ShardBatch<'a>],
+}
+
+pub struct Worker {
+    demux: Arc<Demux>,
+    counters: Arc<Counters>,
+    enrichment: Enrichment,
+    /// Reloadable extra tags and the generation this worker applied.
+    live: Option<(Arc<LiveTags>, u64)>,
+    tally: Tally,
+    /// Reused across batches: the tag arena and one sample batch per shard.
+    tags: Vec<&'static str>,
+    sort_scratch: Vec<(u64, &'static str)>,
+    /// Reused to lay a context out for hashing.
+    hash_scratch: Vec<u8>,
+    per_shard: Vec<ShardBatch<'static>>,
+    /// Raw context bytes → canonical context, so a known context skips splitting, sorting
+    /// and hashing its tags.
+    cache: ContextCache,
+    events: Vec<EventRecord>,
+    checks: Vec<ServiceCheckRecord>,
+}
+
+impl Worker {
+    pub fn new(demux: Arc<Demux>, counters: Arc<Counters>, enrichment: Enrichment) -> Worker {
+        let shards = demux.shard_count();
+        Worker {
+            demux,
+            counters,
+            enrichment,
+            live: None,
+            tally: Tally::default(),
+            tags: Vec::new(),
+            sort_scratch: Vec::new(),
+            hash_scratch: Vec::new(),
+            cache: ContextCache::new(),
+            per_shard: (0..shards).map(|_| ShardBatch::default()).collect(),
+            events: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// Takes its extra tags from `live` from now on (and whenever they change).
+    pub fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
+        let (generation, tags) = live.current();
+        self.enrichment.extra_tags = tags;
+        self.live = Some((live, generation));
+        self
+    }
+
+    /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
+    pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
+        while let Ok(batch) = queue.recv() {
+            crate::inject_fault("worker");
+            self.process(&batch);
+            pool.put(batch);
+        }
+    }
+
+    /// Parses and aggregates every message of one batch.
+    pub fn process(&mut self, batch: &Batch) {
+        self.apply_live_tags();
+        let enrichment = self.enrichment.clone();
+        let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
+        let mut sort: Vec<(u64, &str)> = recycle(std::mem::take(&mut self.sort_scratch));
+        let mut per_shard: Vec<ShardBatch<'_>> = std::mem::take(&mut self.per_shard)
+            .into_iter()
+            .map(ShardBatch::rebind)
+            .collect();
+        let mut scratch = Scratch {
+            tags: &mut tags,
+            sort: &mut sort,
+            per_shard: &mut per_shard,
+        };
+        self.parse_batch(batch, &enrichment, &mut scratch);
+        self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &enrichment);
+        if !self.events.is_empty() || !self.checks.is_empty() {
+            let full = self.demux.push_backlog(&mut self.events, &mut self.checks);
+            self.tally.dropped[Discard::EventBacklogFull] += full;
+        }
+        self.tags = recycle(tags);
+        self.sort_scratch = recycle(sort);
+        self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
+        self.tally.drain_into(&self.counters);
+    }
+
+    /// Takes new extra tags if SIGHUP changed them, forgetting the contexts cached with the
+    /// old ones.
+    fn apply_live_tags(&mut self) {
+        if let Some((live, seen)) = &mut self.live {
+            if live.generation.load(Relaxed) != *seen {
+                let (generation, tags) = live.current();
+                *seen = generation;
+                self.enrichment.extra_tags = tags;
+                self.cache.clear();
+            }
+        }
+    }
+
+    /// Parses every message of the batch: metrics become samples in `scratch.per_shard`,
+    /// events and service checks records in `self.events` and `self.checks`.
+    fn parse_batch<'a>(
+        &mut self,
+        batch: &'a Batch,
+        enrichment: &'a Enrichment,
+        scratch: &mut Scratch<'_, 'a>,
+    ) {
+        let bucket = clock::bucket_start(batch.received_at, enrichment.bucket_seconds);
+        // A metric is finished one message late, so the context cache's set it needs is
+        // loaded while the next message is parsed.
+        let mut pending: Option<(Metric<'_>, RawKey)> = None;
+        for packet in batch.packets() {
+            for line in scanned_lines(packet) {
+                match parser::parse_line(line) {
+                    Ok(Message::Metric(m)) => {
+                        self.tally.messages[MessageKind::Metric] += 1;
+                        let Some(key) = self.admit(&m) else { continue };
+                        if let Some((m, key)) = pending.replace((m, key)) {
+                            self.metric(&m, key, enrichment, bucket, scratch);
+                        }
+                    }
+                    Ok(Message::Event(e)) => {
+                        self.tally.messages[MessageKind::Event] += 1;
+                        self.event(&e, enrichment, batch.received_at);
+                    }
+                    Ok(Message::ServiceCheck(c)) => {
+                        self.tally.messages[MessageKind::ServiceCheck] += 1;
+                        self.service_check(&c, enrichment, batch.received_at);
+                    }
+                    Err(e) => self.tally.errors[e.kind][e.reason] += 1,
+                }
+            }
+        }
+        if let Some((m, key)) = pending.take() {
+            self.metric(&m, key, enrichment, bucket, scratch);
+        }
+    }
+
+    /// Hands each shard its samples under one lock; vouched samples a shard sends back (their
+    /// context expired) go again with their canonical tags.
+    fn insert_into_shards<'a>(
+        &mut self,
+        per_shard: &mut [ShardBatch<'a>],
+        tags: &mut Vec<&'a str>,
+        sort: &mut Vec<(u64, &'a str)>,
+        enrichment: &'a Enrichment,
+    ) {
+        for (shard, batch) in per_shard.iter_mut().enumerate() {
+            if batch.samples.is_empty() {
+                continue;
+            }
+            let stats = self.demux.insert(shard, batch, tags);
+            self.tally.inserted(stats);
+            let resend = batch.resend(|s| {
+                let start = tags.len();
+                canonicalize(s.raw_tags, &enrichment.extra_tags, tags, sort);
+                ContextTags::Arena(start as u32, tags.len() as u32)
+            });
+            if resend {
+                let stats = self.demux.insert(shard, batch, tags);
+                self.tally.inserted(stats);
+            }
+            batch.samples.clear();
+        }
+    }
+
+    /// The first half of a metric: counts what it is owed and returns its key for the
+    /// context cache, whose set it starts loading; `None` when the metric is dropped.
+    fn admit(&mut self, m: &Metric<'_>) -> Option<RawKey> {
+        if m.sample_rate_invalid {
+            self.tally.rate_invalid += 1;
+        }
+        if m.timestamp.is_some() {
+            if !matches!(m.kind, MetricKind::Gauge | MetricKind::Count) {
+                self.tally.dropped[Discard::TimestampedUnsupported] += 1;
+                return None;
+            }
+            // Timestamped samples bypass the cache.
+            return Some(RawKey::Uncached);
+        }
+        let raw = self.cache.raw_key(self.demux.hasher(), m);
+        self.cache.prefetch(raw);
+        Some(RawKey::Hash(raw))
+    }
+
+    /// The second half: finds or builds the context and queues the samples for its shard.
+    fn metric<'a>(
+        &mut self,
+        m: &Metric<'a>,
+        key: RawKey,
+        enrichment: &'a Enrichment,
+        bucket: i64,
+        scratch: &mut Scratch<'_, 'a>,
+    ) {
+        let cached = match key {
+            RawKey::Hash(raw) => self.cache.find_metric(raw, m),
+            RawKey::Uncached => None,
+        };
+        let (hash, host, tags) = match cached {
+            Some(c) => {
+                let host = match c.host {
+                    DEFAULT_HOST => &*enrichment.hostname,
+                    (a, b) => &m.tags[a as usize..b as usize],
+                };
+                (c.hash, host, ContextTags::Vouched)
+            }
+            None => self.build_context(m, key, enrichment, scratch),
+        };
+        let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
+        let sample = |value| Sample {
+            hash,
+            name: m.name,
+            host,
+            tags,
+            raw_tags: m.tags,
+            kind: m.kind,
+            value,
+            sample_rate: m.sample_rate,
+            timestamp: m.timestamp,
+            bucket,
+        };
+        match m.values {
+            Values::One(v) => out.push(sample(SampleValue::Number(v))),
+            Values::Member(member) => out.push(sample(SampleValue::Member(member))),
+            values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
+        }
+    }
+
+    /// A context the cache does not know: canonical tags into the arena, the hash, and (for a
+    /// cacheable metric) a cache entry. Returns the hash, the host and the tags' range.
+    fn build_context<'a>(
+        &mut self,
+        m: &Metric<'a>,
+        key: RawKey,
+        enrichment: &'a Enrichment,
+        scratch: &mut Scratch<'_, 'a>,
+    ) -> (u64, &'a str, ContextTags) {
+        let start = scratch.tags.len();
+        let host_tag = canonicalize(m.tags, &enrichment.extra_tags, scratch.tags, scratch.sort);
+        let host = host_tag.unwrap_or(&enrichment.hostname);
+        let context = ContextRef {
+            name: m.name,
+            host,
+            tags: &scratch.tags[start..],
+            kind: m.kind,
+        };
+        let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
+        if let RawKey::Hash(raw) = key {
+            let host = match host_tag {
+                // The host tag is a slice of the raw field: keep its byte range.
+                Some(h) => {
+                    let at = h.as_ptr() as usize - m.tags.as_ptr() as usize;
+                    (at as u32, (at + h.len()) as u32)
+                }
+                None => DEFAULT_HOST,
+            };
+            self.cache.insert(Cached::new(raw, m, hash, host));
+        }
+        let range = ContextTags::Arena(start as u32, scratch.tags.len() as u32);
+        (hash, host, range)
+    }
+
+    fn event(&mut self, e: &Event<'_>, enrichment: &Enrichment, received_at: i64) {
+        self.events.push(EventRecord {
+            title: unescape(e.title),
+            text: unescape(e.text),
+            timestamp: e.timestamp.unwrap_or(received_at),
+            host: e.host.unwrap_or(&enrichment.hostname).to_string(),
+            aggregation_key: e.aggregation_key.to_string(),
+            priority: e.priority,
+            source_type: e.source_type.to_string(),
+            alert_type: e.alert_type,
+            tags: owned_tags(e.tags, enrichment),
+        });
+    }
+
+    fn service_check(&mut self, c: &ServiceCheck<'_>, enrichment: &Enrichment, received_at: i64) {
+        self.checks.push(ServiceCheckRecord {
+            name: c.name.to_string(),
+            status: c.status,
+            timestamp: c.timestamp.unwrap_or(received_at),
+            host: c.host.unwrap_or(&enrichment.hostname).to_string(),
+            message: c.message.to_string(),
+            tags: owned_tags(c.tags, enrichment),
+        });
+    }
+}
+
+/// Appends the canonical tags of a raw `#` field to `tags` (split, `host:` tags removed,
+/// extra tags added, sorted, de-duplicated) and returns the value of the last `host:` tag.
+fn canonicalize<'a>(
+    raw: &'a str,
+    extra: &'a [Box<str>],
+    tags: &mut Vec<&'a str>,
+    sort: &mut Vec<(u64, &'a str)>,
+) -> Option<&'a str> {
+    let start = tags.len();
+    let mut host = None;
+    for tag in split_tags(raw) {
+        match tag.strip_prefix("host:") {
+            Some(h) => host = Some(h),
+            None => tags.push(tag),
+        }
+    }
+    tags.extend(extra.iter().map(|t| &**t));
+    canonical_tags(tags, start, sort);
+    host
+}
+
+fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {
+    split_tags(raw)
+        .chain(enrichment.extra_tags.iter().map(|t| &**t))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Pool;
+    use crate::packet::Transport;
+    use crate::shard::{Accumulator, Expiry};
+
+    fn worker(shards: usize, host: &str, extra: &[&str]) -> Worker {
+        let enrichment = Enrichment {
+            hostname: host.into(),
+            extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
+            bucket_seconds: 10,
+        };
+        Worker::new(
+            Arc::new(Demux::new(shards, 100)),
+            Arc::new(Counters::default()),
+            enrichment,
+        )
+    }
+
+    fn feed(w: &mut Worker, packets: &[&str]) {
+        let pool = Pool::new(1024, 1);
+        let mut batch = pool.get(Transport::Unix);
+        let mut at = 0;
+        for p in packets {
+            batch.buffer_mut()[at..at + p.len()].copy_from_slice(p.as_bytes());
+            batch.push_packet(at, at + p.len());
+            at += 1024;
+        }
+        batch.received_at = 1_700_000_005;
+        w.process(&batch);
+    }
+
+    /// Ten-second buckets; a context idle through one flush is freed at the next.
+    const FREE_IDLE: Expiry = Expiry {
+        interval: 10,
+        counter_seconds: 300,
+        context_seconds: 0,
+    };
+
+    /// (name, host, tags, value description) of every closed context, sorted.
+    fn flushed(w: &Worker) -> Vec<String> {
+        let expiry = Expiry {
+            interval: 10,
+            counter_seconds: 300,
+            context_seconds: 20,
+        };
+        let mut out = Vec::new();
+        w.demux.flush(i64::MAX, &expiry, &mut out);
+        let mut rows: Vec<String> = out
+            .iter()
+            .map(|c| {
+                let value = match &c.acc {
+                    Accumulator::Count(v) => format!("count={v}"),
+                    Accumulator::Gauge(v) => format!("gauge={v}"),
+                    Accumulator::Set(s) => format!("set={}", s.len()),
+                    Accumulator::Histogram(h) => format!("hist={}", h.count),
+                    Accumulator::Distribution(d) => format!("dist={}", d.summary().count),
+                };
+                let tags: Vec<&str> = c.context.tags().collect();
+                format!(
+                    "{} host={} tags={} ts={} {value}",
+                    c.context.name(),
+                    c.context.host(),
+                    tags.join(","),
+                    c.timestamp
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn host_tags_set_the_host_and_extra_tags_join_the_context() {
+        let mut w = worker(4, "default-host", &["team:core"]);
+        feed(
+            &mut w,
+            &[
+                "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev,env:dev",
+                "a:4|c|#env:dev",
+                "b:1|g|#host:,x",
+                "c:1|g|#team:core",
+            ],
+        );
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=default-host tags=env:dev,team:core ts=1700000000 count=4",
+                "a host=web1 tags=env:dev,team:core ts=1700000000 count=3",
+                "b host= tags=team:core,x ts=1700000000 gauge=1",
+                "c host=default-host tags=team:core ts=1700000000 gauge=1",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_value_of_a_multi_value_message_is_a_sample() {
+        let mut w = worker(2, "h", &[]);
+        feed(&mut w, &["d:1:2:3|d\nh:1::2|h\nc:1:2|c|@0.5"]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "c host=h tags= ts=1700000000 count=6",
+                "d host=h tags= ts=1700000000 dist=3",
+                "h host=h tags= ts=1700000000 hist=2",
+            ]
+        );
+        assert_eq!(w.counters.samples.get(), 7);
+    }
+
+    #[test]
+    fn errors_are_counted_by_kind_and_reason_and_the_rest_of_the_packet_survives() {
+        let mut w = worker(1, "h", &[]);
+        feed(
+            &mut w,
+            &["bad|x\nok:1|c\n_e{0,1}:|x\n_sc|n|9\nt:1|d|T5\nr:1|c|@7\n\n"],
+        );
+        let t = &w.counters;
+        assert_eq!(t.messages[MessageKind::Metric].get(), 3); // ok, t (dropped later), r
+        let errors = &t.parse_errors;
+        assert_eq!(errors[MessageKind::Metric][Reason::MissingValue].get(), 1);
+        assert_eq!(errors[MessageKind::Event][Reason::EmptyTitle].get(), 1);
+        assert_eq!(
+            errors[MessageKind::ServiceCheck][Reason::InvalidStatus].get(),
+            1
+        );
+        assert_eq!(t.dropped[Discard::TimestampedUnsupported].get(), 1);
+        assert_eq!(t.sample_rate_invalid.get(), 1);
+        assert_eq!(
+            flushed(&w),
+            [
+                "ok host=h tags= ts=1700000000 count=1",
+                "r host=h tags= ts=1700000000 count=1"
+            ]
+        );
+    }
+
+    #[test]
+    fn events_and_checks_get_defaults_extra_tags_and_unescaped_text() {
+        let mut w = worker(1, "default-host", &["team:core"]);
+        feed(
+            &mut w,
+            &["_e{5,6}:title|a\\nb c|#x\n_sc|db|1|h:dbhost|m:slow"],
+        );
+        let backlog = w.demux.take_backlog();
+        let e = &backlog.events[0];
+        assert_eq!((e.title.as_str(), e.text.as_str()), ("title", "a\nb c"));
+        assert_eq!(
+            (e.timestamp, e.host.as_str()),
+            (1_700_000_005, "default-host")
+        );
+        assert_eq!(e.tags, ["x", "team:core"]);
+        let c = &backlog.service_checks[0];
+        assert_eq!(
+            (c.name.as_str(), c.host.as_str(), c.message.as_str()),
+            ("db", "dbhost", "slow")
+        );
+        assert_eq!(c.tags, ["team:core"]);
+    }
+
+    #[test]
+    fn cached_contexts_aggregate_exactly_as_fresh_ones_across_batches() {
+        let mut w = worker(4, "default-host", &["team:core"]);
+        let packet = "a:1|c|#env:dev,host:web1\na:2|c|#host:web1,env:dev\nb:1|g|#x\nc:5|c|#host:,y";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]); // every message now hits the cache
+        assert_eq!(w.cache.len(), 4);
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=web1 tags=env:dev,team:core ts=1700000000 count=6",
+                "b host=default-host tags=team:core,x ts=1700000000 gauge=1",
+                "c host= tags=team:core,y ts=1700000000 count=10",
+            ]
+        );
+        assert_eq!(w.counters.samples.get(), 8);
+        assert_eq!(w.counters.contexts_created.get(), 3);
+    }
+
+    #[test]
+    fn a_cached_context_that_expired_from_its_shard_is_created_again() {
+        let mut w = worker(2, "h", &[]);
+        feed(&mut w, &["gone:1|g|#k:v"]);
+        let mut out = Vec::new();
+        w.demux.flush(1_700_000_010, &FREE_IDLE, &mut out); // emits the bucket
+        w.demux.flush(1_700_000_020, &FREE_IDLE, &mut out); // frees the idle context
+        assert_eq!(out.len(), 1);
+        // A cache hit and a shard miss, retried with its tags. Received at …005, but that
+        // bucket was flushed: it joins the open one, …020.
+        feed(&mut w, &["gone:7|g|#k:v"]);
+        assert_eq!(flushed(&w), ["gone host=h tags=k:v ts=1700000020 gauge=7"]);
+        assert_eq!(w.counters.contexts_created.get(), 2);
+        assert_eq!(w.counters.samples.get(), 2);
+    }
+
+    #[test]
+    fn a_cached_context_refused_over_the_limit_is_counted_once() {
+        let demux = Arc::new(Demux::with_context_limit(1, 100, 1));
+        let enrichment = Enrichment {
+            hostname: "h".into(),
+            extra_tags: Arc::new([]),
+            bucket_seconds: 10,
+        };
+        let mut w = Worker::new(demux, Arc::new(Counters::default()), enrichment);
+        feed(&mut w, &["gone:1|g"]);
+        let mut out = Vec::new();
+        w.demux.flush(1_700_000_010, &FREE_IDLE, &mut out);
+        w.demux.flush(1_700_000_020, &FREE_IDLE, &mut out); // frees it; the cache still has it
+        feed(&mut w, &["other:1|g"]); // takes the only slot
+        feed(&mut w, &["gone:2|g"]); // cache hit, shard miss, refused on the retry
+        assert_eq!(w.counters.dropped[Discard::ContextLimit].get(), 1);
+        assert_eq!(w.counters.contexts_created.get(), 2);
+    }
+
+    #[test]
+    fn tags_split_at_commas_without_empty_ones() {
+        let cases: [(&str, Vec<&str>); 5] = [
+            ("", vec![]),
+            ("a", vec!["a"]),
+            ("a:b,c", vec!["a:b", "c"]),
+            (",,a,,b,", vec!["a", "b"]),
+            ("é,ü:x", vec!["é", "ü:x"]),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(split_tags(raw).collect::<Vec<_>>(), want, "{raw:?}");
+        }
+    }
+}
