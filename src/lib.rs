@@ -76,6 +76,7 @@ pub mod listener;
 pub mod log;
 pub mod packet;
 pub mod parser;
+pub mod reload;
 pub mod sample;
 pub mod serializer;
 pub mod shard;

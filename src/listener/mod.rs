@@ -158,6 +158,20 @@ impl Handoff {
     }
 }
 
+/// Where the listeners ended up: port 0 resolved, socket activation applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bound {
+    pub udp: Option<std::net::SocketAddr>,
+    /// The UDP sockets' receive buffer, as the kernel granted it.
+    pub udp_rcvbuf: usize,
+    pub socket: Option<std::path::PathBuf>,
+    pub stream_socket: Option<std::path::PathBuf>,
+    /// Sockets systemd passed in (socket activation).
+    pub activated: usize,
+    /// The status endpoint's address.
+    pub status: Option<std::net::SocketAddr>,
+}
+
 /// Turns an `io::Error` from binding into a startup error naming the setting.
 pub fn bind_error(flag: &str, what: &str, e: io::Error) -> crate::Error {
     crate::Error::Startup(format!("cannot bind {what} ({flag}): {e}"))

@@ -90,7 +90,7 @@ pub fn accept_loop(
 }
 
 /// What one client may hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// `--stream-max-connections`: connections over it are closed at once and counted.
     pub max_connections: usize,

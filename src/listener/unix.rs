@@ -4,7 +4,7 @@
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::Path;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
@@ -85,4 +85,13 @@ pub fn bind_datagram(
     }
     let effective = getsockopt(&socket, sockopt::RcvBuf).unwrap_or(0);
     Ok((socket, effective))
+}
+
+/// Binds the Unix stream socket at `path` with `mode`.
+pub fn bind_stream(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+    prepare_path(path, SocketKind::Stream, "--stream-socket")?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| super::bind_error("--stream-socket", &path.display().to_string(), e))?;
+    set_mode(path, mode, "--socket-mode")?;
+    Ok(listener)
 }

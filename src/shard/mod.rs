@@ -33,7 +33,7 @@ pub struct Closed {
 }
 
 /// Timing rules a shard applies at flush.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {
     /// Bucket length in seconds.
     pub interval: i64,

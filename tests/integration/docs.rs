@@ -77,6 +77,137 @@ fn every_variable_in_help_is_in_the_man_page() {
     }
 }
 
+/// The text of a roff fragment, as a reader sees it: macros dropped, their arguments kept,
+/// escapes turned into characters, white space folded.
+fn roff_text(roff: &str) -> String {
+    let mut out = Vec::new();
+    for line in roff.lines() {
+        let Some(macro_line) = line.strip_prefix('.') else {
+            out.push(line.to_string());
+            continue;
+        };
+        let (name, args) = macro_line.split_once(' ').unwrap_or((macro_line, ""));
+        let args: Vec<String> = roff_args(args);
+        match name {
+            "B" | "I" => out.push(args.join(" ")),
+            "BR" | "RB" | "BI" | "IB" | "IR" | "RI" => out.push(args.concat()),
+            _ => {}
+        }
+    }
+    let text = out
+        .join(" ")
+        .replace("\\-", "-")
+        .replace("\\(mu", "×")
+        .replace("\\e", "\\")
+        .replace("\\fI", "")
+        .replace("\\fR", "")
+        .replace("\\fB", "");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A macro's arguments: words, or "quoted strings".
+fn roff_args(args: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = args.trim();
+    while !rest.is_empty() {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            out.push(quoted[..end].to_string());
+            rest = quoted[(end + 1).min(quoted.len())..].trim_start();
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            out.push(rest[..end].to_string());
+            rest = rest[end..].trim_start();
+        }
+    }
+    out
+}
+
+/// The man page's description of `--flag`, as text.
+fn man_entry(page: &str, flag: &str) -> String {
+    let options = options_section(page);
+    let head = format!("\\-\\-{}", flag.replace('-', "\\-"));
+    let entries: Vec<&str> = options.split("\n.TP\n").collect();
+    let entry = entries
+        .iter()
+        .find(|e| {
+            let first = e.lines().next().unwrap_or("");
+            first
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|w| w.trim_matches('"') == head)
+        })
+        .unwrap_or_else(|| panic!("no entry for --{flag} in whippet.8"));
+    roff_text(entry)
+}
+
+/// `--help`'s description of `--flag`, as text: its line and the lines that continue it.
+fn help_entry(help: &str, flag: &str) -> String {
+    let lines: Vec<&str> = help.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(&format!("--{flag} ")))
+        .unwrap_or_else(|| panic!("no --{flag} in --help"));
+    // Continuation lines are indented deeper than the option's own line.
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| indent(l) <= indent(lines[start]))
+        .map_or(lines.len(), |n| start + 1 + n);
+    lines[start..end]
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn every_setting_documents_its_declared_default_in_help_man_page_config_and_readme() {
+    use whippet::config::settings::DefaultValue;
+    let help = help_of(binary());
+    let page = manifest("man/whippet.8");
+    let conf = manifest("packaging/whippet.conf");
+    let readme = manifest("README.md");
+    let mut wrong = Vec::new();
+    for s in whippet::config::SETTINGS {
+        let tail = s.tail();
+        let h = help_entry(&help, s.flag);
+        if !h.contains(&tail) {
+            wrong.push(format!("--help for --{}: {h:?} lacks {tail:?}", s.flag));
+        }
+        let m = man_entry(&page, s.flag);
+        if !m.contains(&tail) || !m.contains(&format!("Variable: {}.", s.var)) {
+            wrong.push(format!(
+                "whippet.8 for --{}: {m:?} lacks {tail:?} or its variable",
+                s.flag
+            ));
+        }
+        let line = match s.default {
+            DefaultValue::Value(v) => format!("# {}={v}", s.var),
+            DefaultValue::Unset(_) => format!("# {}=", s.var),
+            DefaultValue::Derived(t) => format!("# {}=({t})", s.var),
+        };
+        if !conf.lines().any(|l| l == line) {
+            wrong.push(format!("packaging/whippet.conf lacks the line {line:?}"));
+        }
+        let row = readme.lines().find(|l| {
+            l.starts_with(&format!("| `--{} ", s.flag))
+                || l.starts_with(&format!("| `--{}` ", s.flag))
+        });
+        let shown = row
+            .and_then(|r| r.split(" | ").nth(1))
+            .map(|c| c.trim_matches('`'));
+        if shown != Some(s.default.text()) {
+            wrong.push(format!(
+                "README.md's settings table shows {shown:?} for --{}, not {:?}",
+                s.flag,
+                s.default.text()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 #[test]
 fn man_pages_are_mandoc_lint_clean() {
     for page in [

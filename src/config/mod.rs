@@ -1,0 +1,785 @@
+//! Configuration: flags, a `KEY=VALUE` config file and the Datadog environment variables →
+//! a validated [`Config`]. Every setting is one row of [`SETTINGS`], which declares its flag,
+//! its variable (the Agent's name where the Agent has one), its help, its default and its
+//! range. Precedence: flag > config file > environment > default. Every error names the flag
+//! or variable to change. [`Config`] groups the settings by the part of whippet they shape
+//! and builds each stage's own configuration.
+
+pub mod check;
+mod resolve;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use getopts::{HasArg, Occur, Options};
+
+use crate::flush::{Aggregate, FlushSettings};
+pub use crate::forwarder::ApiKey;
+use crate::forwarder::ForwarderConfig;
+use crate::listener::stream::Limits;
+use crate::log::Level;
+use crate::serializer::{Compression, Serializer, SeriesApi};
+use crate::shard::Expiry;
+use crate::worker::Enrichment;
+use crate::Error;
+pub use resolve::machine_hostname;
+use resolve::Resolver;
+pub use settings::{Setting, MAX_BUFFER_SIZE, SETTINGS};
+
+/// Where whippet listens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    /// UDP address, or `None` for `--udp off`.
+    pub udp: Option<SocketAddr>,
+    pub udp_readers: usize,
+    /// Requested SO_RCVBUF for UDP and the Unix datagram socket (0 = OS default).
+    pub so_rcvbuf: usize,
+    pub socket: Option<PathBuf>,
+    pub socket_mode: u32,
+    pub stream_socket: Option<PathBuf>,
+    /// `--stream-max-connections` and `--stream-idle-timeout`.
+    pub stream: Limits,
+    pub buffer_size: usize,
+}
+
+/// How much the pipeline between listeners and shards holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    pub queue_size: usize,
+    pub workers: usize,
+    pub shards: usize,
+    pub context_limit: usize,
+    pub event_backlog: usize,
+}
+
+/// What every message gets, and how metrics aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregation {
+    pub tags: Vec<String>,
+    pub hostname: String,
+    /// `--bucket-seconds`, `--expiry-seconds`, `--context-expiry-seconds`.
+    pub expiry: Expiry,
+    pub histogram_aggregates: Vec<Aggregate>,
+    pub histogram_percentiles: Vec<u32>,
+}
+
+/// Where the output goes and how it gets there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forwarding {
+    /// Where payloads go (scheme://host[:port]); `None` prints to the console instead.
+    pub intake_url: Option<String>,
+    pub api_key: ApiKey,
+    pub series_api: SeriesApi,
+    pub compression: Compression,
+    pub retry_queue_bytes: usize,
+    /// `--retry-dir`: where payloads spill to disk; `None` drops them instead.
+    pub retry_dir: Option<PathBuf>,
+    pub retry_dir_bytes: u64,
+    pub forwarder_threads: usize,
+    pub request_timeout: Duration,
+    pub retry_base: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// How whippet runs and is watched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operation {
+    pub log_level: Level,
+    pub status: Option<SocketAddr>,
+    pub allow_root: bool,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub pipeline: Pipeline,
+    pub aggregation: Aggregation,
+    pub forwarding: Forwarding,
+    pub operation: Operation,
+    /// `--config FILE`, re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    /// Where each setting came from, in [`SETTINGS`] order: (flag, value as given, source).
+    /// The API key's value is never kept here.
+    pub sources: Vec<(&'static str, String, Source)>,
+}
+
+impl Config {
+    /// The forwarder's configuration, when an intake is configured.
+    pub fn forwarder(&self) -> Option<ForwarderConfig> {
+        let f = &self.forwarding;
+        Some(ForwarderConfig {
+            base_url: f.intake_url.clone()?,
+            api_key: f.api_key.clone(),
+            threads: f.forwarder_threads,
+            retry_queue_bytes: f.retry_queue_bytes,
+            timeout: f.request_timeout,
+            retry_base: f.retry_base,
+            retry_dir: f.retry_dir.clone().map(|dir| (dir, f.retry_dir_bytes)),
+        })
+    }
+
+    pub fn serializer(&self) -> Serializer {
+        Serializer {
+            series_api: self.forwarding.series_api,
+            compression: self.forwarding.compression,
+            hostname: self.aggregation.hostname.clone(),
+        }
+    }
+
+    /// What workers add to every message.
+    pub fn enrichment(&self) -> Enrichment {
+        let a = &self.aggregation;
+        Enrichment {
+            hostname: a.hostname.as_str().into(),
+            extra_tags: a
+                .tags
+                .iter()
+                .map(|t| Box::<str>::from(t.as_str()))
+                .collect(),
+            bucket_seconds: a.expiry.interval,
+        }
+    }
+
+    /// How closed buckets become output.
+    pub fn flush_settings(&self) -> FlushSettings {
+        let a = &self.aggregation;
+        FlushSettings::new(a.expiry, &a.histogram_aggregates, &a.histogram_percentiles)
+    }
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    File { path: PathBuf, line: usize },
+    Environment,
+    Default,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Flag => f.write_str("flag"),
+            Source::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Source::Environment => f.write_str("environment"),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Config>),
+    /// `--check-config`: the report to print; exit 0.
+    Check(String),
+    Help(String),
+    Version,
+}
+
+fn options() -> Options {
+    let mut o = Options::new();
+    for s in SETTINGS {
+        let help = format!("{} {} [{}]", s.help, s.tail(), s.var);
+        if s.hint == "BOOL" {
+            // `--allow-root` alone means true; `--allow-root=false` is accepted too.
+            o.opt("", s.flag, &help, s.hint, HasArg::Maybe, Occur::Multi);
+        } else {
+            o.optmulti("", s.flag, &help, s.hint);
+        }
+    }
+    o.optmulti("", "config", "Read settings from FILE: KEY=VALUE lines named like the environment variables in brackets above ('#' comments, blank lines and quotes allowed), so one file serves as whippet's config and as a systemd EnvironmentFile. Re-read on SIGHUP", "FILE");
+    o.optflag(
+        "",
+        "check-config",
+        "Print the effective settings and where each came from, then exit 0; or print every problem and exit 2",
+    );
+    o.optflag("h", "help", "Print this help and exit");
+    o.optflag("V", "version", "Print the version and exit");
+    o
+}
+
+/// Parses the command line (without the program name) with the process environment.
+pub fn parse(args: &[String]) -> Result<Command, Error> {
+    parse_with(args, &|name| std::env::var(name).ok())
+}
+
+/// Like [`parse`], with the environment given as a lookup (for tests and reloads).
+pub fn parse_with(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, Error> {
+    let opts = options();
+    let m = opts
+        .parse(args)
+        .map_err(|e| Error::Config(format!("{e} (see --help)")))?;
+    if m.opt_present("help") {
+        let brief = "Usage: whippet [OPTIONS]\n\nA fast, lean DogStatsD server. Each setting also reads the environment variable in brackets.";
+        return Ok(Command::Help(opts.usage(brief)));
+    }
+    if m.opt_present("version") {
+        return Ok(Command::Version);
+    }
+    if let Some(extra) = m.free.first() {
+        return Err(Error::Config(format!(
+            "unexpected argument '{extra}' (see --help)"
+        )));
+    }
+    let config_file = m.opt_strs("config").pop().map(PathBuf::from);
+    let mut errors = Vec::new();
+    let file = match &config_file {
+        Some(path) => resolve::read_file(path, &mut errors),
+        None => Default::default(),
+    };
+    let mut r = Resolver {
+        m: &m,
+        file,
+        file_path: config_file.clone(),
+        env,
+        errors,
+        sources: Vec::new(),
+    };
+    let listen = listen(&mut r);
+    let pipeline = pipeline(&mut r);
+    let aggregation = aggregation(&mut r);
+    let forwarding = forwarding(&mut r);
+    let operation = operation(&mut r);
+    if let Some(path) = &config_file {
+        r.check_unknown_keys(path);
+    }
+    let Resolver {
+        errors,
+        mut sources,
+        ..
+    } = r;
+    if !errors.is_empty() {
+        return Err(Error::Config(errors.join("\n")));
+    }
+    sources.sort_by_key(|(flag, _, _)| SETTINGS.iter().position(|s| s.flag == *flag));
+    let config = Config {
+        listen,
+        pipeline,
+        aggregation,
+        forwarding,
+        operation,
+        config_file,
+        sources,
+    };
+    if m.opt_present("check-config") {
+        return Ok(Command::Check(report(&config)));
+    }
+    Ok(Command::Run(Box::new(config)))
+}
+
+/// `--check-config`'s output: one line per setting, then what was derived from them.
+pub fn report(c: &Config) -> String {
+    let mut out = String::new();
+    for (flag, value, source) in &c.sources {
+        out.push_str(&format!("{flag:<24} {value:<40} ({source})\n"));
+    }
+    let intake = c
+        .forwarding
+        .intake_url
+        .as_deref()
+        .unwrap_or("none: printing to stdout");
+    out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
+    let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
+    out.push_str(&format!("{:<24} {udp}\n", "=> udp"));
+    out
+}
+
+fn listen(r: &mut Resolver<'_>) -> Listen {
+    let udp_flag = r.given("udp", resolve::udp_address);
+    let bind_host = r.value("bind-host", |v, _| Ok(v.to_string()));
+    let port: u16 = r.number("port");
+    let non_local = r.value("non-local-traffic", resolve::boolean);
+    let udp = match udp_flag {
+        Some(udp) => udp,
+        None if port == 0 => None,
+        None if non_local => Some(SocketAddr::from(([0, 0, 0, 0], port))),
+        None => match resolve::host_address(&bind_host, port) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                let name = r.raw("bind-host").map_or("--bind-host".into(), |r| r.2);
+                r.errors.push(format!("{name}: {e}"));
+                None
+            }
+        },
+    };
+    let idle = r.value("stream-idle-timeout", resolve::duration);
+    Listen {
+        udp,
+        udp_readers: r.number("udp-readers"),
+        so_rcvbuf: r.number("so-rcvbuf"),
+        socket: r.string("socket").map(PathBuf::from),
+        socket_mode: r.value("socket-mode", resolve::socket_mode),
+        stream_socket: r.string("stream-socket").map(PathBuf::from),
+        stream: Limits {
+            max_connections: r.number("stream-max-connections"),
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+        },
+        buffer_size: r.number("buffer-size"),
+    }
+}
+
+fn pipeline(r: &mut Resolver<'_>) -> Pipeline {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Pipeline {
+        queue_size: r.number("queue-size"),
+        workers: r.number_given("workers").unwrap_or(cpus),
+        shards: r.number("shards"),
+        context_limit: r.number("context-limit"),
+        event_backlog: r.number("event-backlog"),
+    }
+}
+
+fn aggregation(r: &mut Resolver<'_>) -> Aggregation {
+    let tags_flag = r.m.opt_present("tags");
+    let tags = r.given("tags", |v, _| {
+        // The command line separates with commas; the Agent's DD_DOGSTATSD_TAGS with spaces.
+        let seps: &[char] = if tags_flag { &[','] } else { &[',', ' ', '\t'] };
+        Ok(v.split(seps)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect())
+    });
+    let hostname = r.string("hostname").unwrap_or_else(machine_hostname);
+    let expiry = Expiry {
+        interval: r.number("bucket-seconds"),
+        counter_seconds: r.number("expiry-seconds"),
+        context_seconds: r.number("context-expiry-seconds"),
+    };
+    Aggregation {
+        tags: tags.unwrap_or_default(),
+        hostname,
+        expiry,
+        histogram_aggregates: r.value("histogram-aggregates", resolve::aggregates),
+        histogram_percentiles: r.value("histogram-percentiles", resolve::percentiles),
+    }
+}
+
+fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
+    let dd_url = r.given("dd-url", resolve::intake_base);
+    let site = r.value("site", resolve::site);
+    let api_key = ApiKey(r.string("api-key").unwrap_or_default());
+    // An explicit URL, else the site's intake when there is a key, else the console.
+    let intake_url =
+        dd_url.or_else(|| (!api_key.0.is_empty()).then(|| format!("https://app.{site}")));
+    let request_timeout_ms: u64 = r.number("request-timeout-ms");
+    let retry_base_ms: u64 = r.number("retry-base-ms");
+    Forwarding {
+        intake_url,
+        api_key,
+        series_api: r.value("series-api", |v, name| match v {
+            "v2" => Ok(SeriesApi::V2),
+            "v1" => Ok(SeriesApi::V1),
+            other => Err(format!("{name}: '{other}' is not v1 or v2")),
+        }),
+        compression: r.value("compression", |v, name| {
+            Compression::parse(&v.to_ascii_lowercase())
+                .ok_or_else(|| format!("{name}: '{v}' is not zstd, zlib, deflate or none"))
+        }),
+        retry_queue_bytes: r.number("retry-queue-bytes"),
+        retry_dir: r
+            .string("retry-dir")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
+        retry_dir_bytes: r.number("retry-dir-bytes"),
+        forwarder_threads: r.number("forwarder-threads"),
+        request_timeout: Duration::from_millis(request_timeout_ms),
+        retry_base: Duration::from_millis(retry_base_ms),
+        shutdown_timeout: r.value("shutdown-timeout", resolve::duration),
+    }
+}
+
+fn operation(r: &mut Resolver<'_>) -> Operation {
+    Operation {
+        log_level: r.value("log-level", |v, name| {
+            Level::parse(v).ok_or_else(|| {
+                format!("{name}: '{v}' is not one of error, warn, info, debug (or trace, critical, off)")
+            })
+        }),
+        status: r.given("status", resolve::status_address),
+        allow_root: r.value("allow-root", resolve::boolean),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Command, String> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse_with(&args, &|k| env.get(k).cloned()).map_err(|e| e.to_string())
+    }
+
+    fn run_env(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        match parse_env(args, env)? {
+            Command::Run(c) => Ok(*c),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    fn run(args: &[&str]) -> Result<Config, String> {
+        run_env(args, &[])
+    }
+
+    struct File(PathBuf);
+
+    impl File {
+        fn new(name: &str, text: &str) -> File {
+            let path = std::env::temp_dir()
+                .join(format!("whippet-config-{}-{name}.conf", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            File(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = run(&[]).unwrap();
+        assert_eq!(c.listen.udp, Some("127.0.0.1:8125".parse().unwrap()));
+        assert_eq!(c.listen.socket, None);
+        assert_eq!(c.listen.socket_mode, 0o722);
+        assert_eq!(c.listen.buffer_size, 8192);
+        assert_eq!(c.aggregation.expiry.interval, 10);
+        assert_eq!(
+            c.aggregation.histogram_aggregates,
+            [
+                Aggregate::Max,
+                Aggregate::Median,
+                Aggregate::Avg,
+                Aggregate::Count
+            ]
+        );
+        assert_eq!(c.aggregation.histogram_percentiles, [95]);
+        assert_eq!(
+            (
+                c.aggregation.expiry.counter_seconds,
+                c.aggregation.expiry.context_seconds
+            ),
+            (300, 20)
+        );
+        assert_eq!(c.aggregation.hostname, machine_hostname());
+        assert_eq!(c.forwarding.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.operation.log_level, Level::Info);
+        assert_eq!(
+            (c.operation.status, c.forwarding.intake_url.as_deref()),
+            (None, None)
+        );
+        assert_eq!(c.sources.len(), SETTINGS.len());
+        assert!(c.sources.iter().all(|s| s.2 == Source::Default));
+    }
+
+    #[test]
+    fn flags_set_their_settings() {
+        let c = run(&[
+            "--udp",
+            "off",
+            "--socket",
+            "/tmp/s",
+            "--socket-mode",
+            "0700",
+            "--tags",
+            "a:b,c",
+            "--histogram-percentiles",
+            "0.5,0.99",
+            "--histogram-aggregates",
+            "min,sum",
+            "--hostname",
+            "h1",
+            "--bucket-seconds",
+            "1",
+            "--workers",
+            "3",
+            "--shutdown-timeout",
+            "250ms",
+            "--status",
+            "5000",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.udp, None);
+        assert_eq!(c.listen.socket, Some(PathBuf::from("/tmp/s")));
+        assert_eq!(c.listen.socket_mode, 0o700);
+        assert_eq!(c.aggregation.tags, ["a:b", "c"]);
+        assert_eq!(c.aggregation.histogram_percentiles, [50, 99]);
+        assert_eq!(
+            c.aggregation.histogram_aggregates,
+            [Aggregate::Min, Aggregate::Sum]
+        );
+        assert_eq!(
+            (
+                c.aggregation.hostname.as_str(),
+                c.aggregation.expiry.interval,
+                c.pipeline.workers
+            ),
+            ("h1", 1, 3)
+        );
+        assert_eq!(c.forwarding.shutdown_timeout, Duration::from_millis(250));
+        assert_eq!(c.operation.status, Some("127.0.0.1:5000".parse().unwrap()));
+    }
+
+    #[test]
+    fn agent_environment_variables_keep_the_agents_meaning() {
+        let c = run_env(
+            &[],
+            &[
+                ("DD_API_KEY", "k1"),
+                ("DD_SITE", "datadoghq.eu"),
+                ("DD_HOSTNAME", "envhost"),
+                ("DD_DOGSTATSD_PORT", "9125"),
+                ("DD_BIND_HOST", "127.0.0.2"),
+                ("DD_DOGSTATSD_SOCKET", "/run/x.sock"),
+                ("DD_DOGSTATSD_STREAM_SOCKET", "/run/y.sock"),
+                ("DD_DOGSTATSD_TAGS", "env:prod  team:a,b"),
+                ("DD_DOGSTATSD_BUFFER_SIZE", "16384"),
+                ("DD_DOGSTATSD_SO_RCVBUF", "1048576"),
+                ("DD_DOGSTATSD_QUEUE_SIZE", "64"),
+                ("DD_DOGSTATSD_WORKERS_COUNT", "5"),
+                ("DD_DOGSTATSD_PIPELINE_COUNT", "4"),
+                ("DD_HISTOGRAM_AGGREGATES", "max min"),
+                ("DD_HISTOGRAM_PERCENTILES", "0.5 0.99"),
+                ("DD_DOGSTATSD_EXPIRY_SECONDS", "60"),
+                ("DD_DOGSTATSD_CONTEXT_EXPIRY_SECONDS", "30"),
+                ("DD_SERIALIZER_COMPRESSOR_KIND", "zlib"),
+                ("DD_LOG_LEVEL", "WARN"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.forwarding.api_key, ApiKey("k1".into()));
+        assert_eq!(
+            c.forwarding.intake_url.as_deref(),
+            Some("https://app.datadoghq.eu")
+        );
+        assert_eq!(c.aggregation.hostname, "envhost");
+        assert_eq!(c.listen.udp, Some("127.0.0.2:9125".parse().unwrap()));
+        assert_eq!(c.listen.socket, Some(PathBuf::from("/run/x.sock")));
+        assert_eq!(c.listen.stream_socket, Some(PathBuf::from("/run/y.sock")));
+        assert_eq!(c.aggregation.tags, ["env:prod", "team:a", "b"]);
+        assert_eq!(
+            (
+                c.listen.buffer_size,
+                c.listen.so_rcvbuf,
+                c.pipeline.queue_size,
+                c.pipeline.workers,
+                c.pipeline.shards
+            ),
+            (16384, 1 << 20, 64, 5, 4)
+        );
+        assert_eq!(
+            c.aggregation.histogram_aggregates,
+            [Aggregate::Max, Aggregate::Min]
+        );
+        assert_eq!(c.aggregation.histogram_percentiles, [50, 99]);
+        assert_eq!(
+            (
+                c.aggregation.expiry.counter_seconds,
+                c.aggregation.expiry.context_seconds
+            ),
+            (60, 30)
+        );
+        assert_eq!(c.forwarding.compression, Compression::Deflate);
+        assert_eq!(c.operation.log_level, Level::Warn);
+        assert!(c
+            .sources
+            .iter()
+            .any(|s| s == &("api-key", "(redacted)".into(), Source::Environment)));
+    }
+
+    #[test]
+    fn udp_follows_the_agents_port_and_non_local_rules() {
+        let udp = |env: &[(&str, &str)]| run_env(&[], env).unwrap().listen.udp;
+        assert_eq!(udp(&[("DD_DOGSTATSD_PORT", "0")]), None);
+        assert_eq!(
+            udp(&[("DD_DOGSTATSD_NON_LOCAL_TRAFFIC", "true")]),
+            Some("0.0.0.0:8125".parse().unwrap())
+        );
+        assert_eq!(
+            udp(&[("DD_BIND_HOST", "localhost")]),
+            Some("127.0.0.1:8125".parse().unwrap())
+        );
+        // --udp, from anywhere, is the whole address.
+        assert_eq!(
+            udp(&[
+                ("WHIPPET_UDP", "127.0.0.1:7000"),
+                ("DD_DOGSTATSD_PORT", "0")
+            ]),
+            Some("127.0.0.1:7000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn precedence_is_flag_then_file_then_environment_then_default() {
+        let file = File::new(
+            "precedence",
+            "# a comment\n\n  DD_HOSTNAME = \"file host\"\nDD_DOGSTATSD_TAGS='a:1 b:2'\nDD_DOGSTATSD_BUFFER_SIZE=4096\n; another comment\n",
+        );
+        let env = [
+            ("DD_HOSTNAME", "env-host"),
+            ("DD_DOGSTATSD_BUFFER_SIZE", "2048"),
+            ("DD_DOGSTATSD_QUEUE_SIZE", "7"),
+        ];
+        let c = run_env(&["--config", file.arg(), "--buffer-size", "1024"], &env).unwrap();
+        assert_eq!(c.listen.buffer_size, 1024); // flag beats file and environment
+        assert_eq!(c.aggregation.hostname, "file host"); // file beats environment
+        assert_eq!(c.aggregation.tags, ["a:1", "b:2"]);
+        assert_eq!(c.pipeline.queue_size, 7); // environment beats default
+        assert_eq!(c.pipeline.workers, run(&[]).unwrap().pipeline.workers); // default
+        let source = |flag: &str| c.sources.iter().find(|s| s.0 == flag).unwrap().2.clone();
+        assert_eq!(source("buffer-size"), Source::Flag);
+        assert_eq!(
+            source("hostname"),
+            Source::File {
+                path: file.0.clone(),
+                line: 3
+            }
+        );
+        assert_eq!(source("queue-size"), Source::Environment);
+        assert_eq!(source("workers"), Source::Default);
+        assert_eq!(c.config_file, Some(file.0.clone()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_name_and_source() {
+        let file = File::new(
+            "problems",
+            "DD_DOGSTATSD_PORT=eighty\nDD_DOGSTATSD_PORTT=1\nnot a setting\nDD_LOG_LEVEL=\"loud\nDD_API_KEY=secret-key-1\n",
+        );
+        let err = run_env(
+            &["--config", file.arg(), "--workers", "0"],
+            &[("DD_DOGSTATSD_BUFFER_SIZE", "big")],
+        )
+        .unwrap_err();
+        let p = file.arg();
+        let want = [
+            format!("{p}:3: 'not a setting' is not KEY=VALUE"),
+            format!("{p}:4: the value of DD_LOG_LEVEL has an unterminated quote"),
+            format!("DD_DOGSTATSD_PORT ({p}:1): 'eighty' is not a whole number"),
+            "DD_DOGSTATSD_BUFFER_SIZE (environment): 'big' is not a whole number".into(),
+            "--workers: 0 is outside 1..=256".into(),
+            format!("{p}:2: DD_DOGSTATSD_PORTT is not a whippet setting"),
+        ];
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), want.len(), "{err}");
+        for (line, want) in lines.iter().zip(&want) {
+            assert!(line.starts_with(want.as_str()), "{line:?} vs {want:?}");
+        }
+        assert!(!err.contains("secret-key-1"));
+    }
+
+    #[test]
+    fn check_config_reports_sources_and_never_the_key() {
+        let file = File::new("check", "DD_API_KEY=\"secret-key-2\"\n");
+        let Ok(Command::Check(report)) =
+            parse_env(&["--config", file.arg(), "--check-config"], &[])
+        else {
+            panic!("not a report");
+        };
+        assert!(!report.contains("secret-key-2"), "{report}");
+        let key_line = report.lines().find(|l| l.starts_with("api-key")).unwrap();
+        assert!(key_line.contains("(redacted)"), "{key_line}");
+        assert!(
+            key_line.ends_with(&format!("({}:1)", file.arg())),
+            "{key_line}"
+        );
+        assert!(report.contains("=> intake                https://app.datadoghq.com\n"));
+        assert_eq!(report.lines().count(), SETTINGS.len() + 2);
+    }
+
+    #[test]
+    fn invalid_values_name_the_flag() {
+        let cases = [
+            (
+                vec!["--buffer-size", "70000"],
+                "--buffer-size: 70000 is outside 512..=65536",
+            ),
+            (
+                vec!["--buffer-size", "big"],
+                "--buffer-size: 'big' is not a whole number",
+            ),
+            (
+                vec!["--udp", "localhost"],
+                "--udp: 'localhost' is not an address",
+            ),
+            (
+                vec!["--socket-mode", "999"],
+                "--socket-mode: '999' is not an octal file mode",
+            ),
+            (
+                vec!["--histogram-aggregates", "p99"],
+                "--histogram-aggregates: 'p99' is not one of",
+            ),
+            (
+                vec!["--histogram-percentiles", "95"],
+                "--histogram-percentiles: '95' is not a fraction",
+            ),
+            (vec!["--workers", "0"], "--workers: 0 is outside 1..=256"),
+            (
+                vec!["--socket-mode", "0766"],
+                "--socket-mode: 0766 would make the sockets world-readable",
+            ),
+            (
+                vec!["--non-local-traffic=maybe"],
+                "--non-local-traffic: 'maybe' is not true or false",
+            ),
+            (
+                vec!["--shutdown-timeout", "2h"],
+                "--shutdown-timeout: '2h' is not a duration",
+            ),
+            (
+                vec!["--log-level", "loud"],
+                "--log-level: 'loud' is not one of",
+            ),
+            (
+                vec!["--status", "nowhere"],
+                "--status: 'nowhere' is not an address",
+            ),
+            (
+                vec!["--dd-url", "ftp://x"],
+                "--dd-url: 'ftp://x' is not like",
+            ),
+            (
+                vec!["--bind-host", "example.com"],
+                "--bind-host: 'example.com' is not an IP address or localhost",
+            ),
+            (
+                vec!["--config", "/nonexistent/w.conf"],
+                "--config: cannot read /nonexistent/w.conf",
+            ),
+            (vec!["--bogus"], "Unrecognized option: 'bogus'"),
+            (vec!["stray"], "unexpected argument 'stray'"),
+        ];
+        for (args, want) in cases {
+            let err = run(&args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn quotes_and_escapes_in_the_file() {
+        assert_eq!(resolve::unquote("plain"), Some("plain".into()));
+        assert_eq!(resolve::unquote("'a b'"), Some("a b".into()));
+        assert_eq!(
+            resolve::unquote(r#""a \"b\" \\c""#),
+            Some(r#"a "b" \c"#.into())
+        );
+        assert_eq!(resolve::unquote(r#""open"#), None);
+        assert_eq!(resolve::unquote(r#""a" trailing"#), None);
+        assert_eq!(resolve::unquote("'open"), None);
+    }
+}

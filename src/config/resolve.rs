@@ -1,0 +1,335 @@
+//! Resolving settings: each one's raw value from a flag, the config file or the environment
+//! (in that order), or its declared default; parsed and range-checked, with every error
+//! naming the flag or variable and where the value came from.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use super::settings::{setting, DefaultValue, SETTINGS};
+use super::Source;
+use crate::flush::Aggregate;
+
+/// Resolves settings one at a time, collecting every error and where each value came from.
+pub(super) struct Resolver<'a> {
+    pub m: &'a getopts::Matches,
+    /// The config file's `KEY → (value, line)`.
+    pub file: HashMap<String, (String, usize)>,
+    pub file_path: Option<PathBuf>,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub errors: Vec<String>,
+    /// (flag, value as given, source), in the order settings were resolved.
+    pub sources: Vec<(&'static str, String, Source)>,
+}
+
+impl Resolver<'_> {
+    /// The raw value with its source and the name to blame in an error.
+    pub fn raw(&self, flag: &str) -> Option<(String, Source, String)> {
+        let s = setting(flag);
+        // A repeated flag: the last one wins, so wrappers can append overrides.
+        if let Some(v) = self.m.opt_strs(flag).pop() {
+            return Some((v, Source::Flag, format!("--{flag}")));
+        }
+        if self.m.opt_present(flag) {
+            return Some(("true".into(), Source::Flag, format!("--{flag}")));
+        }
+        if let (Some((v, line)), Some(path)) = (self.file.get(s.var), &self.file_path) {
+            let source = Source::File {
+                path: path.clone(),
+                line: *line,
+            };
+            let name = format!("{} ({source})", s.var);
+            return Some((v.clone(), source, name));
+        }
+        if let Some(v) = (self.env)(s.var) {
+            return Some((v, Source::Environment, format!("{} (environment)", s.var)));
+        }
+        None
+    }
+
+    /// The setting parsed by `parse` when it was given (its source recorded; an error is
+    /// recorded and gives `None`), else `None`.
+    pub fn given<T>(
+        &mut self,
+        flag: &'static str,
+        parse: impl Fn(&str, &str) -> Result<T, String>,
+    ) -> Option<T> {
+        let Some((v, source, name)) = self.raw(flag) else {
+            self.sources.push((flag, String::new(), Source::Default));
+            return None;
+        };
+        let shown = if flag == "api-key" {
+            "(redacted)".into()
+        } else {
+            v.clone()
+        };
+        self.sources.push((flag, shown, source));
+        match parse(&v, &name) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
+    /// The setting parsed by `parse`, or its declared default parsed the same way (also after
+    /// an error, which is recorded).
+    pub fn value<T>(
+        &mut self,
+        flag: &'static str,
+        parse: impl Fn(&str, &str) -> Result<T, String>,
+    ) -> T {
+        let DefaultValue::Value(default) = setting(flag).default else {
+            unreachable!("--{flag} declares no value default: resolve it with `given`");
+        };
+        self.given(flag, &parse).unwrap_or_else(|| {
+            parse(default, flag).unwrap_or_else(|e| unreachable!("a declared default: {e}"))
+        })
+    }
+
+    /// A whole number in the setting's declared range, if given.
+    pub fn number_given<T: TryFrom<u64>>(&mut self, flag: &'static str) -> Option<T> {
+        let (min, max) = setting(flag)
+            .range
+            .unwrap_or_else(|| unreachable!("--{flag} declares no range"));
+        self.given(flag, |v, name| number(v, name, min, max))
+    }
+
+    /// A whole number in the setting's declared range, or its declared default.
+    pub fn number<T: TryFrom<u64>>(&mut self, flag: &'static str) -> T {
+        let (min, max) = setting(flag)
+            .range
+            .unwrap_or_else(|| unreachable!("--{flag} declares no range"));
+        self.value(flag, |v, name| number(v, name, min, max))
+    }
+
+    pub fn string(&mut self, flag: &'static str) -> Option<String> {
+        self.given(flag, |v, _| Ok(v.to_string()))
+    }
+
+    /// A key in the config file that is not a setting is a typo until proven otherwise.
+    pub fn check_unknown_keys(&mut self, path: &Path) {
+        let mut unknown: Vec<_> = self
+            .file
+            .iter()
+            .filter(|(k, _)| !SETTINGS.iter().any(|s| s.var == k.as_str()))
+            .map(|(k, (_, line))| (*line, k.clone()))
+            .collect();
+        unknown.sort();
+        for (line, key) in unknown {
+            self.errors.push(format!(
+                "{}:{line}: {key} is not a whippet setting (see the bracketed names in --help)",
+                path.display()
+            ));
+        }
+    }
+}
+
+/// A whole number between `min` and `max`, as a `T` (which holds the range).
+fn number<T: TryFrom<u64>>(v: &str, name: &str, min: u64, max: u64) -> Result<T, String> {
+    let n: u64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{name}: '{v}' is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("{name}: {n} is outside {min}..={max}"));
+    }
+    T::try_from(n).map_err(|_| format!("{name}: {n} is outside {min}..={max}"))
+}
+
+/// Reads `KEY=VALUE` lines: `#` comments, blank lines, and values in single or double quotes.
+pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> HashMap<String, (String, usize)> {
+    let mut out = HashMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(format!("--config: cannot read {}: {e}", path.display()));
+            return out;
+        }
+    };
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            errors.push(format!(
+                "{}:{}: '{line}' is not KEY=VALUE",
+                path.display(),
+                i + 1
+            ));
+            continue;
+        };
+        match unquote(value.trim()) {
+            Some(v) => {
+                out.insert(key.trim().to_string(), (v, i + 1));
+            }
+            None => errors.push(format!(
+                "{}:{}: the value of {} has an unterminated quote",
+                path.display(),
+                i + 1,
+                key.trim()
+            )),
+        }
+    }
+    out
+}
+
+/// `"a b"` → `a b` (with `\"` and `\\` escapes), `'a b'` → `a b`, `a` → `a`.
+pub(super) fn unquote(v: &str) -> Option<String> {
+    if let Some(inner) = v.strip_prefix('\'') {
+        return inner.strip_suffix('\'').map(str::to_string);
+    }
+    let Some(inner) = v.strip_prefix('"') else {
+        return Some(v.to_string());
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return chars.as_str().is_empty().then_some(out),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// An IP address, or `localhost` (the Agent's default): no DNS lookup at start-up.
+pub(super) fn host_address(host: &str, port: u16) -> Result<SocketAddr, String> {
+    let ip = match host {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        _ => host
+            .parse::<IpAddr>()
+            .map_err(|_| format!("'{host}' is not an IP address or localhost"))?,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// `ADDR` or `off`.
+pub(super) fn udp_address(v: &str, name: &str) -> Result<Option<SocketAddr>, String> {
+    match v {
+        "off" => Ok(None),
+        addr => addr.parse::<SocketAddr>().map(Some).map_err(|_| {
+            format!("{name}: '{addr}' is not an address like 127.0.0.1:8125 or 'off'")
+        }),
+    }
+}
+
+/// `ADDR`, or a bare port on 127.0.0.1.
+pub(super) fn status_address(v: &str, name: &str) -> Result<SocketAddr, String> {
+    let addr = if v.chars().all(|c| c.is_ascii_digit()) {
+        format!("127.0.0.1:{v}")
+    } else {
+        v.to_string()
+    };
+    addr.parse::<SocketAddr>()
+        .map_err(|_| format!("{name}: '{v}' is not an address like 127.0.0.1:5000 or a port"))
+}
+
+/// An octal file mode that does not let others read.
+pub(super) fn socket_mode(v: &str, name: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{name}: '{v}' is not an octal file mode like 0722"))?;
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "{name}: {mode:04o} would make the sockets world-readable; drop the 'other read' bit (like 0722 or 0720)"
+        ));
+    }
+    Ok(mode)
+}
+
+/// The Agent's booleans: true/false, 1/0, yes/no, on/off, any case.
+pub(super) fn boolean(v: &str, name: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("{name}: '{v}' is not true or false")),
+    }
+}
+
+/// `10s`, `500ms`, `2m`, or a bare number of seconds, up to an hour.
+pub(super) fn duration(v: &str, name: &str) -> Result<std::time::Duration, String> {
+    let v = v.trim();
+    let (digits, scale) = if let Some(d) = v.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = v.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = v.strip_suffix('m') {
+        (d, 60_000)
+    } else {
+        (v, 1000)
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|ms| *ms <= 3_600_000)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{name}: '{v}' is not a duration up to 1h like 10s, 500ms or 2m"))
+}
+
+/// Items separated by commas, spaces or tabs.
+pub(super) fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split([',', ' ', '\t']).filter(|s| !s.is_empty())
+}
+
+pub(super) fn aggregates(v: &str, name: &str) -> Result<Vec<Aggregate>, String> {
+    list(v)
+        .map(|s| {
+            Aggregate::parse(s).ok_or_else(|| {
+                format!("{name}: '{s}' is not one of max, min, median, avg, sum, count")
+            })
+        })
+        .collect()
+}
+
+/// "0.95" → 95: the Agent's fraction notation, turned into whole percentiles 1..=100.
+pub(super) fn percentiles(v: &str, name: &str) -> Result<Vec<u32>, String> {
+    list(v)
+        .map(|s| {
+            s.parse::<f64>()
+                .ok()
+                .map(|f| (f * 100.0).round())
+                .filter(|p| (1.0..=100.0).contains(p))
+                .map(|p| p as u32)
+                .ok_or_else(|| {
+                    format!("{name}: '{s}' is not a fraction between 0.01 and 1 like 0.95")
+                })
+        })
+        .collect()
+}
+
+/// An intake URL: scheme, host and optional port, no path; a trailing slash is dropped.
+pub(super) fn intake_base(v: &str, name: &str) -> Result<String, String> {
+    let url = v.trim_end_matches('/');
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match host {
+        Some(host) if !host.is_empty() && !host.contains('/') => Ok(url.to_string()),
+        _ => Err(format!(
+            "{name}: '{url}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)"
+        )),
+    }
+}
+
+/// A Datadog site name: no scheme, no path.
+pub(super) fn site(v: &str, name: &str) -> Result<String, String> {
+    if v.is_empty() || v.contains('/') {
+        return Err(format!("{name}: '{v}' is not a site like datadoghq.com"));
+    }
+    Ok(v.to_string())
+}
+
+/// This machine's hostname, or empty if it cannot be read.
+pub fn machine_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}

@@ -1,0 +1,199 @@
+//! Every setting whippet has, declared once: its flag, its variable (the Agent's name where
+//! the Agent has the setting), what it controls, its default and, for numbers, its range.
+//! `--help` is generated from this table; whippet(8), the packaged config file and the
+//! README's settings table are checked against it by the test suite.
+
+/// A setting's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// A value written as a user would write it; the resolver parses it exactly as it
+    /// parses theirs.
+    Value(&'static str),
+    /// Not set unless given: the word says how that reads ("off", "none").
+    Unset(&'static str),
+    /// Computed at start; the text says from what.
+    Derived(&'static str),
+}
+
+impl DefaultValue {
+    /// As documentation writes it: `8192`, `off`, `the number of CPUs`.
+    pub fn text(self) -> &'static str {
+        match self {
+            DefaultValue::Value(v) | DefaultValue::Unset(v) | DefaultValue::Derived(v) => v,
+        }
+    }
+
+    /// The sentence `--help` and whippet(8) end a setting's description with.
+    pub fn sentence(self) -> String {
+        match self {
+            DefaultValue::Value(v) | DefaultValue::Unset(v) => format!("Default {v}."),
+            DefaultValue::Derived(t) => format!("Default: {t}."),
+        }
+    }
+}
+
+/// One setting.
+#[derive(Debug)]
+pub struct Setting {
+    pub flag: &'static str,
+    /// Environment variable and config file key.
+    pub var: &'static str,
+    /// The value's shape in `--help`: `N`, `BYTES`, `ADDR`, `BOOL` (a bare `--flag` is true).
+    pub hint: &'static str,
+    /// What it controls and the trade-off.
+    pub help: &'static str,
+    pub default: DefaultValue,
+    /// Smallest and largest value of a number.
+    pub range: Option<(u64, u64)>,
+    /// SIGHUP applies a new value in place; any other setting needs a restart.
+    pub reload: bool,
+}
+
+impl Setting {
+    /// This setting is applied in place on SIGHUP.
+    const fn reloadable(mut self) -> Setting {
+        self.reload = true;
+        self
+    }
+
+    /// What `--help` and whippet(8) say of it after its help: whether SIGHUP applies it, and
+    /// its default.
+    pub fn tail(&self) -> String {
+        let reload = if self.reload {
+            "Reloaded on SIGHUP. "
+        } else {
+            ""
+        };
+        format!("{reload}{}", self.default.sentence())
+    }
+}
+
+const fn s(
+    flag: &'static str,
+    var: &'static str,
+    hint: &'static str,
+    default: DefaultValue,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        flag,
+        var,
+        hint,
+        help,
+        default,
+        range: None,
+        reload: false,
+    }
+}
+
+/// A number between `min` and `max`.
+const fn n(
+    flag: &'static str,
+    var: &'static str,
+    hint: &'static str,
+    (default, min, max): (DefaultValue, u64, u64),
+    help: &'static str,
+) -> Setting {
+    Setting {
+        flag,
+        var,
+        hint,
+        help,
+        default,
+        range: Some((min, max)),
+        reload: false,
+    }
+}
+
+use DefaultValue::{Derived, Unset, Value};
+
+/// Largest `--buffer-size`: the largest UDP payload, and what one frame may carry.
+pub const MAX_BUFFER_SIZE: usize = 65536;
+
+/// Every setting, in `--help` order.
+pub const SETTINGS: &[Setting] = &[
+    s("udp", "WHIPPET_UDP", "ADDR", Value("127.0.0.1:8125"), "UDP address to listen on, or 'off'; when set, overrides --bind-host, --port and --non-local-traffic. Binding a non-loopback address exposes whippet to the network."),
+    s("bind-host", "DD_BIND_HOST", "HOST", Value("127.0.0.1"), "IP address (or localhost) the UDP listener binds."),
+    n("port", "DD_DOGSTATSD_PORT", "PORT", (Value("8125"), 0, 65535), "UDP port; 0 turns UDP off (the Agent's meaning)."),
+    s("non-local-traffic", "DD_DOGSTATSD_NON_LOCAL_TRAFFIC", "BOOL", Value("false"), "Listen for UDP on every interface (0.0.0.0) instead of --bind-host."),
+    n("udp-readers", "WHIPPET_UDP_READERS", "N", (Value("1"), 1, 64), "UDP sockets bound with SO_REUSEPORT, one reader thread each; more readers spread load across cores."),
+    n("so-rcvbuf", "DD_DOGSTATSD_SO_RCVBUF", "BYTES", (Value("4194304"), 0, 1 << 30), "Receive buffer for the UDP and Unix datagram sockets, in bytes; larger absorbs bursts, capped by net.core.rmem_max. 0 keeps the OS default."),
+    s("socket", "DD_DOGSTATSD_SOCKET", "PATH", Unset("off"), "Unix datagram socket path."),
+    s("socket-mode", "WHIPPET_SOCKET_MODE", "OCTAL", Value("0722"), "File mode of the Unix sockets, octal; 0722 lets anyone write and nobody else read. A world-readable mode is refused."),
+    s("stream-socket", "DD_DOGSTATSD_STREAM_SOCKET", "PATH", Unset("off"), "Unix stream socket path (4-byte little-endian length framing)."),
+    n("stream-max-connections", "WHIPPET_STREAM_MAX_CONNECTIONS", "N", (Value("256"), 1, 65536), "Most concurrent stream connections; one thread each."),
+    s("stream-idle-timeout", "WHIPPET_STREAM_IDLE_TIMEOUT", "DURATION", Value("5m"), "Close a stream connection that sends nothing for this long (so idle clients cannot hold every slot); 0 never closes. Clients reconnect on their next write."),
+    n("buffer-size", "DD_DOGSTATSD_BUFFER_SIZE", "BYTES", (Value("8192"), 512, MAX_BUFFER_SIZE as u64), "Largest datagram or stream frame, in bytes (at most 65536); longer datagrams are counted as truncated and dropped."),
+    n("queue-size", "DD_DOGSTATSD_QUEUE_SIZE", "N", (Value("32"), 1, 1 << 20), "Packet batches (up to 32 packets each) waiting for workers; more absorbs UDP bursts at the cost of memory (queue-size × 32 × buffer-size at worst: 8 MiB with the defaults). Unix socket readers queue at most 2 per worker and then wait."),
+    n("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", (Derived("the number of CPUs"), 1, 256), "Parser threads; steady traffic far below what one core parses uses less CPU with 1, more absorb bursts."),
+    n("shards", "DD_DOGSTATSD_PIPELINE_COUNT", "N", (Value("16"), 1, 4096), "Aggregation shards (mutex-guarded); more reduce lock contention between workers."),
+    s("tags", "DD_DOGSTATSD_TAGS", "TAGS", Unset("none"), "Extra tags added to every metric, event and service check: comma-separated on the command line, space- or comma-separated in the environment and config file.").reloadable(),
+    s("hostname", "DD_HOSTNAME", "NAME", Derived("this machine's hostname"), "Host reported for data without a host: tag."),
+    n("bucket-seconds", "WHIPPET_BUCKET_SECONDS", "N", (Value("10"), 1, 1 << 40), "Aggregation bucket length in seconds."),
+    s("histogram-aggregates", "DD_HISTOGRAM_AGGREGATES", "LIST", Value("max,median,avg,count"), "Histogram aggregates: max, min, median, avg, sum, count (comma- or space-separated)."),
+    s("histogram-percentiles", "DD_HISTOGRAM_PERCENTILES", "LIST", Value("0.95"), "Histogram percentiles as fractions (comma- or space-separated)."),
+    n("expiry-seconds", "DD_DOGSTATSD_EXPIRY_SECONDS", "N", (Value("300"), 0, 1 << 40), "Counters report 0 for this long after their last sample."),
+    n("context-expiry-seconds", "DD_DOGSTATSD_CONTEXT_EXPIRY_SECONDS", "N", (Value("20"), 0, 1 << 40), "Other contexts are freed once idle this long."),
+    n("context-limit", "WHIPPET_CONTEXT_LIMIT", "N", (Value("500000"), 1, 1 << 32), "Most live metric contexts; a sample that would create one more is dropped and counted (whippet_dropped_total{reason=context_limit}), existing contexts keep working. Bounds memory against unbounded tag values (see docs/reliability.md for the bound)."),
+    n("event-backlog", "WHIPPET_EVENT_BACKLOG", "N", (Value("10000"), 1, 10_000_000), "Most events plus service checks held between two flushes; beyond, they are dropped and counted."),
+    s("dd-url", "DD_DD_URL", "URL", Derived("https://app.SITE when an API key is set; otherwise whippet prints to the console"), "Intake URL (http:// or https://) that payloads are sent to.").reloadable(),
+    s("site", "DD_SITE", "SITE", Value("datadoghq.com"), "Datadog site used to build the intake URL.").reloadable(),
+    s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload. Never logged or printed.").reloadable(),
+    s("series-api", "WHIPPET_SERIES_API", "VERSION", Value("v2"), "Series API: v2 (protobuf) or v1 (JSON, legacy)."),
+    s("compression", "DD_SERIALIZER_COMPRESSOR_KIND", "KIND", Value("zstd"), "Payload compression: zstd (level 1), zlib (also called deflate) or none."),
+    n("retry-queue-bytes", "WHIPPET_RETRY_QUEUE_BYTES", "BYTES", (Value("15728640"), 0, 1 << 40), "Bytes of payloads that may wait for the intake in memory (new and failed, 15 MiB by default); beyond, the oldest goes to --retry-dir, or is dropped and counted."),
+    s("retry-dir", "WHIPPET_RETRY_DIR", "DIR", Unset("off"), "Directory where payloads that no longer fit --retry-queue-bytes (and those still waiting at shutdown) are kept until the intake takes them, oldest first, across restarts. Created if missing. Unset, they are dropped and counted."),
+    n("retry-dir-bytes", "WHIPPET_RETRY_DIR_BYTES", "BYTES", (Value("268435456"), 0, 1 << 50), "Most bytes kept in --retry-dir (256 MiB by default); beyond, the oldest payload on disk is dropped and counted."),
+    n("forwarder-threads", "WHIPPET_FORWARDER_THREADS", "N", (Value("2"), 1, 64), "Concurrent requests to the intake."),
+    n("request-timeout-ms", "WHIPPET_REQUEST_TIMEOUT_MS", "MS", (Value("20000"), 1, 3_600_000), "Timeout of one request to the intake, in milliseconds; a timeout is retried."),
+    n("retry-base-ms", "WHIPPET_RETRY_BASE_MS", "MS", (Value("2000"), 1, 3_600_000), "First retry delay in milliseconds; each further failure of the endpoint doubles it, up to 32 times this base (64 s with the default), with jitter."),
+    s("shutdown-timeout", "WHIPPET_SHUTDOWN_TIMEOUT", "DURATION", Value("10s"), "How long the final flush may take to reach the intake at shutdown (10s, 500ms, 1m; a bare number is seconds); what is left is dropped and counted."),
+    s("log-level", "DD_LOG_LEVEL", "LEVEL", Value("info"), "Least severe log lines written: error, warn, info or debug (the Agent's trace, critical and off are accepted).").reloadable(),
+    s("allow-root", "WHIPPET_ALLOW_ROOT", "BOOL", Value("false"), "Run even as root. whippet needs no privilege: run it as its own user (the packaged service uses User=whippet)."),
+    s("status", "WHIPPET_STATUS", "ADDR", Unset("off"), "Serve /status (JSON), /metrics (Prometheus) and /contexts?top=N over HTTP on this address; a bare port means 127.0.0.1:PORT."),
+];
+
+/// The setting of a flag. Every flag the resolver asks for is in the table.
+pub fn setting(flag: &str) -> &'static Setting {
+    SETTINGS
+        .iter()
+        .find(|s| s.flag == flag)
+        .expect("every flag asked for is in SETTINGS")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_variables_are_unique_and_numbers_have_a_sane_range() {
+        let mut flags: Vec<&str> = SETTINGS.iter().map(|s| s.flag).collect();
+        let mut vars: Vec<&str> = SETTINGS.iter().map(|s| s.var).collect();
+        flags.sort_unstable();
+        flags.dedup();
+        vars.sort_unstable();
+        vars.dedup();
+        assert_eq!((flags.len(), vars.len()), (SETTINGS.len(), SETTINGS.len()));
+        for s in SETTINGS {
+            assert!(
+                !s.help.contains("Default"),
+                "{}: the default is declared, not written",
+                s.flag
+            );
+            assert!(
+                !s.help.contains("SIGHUP"),
+                "{}: reloading is declared, not written",
+                s.flag
+            );
+            assert!(s.help.ends_with('.'), "{}", s.flag);
+            if let (Some((min, max)), Value(v)) = (s.range, s.default) {
+                let v: u64 = v.parse().unwrap_or_else(|_| panic!("{}: {v}", s.flag));
+                assert!(
+                    min <= v && v <= max,
+                    "{}: {v} outside {min}..={max}",
+                    s.flag
+                );
+            }
+        }
+    }
+}
