@@ -1,5 +1,6 @@
-//! Microbenchmarks of each stage over the benchmark corpus (`../shared/bench/dsd_base.txt`,
-//! or a generated workload when it is absent): `cargo bench`.
+//! Microbenchmarks of each stage over the benchmark workload: `cargo bench`. The workload is
+//! generated with the statistics of Datadog's `dsd_base` corpus (`Generated::dsd_base`), or
+//! read from the file `WHIPPET_BENCH_CORPUS` names.
 
 use std::sync::{Arc, OnceLock};
 
@@ -20,9 +21,9 @@ fn main() {
 
 fn corpus() -> &'static [Vec<u8>] {
     static CORPUS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
-    CORPUS.get_or_init(|| {
-        whippet::blast::corpus(std::path::Path::new("../shared/bench/dsd_base.txt"))
-            .unwrap_or_else(|_| whippet::blast::generate(&whippet::blast::Generated::default()))
+    CORPUS.get_or_init(|| match std::env::var_os("WHIPPET_BENCH_CORPUS") {
+        Some(path) => whippet::blast::corpus(std::path::Path::new(&path)).unwrap(),
+        None => whippet::blast::Generated::dsd_base().generate(),
     })
 }
 

@@ -1,6 +1,7 @@
-//! Measures one worker thread on a corpus: `cargo run --release --example worker_throughput
-//! -- FILE [ROUNDS]`. Messages are packed into 8 KiB packets, 32 to a batch, as the Unix
-//! datagram listener would deliver them; prints nanoseconds per message.
+//! Measures one worker thread: `cargo run --release --example worker_throughput -- [ROUNDS]
+//! [FILE]`, over the generated `dsd_base`-like workload or the corpus FILE. Messages are
+//! packed into 8 KiB packets, 32 to a batch, as the Unix datagram listener would deliver
+//! them; prints nanoseconds per message.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,9 +12,13 @@ use whippet::worker::{Counters, Enrichment, Worker};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).expect("usage: worker_throughput FILE [ROUNDS]");
-    let rounds: usize = args.get(2).map_or(20, |r| r.parse().unwrap());
-    let messages = whippet::blast::corpus(std::path::Path::new(path)).unwrap();
+    let rounds: usize = args
+        .get(1)
+        .map_or(20, |r| r.parse().expect("ROUNDS is a number"));
+    let messages = match args.get(2) {
+        Some(path) => whippet::blast::corpus(std::path::Path::new(path)).unwrap(),
+        None => whippet::blast::Generated::dsd_base().generate(),
+    };
     let pool = Pool::new(8192, 4096);
     let batches = whippet::blast::batches(&pool, &messages, 1_700_000_000);
     let messages = messages.len() as u64;

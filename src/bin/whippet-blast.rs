@@ -14,12 +14,13 @@ use whippet::blast::{self, bench, Generated, Plan, Target};
 const USAGE: &str = "Usage: whippet-blast send|bench|sink [OPTIONS]
 
   send   --target udp:HOST:PORT|unix:PATH|stream:PATH [--corpus FILE | --contexts N
-         --tags-per-message N --messages N] [--packet-size BYTES] [--rate MSG/S]
+         --tags-per-message N --messages N --seed N] [--packet-size BYTES] [--rate MSG/S]
          [--duration SECONDS | --count MESSAGES]
-  bench  [--corpus FILE] [--seconds S] [--smoke] [--whippet PATH]
+  bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--whippet PATH]
   sink   --target udp:HOST:PORT|unix:PATH   (drains with recvmmsg, prints counts on SIGTERM)
 
-Every run reports what it did; see man whippet-blast(1) or the README's Performance section.";
+Without --corpus, the workload is generated with the statistics of Datadog's dsd_base corpus.
+Every run reports what it did; see man whippet-blast(1) and docs/performance.md.";
 
 fn options() -> getopts::Options {
     let mut o = getopts::Options::new();
@@ -32,25 +33,31 @@ fn options() -> getopts::Options {
     o.optopt(
         "",
         "corpus",
-        "Newline-separated messages to replay. Default for bench: ../shared/bench/dsd_base.txt",
+        "Newline-separated messages to replay instead of the generated workload",
         "FILE",
     );
     o.optopt(
         "",
         "contexts",
-        "Generated workload: distinct contexts. Default 3000",
+        "Generated workload: distinct contexts. Default 3000 (dsd_base's)",
         "N",
     );
     o.optopt(
         "",
         "tags-per-message",
-        "Generated workload: tags per message. Default 10",
+        "Generated workload: tags per message. Default: 2 to 50 (dsd_base's)",
         "N",
     );
     o.optopt(
         "",
         "messages",
-        "Generated workload: distinct messages replayed in a loop. Default 20000",
+        "Generated workload: messages generated, replayed in a loop. Default 7782 (dsd_base's)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "seed",
+        "Generated workload: the seed; one seed always gives the same messages. Default 7",
         "N",
     );
     o.optopt(
@@ -106,17 +113,20 @@ fn messages(m: &getopts::Matches) -> Result<Vec<Vec<u8>>, String> {
     if let Some(path) = m.opt_str("corpus") {
         return blast::corpus(std::path::Path::new(&path));
     }
-    let mut g = Generated::default();
+    let mut g = Generated::dsd_base();
     if let Some(v) = number(m, "contexts")? {
         g.contexts = v;
     }
     if let Some(v) = number(m, "tags-per-message")? {
-        g.tags_per_message = v;
+        g.tags_per_message = (v, v);
     }
     if let Some(v) = number(m, "messages")? {
         g.messages = v;
     }
-    Ok(blast::generate(&g))
+    if let Some(v) = number(m, "seed")? {
+        g.seed = v;
+    }
+    Ok(g.generate())
 }
 
 fn cmd_send(m: &getopts::Matches) -> Result<(), String> {
@@ -187,19 +197,12 @@ fn cmd_sink(m: &getopts::Matches) -> Result<(), String> {
 
 fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
     let smoke = m.opt_present("smoke");
-    let given = m.opt_str("corpus");
-    let path = PathBuf::from(
-        given
-            .clone()
-            .unwrap_or_else(|| "../shared/bench/dsd_base.txt".into()),
-    );
-    // Without --corpus and without the shared corpus, a generated workload stands in.
-    let (corpus, source) = match (blast::corpus(&path), given) {
-        (Ok(messages), _) => (messages, path.display().to_string()),
-        (Err(e), Some(_)) => return Err(e),
-        (Err(_), None) => (
-            blast::generate(&Generated::default()),
-            format!("a generated workload ({} not found)", path.display()),
+    let corpus = messages(m)?;
+    let source = match m.opt_str("corpus") {
+        Some(path) => path,
+        None => format!(
+            "a workload generated with dsd_base's statistics (seed {})",
+            number::<u64>(m, "seed")?.unwrap_or(Generated::dsd_base().seed)
         ),
     };
     let me = std::env::current_exe().map_err(|e| e.to_string())?;

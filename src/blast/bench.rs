@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use super::{generate, pack, send, Generated, Plan, Sent, Target};
+use super::{pack, send, Generated, Plan, Sent, Target};
 use crate::intake::{Intake, IntakeConfig};
 
 /// What to run.
@@ -384,17 +384,13 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
         &[3_000, 30_000, 300_000]
     };
     for &contexts in sweep {
-        let g = Generated {
-            contexts,
-            messages: (contexts * 2).max(20_000),
-            ..Generated::default()
-        };
+        let g = Generated::small(contexts);
         list.push((
             Scenario {
                 name: format!("{contexts} contexts, unix all-out"),
                 via: Via::Unix,
                 rate: None,
-                workload: pack(&generate(&g), 8192),
+                workload: pack(&g.generate(), 8192),
             },
             false,
         ));

@@ -1,9 +1,12 @@
-//! The load generator behind `whippet-blast`: workloads (a corpus file, or generated traffic
-//! with contexts, tags, type mix and size as knobs), packing messages into packets, and
-//! sending them over UDP, a Unix datagram socket or a Unix stream socket with `sendmmsg`, at
-//! a rate or as fast as possible. [`bench`] drives whippet with it and measures.
+//! The load generator behind `whippet-blast`: sending [`workload`]s over UDP, a Unix datagram
+//! socket or a Unix stream socket with `sendmmsg`, at a rate or as fast as possible, and
+//! draining a socket as the floor to compare with. [`bench`] drives whippet with it and
+//! measures.
 
 pub mod bench;
+pub mod workload;
+
+pub use workload::{corpus, pack, Generated, Rng};
 
 use std::io::{IoSlice, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -42,129 +45,6 @@ impl Target {
             _ => 8192,
         }
     }
-}
-
-/// A tiny deterministic generator (xorshift64*): reproducible workloads without a crate.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
-
-/// Knobs of a generated workload.
-#[derive(Debug, Clone)]
-pub struct Generated {
-    pub contexts: usize,
-    pub tags_per_message: usize,
-    /// Relative weights of count, gauge, distribution, set, histogram (dsd_base: 208, 66, 72, 9, 1).
-    pub mix: [u32; 5],
-    /// Length of tag values.
-    pub tag_value_len: usize,
-    /// Distinct messages to generate (they are replayed in a loop).
-    pub messages: usize,
-    pub seed: u64,
-}
-
-impl Default for Generated {
-    fn default() -> Generated {
-        Generated {
-            contexts: 3000,
-            tags_per_message: 10,
-            mix: [208, 66, 72, 9, 1],
-            tag_value_len: 12,
-            messages: 20_000,
-            seed: 7,
-        }
-    }
-}
-
-fn word(rng: &mut Rng, len: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..len)
-        .map(|_| ALPHABET[rng.below(ALPHABET.len() as u64) as usize] as char)
-        .collect()
-}
-
-/// Generates `g.messages` messages over `g.contexts` contexts (each context has a fixed name,
-/// tags and type; values vary).
-pub fn generate(g: &Generated) -> Vec<Vec<u8>> {
-    let mut rng = Rng::new(g.seed);
-    let total: u32 = g.mix.iter().sum::<u32>().max(1);
-    let types = ["c", "g", "d", "s", "h"];
-    let contexts: Vec<(String, &str)> = (0..g.contexts.max(1))
-        .map(|i| {
-            let mut pick = rng.below(total as u64) as u32;
-            let mut kind = 0;
-            while pick >= g.mix[kind] {
-                pick -= g.mix[kind];
-                kind += 1;
-            }
-            let tags: Vec<String> = (0..g.tags_per_message)
-                .map(|t| format!("tag{t}:{}", word(&mut rng, g.tag_value_len)))
-                .collect();
-            (format!("blast.metric.{i}|{}", tags.join(",")), types[kind])
-        })
-        .collect();
-    (0..g.messages)
-        .map(|_| {
-            let (key, kind) = &contexts[rng.below(contexts.len() as u64) as usize];
-            let (name, tags) = key.split_once('|').unwrap_or((key, ""));
-            let value = rng.below(1000);
-            format!("{name}:{value}|{kind}|#{tags}").into_bytes()
-        })
-        .collect()
-}
-
-/// Reads a corpus: one message per line, empty lines skipped.
-pub fn corpus(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read(path)
-        .map_err(|e| format!("cannot read corpus {} (--corpus): {e}", path.display()))?;
-    let messages: Vec<Vec<u8>> = text
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
-    if messages.is_empty() {
-        return Err(format!("corpus {} has no messages", path.display()));
-    }
-    Ok(messages)
-}
-
-/// Messages packed into packets of at most `size` bytes (a longer message gets a packet of
-/// its own), with the number of messages in each.
-pub fn pack(messages: &[Vec<u8>], size: usize) -> Vec<(Vec<u8>, u64)> {
-    let mut packets = Vec::new();
-    let mut cur = Vec::with_capacity(size);
-    let mut n = 0;
-    for m in messages {
-        if !cur.is_empty() && cur.len() + 1 + m.len() > size {
-            packets.push((std::mem::take(&mut cur), n));
-            n = 0;
-        }
-        if !cur.is_empty() {
-            cur.push(b'\n');
-        }
-        cur.extend_from_slice(m);
-        n += 1;
-    }
-    if !cur.is_empty() {
-        packets.push((cur, n));
-    }
-    packets
 }
 
 /// How much to send.
@@ -412,42 +292,5 @@ mod tests {
             8192
         );
         assert!(Target::parse("tcp:x").unwrap_err().contains("--target"));
-    }
-
-    #[test]
-    fn messages_pack_into_packets_without_splitting_any() {
-        let messages: Vec<Vec<u8>> = ["aaaa", "bbbb", "cccc", "dddddddddddd"]
-            .iter()
-            .map(|s| s.as_bytes().to_vec())
-            .collect();
-        let packets = pack(&messages, 10);
-        let got: Vec<(&[u8], u64)> = packets.iter().map(|(p, n)| (&p[..], *n)).collect();
-        assert_eq!(
-            got,
-            [(&b"aaaa\nbbbb"[..], 2), (b"cccc", 1), (b"dddddddddddd", 1)]
-        );
-    }
-
-    #[test]
-    fn generated_workloads_are_reproducible_and_parse() {
-        let g = Generated {
-            contexts: 50,
-            messages: 500,
-            ..Generated::default()
-        };
-        let a = generate(&g);
-        assert_eq!(a, generate(&g));
-        for m in &a {
-            assert!(
-                crate::parser::parse(m).is_ok(),
-                "{}",
-                String::from_utf8_lossy(m)
-            );
-        }
-        let names: std::collections::BTreeSet<&[u8]> = a
-            .iter()
-            .map(|m| m.split(|&b| b == b':').next().unwrap())
-            .collect();
-        assert!(names.len() <= 50 && names.len() > 40, "{}", names.len());
     }
 }
