@@ -5,12 +5,11 @@
 //! counter; `unaccounted` must be 0. A `floor` row runs the same sender against a receiver
 //! that only drains the socket with `recvmmsg` (`whippet-blast sink`): this machine's limit.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::process::{Lines, LoggedTelemetry, Process};
 use super::{pack, send, Generated, Plan, Sent, Target};
 use crate::intake::{Intake, IntakeConfig};
 
@@ -122,62 +121,11 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(
-    rx: &Receiver<String>,
-    seen: &mut Vec<String>,
-    prefix: &str,
-) -> Result<String, String> {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                seen.push(line.clone());
-                if line.starts_with(prefix) {
-                    return Ok(line);
-                }
-            }
-            Err(_) => return Err(format!("no '{prefix}' within 30 s: {seen:?}")),
-        }
-    }
-}
-
+/// Stops the drain-only sink and waits for it.
 fn terminate(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
-}
-
-/// Value of a final telemetry line `whippet: telemetry KEY VALUE` (0 when absent).
-fn telemetry(lines: &[String], key: &str) -> u64 {
-    let prefix = format!("whippet: telemetry {key} ");
-    lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn sum_telemetry(lines: &[String], name: &str) -> u64 {
-    let prefix = format!("whippet: telemetry {name}{{");
-    lines
-        .iter()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// Which socket a scenario uses.
@@ -205,47 +153,25 @@ fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target
 
 fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
     let intake = Intake::start(IntakeConfig::default())?;
-    let mut args: Vec<String> = vec![
-        "--dd-url".into(),
-        intake.url(),
-        "--hostname".into(),
-        "bench".into(),
-        "--socket".into(),
-        dir.join("dsd.socket").display().to_string(),
-        "--stream-socket".into(),
-        dir.join("dsd-stream.socket").display().to_string(),
-        "--udp".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(["--shutdown-timeout".into(), "30s".into()]);
+    let mut command = Command::new(&opts.whippet);
+    command.args(["--dd-url", &intake.url(), "--hostname", "bench"]);
+    command.arg("--socket").arg(dir.join("dsd.socket"));
+    command
+        .arg("--stream-socket")
+        .arg(dir.join("dsd-stream.socket"));
+    command.args(["--udp", "127.0.0.1:0", "--shutdown-timeout", "30s"]);
     if nix::unistd::geteuid().is_root() {
         // A benchmark run as root (a CI container) is the operator's explicit choice.
-        args.push("--allow-root".into());
+        command.arg("--allow-root");
     }
-    let mut child = Command::new(&opts.whippet)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {}: {e} (build it with cargo build --release)",
-                opts.whippet.display()
-            )
-        })?;
-    let stderr = lines_of(child.stderr.take().ok_or("no stderr")?);
-    let mut seen = Vec::new();
-    let ready = wait_line(&stderr, &mut seen, "whippet: ready");
-    if let Err(e) = ready {
-        terminate(&mut child);
-        return Err(e);
-    }
-    let udp = seen
-        .iter()
-        .find_map(|l| l.strip_prefix("whippet: listening on udp "))
-        .and_then(|r| r.split(' ').next()?.parse().ok());
-    let target = target_for(s.via, dir, udp);
-    let pid = child.id();
+    let whippet = Process::start(&mut command, &[], dir).map_err(|e| {
+        format!(
+            "{e} (is {} built? cargo build --release)",
+            opts.whippet.display()
+        )
+    })?;
+    let target = target_for(s.via, dir, whippet.listeners.udp);
+    let pid = whippet.pid();
     let (cpu0, pipeline0) = (cpu_seconds(pid), pipeline_cpu(pid));
     let plan = Plan {
         rate: s.rate,
@@ -258,14 +184,16 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
     let cpu = cpu_seconds(pid) - cpu0;
     let pipeline = pipeline_delta(&pipeline0, &pipeline_cpu(pid));
     let rss = peak_rss_kib(pid);
-    terminate(&mut child);
-    seen.extend(stderr.iter());
+    let exited = whippet.stop()?;
     let sent = sent?;
-    let parsed = sum_telemetry(&seen, "whippet_messages_total");
-    let errors = sum_telemetry(&seen, "whippet_parse_errors_total");
-    let queue_full = telemetry(&seen, r#"whippet_dropped_total{reason="queue_full"}"#);
-    let truncated = sum_telemetry(&seen, "whippet_packets_truncated_total");
-    let kernel = telemetry(&seen, "whippet_udp_kernel_drops");
+    let t = LoggedTelemetry::from_log(&exited.stderr);
+    let parsed = t.sum("whippet_messages_total");
+    let errors = t.sum("whippet_parse_errors_total");
+    let queue_full = t
+        .get(r#"whippet_dropped_total{reason="queue_full"}"#)
+        .unwrap_or(0);
+    let truncated = t.sum("whippet_packets_truncated_total");
+    let kernel = t.get("whippet_udp_kernel_drops").unwrap_or(0);
     // Kernel drops are counted in packets; each of our packets holds sent/packets messages.
     let per_packet = sent.messages as f64 / sent.packets.max(1) as f64;
     let kernel_messages = (kernel as f64 * per_packet).round() as u64;
@@ -299,9 +227,9 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start {} sink: {e}", opts.blast.display()))?;
-    let stdout = lines_of(child.stdout.take().ok_or("no stdout")?);
-    let mut seen = Vec::new();
-    let bound = wait_line(&stdout, &mut seen, "sink: listening on ")?;
+    let stdout = Lines::of(child.stdout.take().ok_or("no stdout")?);
+    let bound = stdout.wait_from(0, |l| l.starts_with("sink: listening on "));
+    let bound = bound?;
     let bound = bound.trim_start_matches("sink: listening on ");
     let target = Target::parse(bound)?;
     let pid = child.id();
@@ -316,8 +244,8 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
     let cpu = cpu_seconds(pid) - cpu0;
     let rss = peak_rss_kib(pid);
     terminate(&mut child);
-    seen.extend(stdout.iter());
-    let received: u64 = seen
+    let received: u64 = stdout
+        .all()
         .iter()
         .find_map(|l| l.strip_prefix("sink: messages "))
         .and_then(|v| v.parse().ok())

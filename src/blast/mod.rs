@@ -4,6 +4,7 @@
 //! measures.
 
 pub mod bench;
+pub mod process;
 pub mod workload;
 
 pub use workload::{corpus, pack, Generated, Rng};

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use crate::support::{write_frame, Line, Whippet};
+use crate::support::{poll_until, write_frame, Line, Whippet, DEADLINE};
 use whippet::telemetry::Label;
 
 /// The 16 message shapes of the million-message test, by `i % 16`.
@@ -163,8 +163,7 @@ fn an_oversized_stream_frame_closes_only_its_connection() {
     write_frame(&mut bad, before);
     bad.write_all(&513u32.to_le_bytes()).unwrap();
     // whippet closes the connection: our read sees end-of-file (bounded by the deadline).
-    bad.set_read_timeout(Some(crate::support::DEADLINE))
-        .unwrap();
+    bad.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(bad.read(&mut [0u8; 16]).unwrap(), 0);
     w.send_stream(&[b"good:1|c", b"", b"good:2|c"]);
     // A connection that closes mid-frame.
@@ -190,9 +189,7 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
     // The first connection is registered once its frame is counted as a packet.
     w.wait_for_telemetry(r#"whippet_packets_total{transport="unix_stream"}"#, 1);
     let mut second = UnixStream::connect(&path).unwrap();
-    second
-        .set_read_timeout(Some(crate::support::DEADLINE))
-        .unwrap();
+    second.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(
         second.read(&mut [0u8; 8]).unwrap(),
         0,
@@ -204,15 +201,6 @@ fn stream_connections_over_the_cap_are_refused_and_the_others_keep_working() {
     assert_eq!(s.telemetry("whippet_stream_connections_refused_total"), 1);
     assert_eq!(s.telemetry("whippet_stream_connections_total"), 1);
     assert_eq!(s.one("series", "capped", "").f64("value"), 2.0 / 1e9);
-}
-
-/// The current value of a logged telemetry line (SIGUSR1 asks for one).
-fn telemetry_now(w: &Whippet, key: &str) -> u64 {
-    let prefix = format!("whippet: telemetry {key} ");
-    w.signal(nix::sys::signal::Signal::SIGUSR1);
-    w.wait_for_new_stderr(&prefix)[prefix.len()..]
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -230,20 +218,19 @@ fn a_thousand_idle_connections_cannot_keep_out_a_client_that_has_something_to_sa
         .collect();
     let packets = r#"whippet_packets_total{transport="unix_stream"}"#;
     let mut attempts = 0u64;
-    let end = std::time::Instant::now() + crate::support::DEADLINE;
     // The client: connect, say one thing, wait for the close (at once when refused, after
     // the idle timeout when served), until whippet has heard it.
-    while telemetry_now(&w, packets) == 0 {
-        assert!(
-            std::time::Instant::now() < end,
-            "starved after {attempts} attempts"
-        );
+    poll_until("the client being heard", DEADLINE, || {
+        if w.telemetry_now(packets) > 0 {
+            return true;
+        }
         attempts += 1;
         let mut c = UnixStream::connect(&path).unwrap();
         // A refused connection may already be closed: the write then fails, as a client's would.
         let _ = c.write_all(b"\x09\x00\x00\x00heard:1|c");
         let _ = c.read(&mut [0u8; 1]);
-    }
+        false
+    });
     let s = w.stop();
     drop(hog);
     assert!(s.status.success());
@@ -330,23 +317,10 @@ fn every_udp_message_is_aggregated_or_counted_as_dropped_by_the_queue_or_the_ker
             .unwrap();
     }
     // Wait until every datagram is either received or counted as dropped by the kernel.
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    loop {
-        w.signal(nix::sys::signal::Signal::SIGUSR1);
-        let value = |line: String| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
-        let received = value(
-            w.wait_for_new_stderr(r#"whippet: telemetry whippet_packets_total{transport="udp"}"#),
-        );
-        let kernel = value(w.wait_for_new_stderr("whippet: telemetry whippet_udp_kernel_drops"));
-        if received + kernel == PACKETS {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{received} + {kernel} != {PACKETS}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    poll_until("every datagram received or dropped", DEADLINE, || {
+        let received = w.telemetry_now(r#"whippet_packets_total{transport="udp"}"#);
+        received + w.telemetry_now("whippet_udp_kernel_drops") == PACKETS
+    });
     let s = w.stop();
     let received = s.telemetry(r#"whippet_packets_total{transport="udp"}"#);
     let kernel = s.telemetry("whippet_udp_kernel_drops");

@@ -7,28 +7,17 @@ use std::collections::BTreeMap;
 use whippet::intake::store::{PointRecord, SketchRecord};
 use whippet::intake::{Intake, IntakeConfig};
 
-use crate::support::{Stopped, Whippet};
+use crate::support::{intake, Stopped, Whippet};
 use crate::transports::PAYLOAD;
 
 const INTERVAL: f64 = 1e9;
 const BUCKET: i64 = 1_000_000_000;
 
-fn intake(config: IntakeConfig) -> Intake {
-    Intake::start(config).expect("start intake")
-}
-
+/// whippet forwarding to `intake` with an API key and fast retries, plus `extra` flags.
 fn whippet_to(intake: &Intake, extra: &[&str]) -> Whippet {
-    let url = intake.url();
-    let mut args = vec![
-        "--dd-url",
-        &url,
-        "--api-key",
-        "test-key",
-        "--retry-base-ms",
-        "10",
-    ];
+    let mut args = vec!["--api-key", "test-key", "--retry-base-ms", "10"];
     args.extend_from_slice(extra);
-    Whippet::start(&args)
+    Whippet::to_intake(&intake.url(), &args)
 }
 
 /// The one point named `metric` with exactly these tags.

@@ -8,20 +8,14 @@ use std::time::{Duration, Instant};
 use whippet::intake::store::PointRecord;
 use whippet::intake::{Intake, IntakeConfig};
 
-use crate::support::{binary, Stopped, TempDir, Whippet, DEADLINE};
+use crate::support::{
+    binary, intake, poll_until, wait_with_deadline, Stopped, TempDir, Whippet, DEADLINE,
+};
 
 /// A loopback address nothing listens on (yet).
 fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
-}
-
-fn intake_at(addr: SocketAddr, config: IntakeConfig) -> Intake {
-    Intake::start(IntakeConfig {
-        listen: addr,
-        ..config
-    })
-    .expect("start intake")
 }
 
 /// Σ value × interval of the count points named `metric` tagged `tag`: the number of
@@ -49,19 +43,12 @@ fn send_increments(w: &Whippet, phase: &str, n: u32, span: Duration) {
     }
 }
 
-/// whippet sending to `url`, with `extra` flags.
-fn whippet_at(url: &str, extra: &[&str]) -> Whippet {
-    let mut args = vec!["--dd-url", url];
-    args.extend_from_slice(extra);
-    Whippet::start(&args)
-}
-
 /// Waits until the intake holds `n` increments of every `(phase, n)`, stops whippet, and
 /// checks that exactly that many arrived: nothing lost, nothing twice.
 fn stop_once_delivered(w: Whippet, intake: &Intake, phases: &[(&str, u32)]) -> Stopped {
     let tag = |phase: &str| format!("phase:{phase}");
     let store = intake.store().clone();
-    wait_until("every increment at the intake", || {
+    poll_until("every increment at the intake", DEADLINE * 2, || {
         let points = store.points();
         phases
             .iter()
@@ -78,14 +65,6 @@ fn stop_once_delivered(w: Whippet, intake: &Intake, phases: &[(&str, u32)]) -> S
         );
     }
     s
-}
-
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let end = Instant::now() + DEADLINE * 2;
-    while !done() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -136,7 +115,10 @@ fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_noth
     send_increments(&second, "after", 1500, Duration::from_secs(15));
 
     // The intake returns: everything arrives, oldest first, exactly once.
-    let intake = intake_at(addr, IntakeConfig::default());
+    let intake = intake(IntakeConfig {
+        listen: addr,
+        ..IntakeConfig::default()
+    });
     let s2 = stop_once_delivered(second, &intake, &[("before", 1500), ("after", 1500)]);
     let points = intake.store().points();
     let first_after = points
@@ -165,23 +147,25 @@ fn an_outage_longer_than_memory_spills_to_disk_survives_a_restart_and_loses_noth
 fn an_intake_down_at_start_gets_everything_once_when_it_comes_up() {
     let addr = free_addr();
     let url = format!("http://{addr}");
-    let w = whippet_at(&url, &["--retry-base-ms", "20", "--bucket-seconds", "1"]);
+    let w = Whippet::to_intake(&url, &["--retry-base-ms", "20", "--bucket-seconds", "1"]);
     send_increments(&w, "down", 500, Duration::from_secs(3));
     w.wait_for_stderr("whippet: cannot reach the intake");
-    let intake = intake_at(addr, IntakeConfig::default());
+    let intake = intake(IntakeConfig {
+        listen: addr,
+        ..IntakeConfig::default()
+    });
     stop_once_delivered(w, &intake, &[("down", 500)]);
     intake.stop();
 }
 
 #[test]
 fn a_minute_of_503_then_recovery_loses_nothing_and_duplicates_nothing() {
-    let intake = Intake::start(IntakeConfig {
+    let intake = intake(IntakeConfig {
         fail_for: Some((503, Duration::from_secs(60))),
         ..IntakeConfig::default()
-    })
-    .unwrap();
+    });
     let url = intake.url();
-    let w = whippet_at(&url, &["--retry-base-ms", "200", "--bucket-seconds", "1"]);
+    let w = Whippet::to_intake(&url, &["--retry-base-ms", "200", "--bucket-seconds", "1"]);
     send_increments(&w, "503", 6000, Duration::from_secs(60));
     let s = stop_once_delivered(w, &intake, &[("503", 6000)]);
     let retried = s.telemetry(
@@ -205,14 +189,13 @@ fn a_minute_of_503_then_recovery_loses_nothing_and_duplicates_nothing() {
 fn a_slow_intake_times_out_and_every_timed_out_payload_is_retried_at_least_once() {
     // The intake stores each body before it answers, then answers late: a timed-out request
     // was stored, and its retry is stored again. The duplicates are exactly the timeouts.
-    let intake = Intake::start(IntakeConfig {
+    let intake = intake(IntakeConfig {
         delay: Duration::from_millis(600),
         slow_requests: 3,
         ..IntakeConfig::default()
-    })
-    .unwrap();
+    });
     let url = intake.url();
-    let w = whippet_at(
+    let w = Whippet::to_intake(
         &url,
         &[
             "--request-timeout-ms",
@@ -281,10 +264,10 @@ fn resetting_proxy(target: SocketAddr, resets: u32) -> SocketAddr {
 
 #[test]
 fn connection_resets_are_retried_and_everything_arrives_once() {
-    let intake = Intake::start(IntakeConfig::default()).unwrap();
+    let intake = intake(IntakeConfig::default());
     let front = resetting_proxy(intake.addr(), 4);
     let url = format!("http://{front}");
-    let w = whippet_at(&url, &["--retry-base-ms", "20", "--forwarder-threads", "1"]);
+    let w = Whippet::to_intake(&url, &["--retry-base-ms", "20", "--forwarder-threads", "1"]);
     // The first reset meets the API key check at start (not retried); the other three meet
     // the payloads flushed at shutdown.
     w.wait_for_stderr("whippet: API key check failed");
@@ -348,15 +331,11 @@ fn a_panic_in_any_thread_ends_the_process_with_a_failure_status() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let end = Instant::now() + DEADLINE;
-        while !socket.exists() {
-            assert!(Instant::now() < end);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll_until("the socket file", DEADLINE, || socket.exists());
         let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
         // Enough traffic to reach the worker and flusher.
         let _ = s.send_to(b"trigger:1|c", &socket);
-        let status = crate::support::wait_with_deadline(&mut child);
+        let status = wait_with_deadline(&mut child);
         let mut err = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
         // panic = "abort": the process dies by SIGABRT, which systemd reports and restarts.
@@ -393,7 +372,7 @@ fn sigterm_under_full_load_loses_nothing_the_socket_accepted() {
         })
         .collect();
     // Under load for real: thousands of datagrams in before the signal.
-    wait_until("load", || {
+    poll_until("load", DEADLINE * 2, || {
         started.load(std::sync::atomic::Ordering::Relaxed) >= 20_000
     });
     let s = w.stop();
@@ -444,9 +423,11 @@ fn an_intake_with_an_untrusted_certificate_is_refused_not_trusted() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the TLS server", || TcpStream::connect(addr).is_ok());
+    poll_until("the TLS server", DEADLINE * 2, || {
+        TcpStream::connect(addr).is_ok()
+    });
     let url = format!("https://{addr}");
-    let w = whippet_at(
+    let w = Whippet::to_intake(
         &url,
         &["--retry-base-ms", "20", "--shutdown-timeout", "300ms"],
     );

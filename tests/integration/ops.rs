@@ -5,16 +5,11 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use whippet::intake::{Intake, IntakeConfig};
 
 use crate::support::*;
-
-fn start_intake() -> Intake {
-    Intake::start(IntakeConfig::default()).expect("start intake")
-}
 
 fn write(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -116,21 +111,15 @@ fn config_file_and_environment_configure_the_daemon() {
 
 /// Polls the intake until `pred` holds for its points.
 fn wait_points(intake: &Intake, pred: impl Fn(&[whippet::intake::store::PointRecord]) -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !pred(&intake.store().points()) {
-        assert!(
-            Instant::now() < end,
-            "intake never saw it: {:?}",
-            intake.store().points()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until("the intake seeing the point", DEADLINE, || {
+        pred(&intake.store().points())
+    });
 }
 
 #[test]
 fn sighup_applies_key_tags_url_and_log_level_and_rejects_a_bad_file() {
-    let first = start_intake();
-    let second = start_intake();
+    let first = intake(IntakeConfig::default());
+    let second = intake(IntakeConfig::default());
     let dir = TempDir::new();
     let conf = dir.path("whippet.conf");
     let settings = |url: &str, key: &str, tags: &str| {
@@ -248,68 +237,49 @@ fn sighup_under_load_loses_nothing() {
     assert_eq!(s.telemetry("whippet_samples_total"), N);
 }
 
-/// A notification socket that collects what whippet says to systemd.
-struct Notify {
-    socket: UnixDatagram,
-}
-
-impl Notify {
-    fn next_not_watchdog(&self, watchdogs: &mut u32) -> String {
-        loop {
-            let mut buf = [0u8; 256];
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .expect("a notification before the deadline");
-            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-            if msg == "WATCHDOG=1" {
-                *watchdogs += 1;
-            } else {
-                return msg;
-            }
+/// The next notification that is not a watchdog ping, counting the pings.
+fn next_not_watchdog(mut next: impl FnMut() -> String, watchdogs: &mut u32) -> String {
+    loop {
+        let msg = next();
+        if msg == "WATCHDOG=1" {
+            *watchdogs += 1;
+        } else {
+            return msg;
         }
     }
 }
 
 #[test]
 fn sd_notify_ready_reloading_stopping_and_watchdog() {
-    let dir = TempDir::new();
-    let path = dir.path("notify");
-    let notify = Notify {
-        socket: UnixDatagram::bind(&path).unwrap(),
-    };
-    notify.socket.set_read_timeout(Some(DEADLINE)).unwrap();
-    let env = [
-        ("NOTIFY_SOCKET", path.to_str().unwrap()),
-        ("WATCHDOG_USEC", "100000"),
-    ];
+    let env = [("WATCHDOG_USEC", "100000")];
     let args = vec!["--udp".into(), "127.0.0.1:0".into()];
     let w = Whippet::spawn_env(args, &env, TempDir::new());
     let mut watchdogs = 0;
+    let next = || w.notification();
     assert_eq!(
-        notify.next_not_watchdog(&mut watchdogs),
+        next_not_watchdog(next, &mut watchdogs),
         "READY=1\nSTATUS=listening"
     );
     // The watchdog pings every WATCHDOG_USEC / 2.
     while watchdogs < 2 {
-        let mut buf = [0u8; 64];
-        let n = notify.socket.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"WATCHDOG=1");
+        assert_eq!(w.notification(), "WATCHDOG=1");
         watchdogs += 1;
     }
     w.signal(Signal::SIGHUP);
-    let reloading = notify.next_not_watchdog(&mut watchdogs);
+    let reloading = next_not_watchdog(next, &mut watchdogs);
     assert!(
         reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
         "{reloading}"
     );
     assert_eq!(
-        notify.next_not_watchdog(&mut watchdogs),
+        next_not_watchdog(next, &mut watchdogs),
         "READY=1\nSTATUS=listening"
     );
     let s = w.stop();
     assert!(s.status.success());
-    assert_eq!(notify.next_not_watchdog(&mut watchdogs), "STOPPING=1");
+    let mut after = s.notifications.into_iter();
+    let after = || after.next().expect("STOPPING=1 before the exit");
+    assert_eq!(next_not_watchdog(after, &mut watchdogs), "STOPPING=1");
 }
 
 /// A close-on-exec copy of `fd` numbered 100 or above, clear of the fds 3..=5 it will be
@@ -364,7 +334,7 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_their_files() {
             Ok(())
         });
     }
-    let w = Whippet::spawn_command(&mut command, &[], TempDir::new(), "whippet: ready");
+    let w = Whippet::spawn_command(&mut command, &[], TempDir::new());
     drop((udp, dgram, stream, fds)); // whippet holds its own copies now
     w.wait_for_stderr("whippet: socket activation: using 3 socket(s) passed by systemd");
     assert_eq!(w.udp, Some(udp_addr));
@@ -454,11 +424,7 @@ fn get(url: &str) -> (u16, String) {
 #[test]
 fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     let w = Whippet::start(&["--status", "127.0.0.1:0", "--tags", "svc:x"]);
-    let addr = w
-        .wait_for_stderr("whippet: status endpoint on http://")
-        .trim_start_matches("whippet: status endpoint on http://")
-        .trim_end_matches("/status")
-        .to_string();
+    let addr = w.status.expect("the status endpoint listens");
     w.send_udp(b"busy.a:1|c\nbusy.a:1|c\nbusy.a:1|c\nbusy.b:1|c|#k:v\nbusy.b:1|c|#k:v\nbusy.c:5|g");
     w.wait_for_telemetry("whippet_samples_total", 6);
 

@@ -1,20 +1,21 @@
-//! The harness: starts the real `whippet` binary on port 0 and temporary socket paths, waits
-//! for it to say it is ready (polling with a deadline), sends real datagrams and frames, stops
-//! it with SIGTERM and reads back its console output and final telemetry.
+//! The harness: the real `whippet` binary, run through [`whippet::blast::process`] (as the
+//! benchmark runs it) on port 0 and temporary socket paths; real datagrams and frames; its
+//! console output and final telemetry read back; an in-process test intake.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-/// How long anything may take before a test gives up: generous, since CI machines are slow.
-pub const DEADLINE: Duration = Duration::from_secs(30);
+use whippet::blast::process::{LoggedTelemetry, Process};
+use whippet::intake::{Intake, IntakeConfig};
+
+pub use whippet::blast::process::{poll_until, DEADLINE};
 
 /// A bucket so long (about 31 years) that a test's samples all land in one bucket, which the
 /// shutdown flush emits: no test depends on where a boundary falls.
@@ -46,18 +47,25 @@ impl Drop for TempDir {
     }
 }
 
-/// A running whippet process.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_whippet")
+}
+
+/// The test intake, in this process.
+pub fn intake(config: IntakeConfig) -> Intake {
+    Intake::start(config).expect("start the test intake")
+}
+
+/// A running whippet.
 pub struct Whippet {
-    child: Child,
-    stderr: Receiver<String>,
-    stderr_seen: RefCell<Vec<String>>,
+    process: Process,
     /// Datagrams sent with `send_udp`, to wait for their delivery.
     udp_sent: Cell<u64>,
-    stdout: Receiver<String>,
-    stdout_seen: RefCell<Vec<String>>,
     pub udp: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub stream_socket: Option<PathBuf>,
+    /// The status endpoint, when `--status` is on.
+    pub status: Option<SocketAddr>,
     /// Holds the socket directory until the process is gone.
     _dir: TempDir,
 }
@@ -67,10 +75,8 @@ pub struct Stopped {
     pub status: ExitStatus,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
-}
-
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_whippet")
+    /// What whippet told systemd after the test last asked.
+    pub notifications: Vec<String>,
 }
 
 impl Whippet {
@@ -96,6 +102,13 @@ impl Whippet {
         Whippet::spawn(args, dir)
     }
 
+    /// [`Whippet::start`], forwarding to the intake at `url`.
+    pub fn to_intake(url: &str, extra: &[&str]) -> Whippet {
+        let mut args = vec!["--dd-url", url];
+        args.extend_from_slice(extra);
+        Whippet::start(&args)
+    }
+
     /// Starts whippet with exactly `args` and an empty environment.
     pub fn spawn(args: Vec<String>, dir: TempDir) -> Whippet {
         Whippet::spawn_env(args, &[], dir)
@@ -109,114 +122,55 @@ impl Whippet {
             Command::new(binary()).arg("--allow-root").args(&args),
             env,
             dir,
-            "whippet: ready",
         )
     }
 
-    /// Starts `command` (whippet, or a wrapper that execs it) with only `env`, and waits for
-    /// a stderr line starting with `ready`.
-    pub fn spawn_command(
-        command: &mut Command,
-        env: &[(&str, &str)],
-        dir: TempDir,
-        ready: &str,
-    ) -> Whippet {
-        let mut child = command
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start whippet");
-        let stdout = lines_of(child.stdout.take().unwrap());
-        let rx = lines_of(child.stderr.take().unwrap());
-        let mut w = Whippet {
-            child,
-            stderr: rx,
-            stderr_seen: RefCell::default(),
+    /// Starts `command` (whippet, or a wrapper that execs it) with only `env`, and waits
+    /// until it tells systemd it is ready.
+    pub fn spawn_command(command: &mut Command, env: &[(&str, &str)], dir: TempDir) -> Whippet {
+        let process = Process::start(command, env, &dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let l = process.listeners.clone();
+        Whippet {
+            process,
             udp_sent: Cell::new(0),
-            stdout,
-            stdout_seen: RefCell::default(),
-            udp: None,
-            socket: None,
-            stream_socket: None,
+            udp: l.udp,
+            socket: l.unix_datagram,
+            stream_socket: l.unix_stream,
+            status: l.tcp.first().copied(),
             _dir: dir,
-        };
-        w.wait_for_stderr(ready);
-        let seen = w.stderr_seen.borrow().clone();
-        for line in &seen {
-            if let Some(rest) = line.strip_prefix("whippet: listening on udp ") {
-                w.udp = rest.split(' ').next().and_then(|a| a.parse().ok());
-            } else if let Some(rest) = line.strip_prefix("whippet: listening on unix_stream ") {
-                w.stream_socket = Some(PathBuf::from(rest));
-            } else if let Some(rest) = line.strip_prefix("whippet: listening on unix ") {
-                w.socket = Some(PathBuf::from(rest));
-            }
         }
-        w
+    }
+
+    /// The next notification whippet sent systemd (the ones around its start included).
+    pub fn notification(&self) -> String {
+        self.process
+            .notification(DEADLINE)
+            .expect("a notification before the deadline")
     }
 
     /// Reads stderr until a line starting with `prefix` appears; panics at the deadline.
     pub fn wait_for_stderr(&self, prefix: &str) -> String {
-        self.wait_for_stderr_from(0, prefix)
+        self.stderr_from(0, prefix)
     }
 
     /// Like [`Whippet::wait_for_stderr`], but only lines that arrive from now on count.
     pub fn wait_for_new_stderr(&self, prefix: &str) -> String {
-        let from = self.stderr_seen.borrow().len();
-        self.wait_for_stderr_from(from, prefix)
+        self.stderr_from(self.process.stderr.count(), prefix)
     }
 
-    fn wait_for_stderr_from(&self, from: usize, prefix: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(line) = self.stderr_seen.borrow()[from..]
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return line.clone();
-            }
-            match self
-                .stderr
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.stderr_seen.borrow_mut().push(line),
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no '{prefix}' on stderr within {DEADLINE:?}: {:?}",
-                        self.stderr_seen.borrow()
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "whippet exited before '{prefix}': {:?}",
-                        self.stderr_seen.borrow()
-                    )
-                }
-            }
-        }
+    fn stderr_from(&self, from: usize, prefix: &str) -> String {
+        let found = self
+            .process
+            .stderr
+            .wait_from(from, |l| l.starts_with(prefix));
+        found.unwrap_or_else(|e| panic!("no {prefix:?} on stderr: {e}"))
     }
 
     /// Waits (with the deadline) until whippet has printed a line for which `pred` holds,
     /// while it keeps running; returns that line.
     pub fn wait_for_stdout(&self, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(line) = self.stdout_seen.borrow().iter().find(|l| pred(l)) {
-                return line.clone();
-            }
-            match self
-                .stdout
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.stdout_seen.borrow_mut().push(line),
-                Err(_) => panic!(
-                    "no such line on stdout within {DEADLINE:?}: {:?}",
-                    self.stdout_seen.borrow()
-                ),
-            }
-        }
+        let found = self.process.stdout.wait_from(0, pred);
+        found.unwrap_or_else(|e| panic!("no such line on stdout: {e}"))
     }
 
     /// Sends one datagram and waits until whippet has received it: on loopback `send_to`
@@ -239,20 +193,19 @@ impl Whippet {
             .unwrap();
     }
 
-    /// Sends SIGUSR1 until the logged telemetry line `key` (e.g.
-    /// `whippet_packets_total{transport="unix"}`) shows `value`; panics at the deadline.
-    pub fn wait_for_telemetry(&self, key: &str, value: u64) {
-        let end = Instant::now() + DEADLINE;
+    /// The telemetry reading `key` now (e.g. `whippet_packets_total{transport="unix"}`):
+    /// SIGUSR1, then the value it logs.
+    pub fn telemetry_now(&self, key: &str) -> u64 {
         let prefix = format!("whippet: telemetry {key} ");
-        loop {
-            self.signal(nix::sys::signal::Signal::SIGUSR1);
-            let line = self.wait_for_new_stderr(&prefix);
-            if line[prefix.len()..] == value.to_string() {
-                return;
-            }
-            assert!(Instant::now() < end, "{line}, waiting for {value}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.signal(nix::sys::signal::Signal::SIGUSR1);
+        let line = self.wait_for_new_stderr(&prefix);
+        line[prefix.len()..].parse().unwrap()
+    }
+
+    /// Asks for the telemetry until the reading `key` shows `value`; panics at the deadline.
+    pub fn wait_for_telemetry(&self, key: &str, value: u64) {
+        let what = format!("telemetry {key} reaching {value}");
+        poll_until(&what, DEADLINE, || self.telemetry_now(key) == value);
     }
 
     /// Connects to the stream socket and writes each payload as one frame.
@@ -266,7 +219,8 @@ impl Whippet {
 
     /// A line of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
     pub fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let pid = self.process.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
@@ -275,29 +229,18 @@ impl Whippet {
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        self.process.signal(signal);
     }
 
     /// SIGTERM, then waits (with the deadline) for the exit and collects output.
-    pub fn stop(mut self) -> Stopped {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let status = wait_with_deadline(&mut self.child);
-        let mut stdout = self.stdout_seen.take();
-        stdout.extend(self.stdout.iter());
-        let mut stderr = self.stderr_seen.take();
-        stderr.extend(self.stderr.iter());
+    pub fn stop(self) -> Stopped {
+        let exited = self.process.stop().unwrap_or_else(|e| panic!("{e}"));
         Stopped {
-            status,
-            stdout,
-            stderr,
+            status: exited.status,
+            stdout: exited.stdout,
+            stderr: exited.stderr,
+            notifications: exited.notifications,
         }
-    }
-}
-
-impl Drop for Whippet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -309,19 +252,7 @@ pub fn write_frame(stream: &mut UnixStream, payload: &[u8]) {
     stream.write_all(payload).unwrap();
 }
 
-/// Forwards the lines of a pipe over a channel, from a thread of its own.
-fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
+/// Waits (with the deadline) for a child that is not whippet under the harness to exit.
 pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
     let end = Instant::now() + DEADLINE;
     loop {
@@ -330,7 +261,7 @@ pub fn wait_with_deadline(child: &mut Child) -> ExitStatus {
         }
         assert!(
             Instant::now() < end,
-            "whippet did not exit within {DEADLINE:?}"
+            "the child did not exit within {DEADLINE:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -379,27 +310,19 @@ impl Stopped {
     }
 
     /// A final-telemetry value: `name{labels}` exactly as printed, e.g.
-    /// `whippet_messages_total{kind="metric"}`.
+    /// `whippet_messages_total{kind="metric"}`; panics when whippet never wrote it.
+    pub fn telemetry(&self, key: &str) -> u64 {
+        LoggedTelemetry::from_log(&self.stderr)
+            .get(key)
+            .unwrap_or_else(|| panic!("no telemetry {key}: {:?}", self.stderr))
+    }
+
     /// Like [`Stopped::telemetry`], 0 when the reading is absent (sparse readings, such as
     /// network errors per cause, appear once they count something).
     pub fn telemetry_or_zero(&self, key: &str) -> u64 {
-        let prefix = format!("whippet: telemetry {key} ");
-        let mut found = self.stderr.iter().filter_map(|l| l.strip_prefix(&prefix));
-        found.next_back().map_or(0, |v| v.parse().unwrap())
-    }
-
-    pub fn telemetry(&self, key: &str) -> u64 {
-        let prefix = format!("whippet: telemetry {key} ");
-        let found: Vec<u64> = self
-            .stderr
-            .iter()
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .map(|v| v.parse().unwrap())
-            .collect();
-        // SIGUSR1 may have printed earlier snapshots; the final one is last.
-        *found
-            .last()
-            .unwrap_or_else(|| panic!("no telemetry {key}: {:?}", self.stderr))
+        LoggedTelemetry::from_log(&self.stderr)
+            .get(key)
+            .unwrap_or(0)
     }
 }
 
