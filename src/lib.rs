@@ -32,8 +32,8 @@
 //!
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
-//! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::read_datagrams`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, `poll` (≤ 1 ms, filling a batch), queue admission | [`listener::read_datagrams`] |
+//! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::datagram::DatagramReader`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, `poll` (≤ 1 ms, filling a batch), queue admission | [`listener::datagram::DatagramReader`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
@@ -44,21 +44,58 @@
 //! | `whippet-watchdog` | 1 if systemd's `WatchdogSec=` | timer | [`daemon::run`] |
 //! | main | 1 | signals (SIGTERM, SIGINT, SIGHUP reload, SIGUSR1) | [`daemon::run`] |
 //!
-//! [`daemon`] decides which threads exist and stops them in order; the stream listener and
-//! the forwarder run their own pools, started and stopped by the daemon.
+//! [`daemon`] decides which threads exist, starts them in order (sockets, pipeline, readers,
+//! status endpoint) and stops them from the sources down; the stream listener and the
+//! forwarder run their own pools, started and stopped by the daemon.
 //!
 //! # Glossary
 //!
-//! - **message**: one line of a packet: a metric, an event or a service check.
 //! - **packet**: one datagram, or one frame of the stream transport.
+//! - **frame**: a packet of the stream transport: a 4-byte little-endian length, then that
+//!   many bytes.
 //! - **batch**: packets read together into one pooled buffer ([`packet::Batch`]).
-//! - **sample**: one value of one metric message ([`sample::Sample`]).
+//! - **hand-off**: where a reader puts a batch, by its transport's queue-full policy
+//!   ([`listener::Handoff`]).
+//! - **line**: the bytes of one message as they sit in a packet, between newlines
+//!   ([`packet::Line`]).
+//! - **message**: one line parsed: a metric, an event or a service check
+//!   ([`parser::Message`]); its **kind** labels counters ([`parser::MessageKind`]).
+//! - **sample**: one value of one metric message, on its way to a shard
+//!   ([`sample::Sample`]).
+//! - **record**: an event or service check as whippet holds it until a flush
+//!   ([`sample::EventRecord`], [`sample::ServiceCheckRecord`]).
 //! - **context**: what a metric is aggregated by: name, host, sorted tags, type ([`context`]).
-//! - **bucket**: a `--bucket-seconds` interval of arrival time; its start stamps its points.
 //! - **shard**: a mutex-guarded slice of the contexts ([`shard::Shard`]).
+//! - **demux**: the shards, the routing of a context's hash to its shard, and the backlog of
+//!   records (the Agent's demultiplexer; [`demux::Demux`]).
+//! - **bucket**: a `--bucket-seconds` interval of arrival time; its start stamps its points.
 //! - **flush**: closing buckets and turning them into output ([`flush`]).
 //! - **payload**: one compressed HTTP request body for one endpoint ([`serializer::Payload`]).
 //! - **intake**: the HTTP service payloads are sent to ([`intake`] is a test one).
+//! - **reading**: one counter or gauge value with its labels ([`telemetry::Reading`]).
+//!
+//! # Layers
+//!
+//! A module uses only modules of earlier layers, so the dependencies point one way, down the
+//! data path, and no import cycle can form; a test checks every `crate::` path outside test
+//! code against this list.
+//!
+//! 1. telemetry, log, clock, systemd, sketch, intake: foundations, knowing no stage
+//! 2. packet
+//! 3. parser
+//! 4. context, sample
+//! 5. shard
+//! 6. demux
+//! 7. worker
+//! 8. listener
+//! 9. flush
+//! 10. serializer, console
+//! 11. forwarder
+//! 12. status
+//! 13. config
+//! 14. reload
+//! 15. daemon
+//! 16. blast, fuzz: tools built on the rest
 
 pub mod blast;
 pub mod clock;

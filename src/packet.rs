@@ -304,12 +304,13 @@ unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool) {
     use std::arch::x86_64::*;
     let len = chunk.len();
     let ptr = chunk.as_ptr();
-    // SAFETY (every load below): 32 bytes are read at `at` only after `at + 32 <= len` (or
-    // `at + 64 <= len` for the pair) was checked; loadu has no alignment requirement. (Not a
-    // closure: a closure would not inherit the AVX2 target feature.)
+    // A macro, not a closure: a closure would not inherit the AVX2 target feature.
     macro_rules! load {
         ($at:expr) => {
-            _mm256_loadu_si256(ptr.add($at).cast::<__m256i>())
+            // SAFETY: every load reads 32 bytes at `at` only after `at + 32 <= len` (or
+            // `at + 64 <= len` for a pair) was checked, so they are inside `chunk`; loadu has
+            // no alignment requirement.
+            unsafe { _mm256_loadu_si256(ptr.add($at).cast::<__m256i>()) }
         };
     }
     let newline = _mm256_set1_epi8(b'\n' as i8);

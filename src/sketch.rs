@@ -6,7 +6,7 @@
 //!   continues in another bin with the same key; past the limit the lowest keys collapse into
 //!   the lowest bin kept (what no longer fits in that bin is lost from the bins, never from the
 //!   summary);
-//! - inserts of weight 1 are buffered ([`BUFFER_CAP`] keys) and merged in sorted batches, the
+//! - inserts of weight 1 are buffered (`BUFFER_CAP` keys) and merged in sorted batches, the
 //!   way the Agent does, so that trimming happens at the same moments and gives the same bins.
 
 use std::sync::LazyLock;

@@ -1,6 +1,6 @@
 //! The load generator behind `whippet-blast`: sending [`workload`]s over UDP, a Unix datagram
 //! socket or a Unix stream socket with `sendmmsg`, at a rate or as fast as possible, and
-//! draining a socket as the floor to compare with. [`bench`] drives whippet with it and
+//! draining a socket as the floor to compare with. [`mod@bench`] drives whippet with it and
 //! measures.
 
 pub mod bench;

@@ -68,7 +68,7 @@ pub struct Aggregation {
 /// Where the output goes and how it gets there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forwarding {
-    /// Where payloads go (scheme://host[:port]); `None` prints to the console instead.
+    /// Where payloads go (`scheme://host[:port]`); `None` prints to the console instead.
     pub intake_url: Option<String>,
     pub api_key: ApiKey,
     pub series_api: SeriesApi,

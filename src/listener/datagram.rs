@@ -3,9 +3,9 @@
 //! transport's policy ([`Handoff`]).
 //!
 //! A partial batch waits a little for more before a worker is woken for it, because waking a
-//! worker costs far more than the wait: UDP sleeps [`LINGER`] and then takes what came
-//! ([`DatagramReader::linger`]); a Unix datagram batch polls for further drains of the socket
-//! for up to [`FILL_WAIT`] ([`DatagramReader::top_up`]).
+//! worker costs far more than the wait: UDP sleeps half a millisecond and then takes what
+//! came; a Unix datagram batch polls for further drains of the socket for up to a
+//! millisecond.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -8,6 +8,7 @@ mod e2e;
 mod faults;
 mod fuzz_corpus;
 mod intake;
+mod layers;
 mod lifecycle;
 mod ops;
 mod transports;
