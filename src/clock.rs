@@ -11,12 +11,12 @@ pub fn unix_now() -> i64 {
 }
 
 /// The start of the bucket of `interval` seconds that `t` falls in.
-pub fn bucket_start(t: i64, interval: i64) -> i64 {
+pub(crate) fn bucket_start(t: i64, interval: i64) -> i64 {
     t - t.rem_euclid(interval)
 }
 
 /// The first bucket boundary after `t`: where the bucket holding `t` closes.
-pub fn next_boundary(t: i64, interval: i64) -> i64 {
+pub(crate) fn next_boundary(t: i64, interval: i64) -> i64 {
     bucket_start(t, interval) + interval
 }
 

@@ -15,7 +15,7 @@ use crate::flush::{Flushed, Output};
 /// ```
 ///
 /// Values print in Rust's shortest round-trip form, so parsing a line gives the exact `f64`.
-pub struct Console<W: Write + Send> {
+pub(crate) struct Console<W: Write + Send> {
     out: W,
 }
 

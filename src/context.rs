@@ -337,7 +337,7 @@ impl ExactSizeIterator for Tags<'_> {}
 /// A length as the compact context records keep it (a shard's entry, a worker's cache):
 /// saturating at 65535, which a packet of at most 64 KiB never needs to exceed in practice;
 /// it is a cheap structural check beside the 64-bit hash, not an identity.
-pub fn short_len(s: &str) -> u16 {
+pub(crate) fn short_len(s: &str) -> u16 {
     s.len().min(u16::MAX as usize) as u16
 }
 

@@ -9,7 +9,7 @@ use crate::shard::{Closed, ContextBudget, Expiry, InsertStats, Shard};
 
 /// Events and service checks received since the last flush.
 #[derive(Debug, Default)]
-pub struct Backlog {
+pub(crate) struct Backlog {
     pub events: Vec<EventRecord>,
     pub service_checks: Vec<ServiceCheckRecord>,
 }
@@ -34,7 +34,11 @@ impl Demux {
     }
 
     /// A demux holding at most `context_limit` live contexts across its shards.
-    pub fn with_context_limit(shards: usize, backlog_limit: usize, context_limit: usize) -> Demux {
+    pub(crate) fn with_context_limit(
+        shards: usize,
+        backlog_limit: usize,
+        context_limit: usize,
+    ) -> Demux {
         let hasher = ContextHasher::default();
         let budget = Arc::new(ContextBudget::new(context_limit));
         Demux {
@@ -52,13 +56,13 @@ impl Demux {
         &self.hasher
     }
 
-    pub fn shard_count(&self) -> usize {
+    pub(crate) fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
     /// The shard owning a context hash: multiply-shift on the high bits (the hash table uses
     /// the low ones).
-    pub fn shard_of(&self, hash: u64) -> usize {
+    pub(crate) fn shard_of(&self, hash: u64) -> usize {
         (((hash >> 32) * self.shards.len() as u64) >> 32) as usize
     }
 
@@ -70,7 +74,7 @@ impl Demux {
 
     /// Adds events and service checks to the backlog (emptying the vectors). Returns how many
     /// were dropped because the backlog was full.
-    pub fn push_backlog(
+    pub(crate) fn push_backlog(
         &self,
         events: &mut Vec<EventRecord>,
         checks: &mut Vec<ServiceCheckRecord>,
@@ -89,13 +93,13 @@ impl Demux {
         (offered - take_events - take_checks) as u64
     }
 
-    pub fn take_backlog(&self) -> Backlog {
+    pub(crate) fn take_backlog(&self) -> Backlog {
         std::mem::take(&mut *lock(&self.backlog))
     }
 
     /// The `n` busiest contexts across shards (most samples since created), busiest first.
     /// Locks one shard at a time, as a flush does.
-    pub fn busiest(&self, n: usize) -> Vec<(u64, ContextKey)> {
+    pub(crate) fn busiest(&self, n: usize) -> Vec<(u64, ContextKey)> {
         let mut top = Vec::with_capacity(n + 1);
         if n > 0 {
             for shard in self.shards.iter() {
@@ -119,7 +123,7 @@ impl Demux {
     }
 
     /// [`Demux::flush`] for one shard, so a flush can be emitted a few shards at a time.
-    pub fn flush_shard(
+    pub(crate) fn flush_shard(
         &self,
         shard: usize,
         boundary: i64,

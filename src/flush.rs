@@ -337,7 +337,7 @@ impl Flusher {
 
     /// Runs `f` after each periodic flush (not the final one): work that wants a steady,
     /// unhurried tick, once per bucket.
-    pub fn after_each_flush(mut self, f: impl FnMut() + Send + 'static) -> Flusher {
+    pub(crate) fn after_each_flush(mut self, f: impl FnMut() + Send + 'static) -> Flusher {
         self.after_flush = Some(Box::new(f));
         self
     }

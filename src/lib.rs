@@ -129,7 +129,7 @@ pub mod worker;
 /// panic anywhere ends the process with a failure status (panic = "abort").
 #[doc(hidden)]
 #[inline]
-pub fn inject_fault(thread: &str) {
+pub(crate) fn inject_fault(thread: &str) {
     #[cfg(debug_assertions)]
     if std::env::var("WHIPPET_FAULT_INJECT").is_ok_and(|v| v.strip_prefix("panic:") == Some(thread))
     {

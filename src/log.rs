@@ -44,7 +44,7 @@ impl Level {
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 
 /// Sets the least severe level written.
-pub fn set_level(level: Level) {
+pub(crate) fn set_level(level: Level) {
     LEVEL.store(level as u8, Relaxed);
 }
 
@@ -100,11 +100,11 @@ pub fn debug(msg: &str) {
 }
 
 /// How often one kind of repeated warning is written.
-pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A warning that may repeat (an intake failing, a client sending garbage): written at most
 /// once per [`WARN_INTERVAL`] per `key`, with the number of repeats suppressed since.
-pub fn warn_limited(key: &'static str, msg: impl FnOnce() -> String) {
+pub(crate) fn warn_limited(key: &'static str, msg: impl FnOnce() -> String) {
     static SEEN: Mutex<Vec<(&'static str, Instant, u64)>> = Mutex::new(Vec::new());
     let admitted = {
         let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());

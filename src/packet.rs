@@ -45,7 +45,7 @@ impl Label for Transport {
 /// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB.
 const BATCH_BYTES: usize = 256 * 1024;
 /// Upper bound on packets a batch holds (the size of a `recvmmsg` call).
-pub const MAX_SLOTS: usize = 32;
+pub(crate) const MAX_SLOTS: usize = 32;
 
 /// Packets read in one go, and when they arrived.
 #[derive(Debug)]
@@ -73,7 +73,7 @@ impl Batch {
     }
 
     /// The whole buffer, for a reader to fill.
-    pub fn buffer_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn buffer_mut(&mut self) -> &mut [u8] {
         &mut self.buf
     }
 
@@ -82,11 +82,11 @@ impl Batch {
     }
 
     /// Records that `buf[start..end]` holds one packet.
-    pub fn push_packet(&mut self, start: usize, end: usize) {
+    pub(crate) fn push_packet(&mut self, start: usize, end: usize) {
         self.packets.push((start as u32, end as u32));
     }
 
-    pub fn packet_count(&self) -> usize {
+    pub(crate) fn packet_count(&self) -> usize {
         self.packets.len()
     }
 
@@ -98,12 +98,13 @@ impl Batch {
     }
 
     /// Bytes of payload held.
-    pub fn payload_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn payload_bytes(&self) -> u64 {
         self.packets.iter().map(|&(s, e)| (e - s) as u64).sum()
     }
 
     /// Messages held (lines), counted only when a batch is dropped.
-    pub fn message_count(&self) -> u64 {
+    pub(crate) fn message_count(&self) -> u64 {
         self.packets().map(|f| lines(f).count() as u64).sum()
     }
 
@@ -140,7 +141,7 @@ impl Pool {
 
     /// Lets at most `depth` admitted batches be queued or parsed at once (see
     /// [`Pool::admit`]).
-    pub fn with_admissions(mut self, depth: usize) -> Pool {
+    pub(crate) fn with_admissions(mut self, depth: usize) -> Pool {
         self.admissions = Some(crossbeam_channel::bounded(depth.max(1)));
         self
     }
@@ -152,7 +153,7 @@ impl Pool {
     /// when the sender can be made to wait instead (all-out over a Unix socket, the 32-batch
     /// queue held 8 MiB of packets). UDP readers, which cannot make anyone wait, do not, and
     /// keep the whole queue for bursts.
-    pub fn admit(&self, batch: &mut Batch) {
+    pub(crate) fn admit(&self, batch: &mut Batch) {
         if let Some((tx, _)) = &self.admissions {
             if !batch.admitted && tx.send(()).is_ok() {
                 batch.admitted = true;
@@ -170,7 +171,7 @@ impl Pool {
     }
 
     /// Largest packet: `--buffer-size`.
-    pub fn slot_bytes(&self) -> usize {
+    pub(crate) fn slot_bytes(&self) -> usize {
         self.slot_bytes
     }
 
@@ -183,7 +184,7 @@ impl Pool {
     }
 
     /// Returns a batch for reuse; freed if enough are spare.
-    pub fn put(&self, mut batch: Batch) {
+    pub(crate) fn put(&self, mut batch: Batch) {
         batch.clear();
         if std::mem::take(&mut batch.admitted) {
             if let Some((_, rx)) = &self.admissions {
@@ -213,12 +214,14 @@ impl Pool {
     }
 
     /// Admitted batches not yet returned.
-    pub fn admitted(&self) -> usize {
+    #[cfg(test)]
+    fn admitted(&self) -> usize {
         self.admissions.as_ref().map_or(0, |(_, rx)| rx.len())
     }
 
     /// Spare batches held.
-    pub fn spare(&self) -> usize {
+    #[cfg(test)]
+    fn spare(&self) -> usize {
         self.free().len()
     }
 }
@@ -249,7 +252,7 @@ impl<'a> Line<'a> {
         self.bytes
     }
 
-    pub fn is_ascii(&self) -> bool {
+    pub(crate) fn is_ascii(&self) -> bool {
         self.ascii
     }
 }

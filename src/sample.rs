@@ -69,7 +69,7 @@ impl<'a> From<Vec<Sample<'a>>> for ShardBatch<'a> {
 
 impl<'a> ShardBatch<'a> {
     /// The same allocations, empty, for samples that borrow from another batch.
-    pub fn rebind<'b>(self) -> ShardBatch<'b> {
+    pub(crate) fn rebind<'b>(self) -> ShardBatch<'b> {
         let mut missing = self.missing;
         missing.clear();
         ShardBatch {
@@ -107,7 +107,7 @@ impl<'a> ShardBatch<'a> {
 
 /// Re-binds an empty vector's allocation to another lifetime. The in-place `collect` reuses
 /// the buffer because the layouts are identical; no element is ever mapped.
-pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
     v.into_iter()
         .map(|_| -> U { unreachable!("the vector is empty") })

@@ -16,7 +16,7 @@ use crate::demux::Demux;
 use crate::telemetry::Snapshot;
 
 /// Most contexts `/contexts` lists.
-pub const MAX_TOP: usize = 10_000;
+pub(crate) const MAX_TOP: usize = 10_000;
 
 /// What the endpoint reports besides counters; `info` is replaced on reload.
 pub struct Sources {
@@ -27,7 +27,7 @@ pub struct Sources {
 }
 
 /// A running status endpoint.
-pub struct StatusServer {
+pub(crate) struct StatusServer {
     pub addr: SocketAddr,
     server: Arc<Server>,
     thread: JoinHandle<()>,

@@ -21,7 +21,7 @@ pub fn notify(state: &str) {
 }
 
 /// Sends `state` to the notification socket `path` (a path, or `@name` for an abstract one).
-pub fn notify_to(path: &std::ffi::OsStr, state: &str) {
+pub(crate) fn notify_to(path: &std::ffi::OsStr, state: &str) {
     let Ok(socket) = UnixDatagram::unbound() else {
         return;
     };
@@ -39,7 +39,7 @@ pub fn notify_to(path: &std::ffi::OsStr, state: &str) {
 
 /// Half of `$WATCHDOG_USEC` when the watchdog is on for this process: how often to send
 /// `WATCHDOG=1`.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {
             return None;
@@ -51,16 +51,10 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Sockets systemd passed to this process (socket activation), sorted by kind.
 #[derive(Default)]
-pub struct Passed {
+pub(crate) struct Passed {
     pub udp: Vec<UdpSocket>,
     pub datagram: Option<(UnixDatagram, Option<PathBuf>)>,
     pub stream: Option<(UnixListener, Option<PathBuf>)>,
-}
-
-impl Passed {
-    pub fn is_empty(&self) -> bool {
-        self.udp.is_empty() && self.datagram.is_none() && self.stream.is_none()
-    }
 }
 
 const FIRST_FD: RawFd = 3;
@@ -68,7 +62,7 @@ const FIRST_FD: RawFd = 3;
 /// Takes the sockets of `$LISTEN_FDS` if `$LISTEN_PID` is this process, and unsets the
 /// variables so nothing else takes them. A passed socket of a kind whippet does not serve
 /// is an error naming it.
-pub fn listen_fds() -> Result<Passed, crate::Error> {
+pub(crate) fn listen_fds() -> Result<Passed, crate::Error> {
     let mut passed = Passed::default();
     let for_us = std::env::var("LISTEN_PID")
         .ok()

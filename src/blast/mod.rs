@@ -7,7 +7,9 @@ pub mod bench;
 pub mod process;
 pub mod workload;
 
-pub use workload::{corpus, pack, Generated, Rng};
+#[cfg(test)]
+pub(crate) use workload::Rng;
+pub use workload::{corpus, pack, Generated};
 
 use std::io::{IoSlice, Write};
 use std::net::{SocketAddr, UdpSocket};

@@ -5,7 +5,7 @@ use super::{Config, Source};
 use crate::Error;
 
 /// whippet needs no privilege, so running as root is a mistake unless the operator says so.
-pub fn refuse_root(config: &Config, is_root: bool) -> Result<(), Error> {
+pub(crate) fn refuse_root(config: &Config, is_root: bool) -> Result<(), Error> {
     if is_root && !config.operation.allow_root {
         return Err(Error::Config(
             "refusing to run as root: whippet needs no privilege; run it as an unprivileged user (the packaged service uses User=whippet) or pass --allow-root (WHIPPET_ALLOW_ROOT=true)".into(),
@@ -16,7 +16,7 @@ pub fn refuse_root(config: &Config, is_root: bool) -> Result<(), Error> {
 
 /// A warning when the API key comes from a config file that group or others can read (a
 /// warning, not a refusal: the operator may have reasons).
-pub fn readable_key_file(config: &Config) -> Option<String> {
+pub(crate) fn readable_key_file(config: &Config) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     config.sources.iter().find_map(|(flag, _, source)| {
         let (&"api-key", Source::File { path, .. }) = (flag, source) else {

@@ -24,7 +24,7 @@ use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
 use crate::worker::Enrichment;
 use crate::Error;
-pub use resolve::machine_hostname;
+pub(crate) use resolve::machine_hostname;
 use resolve::Resolver;
 pub use settings::{Setting, MAX_BUFFER_SIZE, SETTINGS};
 
@@ -144,7 +144,7 @@ impl Config {
     }
 
     /// How closed buckets become output.
-    pub fn flush_settings(&self) -> FlushSettings {
+    pub(crate) fn flush_settings(&self) -> FlushSettings {
         let a = &self.aggregation;
         FlushSettings::new(a.expiry, &a.histogram_aggregates, &a.histogram_percentiles)
     }
@@ -208,7 +208,10 @@ pub fn parse(args: &[String]) -> Result<Command, Error> {
 }
 
 /// Like [`parse`], with the environment given as a lookup (for tests and reloads).
-pub fn parse_with(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, Error> {
+pub(crate) fn parse_with(
+    args: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Command, Error> {
     let opts = options();
     let m = opts
         .parse(args)

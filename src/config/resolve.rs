@@ -49,7 +49,7 @@ impl Resolver<'_> {
 
     /// The setting parsed by `parse` when it was given (its source recorded; an error is
     /// recorded and gives `None`), else `None`.
-    pub fn given<T>(
+    pub(crate) fn given<T>(
         &mut self,
         flag: &'static str,
         parse: impl Fn(&str, &str) -> Result<T, String>,
@@ -89,7 +89,7 @@ impl Resolver<'_> {
     }
 
     /// A whole number in the setting's declared range, if given.
-    pub fn number_given<T: TryFrom<u64>>(&mut self, flag: &'static str) -> Option<T> {
+    pub(crate) fn number_given<T: TryFrom<u64>>(&mut self, flag: &'static str) -> Option<T> {
         let (min, max) = setting(flag)
             .range
             .unwrap_or_else(|| unreachable!("--{flag} declares no range"));
@@ -104,12 +104,12 @@ impl Resolver<'_> {
         self.value(flag, |v, name| number(v, name, min, max))
     }
 
-    pub fn string(&mut self, flag: &'static str) -> Option<String> {
+    pub(crate) fn string(&mut self, flag: &'static str) -> Option<String> {
         self.given(flag, |v, _| Ok(v.to_string()))
     }
 
     /// A key in the config file that is not a setting is a typo until proven otherwise.
-    pub fn check_unknown_keys(&mut self, path: &Path) {
+    pub(crate) fn check_unknown_keys(&mut self, path: &Path) {
         let mut unknown: Vec<_> = self
             .file
             .iter()
@@ -327,7 +327,7 @@ pub(super) fn site(v: &str, name: &str) -> Result<String, String> {
 }
 
 /// This machine's hostname, or empty if it cannot be read.
-pub fn machine_hostname() -> String {
+pub(crate) fn machine_hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

@@ -24,7 +24,7 @@ impl DefaultValue {
     }
 
     /// The sentence `--help` and whippet(8) end a setting's description with.
-    pub fn sentence(self) -> String {
+    pub(crate) fn sentence(self) -> String {
         match self {
             DefaultValue::Value(v) | DefaultValue::Unset(v) => format!("Default {v}."),
             DefaultValue::Derived(t) => format!("Default: {t}."),

@@ -21,7 +21,7 @@ const MAGIC: &str = "whippet-payload 1";
 
 /// One payload on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub seq: u64,
     pub endpoint: Endpoint,
     pub bytes: u64,
@@ -29,7 +29,7 @@ pub struct Entry {
 
 /// The retry directory and an index of its payloads, oldest first.
 #[derive(Debug)]
-pub struct Disk {
+pub(crate) struct Disk {
     dir: PathBuf,
     _lock: Flock<File>,
     entries: VecDeque<Entry>,
@@ -40,7 +40,7 @@ pub struct Disk {
 
 /// What opening the directory found.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Found {
+pub(crate) struct Found {
     pub payloads: usize,
     pub bytes: u64,
     /// Files that were not whole payloads (removed).
@@ -49,7 +49,7 @@ pub struct Found {
 
 impl Disk {
     /// Creates `dir` if needed, locks it and indexes the payloads already there.
-    pub fn open(dir: &Path, limit: u64) -> Result<(Disk, Found), String> {
+    pub(crate) fn open(dir: &Path, limit: u64) -> Result<(Disk, Found), String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             format!(
                 "--retry-dir {}: cannot {what}: {e}; set --retry-dir (WHIPPET_RETRY_DIR) to a directory whippet's user may write, or leave it unset",
@@ -112,7 +112,8 @@ impl Disk {
         self.bytes
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
@@ -192,12 +193,12 @@ impl Disk {
     }
 
     /// A taken entry is settled (sent, or dropped and counted): its file goes.
-    pub fn done(&mut self, e: &Entry) {
+    pub(crate) fn done(&mut self, e: &Entry) {
         let _ = fs::remove_file(self.path(e.seq));
     }
 
     /// A taken entry must wait again: back to the front, as the oldest.
-    pub fn restore(&mut self, e: Entry) {
+    pub(crate) fn restore(&mut self, e: Entry) {
         self.bytes += e.bytes;
         let at = self.entries.partition_point(|x| x.seq < e.seq);
         self.entries.insert(at, e);

@@ -124,7 +124,7 @@ impl Retarget {
 }
 
 /// A running forwarder.
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -216,13 +216,13 @@ impl Forwarder {
     }
 
     /// A handle that changes where payloads go and with which API key, for SIGHUP.
-    pub fn retarget(&self) -> Retarget {
+    pub(crate) fn retarget(&self) -> Retarget {
         Retarget(self.shared.clone())
     }
 
     /// Queues payloads for sending; the oldest waiting payloads are dropped (and counted)
     /// if they no longer fit the byte bound.
-    pub fn submit(&self, payloads: Vec<Payload>) {
+    pub(crate) fn submit(&self, payloads: Vec<Payload>) {
         let mut state = self.shared.lock();
         for payload in payloads {
             state.queued_bytes += payload.body.len();
@@ -263,7 +263,8 @@ impl Forwarder {
     }
 
     /// Payload bytes waiting in memory.
-    pub fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
         self.shared.lock().queued_bytes
     }
 
@@ -560,7 +561,7 @@ const PACE_BYTES: usize = 2 << 20;
 const PACE_WAIT: Duration = Duration::from_secs(1);
 
 /// The output used when an intake is configured: serialize each flush, forward the payloads.
-pub struct IntakeOutput {
+pub(crate) struct IntakeOutput {
     pub serializer: Serializer,
     pub forwarder: Option<Forwarder>,
     pub counters: Arc<Counters>,

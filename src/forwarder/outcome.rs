@@ -92,7 +92,7 @@ pub enum Answer {
 
 /// What an answer means for its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     Sent,
     Drop(u16),
     Retry(Answer),
@@ -100,7 +100,7 @@ pub enum Class {
 
 /// docs/behaviour.md, "Delivery": 2xx is sent; 400, 403 and 413 are dropped; anything else,
 /// an answer or none, is retried.
-pub fn classify(answer: Answer) -> Class {
+pub(crate) fn classify(answer: Answer) -> Class {
     match answer {
         Answer::Status(s) if (200..300).contains(&s) => Class::Sent,
         Answer::Status(s @ (400 | 403 | 413)) => Class::Drop(s),
@@ -111,7 +111,7 @@ pub fn classify(answer: Answer) -> Class {
 /// Backoff before the next try after `failures` consecutive failures: base · 2ⁿ⁻¹, capped at
 /// 32 × base (2 s … 64 s by default), jittered to between half and all of it so endpoints do
 /// not retry in lockstep.
-pub fn backoff(failures: u32, base: Duration, jitter: u64) -> Duration {
+pub(crate) fn backoff(failures: u32, base: Duration, jitter: u64) -> Duration {
     let ms = (base.as_millis() as u64).saturating_mul(1 << failures.saturating_sub(1).min(5));
     Duration::from_millis(ms / 2 + jitter % (ms / 2 + 1))
 }

@@ -133,11 +133,6 @@ impl Intake {
         &self.shared.store
     }
 
-    /// Answers `status` to the next `count` data requests from now on.
-    pub fn fail_next(&self, count: u64) {
-        self.shared.fail_left.store(count, Relaxed);
-    }
-
     /// Stops the request threads.
     pub fn stop(self) {
         self.shared.stopping.store(true, Relaxed);

@@ -135,7 +135,7 @@ fn metadata_json(m: &Option<Metadata>) -> Value {
 }
 
 impl MetricPayload {
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let series: Vec<Value> = self
             .series
             .iter()
@@ -158,7 +158,7 @@ impl MetricPayload {
 }
 
 impl SketchPayload {
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let sketches: Vec<Value> = self
             .sketches
             .iter()

@@ -2,8 +2,8 @@
 //! flattened views (one record per point, sketch, event, check) for tests and `--print`.
 
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use serde_json::Value;
 
@@ -20,7 +20,7 @@ pub enum Decoded {
 }
 
 impl Decoded {
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         match self {
             Decoded::Series(p) => p.to_json(),
             Decoded::Sketches(p) => p.to_json(),
@@ -87,7 +87,6 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Store {
     inner: Mutex<Inner>,
-    changed: Condvar,
 }
 
 fn v2_kind(t: i32) -> &'static str {
@@ -104,18 +103,16 @@ impl Store {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn record_route(&self, route: &str) {
+    pub(crate) fn record_route(&self, route: &str) {
         *self.lock().routes.entry(route.to_string()).or_default() += 1;
     }
 
-    pub fn record_rejected(&self, reason: &str) {
+    pub(crate) fn record_rejected(&self, reason: &str) {
         *self.lock().rejected.entry(reason.to_string()).or_default() += 1;
-        self.changed.notify_all();
     }
 
-    pub fn add(&self, stored: Stored) {
+    pub(crate) fn add(&self, stored: Stored) {
         self.lock().payloads.push(stored);
-        self.changed.notify_all();
     }
 
     pub fn clear(&self) {
@@ -138,27 +135,6 @@ impl Store {
             .filter(|p| endpoint.is_none_or(|e| p.endpoint == e))
             .cloned()
             .collect()
-    }
-
-    /// Waits until `done` holds for the stored payloads, or `timeout` passes; returns
-    /// whether it held.
-    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Stored]) -> bool) -> bool {
-        let end = Instant::now() + timeout;
-        let mut inner = self.lock();
-        loop {
-            if done(&inner.payloads) {
-                return true;
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            inner = self
-                .changed
-                .wait_timeout(inner, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
     }
 
     /// Every series point received, v1 and v2.
@@ -253,7 +229,7 @@ pub fn points_of(payloads: &[Stored]) -> Vec<PointRecord> {
 }
 
 /// Flattens payloads into dogsketches.
-pub fn sketches_of(payloads: &[Stored]) -> Vec<SketchRecord> {
+pub(crate) fn sketches_of(payloads: &[Stored]) -> Vec<SketchRecord> {
     let mut out = Vec::new();
     for p in payloads {
         if let Decoded::Sketches(m) = &p.decoded {

@@ -117,7 +117,7 @@ pub struct Handoff {
 
 /// Whether a reader goes on after handing a batch off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
+pub(crate) enum Flow {
     Continue,
     /// The queue is closed: the workers are gone, and so is the point of reading.
     Stop,
@@ -130,7 +130,7 @@ impl Handoff {
 
     /// UDP's policy: never wait. A full queue drops the batch; its packets and messages are
     /// counted.
-    pub fn drop_when_full(&self, batch: Batch) -> Flow {
+    pub(crate) fn drop_when_full(&self, batch: Batch) -> Flow {
         match self.queue.try_send(batch) {
             Ok(()) => Flow::Continue,
             Err(TrySendError::Full(dropped)) => {
@@ -149,7 +149,7 @@ impl Handoff {
     /// The Unix transports' policy: wait for one of the pool's admissions (see
     /// [`Pool::admit`]) and for room in the queue, so a full pipeline pushes back on the
     /// client.
-    pub fn wait_for_room(&self, mut batch: Batch) -> Flow {
+    pub(crate) fn wait_for_room(&self, mut batch: Batch) -> Flow {
         self.pool.admit(&mut batch);
         match self.queue.send(batch) {
             Ok(()) => Flow::Continue,
@@ -173,6 +173,6 @@ pub struct Bound {
 }
 
 /// Turns an `io::Error` from binding into a startup error naming the setting.
-pub fn bind_error(flag: &str, what: &str, e: io::Error) -> crate::Error {
+pub(crate) fn bind_error(flag: &str, what: &str, e: io::Error) -> crate::Error {
     crate::Error::Startup(format!("cannot bind {what} ({flag}): {e}"))
 }

@@ -27,17 +27,13 @@ impl Connections {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Stops reading on every connection: each thread drains what the kernel holds, then
     /// sees end-of-file and exits.
-    pub fn shutdown_all(&self) {
+    pub(crate) fn shutdown_all(&self) {
         for stream in self.lock().values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
@@ -206,14 +202,14 @@ fn serve(mut stream: UnixStream, handoff: &Handoff) {
 
 /// Frame reassembly for one connection: bytes in as the socket gives them, batches of
 /// complete frames out. A partial frame stays behind for the next read.
-pub struct Reassembly {
+pub(crate) struct Reassembly {
     batch: Batch,
     filled: usize,
     max_frame: usize,
 }
 
 /// What one read produced.
-pub struct Fed {
+pub(crate) struct Fed {
     /// The complete frames so far, ready to send (`None` when there are none).
     pub complete: Option<Batch>,
     /// A frame header declared more than `--buffer-size` bytes: the connection must close.
@@ -236,7 +232,7 @@ impl Reassembly {
     }
 
     /// Accounts `n` bytes just read into [`Reassembly::space`].
-    pub fn fed(&mut self, n: usize, pool: &Pool) -> Fed {
+    pub(crate) fn fed(&mut self, n: usize, pool: &Pool) -> Fed {
         self.filled += n;
         let (consumed, oversized) = split_frames(&mut self.batch, self.filled, self.max_frame);
         let rest = self.filled - consumed;
@@ -259,12 +255,12 @@ impl Reassembly {
     }
 
     /// Bytes of a frame not yet complete.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.filled
     }
 
     /// Forgets the pending bytes (after an oversized frame header).
-    pub fn discard_pending(&mut self) {
+    pub(crate) fn discard_pending(&mut self) {
         self.filled = 0;
     }
 

@@ -14,7 +14,7 @@ use crate::Error;
 
 /// Binds `readers` sockets on `addr` (port 0: the OS picks one port for all of them).
 /// Returns the sockets and the effective receive buffer size.
-pub fn bind_all(
+pub(crate) fn bind_all(
     addr: SocketAddr,
     readers: usize,
     rcvbuf: usize,
@@ -52,7 +52,7 @@ fn bind_one(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<(UdpSocket, usiz
 }
 
 /// The kernel's drop count of whippet's UDP sockets, read when a snapshot is taken.
-pub struct KernelDrops {
+pub(crate) struct KernelDrops {
     inodes: Vec<u64>,
 }
 

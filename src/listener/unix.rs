@@ -13,14 +13,14 @@ use crate::Error;
 
 /// Which kind of socket a path is for: decides how "is someone listening?" is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SocketKind {
+pub(crate) enum SocketKind {
     Datagram,
     Stream,
 }
 
 /// Makes `path` free to bind: removes a stale socket file; refuses a live socket or a file
 /// that is not a socket.
-pub fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Error> {
+pub(crate) fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Error> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -58,7 +58,7 @@ pub fn prepare_path(path: &Path, kind: SocketKind, flag: &str) -> Result<(), Err
 }
 
 /// Sets the socket file's permission bits (`--socket-mode`).
-pub fn set_mode(path: &Path, mode: u32, flag: &str) -> Result<(), Error> {
+pub(crate) fn set_mode(path: &Path, mode: u32, flag: &str) -> Result<(), Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
         Error::Startup(format!(
             "cannot set mode {mode:o} on {} ({flag}): {e}",
@@ -69,7 +69,7 @@ pub fn set_mode(path: &Path, mode: u32, flag: &str) -> Result<(), Error> {
 
 /// Binds the Unix datagram socket at `path` with `mode` and receive buffer `rcvbuf` (0 = OS
 /// default). Returns the socket and the effective receive buffer.
-pub fn bind_datagram(
+pub(crate) fn bind_datagram(
     path: &Path,
     mode: u32,
     rcvbuf: usize,
@@ -88,7 +88,7 @@ pub fn bind_datagram(
 }
 
 /// Binds the Unix stream socket at `path` with `mode`.
-pub fn bind_stream(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+pub(crate) fn bind_stream(path: &Path, mode: u32) -> Result<UnixListener, Error> {
     prepare_path(path, SocketKind::Stream, "--stream-socket")?;
     let listener = UnixListener::bind(path)
         .map_err(|e| super::bind_error("--stream-socket", &path.display().to_string(), e))?;

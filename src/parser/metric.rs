@@ -21,7 +21,7 @@ pub enum MetricKind {
 
 impl MetricKind {
     /// Every type, each at the index of its discriminant (`ALL[k as usize] == k`).
-    pub const ALL: [MetricKind; 6] = [
+    pub(crate) const ALL: [MetricKind; 6] = [
         MetricKind::Count,
         MetricKind::Gauge,
         MetricKind::Histogram,
@@ -30,7 +30,7 @@ impl MetricKind {
         MetricKind::Set,
     ];
 
-    pub fn from_wire(s: &str) -> Option<MetricKind> {
+    pub(crate) fn from_wire(s: &str) -> Option<MetricKind> {
         Some(match s {
             "c" => MetricKind::Count,
             "g" => MetricKind::Gauge,
@@ -42,7 +42,7 @@ impl MetricKind {
         })
     }
 
-    pub fn wire(self) -> &'static str {
+    pub(crate) fn wire(self) -> &'static str {
         match self {
             MetricKind::Count => "c",
             MetricKind::Gauge => "g",

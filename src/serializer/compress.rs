@@ -43,12 +43,12 @@ enum Inner {
 const MAX_BUFFERED: usize = 128 * 1024;
 
 /// A compressing writer that knows a bound on its final size.
-pub struct Compressor {
+pub(crate) struct Compressor {
     inner: Inner,
     /// Bytes written since the compressed output last grew.
     pending: usize,
-    /// Bytes written since the last flush: nothing before it is held back.
-    unflushed: usize,
+    /// Bytes written in all: no more than these can be held back.
+    written: usize,
     out_len: usize,
 }
 
@@ -69,7 +69,7 @@ impl Compressor {
         Compressor {
             inner,
             pending: 0,
-            unflushed: 0,
+            written: 0,
             out_len: 0,
         }
     }
@@ -84,32 +84,13 @@ impl Compressor {
 
     /// An upper bound on the compressed size if `extra` more bytes were written and the
     /// stream then finished: what is out, plus the worst case for what may be held.
-    pub fn bound_with(&self, extra: usize) -> usize {
-        let held = self.unflushed.min(self.pending + MAX_BUFFERED) + extra;
+    pub(crate) fn bound_with(&self, extra: usize) -> usize {
+        let held = self.written.min(self.pending + MAX_BUFFERED) + extra;
         match self.inner {
             Inner::None(_) => self.out_len + extra,
             // Both formats store incompressible data with a small per-block overhead.
             _ => self.out_len + held + held / 128 + 64,
         }
-    }
-
-    /// True when nothing may be held back (a flush would not tighten the bound).
-    pub fn is_flushed(&self) -> bool {
-        self.unflushed == 0
-    }
-
-    /// Pushes everything written into the output, so the bound becomes exact for what is
-    /// out. Costs a little ratio; done only when a payload is close to its limit.
-    pub fn flush(&mut self) {
-        let result = match &mut self.inner {
-            Inner::Zstd(e) => e.flush(),
-            Inner::Deflate(e) => e.flush(),
-            Inner::None(_) => Ok(()),
-        };
-        debug_assert!(result.is_ok());
-        self.out_len = self.output_len();
-        self.pending = 0;
-        self.unflushed = 0;
     }
 
     pub fn write(&mut self, data: &[u8]) {
@@ -123,7 +104,7 @@ impl Compressor {
         };
         // Writing into a Vec cannot fail.
         debug_assert!(result.is_ok());
-        self.unflushed += data.len();
+        self.written += data.len();
         let out = self.output_len();
         if out != self.out_len {
             self.out_len = out;
@@ -154,12 +135,8 @@ mod tests {
 
     fn round_trip(c: Compression, data: &[u8]) -> Vec<u8> {
         let mut comp = Compressor::new(c);
-        for (i, chunk) in data.chunks(1000).enumerate() {
+        for chunk in data.chunks(1000) {
             comp.write(chunk);
-            if i == 150 {
-                comp.flush();
-                assert!(comp.is_flushed());
-            }
         }
         let bound = comp.bound_with(0);
         let out = comp.finish();

@@ -35,7 +35,7 @@ fn metadata(buf: &mut Vec<u8>, field: u32) {
 
 /// One `MetricSeries` (as field 1 of `MetricPayload`) holding `points` of one series.
 /// The `device:` tag becomes the `device` resource and leaves the tags, as in the Agent.
-pub fn series_v2(buf: &mut Vec<u8>, points: &[&Series], scratch: &mut Vec<u8>) {
+pub(crate) fn series_v2(buf: &mut Vec<u8>, points: &[&Series], scratch: &mut Vec<u8>) {
     let first = points[0];
     let c = &first.context;
     let mut series = Vec::with_capacity(64 + c.name().len() + 48 * c.tags().len());
@@ -71,7 +71,7 @@ pub fn series_v2(buf: &mut Vec<u8>, points: &[&Series], scratch: &mut Vec<u8>) {
 
 /// One v1 JSON series: `{"metric":..,"points":[[ts,value]],"tags":[..],"host":..,
 /// "type":..,"interval":..}` (plus `"device"` when the context has a `device:` tag).
-pub fn series_v1(buf: &mut Vec<u8>, points: &[&Series]) {
+pub(crate) fn series_v1(buf: &mut Vec<u8>, points: &[&Series]) {
     let first = points[0];
     let c = &first.context;
     let mut v = json!({

@@ -27,7 +27,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 5] = [
+    pub(crate) const ALL: [Endpoint; 5] = [
         Endpoint::SeriesV2,
         Endpoint::SeriesV1,
         Endpoint::Sketches,
@@ -45,7 +45,7 @@ impl Endpoint {
         }
     }
 
-    pub fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Endpoint::SeriesV2 | Endpoint::Sketches => "application/x-protobuf",
             _ => "application/json",
@@ -119,7 +119,7 @@ impl PayloadBuilder {
         )
     }
 
-    pub fn with_limits(
+    pub(crate) fn with_limits(
         endpoint: Endpoint,
         limits: Limits,
         compression: Compression,
@@ -193,7 +193,7 @@ impl PayloadBuilder {
 }
 
 /// Adds entries to payloads, starting a new payload whenever the next entry would not fit.
-pub struct Splitter {
+pub(crate) struct Splitter {
     builder: PayloadBuilder,
     pub payloads: Vec<Payload>,
     /// Items in entries that alone exceed a limit (counted, dropped).
@@ -209,7 +209,7 @@ impl Splitter {
         }
     }
 
-    pub fn add(&mut self, entry: &[u8], items: usize) {
+    pub(crate) fn add(&mut self, entry: &[u8], items: usize) {
         if !self.builder.fits(entry, items) {
             if self.builder.is_empty() {
                 self.oversized += items.max(1);

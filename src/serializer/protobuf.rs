@@ -6,7 +6,7 @@ fn key(buf: &mut Vec<u8>, field: u32, wire: u8) {
     varint(buf, ((field as u64) << 3) | wire as u64);
 }
 
-pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
         v >>= 7;
@@ -15,7 +15,7 @@ pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
 }
 
 /// An `int64`/`uint32`/enum field (skipped when zero, as proto3 does).
-pub fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
+pub(crate) fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         key(buf, field, 0);
         varint(buf, v);
@@ -23,12 +23,12 @@ pub fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
 }
 
 /// An `int64` field; negative values take ten bytes, as the spec says.
-pub fn int64(buf: &mut Vec<u8>, field: u32, v: i64) {
+pub(crate) fn int64(buf: &mut Vec<u8>, field: u32, v: i64) {
     uint(buf, field, v as u64);
 }
 
 /// A `double` field (wire type 1).
-pub fn double(buf: &mut Vec<u8>, field: u32, v: f64) {
+pub(crate) fn double(buf: &mut Vec<u8>, field: u32, v: f64) {
     if v.to_bits() != 0 {
         key(buf, field, 1);
         buf.extend_from_slice(&v.to_le_bytes());
@@ -56,7 +56,7 @@ pub fn message(
 }
 
 /// Packed `sint32` (zigzag) values.
-pub fn packed_sint32(
+pub(crate) fn packed_sint32(
     buf: &mut Vec<u8>,
     field: u32,
     values: impl Iterator<Item = i32>,
@@ -72,7 +72,7 @@ pub fn packed_sint32(
 }
 
 /// Packed `uint32` values.
-pub fn packed_uint32(
+pub(crate) fn packed_uint32(
     buf: &mut Vec<u8>,
     field: u32,
     values: impl Iterator<Item = u32>,

@@ -8,7 +8,7 @@ use crate::sketch::Sketch;
 
 /// Set members are stored as 64-bit hashes: a bucket of a million distinct members costs
 /// 8 MB instead of a string each, and a collision needs ~4·10⁹ members to become likely.
-pub type MemberSet = HashSet<u64, foldhash::fast::FixedState>;
+pub(crate) type MemberSet = HashSet<u64, foldhash::fast::FixedState>;
 
 /// Samples of a histogram or timer in one bucket.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,7 +46,7 @@ impl Accumulator {
     }
 
     /// Adds a numeric value seen at `rate` (in (0, 1]).
-    pub fn add(&mut self, v: f64, rate: f64) {
+    pub(crate) fn add(&mut self, v: f64, rate: f64) {
         match self {
             Accumulator::Count(sum) => *sum += v * (1.0 / rate),
             Accumulator::Gauge(last) => *last = v,
@@ -63,7 +63,7 @@ impl Accumulator {
     }
 
     /// Adds a set member, by hash.
-    pub fn add_member(&mut self, member_hash: u64) {
+    pub(crate) fn add_member(&mut self, member_hash: u64) {
         if let Accumulator::Set(set) = self {
             set.insert(member_hash);
         }

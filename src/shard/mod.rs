@@ -139,7 +139,7 @@ pub struct InsertStats {
 /// Live contexts across every shard, and how many may live (`--context-limit`): a sample
 /// that would create one more is dropped and counted; existing contexts keep working.
 #[derive(Debug)]
-pub struct ContextBudget {
+pub(crate) struct ContextBudget {
     live: AtomicUsize,
     limit: usize,
 }
@@ -163,7 +163,8 @@ impl ContextBudget {
         self.live.fetch_sub(n, Relaxed);
     }
 
-    pub fn live(&self) -> usize {
+    #[cfg(test)]
+    fn live(&self) -> usize {
         self.live.load(Relaxed)
     }
 }
@@ -250,13 +251,14 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// `members` hashes set members; share one across shards so flushes are reproducible.
-    pub fn new(members: ContextHasher) -> Shard {
+    /// A shard without a context limit. `members` hashes set members.
+    #[cfg(test)]
+    fn new(members: ContextHasher) -> Shard {
         Shard::with_budget(members, Arc::new(ContextBudget::new(usize::MAX)))
     }
 
     /// A shard whose new contexts draw on `budget`, shared by every shard.
-    pub fn with_budget(members: ContextHasher, budget: Arc<ContextBudget>) -> Shard {
+    pub(crate) fn with_budget(members: ContextHasher, budget: Arc<ContextBudget>) -> Shard {
         Shard {
             contexts: Contexts::default(),
             closed: Vec::new(),
@@ -268,12 +270,8 @@ impl Shard {
     }
 
     /// Live contexts.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.contexts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.contexts.len() == 0
     }
 
     /// Aggregates one shard batch; `tags` is the arena its tag ranges index. A vouched
@@ -362,7 +360,7 @@ impl Shard {
 
     /// Adds this shard's `n` busiest contexts (most samples since created) to `top`, which
     /// is kept sorted, busiest first, and at most `n` long.
-    pub fn busiest(&self, n: usize, top: &mut Vec<(u64, ContextKey)>) {
+    pub(crate) fn busiest(&self, n: usize, top: &mut Vec<(u64, ContextKey)>) {
         for ctx in self.contexts.slab.iter() {
             let samples = u64::from(ctx.samples);
             if top.len() == n && top.last().is_some_and(|l| l.0 >= samples) {

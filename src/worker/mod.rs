@@ -105,9 +105,9 @@ impl Label for Discard {
 }
 
 /// Parse errors of one message kind, per reason.
-pub type ByReason<T> = PerLabel<Reason, T, { Reason::COUNT }>;
+pub(crate) type ByReason<T> = PerLabel<Reason, T, { Reason::COUNT }>;
 /// One entry per message kind.
-pub type ByKind<T> = PerLabel<MessageKind, T, { MessageKind::COUNT }>;
+pub(crate) type ByKind<T> = PerLabel<MessageKind, T, { MessageKind::COUNT }>;
 
 /// The workers' counters, shared by every worker.
 #[derive(Debug, Default)]
@@ -227,7 +227,7 @@ impl Worker {
     }
 
     /// Takes its extra tags from `live` from now on (and whenever they change).
-    pub fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
+    pub(crate) fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
         let (generation, tags) = live.current();
         self.enrichment.extra_tags = tags;
         self.live = Some((live, generation));

@@ -105,7 +105,6 @@ fn the_layer_check_sees_paths_and_leaves_test_code_out() {
                 #[cfg(test)]\nmod tests {\n    use crate::daemon::Daemon;\n}\n";
     assert_eq!(uses(text), ["clock", "packet"]);
     let lib = "//! # Layers\n//!\n//! 1. a, b: foundations\n//! 2. c\n\npub mod a;\n";
-    let want: BTreeMap<String, usize> =
-        [("a".into(), 1), ("b".into(), 1), ("c".into(), 2)].into();
+    let want: BTreeMap<String, usize> = [("a".into(), 1), ("b".into(), 1), ("c".into(), 2)].into();
     assert_eq!(layers(lib), want);
 }

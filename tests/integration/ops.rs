@@ -286,8 +286,10 @@ fn sd_notify_ready_reloading_stopping_and_watchdog() {
 /// moved to in the child.
 fn high_copy(fd: &impl AsRawFd) -> OwnedFd {
     use nix::fcntl::{fcntl, FcntlArg};
+    // SAFETY: `fd` is open for the whole call; the borrow does not outlive it.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
     let raw = fcntl(borrowed, FcntlArg::F_DUPFD_CLOEXEC(100)).unwrap();
+    // SAFETY: `raw` is the new descriptor fcntl just made, owned by nothing else.
     unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
 }
 
