@@ -30,8 +30,8 @@ impl ContextRef<'_> {
     }
 
     /// [`ContextRef::hash`] with a reused buffer: the parts are laid out contiguously and
-    /// hashed in one call, because foldhash's `write` costs a full mix per call and a context
-    /// averages 54 parts in the benchmark corpus (3× faster measured with `cargo bench`).
+    /// hashed in one call, because foldhash's `write` costs a full mix per call and a
+    /// `dsd_base` context has dozens of parts (several times faster).
     pub fn hash_with(&self, state: &ContextHasher, buf: &mut Vec<u8>) -> u64 {
         buf.clear();
         for part in [self.name, self.host].iter().chain(self.tags.iter()) {
@@ -45,16 +45,15 @@ impl ContextRef<'_> {
     }
 }
 
-/// An owned context, cheap to clone: one shared allocation holding a reference count, a
-/// short header, then the name, the host and the tags joined by commas (a tag never holds a
-/// comma: tags are split at commas), behind one 8-byte pointer.
+/// An owned context, cheap to clone: one shared allocation holding a 4-byte reference count,
+/// a header of varint lengths (5 to 10 bytes) and the type, then the name, the host and the
+/// tags joined by commas (a tag never holds a comma: tags are split at commas), behind one
+/// 8-byte pointer.
 ///
-/// It was an `Arc<str>` with a 13-byte ASCII header: a 16-byte pointer in every shard entry,
-/// output record and cache, and 29 bytes of counts and header per allocation. Here the count
-/// is 4 bytes and the header 5 to 10 (varint lengths): at 300k 10-tag contexts each key
-/// drops from a 240-byte to a 224-byte allocation, and each shard entry by 8 bytes (about
-/// 6 MiB in all). Three allocations a context (reference count, text, tag offsets) had cost
-/// 315 bytes; `Arc<str>` 230.
+/// An `Arc<str>` would take a 16-byte pointer in every shard entry and record, and 16 bytes
+/// of counts per allocation; a maintained thin `Arc` (triomphe's `ThinArc`) 16 bytes of
+/// count and length. Per context that is 10 to 30 bytes, megabytes at the context counts
+/// whippet is built for, so the pointer is hand-rolled (docs/architecture.md).
 pub struct ContextKey(NonNull<u8>);
 
 // SAFETY: the allocation is immutable after `new` except for the atomic reference count, so
@@ -230,8 +229,8 @@ impl ContextKey {
     ///
     /// Type, name and host are compared byte for byte, the tags by count and each length;
     /// the tag bytes themselves are vouched for by the 64-bit hash, as the Agent identifies a
-    /// context by its 64-bit hash alone. Comparing 26 tags byte by byte (the corpus average)
-    /// cost a quarter of a worker's time; with a per-process seed, two live contexts of equal
+    /// context by its 64-bit hash alone. Comparing dozens of tags byte by byte would be a
+    /// large share of a worker's time; with a per-process seed, two live contexts of equal
     /// structure collide with probability about n²/2⁶⁵ (3·10⁻⁸ for a million contexts).
     pub fn matches(&self, c: &ContextRef<'_>) -> bool {
         let p = self.parts();

@@ -91,7 +91,7 @@ pub trait Output: Send {
 /// and are still in a worker's hands make it into their bucket.
 const GRACE: Duration = Duration::from_millis(100);
 
-/// A histogram aggregate (SPEC §3.2).
+/// A histogram aggregate (docs/behaviour.md, "What each type emits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {
     Max,

@@ -54,7 +54,7 @@ pub struct Batch {
     /// Byte ranges of the packets in `buf`.
     packets: Vec<(u32, u32)>,
     pub transport: Transport,
-    /// Arrival time, unix seconds: picks the bucket (SPEC §3.1).
+    /// Arrival time, unix seconds: picks the bucket (docs/behaviour.md, "Buckets and contexts").
     pub received_at: i64,
     /// Holds one of the pool's admissions (see [`Pool::admit`]).
     admitted: bool,
@@ -149,10 +149,10 @@ impl Pool {
     /// Waits until fewer than the pool's admission depth of admitted batches are queued or
     /// being parsed, then admits `batch`; it counts until it comes back through
     /// [`Pool::put`]. Readers whose senders can wait (the Unix transports) admit each batch
-    /// before queueing it: a queue deeper than the workers need adds memory, not throughput,
-    /// when the sender can be made to wait instead (all-out over a Unix socket, the 32-batch
-    /// queue held 8 MiB of packets). UDP readers, which cannot make anyone wait, do not, and
-    /// keep the whole queue for bursts.
+    /// before queueing it: a queue deeper than the workers need adds memory (megabytes of
+    /// packets under all-out load), not throughput, when the sender can be made to wait
+    /// instead. UDP readers, which cannot make anyone wait, do not, and keep the whole queue
+    /// for bursts.
     pub(crate) fn admit(&self, batch: &mut Batch) {
         if let Some((tx, _)) = &self.admissions {
             if !batch.admitted && tx.send(()).is_ok() {
@@ -198,11 +198,10 @@ impl Pool {
     }
 
     /// Frees spare batches beyond `keep` (the coldest ones). The pool keeps every batch in
-    /// circulation under load (re-allocating a 256 KiB buffer means zeroing it and faulting
-    /// its pages in: 6% of the daemon's CPU under all-out Unix load when spares were freed at
-    /// once); the flusher trims it once per bucket, so after a burst the spare buffers go back to
-    /// the allocator (glibc keeps most of that memory mapped: RSS after a 3 s all-out burst
-    /// stays about 24 MiB, as it did when spares were freed at once).
+    /// circulation under load, because re-allocating a 256 KiB buffer means zeroing it and
+    /// faulting its pages in, a few percent of the CPU under all-out load; the daemon trims
+    /// it once per bucket, so after a burst the spare buffers go back to the allocator (which
+    /// keeps some of that memory mapped).
     pub fn trim(&self, keep: usize) -> usize {
         // Taken out under the lock, freed after it.
         let cold: Vec<Batch> = {

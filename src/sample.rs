@@ -41,8 +41,8 @@ pub struct Sample<'a> {
 pub enum ContextTags {
     /// None: the worker's context cache vouched for the context by its hash. The shard finds
     /// it by the hash, the type and the name length kept beside it; if the shard no longer
-    /// holds it (it expired), the sample goes back to the worker as missing
-    /// ([`ShardBatch::resend`]).
+    /// holds it (it expired), the sample goes back to the worker ([`SendBack`]), which sends
+    /// it again with its tags ([`ShardBatch::resend`]).
     Vouched,
     /// The canonical tags (sorted, de-duplicated, extra tags included, `host:` removed): this
     /// range of the batch's tag arena. Enough for the shard to create the context.
@@ -78,9 +78,9 @@ impl<'a> ShardBatch<'a> {
         }
     }
 
-    /// Called by the shard: the sample at `index` names a context it does not hold.
-    pub fn send_back(&mut self, index: usize) {
-        self.missing.push(index as u32);
+    /// What a shard works through: the samples, and where it notes those it sends back.
+    pub fn split(&mut self) -> (&[Sample<'a>], SendBack<'_>) {
+        (&self.samples, SendBack(&mut self.missing))
     }
 
     /// Keeps only the samples the shard sent back, each given its canonical tags by `tags`,
@@ -102,6 +102,16 @@ impl<'a> ShardBatch<'a> {
         self.samples.truncate(kept);
         self.missing.clear();
         true
+    }
+}
+
+/// Where a shard notes the samples of a [`ShardBatch`] it sends back.
+pub struct SendBack<'b>(&'b mut Vec<u32>);
+
+impl SendBack<'_> {
+    /// The sample at `index` names a context the shard does not hold.
+    pub fn send_back(&mut self, index: usize) {
+        self.0.push(index as u32);
     }
 }
 
@@ -161,8 +171,9 @@ mod tests {
     #[test]
     fn only_the_samples_sent_back_are_resent_with_their_tags() {
         let mut batch = ShardBatch::from((0..5).map(sample).collect::<Vec<_>>());
-        batch.send_back(1);
-        batch.send_back(3);
+        let (_, mut back) = batch.split();
+        back.send_back(1);
+        back.send_back(3);
         assert!(batch.resend(|s| ContextTags::Arena(s.hash as u32, 9)));
         let got: Vec<(u64, ContextTags)> = batch.samples.iter().map(|s| (s.hash, s.tags)).collect();
         assert_eq!(

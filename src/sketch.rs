@@ -1,5 +1,6 @@
 //! The Agent-compatible DDSketch that distributions (`|d`) aggregate into, bit-exact with the
-//! Datadog Agent's `pkg/quantile` (SPEC §3.3): the backend decodes keys with fixed constants.
+//! Datadog Agent's `pkg/quantile` (docs/behaviour.md, "Distributions"): the backend decodes
+//! keys with fixed constants.
 //!
 //! - relative accuracy ε = 1/128, γ = 1 + 2ε, smallest value 1e-9, bias 1338;
 //! - bins `{key: i16, count: u16}` sorted by key, at most [`BIN_LIMIT`]; a count past 65535
@@ -44,7 +45,7 @@ static PARAMS: LazyLock<Params> = LazyLock::new(|| {
     }
 });
 
-/// The sketch key of `v` (SPEC §3.3). `v` must be finite; the parser guarantees it.
+/// The sketch key of `v`. `v` must be finite; the parser guarantees it.
 pub fn key(v: f64) -> i16 {
     if v < 0.0 {
         return -key(-v);
@@ -136,7 +137,7 @@ pub struct Sketch {
 
 impl Sketch {
     /// Inserts `v` seen at `sample_rate`: weight `floor(1/rate)` into the bins and the count,
-    /// `v/rate` into the sum (SPEC §3.3). A rate outside (0, 1] counts as 1.
+    /// `v/rate` into the sum. A rate outside (0, 1] counts as 1.
     pub fn insert(&mut self, v: f64, sample_rate: f64) {
         let k = key(v);
         if sample_rate > 0.0 && sample_rate < 1.0 {

@@ -298,7 +298,7 @@ mod tests {
         assert_ne!(g.generate(), other.generate());
     }
 
-    /// What a workload looks like: measured the way the shared corpus's README measures it.
+    /// What a workload looks like, measured as the corpus was.
     struct Shape {
         bytes: f64,
         tags: f64,

@@ -89,7 +89,8 @@ pub struct Metric<'a> {
     pub kind: MetricKind,
     /// In (0, 1]; 1 when absent or invalid.
     pub sample_rate: f64,
-    /// The `@` field was a number outside (0, 1] and was replaced by 1 (SPEC §2: counted).
+    /// The `@` field was a number outside (0, 1] and was replaced by 1 (counted; **whippet
+    /// differs**: docs/behaviour.md, "Differences from the Agent").
     pub sample_rate_invalid: bool,
     /// The raw tag list (`a:b,c`), empty when absent. Not split here: the worker does that
     /// while it builds the context, so tags are walked once.

@@ -115,8 +115,8 @@ impl Compressor {
     }
 
     /// The finished body, its spare capacity returned: a body waits in the forwarder's
-    /// queue (bounded by its length) and a doubling buffer is up to twice that (massif at
-    /// 300k contexts: 28 MB of payload buffers alive during a flush before this and pacing).
+    /// queue, which is bounded by the bodies' lengths, and a doubling buffer's capacity is up
+    /// to twice its length.
     pub fn finish(self) -> Vec<u8> {
         let mut body = match self.inner {
             Inner::Zstd(e) => e.finish().unwrap_or_default(),

@@ -1,4 +1,4 @@
-//! Encoding of single items in the intake formats (SPEC §4). Field numbers follow
+//! Encoding of single items in the intake formats (docs/behaviour.md, "Output"). Field numbers follow
 //! DataDog/agent-payload `proto/metrics/agent_payload.proto`.
 //!
 //! ```text

@@ -1,4 +1,5 @@
-//! Accumulators: what one context collects during one bucket, per metric type (SPEC §3.2).
+//! Accumulators: what one context collects during one bucket, per metric type
+//! (docs/behaviour.md, "What each type emits").
 //! Arithmetic mirrors the Agent's (`v * (1/rate)`, truncated weights) so values match exactly.
 
 use std::collections::HashSet;

@@ -3,7 +3,7 @@
 //! of samples; the flusher locks it once per bucket boundary and takes closed buckets out, and
 //! turns them into series outside the lock.
 //!
-//! Bucketing (SPEC §3.1): a sample's bucket is chosen by its arrival time. A context holds the
+//! Bucketing (docs/behaviour.md, "Buckets and contexts"): a sample's bucket is chosen by its arrival time. A context holds the
 //! accumulator of its open bucket and, beside it, the accumulator of the bucket before, when a
 //! sample for a later bucket arrived before the flusher took that one (at a boundary that is
 //! nearly every busy context, until the flusher reaches its shard). Older buckets still untaken
@@ -50,8 +50,8 @@ struct Context {
     key: ContextKey,
     acc: Accumulator,
     /// The bucket before `bucket`, closed and not yet taken by the flusher. Holding it here
-    /// costs 16 bytes a context; a separate 40-byte record per context closed at a boundary
-    /// cost more (a flush of 260k contexts: 196k records in vectors of 254k, 10 MB).
+    /// costs 16 bytes a context; a record of its own per context closed at a boundary would
+    /// cost 40, plus the slack of the vector holding them.
     prev: Option<Accumulator>,
     /// Bucket `acc` belongs to (when `dirty`); never decreases, so it is also the bucket of
     /// the last sample, which expiry counts from. Seconds since the epoch, as the bucket of
@@ -63,8 +63,8 @@ struct Context {
     samples: u32,
     /// The key's type and name length (saturating at 65535; a packet is at most 64 KiB),
     /// kept beside the hash: a sample vouched for by a worker's cache is matched without
-    /// touching the key (three dependent cache misses per sample, 11% of the daemon's CPU
-    /// under all-out load). The hash vouches for the bytes, the host's as the tags'.
+    /// touching the key, which would be dependent cache misses on every sample. The hash
+    /// vouches for the bytes, the host's as the tags'.
     name_len: u16,
     kind: MetricKind,
     dirty: bool,
@@ -171,9 +171,9 @@ impl ContextBudget {
 
 /// A shard's live contexts: a dense vector of [`Context`]s and a hash table of their indexes.
 ///
-/// A table holding the 56-byte contexts inline sits between 44% and 87% full after each
-/// doubling, and every empty bucket costs a whole context's size (30 MB of tables for 300k
-/// contexts, half of it empty); empty buckets of an index table cost 5 bytes, and the vector
+/// A table holding the 64-byte contexts inline sits between 44% and 87% full after each
+/// doubling, and every empty bucket costs a whole context's size (tens of MB at hundreds of
+/// thousands of contexts); an empty bucket of an index table costs 5 bytes, and the vector
 /// grows by a quarter at a time. A lookup probes the small table, then reads the context it
 /// was going to update anyway.
 #[derive(Default)]
@@ -276,11 +276,11 @@ impl Shard {
 
     /// Aggregates one shard batch; `tags` is the arena its tag ranges index. A vouched
     /// sample whose context this shard does not hold is not aggregated: it is sent back
-    /// ([`ShardBatch::send_back`]) for the worker to send again with its tags.
+    /// ([`crate::sample::SendBack`]) for the worker to send again with its tags.
     pub fn insert(&mut self, batch: &mut ShardBatch<'_>, tags: &[&str]) -> InsertStats {
         let mut stats = InsertStats::default();
-        for i in 0..batch.samples.len() {
-            let s = batch.samples[i];
+        let (samples, mut back) = batch.split();
+        for (i, s) in samples.iter().enumerate() {
             let bucket = secs(s.bucket.max(self.flushed_through));
             let ctx = match s.tags {
                 ContextTags::Vouched => {
@@ -291,7 +291,7 @@ impl Shard {
                     match found {
                         Some(at) => &mut self.contexts.slab[at],
                         None => {
-                            batch.send_back(i);
+                            back.send_back(i);
                             continue;
                         }
                     }
@@ -305,7 +305,7 @@ impl Shard {
                     };
                     if let Some(ts) = s.timestamp {
                         stats.samples += 1;
-                        self.insert_timestamped(&context, &s, ts);
+                        self.insert_timestamped(&context, s, ts);
                         continue;
                     }
                     let found = self
@@ -337,7 +337,7 @@ impl Shard {
                 }
             };
             stats.samples += 1;
-            accumulate(ctx, &s, bucket, &mut self.closed, &self.members);
+            accumulate(ctx, s, bucket, &mut self.closed, &self.members);
         }
         stats
     }
@@ -346,7 +346,8 @@ impl Shard {
         let SampleValue::Number(v) = s.value else {
             return;
         };
-        // SPEC §3.4: one point at its own timestamp; the sample rate is ignored.
+        // docs/behaviour.md, "Timestamps": one point at its own timestamp; the sample rate
+        // is ignored.
         let acc = match s.kind {
             MetricKind::Count => Accumulator::Count(v),
             _ => Accumulator::Gauge(v),

@@ -425,9 +425,9 @@ fn two_million_unique_contexts_stay_within_the_memory_bound() {
     assert!(s.status.success());
     assert_eq!(s.telemetry("whippet_contexts_created_total"), LIMIT);
     assert_eq!(s.telemetry("whippet_samples_total"), LIMIT);
-    // README "Memory": 24 MiB of fixed cost (binary, buffers, the default queue) plus 200 bytes
-    // per context with keys this short, flush included (measured: 82 MiB release, 86–95 MiB
-    // debug in four runs; 122 to 150 bytes each).
+    // docs/reliability.md, "Memory": 24 MiB of fixed cost (binary, buffers, the default queue)
+    // plus about 150 bytes per context with keys this short, flush included; 200 leaves room
+    // for a debug build's allocations.
     let bound_mib = 24 + LIMIT * 200 / (1 << 20);
     eprintln!("peak RSS {peak_mib} MiB with {LIMIT} contexts, bound {bound_mib} MiB");
     assert!(
