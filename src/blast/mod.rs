@@ -83,30 +83,37 @@ enum Socket {
     Stream(UnixStream),
 }
 
+impl Socket {
+    fn open(target: &Target) -> Result<Socket, String> {
+        Ok(match target {
+            Target::Udp(addr) => {
+                let any = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let s = UdpSocket::bind(any)
+                    .and_then(|s| s.connect(addr).map(|_| s))
+                    .map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"))?;
+                Socket::Udp(s)
+            }
+            Target::Unix(path) => {
+                let s = UnixDatagram::unbound()
+                    .and_then(|s| s.connect(path).map(|_| s))
+                    .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+                Socket::Unix(s)
+            }
+            Target::Stream(path) => Socket::Stream(
+                UnixStream::connect(path)
+                    .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?,
+            ),
+        })
+    }
+}
+
 /// Sends `packets` in a loop according to `plan`.
 pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<Sent, String> {
-    let socket = match target {
-        Target::Udp(addr) => {
-            let s = UdpSocket::bind(if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            })
-            .and_then(|s| s.connect(addr).map(|_| s))
-            .map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"))?;
-            Socket::Udp(s)
-        }
-        Target::Unix(path) => {
-            let s = UnixDatagram::unbound()
-                .and_then(|s| s.connect(path).map(|_| s))
-                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-            Socket::Unix(s)
-        }
-        Target::Stream(path) => Socket::Stream(
-            UnixStream::connect(path)
-                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?,
-        ),
-    };
+    let socket = Socket::open(target)?;
     let mut sent = Sent::default();
     let start = Instant::now();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(32, None);
@@ -127,25 +134,7 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
                 continue;
             }
         }
-        // A batch of up to 32 packets, not past the count.
-        let mut batch: Vec<&(Vec<u8>, u64)> = Vec::with_capacity(32);
-        let mut batch_messages = 0;
-        while batch.len() < 32 {
-            let p = &packets[i % packets.len()];
-            if plan
-                .count
-                .is_some_and(|c| sent.messages + batch_messages + p.1 > c)
-                && !batch.is_empty()
-            {
-                break;
-            }
-            batch.push(p);
-            batch_messages += p.1;
-            i += 1;
-            if plan.rate.is_some_and(|r| batch_messages > r / 1000) {
-                break;
-            }
-        }
+        let batch = next_batch(packets, &mut i, &plan, sent.messages);
         let delivered = match &socket {
             Socket::Udp(s) => send_batch(s.as_raw_fd(), &mut headers, &batch),
             Socket::Unix(s) => send_batch(s.as_raw_fd(), &mut headers, &batch),
@@ -155,11 +144,10 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
                     stream_buf.extend_from_slice(&(p.len() as u32).to_le_bytes());
                     stream_buf.extend_from_slice(p);
                 }
-                let mut s = s;
-                match s.write_all(&stream_buf) {
-                    Ok(()) => batch.len(),
-                    Err(e) => return Err(format!("stream write failed: {e}")),
-                }
+                let mut s: &UnixStream = s;
+                s.write_all(&stream_buf)
+                    .map_err(|e| format!("stream write failed: {e}"))?;
+                batch.len()
             }
         };
         for (p, n) in &batch[..delivered] {
@@ -174,6 +162,31 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
     }
     sent.elapsed = start.elapsed();
     Ok(sent)
+}
+
+/// The next batch of up to 32 packets from `packets[*i..]` (in a loop), never past the
+/// plan's count, and at a fixed rate no more than a millisecond's worth.
+fn next_batch<'p>(
+    packets: &'p [(Vec<u8>, u64)],
+    i: &mut usize,
+    plan: &Plan,
+    sent: u64,
+) -> Vec<&'p (Vec<u8>, u64)> {
+    let mut batch: Vec<&(Vec<u8>, u64)> = Vec::with_capacity(32);
+    let mut messages = 0;
+    while batch.len() < 32 {
+        let p = &packets[*i % packets.len()];
+        if plan.count.is_some_and(|c| sent + messages + p.1 > c) && !batch.is_empty() {
+            break;
+        }
+        batch.push(p);
+        messages += p.1;
+        *i += 1;
+        if plan.rate.is_some_and(|r| messages > r / 1000) {
+            break;
+        }
+    }
+    batch
 }
 
 /// One `sendmmsg`; returns how many packets went out.

@@ -186,50 +186,15 @@ fn handle(shared: &Shared, mut request: Request) {
     let _ = request.respond(response);
 }
 
+/// A JSON answer.
+type Answer = Response<std::io::Cursor<Vec<u8>>>;
+
 /// The Datadog routes.
-fn data(shared: &Shared, request: &mut Request, path: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+fn data(shared: &Shared, request: &mut Request, path: &str) -> Answer {
+    if let Some(refused) = refusal(shared, request, path) {
+        return refused;
+    }
     let store = &shared.store;
-    if let Some(key) = &shared.config.api_key {
-        if header(request, "DD-API-KEY") != Some(key.as_str()) {
-            store.record_rejected("forbidden");
-            return json_response(403, &json!({"errors": ["Forbidden"]}));
-        }
-    }
-    if path == "/api/v1/validate" {
-        return json_response(200, &json!({"valid": true}));
-    }
-    // Injected failures hit payload submissions only, not the key check.
-    if let Some((status, span)) = shared.config.fail_for {
-        if shared.started.elapsed() < span {
-            store.record_rejected(&format!("injected_{status}"));
-            return json_response(status, &json!({"errors": ["injected failure"]}));
-        }
-    }
-    if let Some((status, _)) = shared.config.fail {
-        let took = shared
-            .fail_left
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if took {
-            store.record_rejected(&format!("injected_{status}"));
-            return json_response(status, &json!({"errors": ["injected failure"]}));
-        }
-    }
-    let known = [
-        "/api/v2/series",
-        "/api/v1/series",
-        "/api/beta/sketches",
-        "/intake/",
-        "/api/v1/check_run",
-    ];
-    if !known.contains(&path) {
-        store.record_rejected("unknown_route");
-        return json_response(404, &json!({"errors": [format!("no route {path}")]}));
-    }
-    if *request.method() != Method::Post {
-        store.record_rejected("method");
-        return json_response(405, &json!({"errors": ["POST only"]}));
-    }
     let encoding = header(request, "Content-Encoding")
         .unwrap_or("")
         .to_string();
@@ -266,6 +231,61 @@ fn data(shared: &Shared, request: &mut Request, path: &str) -> Response<std::io:
             json_response(400, &json!({"errors": [reason]}))
         }
     }
+}
+
+/// The answer to a request refused before its body is read: a wrong API key, the key check
+/// itself (always valid), an injected failure, an unknown route or method.
+fn refusal(shared: &Shared, request: &Request, path: &str) -> Option<Answer> {
+    let store = &shared.store;
+    let refuse = |reason: &str, status: u16, error: String| {
+        store.record_rejected(reason);
+        Some(json_response(status, &json!({"errors": [error]})))
+    };
+    if let Some(key) = &shared.config.api_key {
+        if header(request, "DD-API-KEY") != Some(key.as_str()) {
+            return refuse("forbidden", 403, "Forbidden".into());
+        }
+    }
+    if path == "/api/v1/validate" {
+        return Some(json_response(200, &json!({"valid": true})));
+    }
+    // Injected failures hit payload submissions only, not the key check.
+    if let Some((status, span)) = shared.config.fail_for {
+        if shared.started.elapsed() < span {
+            return refuse(
+                &format!("injected_{status}"),
+                status,
+                "injected failure".into(),
+            );
+        }
+    }
+    if let Some((status, _)) = shared.config.fail {
+        let took = shared
+            .fail_left
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if took {
+            return refuse(
+                &format!("injected_{status}"),
+                status,
+                "injected failure".into(),
+            );
+        }
+    }
+    let known = [
+        "/api/v2/series",
+        "/api/v1/series",
+        "/api/beta/sketches",
+        "/intake/",
+        "/api/v1/check_run",
+    ];
+    if !known.contains(&path) {
+        return refuse("unknown_route", 404, format!("no route {path}"));
+    }
+    if *request.method() != Method::Post {
+        return refuse("method", 405, "POST only".into());
+    }
+    None
 }
 
 /// Undoes `Content-Encoding`: zstd, deflate (zlib), gzip, or none.
