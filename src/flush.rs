@@ -14,7 +14,7 @@ use crate::demux::Demux;
 use crate::sample::{EventRecord, ServiceCheckRecord};
 use crate::shard::{Accumulator, Closed, Expiry, Histogram};
 use crate::sketch::Sketch;
-use crate::telemetry::{Counter, Gauge, Label, PerLabel, Readings, Snapshot};
+use crate::telemetry::{labels, Counter, Gauge, PerLabel, Readings, Snapshot};
 
 /// The intake's metric types (v2 `MetricType` numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,39 +247,13 @@ fn percentiles(h: &Histogram, pcts: &[(i64, Arc<str>)], mut emit: impl FnMut(&Ar
 /// costs at most one extra, smaller payload per emit.
 pub const EMIT_CONTEXTS: usize = 10_000;
 
-/// What a flush produced, labelling `whippet_flushed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Data {
-    Points = 0,
-    Sketches = 1,
-    Events = 2,
-    ServiceChecks = 3,
-}
-
-impl Data {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-}
-
-impl Label for Data {
-    const NAME: &'static str = "data";
-    const ALL: &'static [Data] = &[
-        Data::Points,
-        Data::Sketches,
-        Data::Events,
-        Data::ServiceChecks,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Data::Points => "points",
-            Data::Sketches => "sketches",
-            Data::Events => "events",
-            Data::ServiceChecks => "service_checks",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+labels! {
+    /// What a flush produced, labelling `whippet_flushed_total`.
+    pub enum Data: "data" {
+        Points = "points",
+        Sketches = "sketches",
+        Events = "events",
+        ServiceChecks = "service_checks",
     }
 }
 

@@ -11,34 +11,14 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::telemetry::Label;
+use crate::telemetry::labels;
 
-/// Where packets come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp = 0,
-    Unix = 1,
-    Stream = 2,
-}
-
-impl Transport {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-}
-
-impl Label for Transport {
-    const NAME: &'static str = "transport";
-    const ALL: &'static [Transport] = &[Transport::Udp, Transport::Unix, Transport::Stream];
-
-    fn label(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Unix => "unix",
-            Transport::Stream => "unix_stream",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+labels! {
+    /// Where packets come from.
+    pub enum Transport: "transport" {
+        Udp = "udp",
+        Unix = "unix",
+        Stream = "unix_stream",
     }
 }
 

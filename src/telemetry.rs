@@ -58,6 +58,54 @@ pub trait Label: Copy + Eq + 'static {
     fn index(self) -> usize;
 }
 
+/// Declares a fieldless enum whose values label readings: the enum, its `COUNT`, and its
+/// [`Label`] implementation, with `ALL` in declaration order and each value's discriminant
+/// its index, so neither can drift from the other.
+///
+/// ```ignore
+/// labels! {
+///     /// Where packets come from.
+///     pub enum Transport: "transport" {
+///         Udp = "udp",
+///         Unix = "unix",
+///     }
+/// }
+/// ```
+macro_rules! labels {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident: $key:literal {
+            $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const COUNT: usize = <Self as $crate::telemetry::Label>::ALL.len();
+        }
+
+        impl $crate::telemetry::Label for $name {
+            const NAME: &'static str = $key;
+            const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+pub(crate) use labels;
+
 /// One `T` per value of the label `L`, indexed by it. `N` is `L::ALL.len()`, written as the
 /// enum's own constant (`PerLabel<Transport, Counter, { Transport::COUNT }>`), and checked
 /// when a table is built.

@@ -95,13 +95,8 @@ const fn n(
     help: &'static str,
 ) -> Setting {
     Setting {
-        flag,
-        var,
-        hint,
-        help,
-        default,
         range: Some((min, max)),
-        reload: false,
+        ..s(flag, var, hint, default, help)
     }
 }
 

@@ -7,28 +7,28 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::serializer::Endpoint;
-use crate::telemetry::{Counter, Gauge, Label, Readings, Snapshot};
+use crate::telemetry::{labels, Counter, Gauge, Label, Readings, Snapshot};
 
-/// Why a request got no HTTP answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Cause {
-    /// `--request-timeout-ms` passed.
-    Timeout = 0,
-    /// The intake's host name did not resolve.
-    Dns = 1,
-    /// No connection: refused, unreachable, or the proxy refused it.
-    Connect = 2,
-    /// The TLS handshake failed (an untrusted certificate, a protocol mismatch).
-    Tls = 3,
-    /// The connection broke while the request or its answer was on the way (reset, closed).
-    Io = 4,
-    /// The intake answered something that is not HTTP.
-    Protocol = 5,
+labels! {
+    /// Why a request got no HTTP answer.
+    #[derive(PartialOrd, Ord)]
+    pub enum Cause: "cause" {
+        /// `--request-timeout-ms` passed.
+        Timeout = "timeout",
+        /// The intake's host name did not resolve.
+        Dns = "dns",
+        /// No connection: refused, unreachable, or the proxy refused it.
+        Connect = "connect",
+        /// The TLS handshake failed (an untrusted certificate, a protocol mismatch).
+        Tls = "tls",
+        /// The connection broke while the request or its answer was on the way (reset, closed).
+        Io = "io",
+        /// The intake answered something that is not HTTP.
+        Protocol = "protocol",
+    }
 }
 
 impl Cause {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-
     /// The cause of a failed request.
     pub fn of(e: &ureq::Error) -> Cause {
         use std::io::ErrorKind;
@@ -53,33 +53,6 @@ impl Cause {
             },
             _ => Cause::Protocol,
         }
-    }
-}
-
-impl Label for Cause {
-    const NAME: &'static str = "cause";
-    const ALL: &'static [Cause] = &[
-        Cause::Timeout,
-        Cause::Dns,
-        Cause::Connect,
-        Cause::Tls,
-        Cause::Io,
-        Cause::Protocol,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Cause::Timeout => "timeout",
-            Cause::Dns => "dns",
-            Cause::Connect => "connect",
-            Cause::Tls => "tls",
-            Cause::Io => "io",
-            Cause::Protocol => "protocol",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
     }
 }
 

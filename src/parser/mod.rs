@@ -15,7 +15,7 @@ pub use metric::{Metric, MetricKind, Values};
 pub use service_check::{CheckStatus, ServiceCheck};
 
 use crate::packet::Line;
-use crate::telemetry::Label;
+use crate::telemetry::{labels, Label};
 
 /// One parsed message, borrowing from the packet it came in.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,17 +25,16 @@ pub enum Message<'a> {
     ServiceCheck(ServiceCheck<'a>),
 }
 
-/// What a message claims to be, judged by its first bytes; labels counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageKind {
-    Metric = 0,
-    Event = 1,
-    ServiceCheck = 2,
+labels! {
+    /// What a message claims to be, judged by its first bytes; labels counters.
+    pub enum MessageKind: "kind" {
+        Metric = "metric",
+        Event = "event",
+        ServiceCheck = "service_check",
+    }
 }
 
 impl MessageKind {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-
     /// Classifies a line by its prefix: `_e{` is an event, `_sc|` a service check.
     pub fn of(line: &[u8]) -> MessageKind {
         if line.starts_with(b"_e{") {
@@ -48,110 +47,41 @@ impl MessageKind {
     }
 }
 
-impl Label for MessageKind {
-    const NAME: &'static str = "kind";
-    const ALL: &'static [MessageKind] = &[
-        MessageKind::Metric,
-        MessageKind::Event,
-        MessageKind::ServiceCheck,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            MessageKind::Metric => "metric",
-            MessageKind::Event => "event",
-            MessageKind::ServiceCheck => "service_check",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Why a message was rejected. `Copy`, so the hot path can count it without allocating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// The line is not valid UTF-8. **whippet differs:** the Agent passes the bytes on and the
-    /// intake receives mangled strings; protobuf strings must be UTF-8, so we reject.
-    InvalidUtf8,
-    /// Metric: no `:` between name and value.
-    MissingValue,
-    /// Metric: nothing before the first `:`; service check: empty name.
-    EmptyName,
-    /// Metric: no value item (after skipping empty ones).
-    EmptyValue,
-    /// Metric: no `|type` field.
-    MissingType,
-    /// Metric: type is not one of `c g h ms d s`.
-    UnknownType,
-    /// Metric: a value item is not a decimal number.
-    InvalidValue,
-    /// Metric: a value is NaN, infinite or out of `f64` range (**whippet differs**:
-    /// docs/behaviour.md, "Differences from the Agent").
-    NonFiniteValue,
-    /// Metric: the `@` field is not a number.
-    InvalidSampleRate,
-    /// Metric: a field starting with `T` that is not a positive integer.
-    InvalidTimestamp,
-    /// Event: the `_e{<title_len>,<text_len>}:` header is malformed.
-    InvalidHeader,
-    /// Event: the declared lengths do not match the message.
-    InvalidLength,
-    /// Event: title length is 0.
-    EmptyTitle,
-    /// Service check: fewer than three `|`-separated parts.
-    MissingField,
-    /// Service check: status is not 0, 1, 2 or 3.
-    InvalidStatus,
-}
-
-impl Reason {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-}
-
-impl Label for Reason {
-    const NAME: &'static str = "reason";
-    const ALL: &'static [Reason] = &[
-        Reason::InvalidUtf8,
-        Reason::MissingValue,
-        Reason::EmptyName,
-        Reason::EmptyValue,
-        Reason::MissingType,
-        Reason::UnknownType,
-        Reason::InvalidValue,
-        Reason::NonFiniteValue,
-        Reason::InvalidSampleRate,
-        Reason::InvalidTimestamp,
-        Reason::InvalidHeader,
-        Reason::InvalidLength,
-        Reason::EmptyTitle,
-        Reason::MissingField,
-        Reason::InvalidStatus,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Reason::InvalidUtf8 => "invalid_utf8",
-            Reason::MissingValue => "missing_value",
-            Reason::EmptyName => "empty_name",
-            Reason::EmptyValue => "empty_value",
-            Reason::MissingType => "missing_type",
-            Reason::UnknownType => "unknown_type",
-            Reason::InvalidValue => "invalid_value",
-            Reason::NonFiniteValue => "non_finite_value",
-            Reason::InvalidSampleRate => "invalid_sample_rate",
-            Reason::InvalidTimestamp => "invalid_timestamp",
-            Reason::InvalidHeader => "invalid_header",
-            Reason::InvalidLength => "invalid_length",
-            Reason::EmptyTitle => "empty_title",
-            Reason::MissingField => "missing_field",
-            Reason::InvalidStatus => "invalid_status",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+labels! {
+    /// Why a message was rejected. `Copy`, so the hot path can count it without allocating.
+    pub enum Reason: "reason" {
+        /// The line is not valid UTF-8. **whippet differs:** the Agent passes the bytes on and the
+        /// intake receives mangled strings; protobuf strings must be UTF-8, so we reject.
+        InvalidUtf8 = "invalid_utf8",
+        /// Metric: no `:` between name and value.
+        MissingValue = "missing_value",
+        /// Metric: nothing before the first `:`; service check: empty name.
+        EmptyName = "empty_name",
+        /// Metric: no value item (after skipping empty ones).
+        EmptyValue = "empty_value",
+        /// Metric: no `|type` field.
+        MissingType = "missing_type",
+        /// Metric: type is not one of `c g h ms d s`.
+        UnknownType = "unknown_type",
+        /// Metric: a value item is not a decimal number.
+        InvalidValue = "invalid_value",
+        /// Metric: a value is NaN, infinite or out of `f64` range (**whippet differs**:
+        /// docs/behaviour.md, "Differences from the Agent").
+        NonFiniteValue = "non_finite_value",
+        /// Metric: the `@` field is not a number.
+        InvalidSampleRate = "invalid_sample_rate",
+        /// Metric: a field starting with `T` that is not a positive integer.
+        InvalidTimestamp = "invalid_timestamp",
+        /// Event: the `_e{<title_len>,<text_len>}:` header is malformed.
+        InvalidHeader = "invalid_header",
+        /// Event: the declared lengths do not match the message.
+        InvalidLength = "invalid_length",
+        /// Event: title length is 0.
+        EmptyTitle = "empty_title",
+        /// Service check: fewer than three `|`-separated parts.
+        MissingField = "missing_field",
+        /// Service check: status is not 0, 1, 2 or 3.
+        InvalidStatus = "invalid_status",
     }
 }
 

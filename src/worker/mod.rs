@@ -24,7 +24,7 @@ use crate::parser::{
 use crate::sample::{
     recycle, ContextTags, EventRecord, Sample, SampleValue, ServiceCheckRecord, ShardBatch,
 };
-use crate::telemetry::{Counter, Label, PerLabel, Readings, Snapshot};
+use crate::telemetry::{labels, Counter, Label, PerLabel, Readings, Snapshot};
 use cache::{Cached, ContextCache, RawKey, DEFAULT_HOST};
 
 /// What a worker needs to turn messages into samples.
@@ -67,40 +67,16 @@ impl LiveTags {
     }
 }
 
-/// Why a worker dropped a message or sample it parsed, labelling `whippet_dropped_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Discard {
-    /// A `|T` timestamp on a type other than gauge or count (docs/behaviour.md,
-    /// "Timestamps").
-    TimestampedUnsupported = 0,
-    /// Too many events or service checks waiting for the next flush (`--event-backlog`).
-    EventBacklogFull = 1,
-    /// A sample for a new context while `--context-limit` contexts are live.
-    ContextLimit = 2,
-}
-
-impl Discard {
-    pub const COUNT: usize = <Self as Label>::ALL.len();
-}
-
-impl Label for Discard {
-    const NAME: &'static str = "reason";
-    const ALL: &'static [Discard] = &[
-        Discard::TimestampedUnsupported,
-        Discard::EventBacklogFull,
-        Discard::ContextLimit,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Discard::TimestampedUnsupported => "timestamped_unsupported",
-            Discard::EventBacklogFull => "event_backlog_full",
-            Discard::ContextLimit => "context_limit",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+labels! {
+    /// Why a worker dropped a message or sample it parsed, labelling `whippet_dropped_total`.
+    pub enum Discard: "reason" {
+        /// A `|T` timestamp on a type other than gauge or count (docs/behaviour.md,
+        /// "Timestamps").
+        TimestampedUnsupported = "timestamped_unsupported",
+        /// Too many events or service checks waiting for the next flush (`--event-backlog`).
+        EventBacklogFull = "event_backlog_full",
+        /// A sample for a new context while `--context-limit` contexts are live.
+        ContextLimit = "context_limit",
     }
 }
 
