@@ -62,7 +62,7 @@ pub trait Label: Copy + Eq + 'static {
 /// [`Label`] implementation, with `ALL` in declaration order and each value's discriminant
 /// its index, so neither can drift from the other.
 ///
-/// ```ignore
+/// ```text
 /// labels! {
 ///     /// Where packets come from.
 ///     pub enum Transport: "transport" {

@@ -129,7 +129,7 @@ pub const SETTINGS: &[Setting] = &[
     s("histogram-percentiles", "DD_HISTOGRAM_PERCENTILES", "LIST", Value("0.95"), "Histogram percentiles as fractions (comma- or space-separated)."),
     n("expiry-seconds", "DD_DOGSTATSD_EXPIRY_SECONDS", "N", (Value("300"), 0, 1 << 40), "Counters report 0 for this long after their last sample."),
     n("context-expiry-seconds", "DD_DOGSTATSD_CONTEXT_EXPIRY_SECONDS", "N", (Value("20"), 0, 1 << 40), "Other contexts are freed once idle this long."),
-    n("context-limit", "WHIPPET_CONTEXT_LIMIT", "N", (Value("500000"), 1, 1 << 32), "Most live metric contexts; a sample that would create one more is dropped and counted (whippet_dropped_total{reason=context_limit}), existing contexts keep working. Bounds memory against unbounded tag values (see docs/reliability.md for the bound)."),
+    n("context-limit", "WHIPPET_CONTEXT_LIMIT", "N", (Value("500000"), 1, 1 << 32), "Most live metric contexts; a sample that would create one more is dropped and counted (whippet_dropped_total{reason=context_limit}), existing contexts keep working. Bounds memory against unbounded tag values: a context costs about 100 bytes plus its name, host and tags."),
     n("event-backlog", "WHIPPET_EVENT_BACKLOG", "N", (Value("10000"), 1, 10_000_000), "Most events plus service checks held between two flushes; beyond, they are dropped and counted."),
     s("dd-url", "DD_DD_URL", "URL", Derived("https://app.SITE when an API key is set; otherwise whippet prints to the console"), "Intake URL (http:// or https://) that payloads are sent to.").reloadable(),
     s("site", "DD_SITE", "SITE", Value("datadoghq.com"), "Datadog site used to build the intake URL.").reloadable(),
