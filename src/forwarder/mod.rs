@@ -53,7 +53,7 @@ pub struct ForwarderConfig {
     pub retry_queue_bytes: usize,
     /// Whole-request timeout.
     pub timeout: Duration,
-    /// First retry delay; later ones double up to 32 times this (2 s → 64 s by default).
+    /// First retry delay; later ones double, up to 32 times this (2 s to 64 s by default).
     pub retry_base: Duration,
     /// `--retry-dir` and `--retry-dir-bytes`.
     pub retry_dir: Option<(std::path::PathBuf, u64)>,
