@@ -1,5 +1,5 @@
-//! Encoding of single items in the intake formats (docs/behaviour.md, "Output"). Field numbers follow
-//! DataDog/agent-payload `proto/metrics/agent_payload.proto`.
+//! Encoding of single items in the intake formats (docs/behaviour.md, "Output"). Field
+//! numbers follow DataDog/agent-payload `proto/metrics/agent_payload.proto`.
 //!
 //! ```text
 //! MetricPayload { 1: repeated MetricSeries }

@@ -3,12 +3,13 @@
 //! of samples; the flusher locks it once per bucket boundary and takes closed buckets out, and
 //! turns them into series outside the lock.
 //!
-//! Bucketing (docs/behaviour.md, "Buckets and contexts"): a sample's bucket is chosen by its arrival time. A context holds the
-//! accumulator of its open bucket and, beside it, the accumulator of the bucket before, when a
-//! sample for a later bucket arrived before the flusher took that one (at a boundary that is
-//! nearly every busy context, until the flusher reaches its shard). Older buckets still untaken
-//! (a flusher many seconds late) move to `closed`. A sample arriving after its bucket was
-//! flushed (a worker racing the boundary) goes into the next bucket, never lost.
+//! Bucketing (docs/behaviour.md, "Buckets and contexts"): a sample's bucket is chosen by its
+//! arrival time. A context holds the accumulator of its open bucket and, beside it, the
+//! accumulator of the bucket before, when a sample for a later bucket arrived before the
+//! flusher took that one (at a boundary that is nearly every busy context, until the flusher
+//! reaches its shard). Older buckets still untaken (a flusher many seconds late) move to
+//! `closed`. A sample arriving after its bucket was flushed (a worker racing the boundary)
+//! goes into the next bucket, never lost.
 
 pub mod accumulator;
 
