@@ -1,8 +1,8 @@
 //! The serializer: a flush's series, sketches, events and service checks → compressed HTTP
 //! payloads in the Datadog intake formats (docs/behaviour.md, "Payloads"), split to honour
-//! every size and point limit. Items are encoded one at a time into an incremental [`PayloadBuilder`] that says
-//! "full" before a limit would be crossed; nothing is dropped for size unless one item alone
-//! is over a limit, and that is counted.
+//! every size and point limit. Items are encoded one at a time into an incremental
+//! [`PayloadBuilder`] that says "full" before a limit would be crossed; nothing is dropped for
+//! size unless one item alone is over a limit, and that is counted.
 
 pub mod compress;
 pub mod encode;
