@@ -1,9 +1,9 @@
 //! The forwarder: sends payloads to the intake over HTTP(S) from a small pool of threads,
 //! classifies each outcome (docs/behaviour.md, "Delivery"), and retries what can be retried
-//! with exponential backoff per endpoint. Everything waiting — new payloads and failed ones — lives in one
-//! queue bounded in bytes (`--retry-queue-bytes`): when it is full the oldest payload is
-//! dropped and counted — or, with `--retry-dir`, written to disk ([`disk`]) and sent later,
-//! oldest first, also after a restart. Nothing is dropped without a counter.
+//! with exponential backoff per endpoint. Everything waiting — new payloads and failed ones —
+//! lives in one queue bounded in bytes (`--retry-queue-bytes`): when it is full the oldest
+//! payload is dropped and counted — or, with `--retry-dir`, written to disk ([`disk`]) and
+//! sent later, oldest first, also after a restart. Nothing is dropped without a counter.
 //!
 //! | outcome | what happens |
 //! |---|---|
