@@ -503,7 +503,8 @@ fn log_start(config: &Config, bound: &Bound) {
     let f = &config.forwarding;
     match &f.intake_url {
         Some(url) => log::info(&format!(
-            "forwarding to {url} (series {}, {} compression)",
+            "forwarding to {} (series {}, {} compression)",
+            forwarder::redact_url(url),
             match f.series_api {
                 SeriesApi::V1 => "v1 JSON",
                 SeriesApi::V2 => "v2 protobuf",

@@ -100,7 +100,7 @@ impl Reloader {
                 "socket_activated": self.bound.activated,
             }),
         );
-        info.insert("intake".into(), json!(c.forwarding.intake_url));
+        info.insert("intake".into(), json!(c.forwarding.intake_url.as_deref().map(crate::forwarder::redact_url)));
         info.insert("hostname".into(), json!(c.aggregation.hostname));
         info.insert("tags".into(), json!(c.aggregation.tags));
         info.insert("config_file".into(), json!(path(&c.config_file)));

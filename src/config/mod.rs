@@ -284,7 +284,7 @@ pub fn report(c: &Config) -> String {
         .forwarding
         .intake_url
         .as_deref()
-        .unwrap_or("none: printing to stdout");
+        .map_or("none: printing to stdout".into(), crate::forwarder::redact_url);
     out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
     let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
     out.push_str(&format!("{:<24} {udp}\n", "=> udp"));

@@ -58,10 +58,10 @@ impl Resolver<'_> {
             self.sources.push((flag, String::new(), Source::Default));
             return None;
         };
-        let shown = if flag == "api-key" {
-            "(redacted)".into()
-        } else {
-            v.clone()
+        let shown = match flag {
+            "api-key" => "(redacted)".into(),
+            "dd-url" => crate::forwarder::redact_url(&v),
+            _ => v.clone(),
         };
         self.sources.push((flag, shown, source));
         match parse(&v, &name) {
@@ -313,7 +313,8 @@ pub(super) fn intake_base(v: &str, name: &str) -> Result<String, String> {
     match host {
         Some(host) if !host.is_empty() && !host.contains('/') => Ok(url.to_string()),
         _ => Err(format!(
-            "{name}: '{url}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)"
+            "{name}: '{}' is not like https://app.datadoghq.com or http://127.0.0.1:8080 (scheme, host, optional port, no path)",
+            crate::forwarder::redact_url(url)
         )),
     }
 }

@@ -145,6 +145,12 @@ pub fn validate_api_key(config: &ForwarderConfig) {
         .get(&url)
         .header("DD-API-KEY", &config.api_key.0)
         .call();
+    if let Ok(r) = &answer {
+        let status = r.status().as_u16();
+        if (300..400).contains(&status) {
+            log_redirect(status, "/api/v1/validate", r);
+        }
+    }
     match answer.map(|r| r.status().as_u16()) {
         Ok(200..=299) => log::info("API key is valid"),
         Ok(403) => log::error("invalid API key: the intake answered 403 to /api/v1/validate; set --api-key or DD_API_KEY"),
@@ -153,10 +159,44 @@ pub fn validate_api_key(config: &ForwarderConfig) {
     }
 }
 
+/// `url` with any credentials in its authority (`user:password@`) replaced, for logs,
+/// `--check-config` and `/status`.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}(redacted){}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
+    }
+}
+
+/// Logs (rate-limited) a redirect the intake answered, with where it pointed, minus any
+/// credentials in that address.
+fn log_redirect(status: u16, path: &str, response: &ureq::http::Response<ureq::Body>) {
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| "nowhere".to_string(), |l| redact_url(l));
+    log::warn_limited("forwarder-redirect", || {
+        format!(
+            "the intake answered {status} to {path}, pointing at {location}; whippet never \
+             follows redirects (the API key would go along): set --dd-url to the intake's \
+             own address; retrying with backoff"
+        )
+    });
+}
+
 fn agent(config: &ForwarderConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(config.timeout))
         .http_status_as_error(false)
+        // A redirect would carry DD-API-KEY to whatever host it names (in clear, were it
+        // http), and 301-303 would turn the POST into a body-less GET: never followed, a 3xx
+        // is an answer of its own (docs/behaviour.md, "Delivery").
+        .max_redirects(0)
         .user_agent(format!("whippet/{}", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
@@ -434,6 +474,9 @@ impl Shared {
         match request.send(&p.body[..]) {
             Ok(response) => {
                 let status = response.status().as_u16();
+                if (300..400).contains(&status) {
+                    log_redirect(status, p.endpoint.path(), &response);
+                }
                 // Drain a bounded answer so the connection can be reused.
                 let mut body = response.into_body();
                 let _ = body
@@ -600,6 +643,19 @@ impl Output for IntakeOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_an_address_are_redacted() {
+        for (url, shown) in [
+            ("https://u:secret@h.example:8443", "https://(redacted)@h.example:8443"),
+            ("http://secret@127.0.0.1/a@b", "http://(redacted)@127.0.0.1/a@b"),
+            ("https://app.datadoghq.com", "https://app.datadoghq.com"),
+            ("/relative/a@b", "/relative/a@b"),
+            ("https://a:b@c@d", "https://(redacted)@d"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 
     #[test]
     fn the_api_key_never_shows_in_debug_output() {

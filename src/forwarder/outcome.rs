@@ -72,7 +72,8 @@ pub(crate) enum Class {
 }
 
 /// docs/behaviour.md, "Delivery": 2xx is sent; 400, 403 and 413 are dropped; anything else,
-/// an answer or none, is retried.
+/// an answer or none, is retried. A 3xx (never followed) is retried too: it is a
+/// misconfigured `--dd-url`, and the payloads wait, bounded, until SIGHUP fixes it.
 pub(crate) fn classify(answer: Answer) -> Class {
     match answer {
         Answer::Status(s) if (200..300).contains(&s) => Class::Sent,
@@ -115,6 +116,7 @@ impl Outcome {
     fn labels(self) -> (&'static str, &'static str) {
         let status = |s: u16| match s {
             200..=299 => "2xx",
+            300..=399 => "3xx",
             400 => "400",
             403 => "403",
             404 => "404",

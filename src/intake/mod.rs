@@ -44,6 +44,8 @@ pub struct IntakeConfig {
     pub slow_requests: u64,
     /// Print a readable line per decoded point, sketch, event and check.
     pub print: bool,
+    /// Answer every Datadog route with this 3xx status and `Location`, storing nothing.
+    pub redirect: Option<(u16, String)>,
 }
 
 impl Default for IntakeConfig {
@@ -56,6 +58,7 @@ impl Default for IntakeConfig {
             delay: Duration::ZERO,
             slow_requests: 0,
             print: false,
+            redirect: None,
         }
     }
 }
@@ -169,6 +172,10 @@ fn handle(shared: &Shared, mut request: Request) {
     shared.store.record_route(&path);
     let response = if path.starts_with("/fakeintake/") {
         fakeintake(shared, &path, &query)
+    } else if let Some((status, location)) = &shared.config.redirect {
+        let header = Header::from_bytes("Location", format!("{location}{path}"))
+            .unwrap_or_else(|_| unreachable!("a test's own address"));
+        json_response(*status, &json!({"moved": location})).with_header(header)
     } else {
         data(shared, &mut request, &path)
     };

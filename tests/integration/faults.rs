@@ -451,3 +451,58 @@ fn an_intake_with_an_untrusted_certificate_is_refused_not_trusted() {
     assert_eq!(s.telemetry(&key("dropped", "shutdown")), 1);
     assert!(!s.stderr.iter().any(|l| l.contains(r#"outcome="sent""#)));
 }
+
+#[test]
+fn a_redirecting_intake_never_gets_the_key_to_a_second_host_and_its_3xx_is_retried() {
+    // 301 would turn the POST into a body-less GET; 307 would resend it, key and all.
+    for status in [301u16, 307] {
+        let elsewhere = intake(IntakeConfig::default());
+        let redirecting = intake(IntakeConfig {
+            redirect: Some((status, elsewhere.url())),
+            ..IntakeConfig::default()
+        });
+        let w = Whippet::to_intake(
+            &redirecting.url(),
+            &[
+                "--api-key",
+                "the-key",
+                "--retry-base-ms",
+                "10",
+                "--shutdown-timeout",
+                "200ms",
+            ],
+        );
+        w.send_udp(b"moved:1|g");
+        // The bucket flushes at the stop, then retries until --shutdown-timeout.
+        let s = w.stop();
+        assert!(s.status.success());
+        let retried = r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="3xx"}"#;
+        assert!(s.telemetry(retried) >= 1);
+        assert_eq!(elsewhere.store().routes(), Default::default(), "{status}");
+        let routes = redirecting.store().routes();
+        assert_eq!(routes.get("/api/v1/validate"), Some(&1), "{status}");
+        assert_eq!(
+            routes.get("/api/v2/series").copied(),
+            Some(s.telemetry(retried)),
+            "{status}: every request answered 3xx is counted once"
+        );
+        assert!(redirecting.store().payloads(None).is_empty());
+        assert_eq!(
+            s.telemetry(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="dropped",status="shutdown"}"#),
+            1
+        );
+        assert_eq!(s.telemetry_or_zero(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="sent",status="2xx"}"#), 0);
+        let warned: Vec<_> = s
+            .stderr
+            .iter()
+            .filter(|l| l.contains("never follows redirects"))
+            .collect();
+        assert!(
+            warned.iter().any(|l| l.contains(&elsewhere.url())),
+            "{status}: {:?}",
+            s.stderr
+        );
+        elsewhere.stop();
+        redirecting.stop();
+    }
+}
