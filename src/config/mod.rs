@@ -686,6 +686,22 @@ mod tests {
     }
 
     #[test]
+    fn a_password_in_the_intake_address_is_never_shown() {
+        let Ok(Command::Check(report)) = parse_env(
+            &["--dd-url", "https://user:hunter2@intake.example", "--check-config"],
+            &[],
+        ) else {
+            panic!("not a report");
+        };
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(report.contains("=> intake                https://(redacted)@intake.example\n"));
+        let Err(e) = parse_env(&["--dd-url", "ftp://u:hunter2@x"], &[]) else {
+            panic!("accepted");
+        };
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
     fn check_config_reports_sources_and_never_the_key() {
         let file = File::new("check", "DD_API_KEY=\"secret-key-2\"\n");
         let Ok(Command::Check(report)) =
