@@ -260,6 +260,8 @@ pub struct Daemon {
     pub bound: Bound,
     pub telemetry: Arc<Telemetry>,
     stopping: Arc<AtomicBool>,
+    /// Set once every socket is shut down for reading ([`Handoff::shut`]).
+    shut: Arc<AtomicBool>,
     sockets: Sockets,
     readers: Readers,
     pipeline: Pipeline,
@@ -278,11 +280,13 @@ impl Daemon {
         let (output, retarget) = output_for(config, &telemetry)?;
         let (pipeline, queue) = Pipeline::spawn(config, &telemetry, output)?;
         let stopping = Arc::new(AtomicBool::new(false));
+        let shut = Arc::new(AtomicBool::new(false));
         let handoff = Handoff {
             queue,
             pool: pipeline.pool.clone(),
             counters: telemetry.listener.clone(),
             stopping: stopping.clone(),
+            shut: shut.clone(),
         };
         let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream)?;
         let probe = Arc::new(Probe {
@@ -304,6 +308,7 @@ impl Daemon {
             bound,
             telemetry,
             stopping,
+            shut,
             sockets,
             readers,
             pipeline,
@@ -365,6 +370,7 @@ impl Daemon {
             // Wake the accept thread; it then takes every pending connection before exiting.
             let _ = UnixStream::connect(path);
         }
+        self.shut.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -7,13 +7,13 @@
 //! came; a Unix datagram batch polls for further drains of the socket for up to a
 //! millisecond.
 
-use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
+use nix::libc;
+use nix::sys::socket::MsgFlags;
 
 use super::{Flow, Handoff};
 use crate::clock;
@@ -42,16 +42,39 @@ pub struct DatagramReader<'a> {
     fd: BorrowedFd<'a>,
     transport: Transport,
     handoff: &'a Handoff,
-    headers: MultiHeaders<()>,
+    /// Where `recvmmsg` writes each datagram's sender (only whether there is one is read).
+    senders: Box<[libc::sockaddr_storage; MAX_SLOTS]>,
     /// The batch being filled.
     batch: Batch,
-    /// (length, truncated) of each datagram received into the batch's slots.
-    got: [(usize, bool); MAX_SLOTS],
+    /// Each read into the batch's slots.
+    got: [Read; MAX_SLOTS],
     /// Bytes per slot (`--buffer-size`) and slots per batch.
     slot: usize,
     slots: usize,
     /// Unexpected receive errors since the last success.
     errors_in_a_row: u32,
+    /// Empty reads since the sockets were shut down (see [`DatagramReader::drained`]).
+    empty_reads_stopping: usize,
+    /// `net.unix.max_dgram_qlen` for a Unix socket: at most this many datagrams (and one
+    /// more) wait in it.
+    unix_queue: usize,
+}
+
+/// One datagram read: its length, whether it was truncated, and whether it came with a
+/// sender's address (every UDP datagram does; the empty reads of a shut-down socket do not).
+#[derive(Debug, Clone, Copy, Default)]
+struct Read {
+    len: usize,
+    truncated: bool,
+    addressed: bool,
+}
+
+/// `net.unix.max_dgram_qlen`, or a generous stand-in when it cannot be read.
+fn unix_queue_length() -> usize {
+    std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
 }
 
 impl<'a> DatagramReader<'a> {
@@ -61,18 +84,26 @@ impl<'a> DatagramReader<'a> {
             fd,
             transport,
             handoff,
-            headers: MultiHeaders::<()>::preallocate(slots, None),
+            // SAFETY: sockaddr_storage is plain bytes; all zeroes is a valid value.
+            senders: Box::new(unsafe { std::mem::zeroed() }),
             batch: handoff.pool.get(transport),
-            got: [(0, false); MAX_SLOTS],
+            got: [Read::default(); MAX_SLOTS],
             slot: handoff.pool.slot_bytes(),
             slots,
             errors_in_a_row: 0,
+            empty_reads_stopping: 0,
+            unix_queue: if transport == Transport::Unix {
+                unix_queue_length()
+            } else {
+                0
+            },
         }
     }
 
     /// Reads until the socket is shut down and drained, or the queue closes.
     pub fn run(mut self) {
         loop {
+            let shut = self.handoff.shut();
             let n = match self.receive(0, MsgFlags::MSG_WAITFORONE) {
                 Ok(n) => {
                     self.errors_in_a_row = 0;
@@ -86,18 +117,45 @@ impl<'a> DatagramReader<'a> {
                     continue;
                 }
             };
-            let n = self.fill(n);
-            // After shutdown(SHUT_RD) and once the kernel queue is drained, reads return
-            // nothing at once: those are not packets.
-            if self.handoff.stopping() && self.got[..n].iter().all(|&(len, _)| len == 0) {
-                break;
-            }
+            let mut n = self.fill(n);
+            let drained = self.handoff.stopping() && {
+                let (real, drained) = self.drained(n, shut);
+                n = real;
+                drained
+            };
             self.record(n);
             if self.batch.packet_count() > 0 && self.hand_off() == Flow::Stop {
                 break;
             }
+            if drained {
+                break;
+            }
         }
         self.handoff.pool.put(self.batch);
+    }
+
+    /// While stopping: whether the socket is drained, and how many of the `n` reads are
+    /// datagrams. After shutdown(SHUT_RD), once the kernel queue is empty, reads return
+    /// nothing at once, and no datagram can arrive after one of those; an empty datagram
+    /// reads the same, so a batch of them must not end the drain.
+    ///
+    /// A UDP datagram always comes with its sender's address, and those empty reads never
+    /// do. An unbound Unix sender has no address either, but a shut-down Unix socket takes no
+    /// more datagrams and held at most `max_dgram_qlen` + 1: once more empty reads than that
+    /// have come from reads begun after the shutdown (`shut`), one of them was the end, and
+    /// every later one is too.
+    fn drained(&mut self, n: usize, shut: bool) -> (usize, bool) {
+        if self.transport == Transport::Udp {
+            return match self.got[..n].iter().position(|r| r.len == 0 && !r.addressed) {
+                Some(end) => (end, true),
+                None => (n, false),
+            };
+        }
+        let empty = self.got[..n].iter().filter(|r| r.len == 0).count();
+        if shut {
+            self.empty_reads_stopping += empty;
+        }
+        (n, empty == n && self.empty_reads_stopping > self.unix_queue + 1)
     }
 
     /// Lets a batch holding `n` datagrams fill further, by the transport's policy; returns how
@@ -144,12 +202,11 @@ impl<'a> DatagramReader<'a> {
             }
             match self.receive(n, MsgFlags::MSG_DONTWAIT) {
                 Ok(m) if m > 0 => {
-                    // After shutdown(SHUT_RD), reads return nothing at once: not packets.
-                    let empty = self.got[n..n + m].iter().all(|&(len, _)| len == 0);
-                    if self.handoff.stopping() && empty {
+                    n += m;
+                    // Stopping: the run loop drains what is left batch by batch.
+                    if self.handoff.stopping() {
                         break;
                     }
-                    n += m;
                 }
                 _ => break,
             }
@@ -163,7 +220,7 @@ impl<'a> DatagramReader<'a> {
         let counters = &self.handoff.counters.transports[self.transport];
         let mut bytes = 0;
         let mut truncated = 0;
-        for (i, &(len, trunc)) in self.got[..n].iter().enumerate() {
+        for (i, &Read { len, truncated: trunc, .. }) in self.got[..n].iter().enumerate() {
             if trunc {
                 truncated += 1;
             } else if len > 0 {
@@ -199,20 +256,50 @@ impl<'a> DatagramReader<'a> {
         self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
     }
 
-    /// One `recvmmsg` into the batch's slots `first..`; fills `got[first..]` with (length,
-    /// truncated) per datagram and returns how many arrived. With `MSG_WAITFORONE` it blocks
+    /// One `recvmmsg` into the batch's slots `first..`; fills `got[first..]` and returns how
+    /// many arrived. With `MSG_WAITFORONE` it blocks
     /// for the first datagram and takes whatever else is queued; with `MSG_DONTWAIT` it never
     /// blocks.
     fn receive(&mut self, first: usize, flags: MsgFlags) -> Result<usize, Errno> {
-        let mut chunks = self.batch.buffer_mut().chunks_mut(self.slot).skip(first);
-        let mut iovs: [[IoSliceMut<'_>; 1]; MAX_SLOTS] =
-            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
-        let slots = iovs.iter_mut().take(self.slots - first);
-        let results = recvmmsg(self.fd.as_raw_fd(), &mut self.headers, slots, flags, None)?;
-        let mut n = 0;
-        for r in results {
-            self.got[first + n] = (r.bytes, r.flags.contains(MsgFlags::MSG_TRUNC));
-            n += 1;
+        let count = self.slots - first;
+        let slot = self.slot;
+        let buffer = self.batch.buffer_mut();
+        // SAFETY: iovec and mmsghdr are plain C structs; all zeroes (null pointers, zero
+        // lengths) is a valid value for both.
+        let mut iovs: [libc::iovec; MAX_SLOTS] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; MAX_SLOTS] = unsafe { std::mem::zeroed() };
+        let slots = buffer.chunks_mut(slot).skip(first).take(count);
+        for (i, chunk) in slots.enumerate() {
+            iovs[i] = libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            };
+            let hdr = &mut msgs[i].msg_hdr;
+            hdr.msg_name = std::ptr::from_mut(&mut self.senders[i]).cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = std::ptr::from_mut(&mut iovs[i]);
+            hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the first `count` headers point at live, distinct buffers (slots of the
+        // batch, their iovecs, `senders`) that outlive the call and that nothing else
+        // touches meanwhile; the kernel writes at most their stated lengths.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                count as libc::c_uint,
+                flags.bits(),
+                std::ptr::null_mut(),
+            )
+        };
+        let n = Errno::result(r)? as usize;
+        for (i, m) in msgs[..n].iter().enumerate() {
+            self.got[first + i] = Read {
+                len: m.msg_len as usize,
+                truncated: m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                addressed: m.msg_hdr.msg_namelen > 0,
+            };
         }
         Ok(n)
     }
@@ -236,12 +323,20 @@ mod tests {
     use std::sync::Arc;
 
     fn handoff(stopping: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
+        handoff_shut(stopping, stopping)
+    }
+
+    fn handoff_shut(
+        stopping: bool,
+        shut: bool,
+    ) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
         let (queue, rx) = crossbeam_channel::bounded(4);
         let handoff = Handoff {
             queue,
             pool: Arc::new(Pool::new(8192, 1)),
             counters: Arc::new(Counters::default()),
             stopping: Arc::new(AtomicBool::new(stopping)),
+            shut: Arc::new(AtomicBool::new(shut)),
         };
         (handoff, rx)
     }
@@ -259,7 +354,7 @@ mod tests {
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         between();
         let n = reader.top_up(n, wait);
-        reader.got[..n].iter().map(|&(len, _)| len).collect()
+        reader.got[..n].iter().map(|r| r.len).collect()
     }
 
     fn receive_and_top_up(socket: &UnixDatagram, wait: Duration, stopping: bool) -> Vec<usize> {
@@ -315,6 +410,79 @@ mod tests {
         assert_eq!(receive_and_top_up(&rx, Duration::from_secs(60), true), [5]);
         // Not a timing assertion: without the shutdown check it would wait the full minute.
         assert!(start.elapsed() < Duration::from_secs(30));
+    }
+
+    /// Runs a stopping reader over `socket` and returns the packets it handed off; `shut`
+    /// runs beside it and shuts the socket down for reading, as the daemon does.
+    fn drain_stopping(
+        socket: BorrowedFd<'_>,
+        transport: Transport,
+        shut: impl FnOnce() + Send,
+    ) -> Vec<Vec<u8>> {
+        let (handoff, rx) = handoff_shut(true, false);
+        let consumer = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for batch in rx {
+                got.extend(batch.packets().map(<[u8]>::to_vec));
+            }
+            got
+        });
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                shut();
+                handoff.shut.store(true, std::sync::atomic::Ordering::Release);
+            });
+            DatagramReader::new(socket, transport, &handoff).run();
+        });
+        drop(handoff);
+        consumer.join().unwrap()
+    }
+
+    #[test]
+    fn empty_udp_datagrams_queued_at_shutdown_do_not_end_the_drain() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
+            .unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket.local_addr().unwrap();
+        for _ in 0..3000 {
+            sender.send_to(b"", to).unwrap();
+        }
+        for i in 0..500 {
+            sender.send_to(format!("real:{i}|c").as_bytes(), to).unwrap();
+        }
+        // As the daemon stops a reader (unconnected UDP answers ENOTCONN, yet shuts down).
+        let fd = socket.as_raw_fd();
+        let got = drain_stopping(socket.as_fd(), Transport::Udp, || {
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+        });
+        let want: Vec<Vec<u8>> = (0..500).map(|i| format!("real:{i}|c").into_bytes()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn empty_unix_datagrams_queued_at_shutdown_do_not_end_the_drain() {
+        // A bound socket, as the daemon's (a socket pair's queue has no length limit). While
+        // the reader is stopping, a blocked sender gets 3,000 empty datagrams through, then
+        // one real one; only then is the socket shut down.
+        let dir = std::env::temp_dir().join(format!("whippet-rx-empty-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("dsd.socket");
+        let _ = std::fs::remove_file(&path);
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let fd = rx.as_raw_fd();
+        let got = drain_stopping(rx.as_fd(), Transport::Unix, || {
+            let tx = UnixDatagram::unbound().unwrap();
+            // A reader that stopped early fails the test instead of hanging it.
+            tx.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+            for _ in 0..3000 {
+                tx.send_to(b"", &path).unwrap();
+            }
+            tx.send_to(b"real:1|c", &path).unwrap();
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+        });
+        assert_eq!(got, [b"real:1|c".to_vec()]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct Handoff {
     pub pool: Arc<Pool>,
     pub counters: Arc<Counters>,
     pub stopping: Arc<AtomicBool>,
+    /// Set once every socket has been shut down for reading (after `stopping`).
+    pub shut: Arc<AtomicBool>,
 }
 
 /// Whether a reader goes on after handing a batch off.
@@ -126,6 +128,12 @@ pub(crate) enum Flow {
 impl Handoff {
     pub fn stopping(&self) -> bool {
         self.stopping.load(Relaxed)
+    }
+
+    /// Whether every socket has been shut down for reading: a read that starts after this
+    /// is true meets no datagram that arrived later.
+    pub fn shut(&self) -> bool {
+        self.shut.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// UDP's policy: never wait. A full queue drops the batch; its packets and messages are
