@@ -14,6 +14,10 @@
 //! 3. the flusher is told to stop: it flushes every bucket, the open one included, and
 //!    finishes the output (the forwarder gets `--shutdown-timeout` to deliver it);
 //! 4. the status endpoint stops last, so it answers while whippet drains.
+//!
+//! The clock starts at SIGTERM ([`Daemon::guard_shutdown`]): the forwarder stops pacing and
+//! bounds every request by `--shutdown-timeout`, and a guard thread ends the process
+//! [`OVERRUN`] after it if anything is still stuck.
 
 use std::net::{Shutdown, UdpSocket};
 use std::os::fd::AsFd;
@@ -22,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -32,7 +36,7 @@ use crate::config::{check, Config, Listen};
 use crate::console::Console;
 use crate::demux::Demux;
 use crate::flush::{self, Flusher, Output};
-use crate::forwarder::{self, Forwarder, IntakeOutput, Retarget};
+use crate::forwarder::{self, Forwarder, Handle, IntakeOutput};
 use crate::listener::datagram::DatagramReader;
 use crate::listener::{self, stream, udp, unix, Bound, Handoff};
 use crate::log;
@@ -267,6 +271,8 @@ pub struct Daemon {
     pipeline: Pipeline,
     probe: Arc<Probe>,
     reloader: Reloader,
+    /// The forwarder, when there is one, for the shutdown clock.
+    forwarder: Option<Handle>,
     status: Option<StatusServer>,
 }
 
@@ -297,6 +303,7 @@ impl Daemon {
         let (status, status_sources) = start_status(config, &probe, &pipeline.demux)?;
         sockets.bound.status = status.as_ref().map(|s| s.addr);
         let bound = sockets.bound.clone();
+        let forwarder = retarget.clone();
         let reloader = Reloader::new(
             config,
             bound.clone(),
@@ -314,6 +321,7 @@ impl Daemon {
             pipeline,
             probe,
             reloader,
+            forwarder,
             status,
         })
     }
@@ -326,6 +334,38 @@ impl Daemon {
     /// Applies a re-read configuration (see [`Reloader::apply`]).
     pub fn reload(&mut self, new: &Config) -> Vec<String> {
         self.reloader.apply(new)
+    }
+
+    /// Starts the shutdown clock: the forwarder must be done by `deadline`, and a guard
+    /// thread ends the process [`OVERRUN`] after it whatever is still stuck (a flusher
+    /// blocked on a stdout nobody reads, a thread that never returns), after sending what
+    /// the forwarder holds to the retry directory or counting it dropped. Dropping the
+    /// returned sender, once shutdown is done, dismisses the guard.
+    pub fn guard_shutdown(&self, deadline: Instant) -> Result<Sender<()>, Error> {
+        if let Some(f) = &self.forwarder {
+            f.stop_by(deadline);
+        }
+        let (done, wait) = crossbeam_channel::bounded::<()>(0);
+        let forwarder = self.forwarder.clone();
+        let limit = deadline + OVERRUN;
+        spawn("whippet-stop-guard".into(), move || {
+            let left = limit.saturating_duration_since(Instant::now());
+            if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = wait.recv_timeout(left) {
+                if let Some(f) = forwarder {
+                    f.abandon();
+                }
+                log::error(&format!(
+                    "shutdown overran --shutdown-timeout by {} s (an output that does not \
+                     take data: stdout not read, or a stuck thread); what the forwarder held \
+                     went to --retry-dir or was counted dropped; exiting now",
+                    OVERRUN.as_secs()
+                ));
+                // SAFETY: _exit ends the process at once; unlike exit it flushes nothing, so
+                // it cannot block on the very stdout that may be stuck.
+                unsafe { nix::libc::_exit(1) };
+            }
+        })?;
+        Ok(done)
     }
 
     /// Stops in order (see the module doc) and returns the final telemetry.
@@ -374,6 +414,10 @@ impl Daemon {
     }
 }
 
+/// How long past `--shutdown-timeout` the process may take to exit before the guard ends
+/// it ([`Daemon::guard_shutdown`]): room for the final flush's serialization.
+pub const OVERRUN: Duration = Duration::from_secs(5);
+
 /// The status endpoint, when `--status` asks for one, and the settings section it shows.
 fn start_status(
     config: &Config,
@@ -399,7 +443,7 @@ fn start_status(
 fn output_for(
     config: &Config,
     telemetry: &Telemetry,
-) -> Result<(Box<dyn Output>, Option<Retarget>), Error> {
+) -> Result<(Box<dyn Output>, Option<Handle>), Error> {
     let Some(forwarder_config) = config.forwarder() else {
         let console = Console::new(std::io::BufWriter::new(std::io::stdout()));
         return Ok((Box::new(console), None));
@@ -410,7 +454,7 @@ fn output_for(
         forwarder::validate_api_key(&check)
     })?;
     let forwarder = Forwarder::start(forwarder_config, telemetry.forwarder.clone())?;
-    let retarget = forwarder.retarget();
+    let retarget = forwarder.handle();
     let output = Box::new(IntakeOutput {
         serializer: config.serializer(),
         forwarder: Some(forwarder),
@@ -470,7 +514,10 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
         }
     }
     systemd::notify("STOPPING=1");
+    let deadline = Instant::now() + config.forwarding.shutdown_timeout;
+    let guard = daemon.guard_shutdown(deadline)?;
     let last = daemon.shutdown();
+    drop(guard);
     if let Some((stop, thread)) = watchdog {
         drop(stop);
         let _ = thread.join();

@@ -42,6 +42,7 @@
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
 //! | `whippet-status` | 1 if `--status` | HTTP request | [`status`] |
 //! | `whippet-watchdog` | 1 if systemd's `WatchdogSec=` | timer | [`daemon::run`] |
+//! | `whippet-stop-guard` | 1, from SIGTERM | timer | [`daemon::Daemon::guard_shutdown`] |
 //! | main | 1 | signals (SIGTERM, SIGINT, SIGHUP reload, SIGUSR1) | [`daemon::run`] |
 //!
 //! [`daemon`] decides which threads exist, starts them in order (sockets, pipeline, readers,

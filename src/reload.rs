@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::{json, Map};
 
 use crate::config::{Config, SETTINGS};
-use crate::forwarder::Retarget;
+use crate::forwarder::Handle;
 use crate::listener::Bound;
 use crate::log;
 use crate::status;
@@ -21,7 +21,7 @@ pub struct Reloader {
     bound: Bound,
     tags: Arc<LiveTags>,
     /// The forwarder's target, when whippet forwards to an intake.
-    retarget: Option<Retarget>,
+    retarget: Option<Handle>,
     /// The status endpoint's settings section, when it is on.
     status: Option<Arc<status::Sources>>,
 }
@@ -31,7 +31,7 @@ impl Reloader {
         config: &Config,
         bound: Bound,
         tags: Arc<LiveTags>,
-        retarget: Option<Retarget>,
+        retarget: Option<Handle>,
         status: Option<Arc<status::Sources>>,
     ) -> Reloader {
         let r = Reloader {
@@ -56,7 +56,7 @@ impl Reloader {
         }
         let mut applied = new.clone();
         match (&self.retarget, &new.forwarding.intake_url) {
-            (Some(retarget), Some(url)) => retarget.set(url, &new.forwarding.api_key.0),
+            (Some(retarget), Some(url)) => retarget.retarget(url, &new.forwarding.api_key.0),
             (None, None) => {}
             (Some(_), None) => notes.push("the new settings have no intake (no --dd-url and no API key); still forwarding to the old one until a restart".into()),
             (None, Some(_)) => notes.push("an intake is now configured, but whippet started printing to stdout; restart whippet to forward".into()),
@@ -100,7 +100,14 @@ impl Reloader {
                 "socket_activated": self.bound.activated,
             }),
         );
-        info.insert("intake".into(), json!(c.forwarding.intake_url.as_deref().map(crate::forwarder::redact_url)));
+        info.insert(
+            "intake".into(),
+            json!(c
+                .forwarding
+                .intake_url
+                .as_deref()
+                .map(crate::forwarder::redact_url)),
+        );
         info.insert("hostname".into(), json!(c.aggregation.hostname));
         info.insert("tags".into(), json!(c.aggregation.tags));
         info.insert("config_file".into(), json!(path(&c.config_file)));

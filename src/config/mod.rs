@@ -280,11 +280,10 @@ pub fn report(c: &Config) -> String {
     for (flag, value, source) in &c.sources {
         out.push_str(&format!("{flag:<24} {value:<40} ({source})\n"));
     }
-    let intake = c
-        .forwarding
-        .intake_url
-        .as_deref()
-        .map_or("none: printing to stdout".into(), crate::forwarder::redact_url);
+    let intake = c.forwarding.intake_url.as_deref().map_or(
+        "none: printing to stdout".into(),
+        crate::forwarder::redact_url,
+    );
     out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
     let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
     out.push_str(&format!("{:<24} {udp}\n", "=> udp"));
@@ -688,7 +687,11 @@ mod tests {
     #[test]
     fn a_password_in_the_intake_address_is_never_shown() {
         let Ok(Command::Check(report)) = parse_env(
-            &["--dd-url", "https://user:hunter2@intake.example", "--check-config"],
+            &[
+                "--dd-url",
+                "https://user:hunter2@intake.example",
+                "--check-config",
+            ],
             &[],
         ) else {
             panic!("not a report");

@@ -142,7 +142,7 @@ pub const SETTINGS: &[Setting] = &[
     n("forwarder-threads", "WHIPPET_FORWARDER_THREADS", "N", (Value("2"), 1, 64), "Concurrent requests to the intake."),
     n("request-timeout-ms", "WHIPPET_REQUEST_TIMEOUT_MS", "MS", (Value("20000"), 1, 3_600_000), "Timeout of one request to the intake, in milliseconds; a timeout is retried."),
     n("retry-base-ms", "WHIPPET_RETRY_BASE_MS", "MS", (Value("2000"), 1, 3_600_000), "First retry delay in milliseconds; each further failure of the endpoint doubles it, up to 32 times this base (64 s with the default), with jitter."),
-    s("shutdown-timeout", "WHIPPET_SHUTDOWN_TIMEOUT", "DURATION", Value("10s"), "How long the final flush may take to reach the intake at shutdown (10s, 500ms, 1m; a bare number is seconds); what is left is dropped and counted."),
+    s("shutdown-timeout", "WHIPPET_SHUTDOWN_TIMEOUT", "DURATION", Value("10s"), "How long shutdown may take after SIGTERM (10s, 500ms, 1m; a bare number is seconds): no request outlives it, and what is left goes to --retry-dir or is dropped and counted. whippet exits within this plus 5 s."),
     s("log-level", "DD_LOG_LEVEL", "LEVEL", Value("info"), "Least severe log lines written: error, warn, info or debug (the Agent's trace, critical and off are accepted).").reloadable(),
     s("allow-root", "WHIPPET_ALLOW_ROOT", "BOOL", Value("false"), "Run even as root. whippet needs no privilege: run it as its own user (the packaged service uses User=whippet)."),
     s("status", "WHIPPET_STATUS", "ADDR", Unset("off"), "Serve /status (JSON), /metrics (Prometheus) and /contexts?top=N over HTTP on this address; a bare port means 127.0.0.1:PORT."),

@@ -60,7 +60,9 @@ pub struct ForwarderConfig {
 }
 
 struct Waiting {
-    payload: Payload,
+    /// Shared with the in-flight list while a request carries it, so shutdown can spill a
+    /// payload whose request outlives the deadline.
+    payload: Arc<Payload>,
     attempts: u32,
     /// Read from the retry directory: its file goes once the payload is settled.
     from_disk: Option<Entry>,
@@ -77,11 +79,21 @@ struct State {
     queue: VecDeque<Waiting>,
     queued_bytes: usize,
     backoff: HashMap<Endpoint, Backoff>,
-    in_flight: usize,
+    /// Payloads whose requests are on the way, by request number, and whether each came
+    /// from the retry directory (its file stays there until the request settles).
+    in_flight: Vec<(u64, Arc<Payload>, bool)>,
+    requests: u64,
+    /// Sender threads still running.
+    running: usize,
     closing: bool,
     /// After this instant, whatever still waits at shutdown is dropped and counted (or
     /// written to the retry directory).
     deadline: Option<Instant>,
+    /// Set at SIGTERM: flushes stop pacing, and no request outlives this instant.
+    stop_by: Option<Instant>,
+    /// The deadline passed with requests on the way: their payloads were spilled or counted,
+    /// and what those requests come to no longer matters.
+    abandoned: bool,
     disk: Option<Disk>,
 }
 
@@ -95,7 +107,7 @@ impl State {
             .values()
             .any(|b| b.until.is_some_and(|u| u > now));
         self.queue.is_empty()
-            && self.in_flight == 0
+            && self.in_flight.is_empty()
             && (self.disk.as_ref().is_none_or(Disk::is_empty) || backing_off)
     }
 }
@@ -110,16 +122,32 @@ struct Shared {
     changed: Condvar,
 }
 
-/// Changes the intake URL and API key of a running forwarder; payloads still waiting go to
-/// the new target with the new key.
+/// What the daemon may do to a running forwarder from outside the flusher: change where
+/// payloads go (SIGHUP), and start the shutdown clock (SIGTERM).
 #[derive(Clone)]
-pub struct Retarget(Arc<Shared>);
+pub struct Handle(Arc<Shared>);
 
-impl Retarget {
-    pub fn set(&self, base_url: &str, api_key: &str) {
+impl Handle {
+    /// Changes the intake URL and API key; payloads still waiting go to the new target with
+    /// the new key.
+    pub fn retarget(&self, base_url: &str, api_key: &str) {
         *self.0.target.write().unwrap_or_else(|e| e.into_inner()) =
             (base_url.to_string(), api_key.to_string());
         self.0.changed.notify_all();
+    }
+
+    /// Shutdown has begun and must be over by `deadline`: flushes stop pacing, and no
+    /// request from now on may outlive it.
+    pub fn stop_by(&self, deadline: Instant) {
+        self.0.lock().stop_by = Some(deadline);
+        self.0.changed.notify_all();
+    }
+
+    /// Last resort when shutdown overran: what waits or is on the way goes to the retry
+    /// directory or is counted as dropped, now.
+    pub fn abandon(&self) {
+        let mut state = self.0.lock();
+        self.0.abandon(&mut state);
     }
 }
 
@@ -179,7 +207,7 @@ fn log_redirect(status: u16, path: &str, response: &ureq::http::Response<ureq::B
         .headers()
         .get("location")
         .and_then(|v| v.to_str().ok())
-        .map_or_else(|| "nowhere".to_string(), |l| redact_url(l));
+        .map_or_else(|| "nowhere".to_string(), redact_url);
     log::warn_limited("forwarder-redirect", || {
         format!(
             "the intake answered {status} to {path}, pointing at {location}; whippet never \
@@ -255,9 +283,9 @@ impl Forwarder {
         Ok(Forwarder { shared, threads })
     }
 
-    /// A handle that changes where payloads go and with which API key, for SIGHUP.
-    pub(crate) fn retarget(&self) -> Retarget {
-        Retarget(self.shared.clone())
+    /// A handle for SIGHUP and SIGTERM ([`Handle`]).
+    pub(crate) fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
     }
 
     /// Queues payloads for sending; the oldest waiting payloads are dropped (and counted)
@@ -267,7 +295,7 @@ impl Forwarder {
         for payload in payloads {
             state.queued_bytes += payload.body.len();
             state.queue.push_back(Waiting {
-                payload,
+                payload: Arc::new(payload),
                 attempts: 0,
                 from_disk: None,
             });
@@ -284,7 +312,7 @@ impl Forwarder {
     pub fn pace(&self, bytes: usize, max_wait: Duration) {
         let deadline = Instant::now() + max_wait;
         let mut state = self.shared.lock();
-        while state.queued_bytes > bytes && !state.closing {
+        while state.queued_bytes > bytes && !state.closing && state.stop_by.is_none() {
             let now = Instant::now();
             let failing = state
                 .backoff
@@ -308,37 +336,70 @@ impl Forwarder {
         self.shared.lock().queued_bytes
     }
 
-    /// Sends what is queued until it is done or `deadline` passes, then stops the threads;
-    /// whatever is left is dropped and counted.
+    /// Sends what is queued until it is done or `deadline` passes (or the one set by
+    /// [`Handle::stop_by`], if sooner), then stops the threads; whatever is left, on the way
+    /// included, goes to the retry directory or is dropped and counted. A request still on
+    /// the way then is left to its thread, which no longer counts.
     pub fn close(self, deadline: Instant) {
-        {
-            let mut state = self.shared.lock();
-            state.closing = true;
-            state.deadline = Some(deadline);
-        }
-        self.shared.changed.notify_all();
-        for t in self.threads {
-            let _ = t.join();
-        }
         let mut state = self.shared.lock();
-        let left: Vec<Waiting> = state.queue.drain(..).collect();
-        state.queued_bytes = 0;
-        for w in left {
-            if state.disk.is_some() {
-                // It waits on disk for the next start.
-                self.shared.spill(&mut state, w.payload);
-            } else {
-                self.shared
-                    .count(w.payload.endpoint, Outcome::DroppedShutdown);
+        let deadline = state.stop_by.map_or(deadline, |d| d.min(deadline));
+        state.closing = true;
+        state.deadline = Some(deadline);
+        self.shared.changed.notify_all();
+        // Senders notice the deadline themselves; this waits for them, not for a request.
+        while state.running > 0 {
+            let left = (deadline + CLOSE_GRACE).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.shared.abandon(&mut state);
+        let finished = state.running == 0;
+        drop(state);
+        if finished {
+            for t in self.threads {
+                let _ = t.join();
             }
         }
-        self.shared.set_queue_gauge(&state);
     }
 }
+
+/// How long past its deadline [`Forwarder::close`] waits for senders to notice it.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything waiting in memory or on the way goes to the retry directory, or is
+    /// dropped and counted; requests on the way are disowned.
+    fn abandon(&self, state: &mut State) {
+        state.abandoned = true;
+        let flying = std::mem::take(&mut state.in_flight);
+        let left: Vec<Waiting> = state.queue.drain(..).collect();
+        state.queued_bytes = 0;
+        // On the way first: they are the oldest. One from disk still has its file there.
+        let payloads = flying
+            .into_iter()
+            .filter(|(_, _, from_disk)| !from_disk)
+            .map(|(_, p, _)| p)
+            .chain(left.into_iter().map(|w| w.payload));
+        for payload in payloads {
+            if state.disk.is_some() {
+                // It waits on disk for the next start.
+                self.spill(state, &payload);
+            } else {
+                self.count(payload.endpoint, Outcome::DroppedShutdown);
+            }
+        }
+        self.set_queue_gauge(state);
     }
 
     fn count(&self, endpoint: Endpoint, outcome: Outcome) {
@@ -364,7 +425,7 @@ impl Shared {
             if state.disk.is_none() {
                 self.count(oldest.payload.endpoint, Outcome::DroppedQueueFull);
             } else {
-                self.spill(state, oldest.payload);
+                self.spill(state, &oldest.payload);
             }
         }
         self.set_queue_gauge(state);
@@ -373,11 +434,11 @@ impl Shared {
     /// Writes a payload to the retry directory (held in `state`), counting what that costs.
     /// File I/O under the state lock: it happens only while the intake is unreachable, and
     /// only the flusher and forwarder threads wait on this lock, never a reader.
-    fn spill(&self, state: &mut State, payload: Payload) {
+    fn spill(&self, state: &mut State, payload: &Payload) {
         let Some(disk) = state.disk.as_mut() else {
             return;
         };
-        match disk.push(&payload) {
+        match disk.push(payload) {
             Ok(pushed_out) => {
                 self.count(payload.endpoint, Outcome::Spilled);
                 for endpoint in pushed_out {
@@ -409,7 +470,7 @@ impl Shared {
                 match disk.read(&entry) {
                     Ok(payload) => {
                         return Ok(Waiting {
-                            payload,
+                            payload: Arc::new(payload),
                             attempts: 0,
                             from_disk: Some(entry),
                         });
@@ -455,7 +516,7 @@ impl Shared {
         }
     }
 
-    fn send(&self, p: &Payload) -> Answer {
+    fn send(&self, p: &Payload, timeout: Duration) -> Answer {
         let (url, key) = {
             let target = self.target.read().unwrap_or_else(|e| e.into_inner());
             (
@@ -466,6 +527,9 @@ impl Shared {
         let mut request = self
             .agent
             .post(&url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
             .header("DD-API-KEY", &key)
             .header("Content-Type", p.endpoint.content_type());
         if let Some(encoding) = p.compression.header() {
@@ -552,18 +616,39 @@ impl Shared {
 
 fn sender(shared: &Shared) {
     let mut state = shared.lock();
+    state.running += 1;
     loop {
         let now = Instant::now();
-        if state.closing && (state.deadline.is_some_and(|d| now >= d) || state.done_at_close(now)) {
+        if state.abandoned
+            || state.closing
+                && (state.deadline.is_some_and(|d| now >= d) || state.done_at_close(now))
+        {
             break;
         }
-        match shared.next(&mut state, now) {
+        // After SIGTERM no request may outlive the shutdown deadline.
+        let timeout = match state.stop_by {
+            Some(by) => shared.config.timeout.min(by.saturating_duration_since(now)),
+            None => shared.config.timeout,
+        };
+        let ready = if timeout.is_zero() {
+            Err(state.deadline.map(|d| d.saturating_duration_since(now)))
+        } else {
+            shared.next(&mut state, now)
+        };
+        match ready {
             Ok(w) => {
-                state.in_flight += 1;
+                state.requests += 1;
+                let id = state.requests;
+                let from_disk = w.from_disk.is_some();
+                state.in_flight.push((id, w.payload.clone(), from_disk));
                 drop(state);
-                let class = classify(shared.send(&w.payload));
+                let class = classify(shared.send(&w.payload, timeout));
                 state = shared.lock();
-                state.in_flight -= 1;
+                if state.abandoned {
+                    // Shutdown already spilled or counted it.
+                    break;
+                }
+                state.in_flight.retain(|(i, _, _)| *i != id);
                 let from_disk = w.from_disk;
                 let retry = shared.settle(&mut state, w, class, Instant::now());
                 match (retry, from_disk, state.disk.as_mut()) {
@@ -593,6 +678,7 @@ fn sender(shared: &Shared) {
             }
         }
     }
+    state.running -= 1;
     drop(state);
     shared.changed.notify_all();
 }
@@ -647,8 +733,14 @@ mod tests {
     #[test]
     fn credentials_in_an_address_are_redacted() {
         for (url, shown) in [
-            ("https://u:secret@h.example:8443", "https://(redacted)@h.example:8443"),
-            ("http://secret@127.0.0.1/a@b", "http://(redacted)@127.0.0.1/a@b"),
+            (
+                "https://u:secret@h.example:8443",
+                "https://(redacted)@h.example:8443",
+            ),
+            (
+                "http://secret@127.0.0.1/a@b",
+                "http://(redacted)@127.0.0.1/a@b",
+            ),
             ("https://app.datadoghq.com", "https://app.datadoghq.com"),
             ("/relative/a@b", "/relative/a@b"),
             ("https://a:b@c@d", "https://(redacted)@d"),
@@ -704,5 +796,58 @@ mod tests {
         // Above the mark it returns without waiting.
         forwarder.pace(usize::MAX, Duration::from_secs(120));
         forwarder.close(Instant::now() + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_paced_flush_stops_waiting_once_shutdown_begins() {
+        // Each answer takes 20 s: pacing 8 payloads would take minutes.
+        let intake = crate::intake::Intake::start(crate::intake::IntakeConfig {
+            delay: Duration::from_secs(20),
+            slow_requests: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let config = ForwarderConfig {
+            base_url: intake.url(),
+            api_key: ApiKey("k".into()),
+            threads: 1,
+            retry_queue_bytes: 1 << 20,
+            timeout: Duration::from_secs(60),
+            retry_base: Duration::from_secs(1),
+            retry_dir: None,
+        };
+        let counters = Arc::new(Counters::default());
+        let forwarder = Forwarder::start(config, counters.clone()).unwrap();
+        let payloads = (0..8)
+            .map(|_| Payload {
+                endpoint: Endpoint::Events,
+                body: vec![b'x'; 1000],
+                compression: crate::serializer::compress::Compression::None,
+                items: 1,
+            })
+            .collect();
+        forwarder.submit(payloads);
+        let handle = forwarder.handle();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                handle.stop_by(Instant::now() + Duration::from_millis(300));
+            });
+            forwarder.pace(0, Duration::from_secs(120));
+        });
+        forwarder.close(Instant::now() + Duration::from_secs(60));
+        // Not a speed check: without the stop, pacing waits out the intake (20 s a payload)
+        // and close waits for the request on the way.
+        assert!(started.elapsed() < Duration::from_secs(15));
+        // The one on the way and the seven behind it: dropped (no retry directory), counted.
+        let snapshot = crate::telemetry::Snapshot::of(&[&*counters]);
+        let labels = [
+            ("endpoint", "/intake/"),
+            ("outcome", "dropped"),
+            ("status", "shutdown"),
+        ];
+        assert_eq!(snapshot.get("whippet_payloads_total", &labels), 8);
+        std::mem::forget(intake);
     }
 }

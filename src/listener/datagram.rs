@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::libc;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
 
 use super::{Flow, Handoff};
@@ -123,7 +123,9 @@ impl<'a> DatagramReader<'a> {
                 n = real;
                 drained
             };
-            self.record(n);
+            // A stopping Unix socket's empty reads may be the end's: not counted as packets.
+            let count_empty = !(self.handoff.stopping() && self.transport == Transport::Unix);
+            self.record(n, count_empty);
             if self.batch.packet_count() > 0 && self.hand_off() == Flow::Stop {
                 break;
             }
@@ -146,7 +148,10 @@ impl<'a> DatagramReader<'a> {
     /// every later one is too.
     fn drained(&mut self, n: usize, shut: bool) -> (usize, bool) {
         if self.transport == Transport::Udp {
-            return match self.got[..n].iter().position(|r| r.len == 0 && !r.addressed) {
+            return match self.got[..n]
+                .iter()
+                .position(|r| r.len == 0 && !r.addressed)
+            {
                 Some(end) => (end, true),
                 None => (n, false),
             };
@@ -155,7 +160,10 @@ impl<'a> DatagramReader<'a> {
         if shut {
             self.empty_reads_stopping += empty;
         }
-        (n, empty == n && self.empty_reads_stopping > self.unix_queue + 1)
+        (
+            n,
+            empty == n && self.empty_reads_stopping > self.unix_queue + 1,
+        )
     }
 
     /// Lets a batch holding `n` datagrams fill further, by the transport's policy; returns how
@@ -215,20 +223,33 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// Counts the `n` datagrams received and records the whole ones in the batch (an empty
-    /// datagram is a packet holding no message; a truncated one is counted and skipped).
-    fn record(&mut self, n: usize) {
+    /// datagram is a packet holding no message, counted when `count_empty`; a truncated one
+    /// is counted and skipped).
+    fn record(&mut self, n: usize, count_empty: bool) {
         let counters = &self.handoff.counters.transports[self.transport];
         let mut bytes = 0;
         let mut truncated = 0;
-        for (i, &Read { len, truncated: trunc, .. }) in self.got[..n].iter().enumerate() {
+        let mut empty = 0;
+        for (
+            i,
+            &Read {
+                len,
+                truncated: trunc,
+                ..
+            },
+        ) in self.got[..n].iter().enumerate()
+        {
             if trunc {
                 truncated += 1;
             } else if len > 0 {
                 self.batch.push_packet(i * self.slot, i * self.slot + len);
                 bytes += len as u64;
+            } else {
+                empty += 1;
             }
         }
-        counters.packets.add(n as u64);
+        let uncounted = if count_empty { 0 } else { empty };
+        counters.packets.add((n - uncounted) as u64);
         counters.bytes.add(bytes);
         counters.truncated.add(truncated);
     }
@@ -326,10 +347,7 @@ mod tests {
         handoff_shut(stopping, stopping)
     }
 
-    fn handoff_shut(
-        stopping: bool,
-        shut: bool,
-    ) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
+    fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
         let (queue, rx) = crossbeam_channel::bounded(4);
         let handoff = Handoff {
             queue,
@@ -430,7 +448,9 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 shut();
-                handoff.shut.store(true, std::sync::atomic::Ordering::Release);
+                handoff
+                    .shut
+                    .store(true, std::sync::atomic::Ordering::Release);
             });
             DatagramReader::new(socket, transport, &handoff).run();
         });
@@ -449,14 +469,18 @@ mod tests {
             sender.send_to(b"", to).unwrap();
         }
         for i in 0..500 {
-            sender.send_to(format!("real:{i}|c").as_bytes(), to).unwrap();
+            sender
+                .send_to(format!("real:{i}|c").as_bytes(), to)
+                .unwrap();
         }
         // As the daemon stops a reader (unconnected UDP answers ENOTCONN, yet shuts down).
         let fd = socket.as_raw_fd();
         let got = drain_stopping(socket.as_fd(), Transport::Udp, || {
             let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
         });
-        let want: Vec<Vec<u8>> = (0..500).map(|i| format!("real:{i}|c").into_bytes()).collect();
+        let want: Vec<Vec<u8>> = (0..500)
+            .map(|i| format!("real:{i}|c").into_bytes())
+            .collect();
         assert_eq!(got, want);
     }
 

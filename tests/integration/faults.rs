@@ -476,7 +476,8 @@ fn a_redirecting_intake_never_gets_the_key_to_a_second_host_and_its_3xx_is_retri
         // The bucket flushes at the stop, then retries until --shutdown-timeout.
         let s = w.stop();
         assert!(s.status.success());
-        let retried = r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="3xx"}"#;
+        let retried =
+            r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="3xx"}"#;
         assert!(s.telemetry(retried) >= 1);
         assert_eq!(elsewhere.store().routes(), Default::default(), "{status}");
         let routes = redirecting.store().routes();
@@ -491,7 +492,12 @@ fn a_redirecting_intake_never_gets_the_key_to_a_second_host_and_its_3xx_is_retri
             s.telemetry(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="dropped",status="shutdown"}"#),
             1
         );
-        assert_eq!(s.telemetry_or_zero(r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="sent",status="2xx"}"#), 0);
+        assert_eq!(
+            s.telemetry_or_zero(
+                r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="sent",status="2xx"}"#
+            ),
+            0
+        );
         let warned: Vec<_> = s
             .stderr
             .iter()

@@ -11,4 +11,5 @@ mod intake;
 mod layers;
 mod lifecycle;
 mod ops;
+mod stops;
 mod transports;
