@@ -247,6 +247,14 @@ impl Forwarder {
                     found.bytes
                 ));
             }
+            if found.foreign > 0 {
+                log::warn(&format!(
+                    "retry dir {}: ignored {} entry(ies) named like payloads that are not \
+                     regular files of whippet's user (links, FIFOs, others' files)",
+                    dir.display(),
+                    found.foreign
+                ));
+            }
             if found.unreadable > 0 {
                 log::warn(&format!(
                     "retry dir {}: removed {} file(s) that were not whole payloads",
@@ -378,6 +386,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts and logs a settled payload whose file could be neither deleted nor emptied:
+    /// it will be sent again after a restart.
+    fn settled_on_disk(&self, done: std::io::Result<()>) {
+        if let Err(e) = done {
+            self.counters.retry_dir_errors.add(1);
+            log::warn_limited("retry-dir-delete", || {
+                format!(
+                    "--retry-dir: a payload was settled but its file stays: {e}; it will be \
+                     sent again after a restart (make the directory writable)"
+                )
+            });
+        }
+    }
+
     /// Everything waiting in memory or on the way goes to the retry directory, or is
     /// dropped and counted; requests on the way are disowned.
     fn abandon(&self, state: &mut State) {
@@ -476,7 +498,8 @@ impl Shared {
                         });
                     }
                     Err(_) => {
-                        disk.done(&entry);
+                        let done = disk.done(&entry);
+                        self.settled_on_disk(done);
                         self.count(entry.endpoint, Outcome::DroppedUnreadable);
                     }
                 }
@@ -659,7 +682,10 @@ fn sender(shared: &Shared) {
                         state.queue.push_front(retry);
                         shared.enforce_bound(&mut state);
                     }
-                    (None, Some(entry), Some(disk)) => disk.done(&entry),
+                    (None, Some(entry), Some(disk)) => {
+                        let done = disk.done(&entry);
+                        shared.settled_on_disk(done);
+                    }
                     (None, _, _) => {}
                 }
                 shared.set_queue_gauge(&state);

@@ -153,6 +153,8 @@ pub struct Counters {
     pub retry_queue_bytes: Gauge,
     /// Bytes of payloads waiting in `--retry-dir`.
     pub retry_dir_bytes: Gauge,
+    /// Settled payloads whose files in `--retry-dir` could be neither deleted nor emptied.
+    pub retry_dir_errors: Counter,
 }
 
 impl Counters {
@@ -181,6 +183,11 @@ impl Readings for Counters {
             self.retry_queue_bytes.get(),
         );
         out.gauge("whippet_retry_dir_bytes", &[], self.retry_dir_bytes.get());
+        out.counter(
+            "whippet_retry_dir_errors_total",
+            &[],
+            self.retry_dir_errors.get(),
+        );
         let payloads = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
         for (&(endpoint, outcome, status), &n) in payloads.iter() {
             let labels = [
