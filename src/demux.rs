@@ -115,23 +115,25 @@ impl Demux {
         let mut freed = 0;
         let mut live = 0;
         for shard in 0..self.shards.len() {
-            let (f, l) = self.flush_shard(shard, boundary, expiry, out);
+            let (f, l) = self.flush_shard(shard, boundary, expiry, 0, out);
             freed += f;
             live += l;
         }
         (freed, live)
     }
 
-    /// [`Demux::flush`] for one shard, so a flush can be emitted a few shards at a time.
+    /// [`Demux::flush`] for one shard, so a flush can be emitted a few shards at a time,
+    /// stamping buckets `offset` seconds from their start ([`Shard::flush_stamped`]).
     pub(crate) fn flush_shard(
         &self,
         shard: usize,
         boundary: i64,
         expiry: &Expiry,
+        offset: i64,
         out: &mut Vec<Closed>,
     ) -> (usize, usize) {
         let mut shard = lock(&self.shards[shard]);
-        let freed = shard.flush(boundary, expiry, out);
+        let freed = shard.flush_stamped(boundary, expiry, offset, out);
         (freed, shard.len())
     }
 }

@@ -4,7 +4,7 @@
 //! At shutdown it flushes everything, the open bucket included.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -321,6 +321,12 @@ impl Flusher {
     /// transient memory of a flush (closed accumulators, series, payloads being built) stays
     /// that of a chunk however many contexts there are.
     pub fn flush(&mut self, boundary: i64) {
+        self.flush_stamped(boundary, clock::wall_offset(self.settings.expiry.interval));
+    }
+
+    /// [`Flusher::flush`], stamping buckets `offset` seconds from their start on the
+    /// pipeline's clock ([`clock::wall_offset`]).
+    pub fn flush_stamped(&mut self, boundary: i64, offset: i64) {
         let backlog = self.demux.take_backlog();
         let mut out = Flushed {
             events: backlog.events,
@@ -330,9 +336,10 @@ impl Flusher {
         let (mut freed, mut live) = (0, 0);
         let shards = self.demux.shard_count();
         for shard in 0..shards {
-            let (f, l) =
-                self.demux
-                    .flush_shard(shard, boundary, &self.settings.expiry, &mut self.closed);
+            let expiry = &self.settings.expiry;
+            let (f, l) = self
+                .demux
+                .flush_shard(shard, boundary, expiry, offset, &mut self.closed);
             freed += f;
             live += l;
             if self.closed.len() < EMIT_CONTEXTS && shard + 1 < shards {
@@ -361,13 +368,12 @@ impl Flusher {
     }
 
     /// The flusher thread: flushes at each boundary until `stop` is closed, then flushes
-    /// everything (the open bucket too) and finishes the output.
+    /// everything (the open bucket too) and finishes the output. Boundaries are kept by the
+    /// pipeline's clock, which a wall-clock step does not move ([`crate::clock`]).
     pub fn run(mut self, stop: Receiver<()>) {
         let interval = self.settings.expiry.interval;
         loop {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = clock::data_time();
             let boundary = clock::next_boundary(now.as_secs() as i64, interval);
             let wait = Duration::from_secs(boundary as u64) + GRACE - now;
             match stop.recv_timeout(wait) {
@@ -382,7 +388,7 @@ impl Flusher {
             }
         }
         self.output.stopping();
-        self.flush(clock::next_boundary(clock::unix_now(), interval));
+        self.flush(clock::next_boundary(clock::data_now(), interval));
         self.output.finish();
     }
 }

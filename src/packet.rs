@@ -34,7 +34,8 @@ pub struct Batch {
     /// Byte ranges of the packets in `buf`.
     packets: Vec<(u32, u32)>,
     pub transport: Transport,
-    /// Arrival time, unix seconds: picks the bucket (docs/behaviour.md, "Buckets and contexts").
+    /// Arrival time, unix seconds on the pipeline's clock ([`crate::clock::data_now`]): picks
+    /// the bucket (docs/behaviour.md, "Buckets and contexts").
     pub received_at: i64,
     /// Holds one of the pool's admissions (see [`Pool::admit`]).
     admitted: bool,

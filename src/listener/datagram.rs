@@ -257,7 +257,7 @@ impl<'a> DatagramReader<'a> {
     /// Stamps the batch with its arrival time and hands it off by the transport's policy,
     /// taking a fresh batch from the pool.
     fn hand_off(&mut self) -> Flow {
-        self.batch.received_at = clock::unix_now();
+        self.batch.received_at = clock::data_now();
         crate::inject_fault(crate::telemetry::Label::label(self.transport));
         let pool = &self.handoff.pool;
         let full = std::mem::replace(&mut self.batch, pool.get(self.transport));

@@ -183,7 +183,7 @@ fn serve(mut stream: UnixStream, handoff: &Handoff) {
         let fed = frames.fed(n, &handoff.pool);
         if let Some(mut batch) = fed.complete {
             transport.packets.add(batch.packet_count() as u64);
-            batch.received_at = clock::unix_now();
+            batch.received_at = clock::data_now();
             if handoff.wait_for_room(batch) == Flow::Stop {
                 return;
             }

@@ -378,9 +378,27 @@ impl Shard {
     /// for each counter not sampled in the bucket just closed (until it expires). Frees
     /// expired contexts. Returns the number of contexts freed.
     pub fn flush(&mut self, boundary: i64, expiry: &Expiry, out: &mut Vec<Closed>) -> usize {
+        self.flush_stamped(boundary, expiry, 0, out)
+    }
+
+    /// [`Shard::flush`], stamping each bucket `offset` seconds from the start it has on the
+    /// pipeline's clock (see [`crate::clock`]): buckets are kept and closed by that clock,
+    /// which never steps, and stamped by the wall clock. A `|T` sample keeps its own time.
+    pub fn flush_stamped(
+        &mut self,
+        boundary: i64,
+        expiry: &Expiry,
+        offset: i64,
+        out: &mut Vec<Closed>,
+    ) -> usize {
         self.flushed_through = self.flushed_through.max(boundary);
+        let from = out.len();
         take_all(&mut self.closed, out);
+        let before_timestamped = out.len();
         take_all(&mut self.timestamped, out);
+        // Bucket starts: what a late flusher left in `closed`, and what this flush closes.
+        let late_buckets = from..before_timestamped;
+        let first_bucket = out.len();
         let closing = boundary - expiry.interval;
         let before = self.contexts.len();
         self.contexts.retain(|ctx| {
@@ -423,6 +441,13 @@ impl Shard {
         });
         let freed = before - self.contexts.len();
         self.budget.release(freed);
+        if offset != 0 {
+            // Bucket starts, moved to the wall clock; the `|T` samples between are not.
+            let (head, buckets) = out.split_at_mut(first_bucket);
+            for c in head[late_buckets].iter_mut().chain(buckets) {
+                c.timestamp += offset;
+            }
+        }
         freed
     }
 }

@@ -426,7 +426,10 @@ impl Worker {
         self.events.push(EventRecord {
             title: unescape(e.title),
             text: unescape(e.text),
-            timestamp: e.timestamp.unwrap_or(received_at),
+            // Arrival on the pipeline's clock, stamped by the wall clock.
+            timestamp: e
+                .timestamp
+                .unwrap_or_else(|| received_at + clock::wall_drift()),
             host: e.host.unwrap_or(&enrichment.hostname).to_string(),
             aggregation_key: e.aggregation_key.to_string(),
             priority: e.priority,
@@ -440,7 +443,9 @@ impl Worker {
         self.checks.push(ServiceCheckRecord {
             name: c.name.to_string(),
             status: c.status,
-            timestamp: c.timestamp.unwrap_or(received_at),
+            timestamp: c
+                .timestamp
+                .unwrap_or_else(|| received_at + clock::wall_drift()),
             host: c.host.unwrap_or(&enrichment.hostname).to_string(),
             message: c.message.to_string(),
             tags: owned_tags(c.tags, enrichment),

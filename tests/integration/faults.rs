@@ -512,3 +512,68 @@ fn a_redirecting_intake_never_gets_the_key_to_a_second_host_and_its_3xx_is_retri
         redirecting.stop();
     }
 }
+
+/// libfaketime, which .ci/run installs: it moves the wall clock by the offset written in a
+/// file, leaving the monotonic clock alone.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_wall_clock_step_neither_silences_the_output_nor_merges_buckets() {
+    let state = TempDir::new();
+    let offset = state.path("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let offset_file = offset.to_str().unwrap();
+    let env = [
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME_TIMESTAMP_FILE", offset_file),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let w = Whippet::start_env(&["--bucket-seconds", "1"], &env);
+    let ts = |line: &str| -> i64 {
+        let field = line.split(' ').find(|f| f.starts_with("ts=")).unwrap();
+        field[3..].parse().unwrap()
+    };
+    let flushed = |value: u32| {
+        let want = "series step.gauge gauge ";
+        let value = format!(" value={value} ");
+        w.wait_for_stdout(|l| l.starts_with(want) && l.contains(&value))
+    };
+    w.send_unix(b"step.gauge:1|g");
+    let before = ts(&flushed(1));
+    // An hour back: a bucket kept by the wall clock would wait an hour to close.
+    std::fs::write(&offset, "-3600\n").unwrap();
+    w.send_unix(b"step.gauge:2|g");
+    let back = ts(&flushed(2));
+    // The next bucket is a point of its own, not merged into the one before.
+    w.send_unix(b"step.gauge:3|g");
+    let next = ts(&flushed(3));
+    // And an hour forward.
+    std::fs::write(&offset, "+3600\n").unwrap();
+    w.send_unix(b"step.gauge:4|g");
+    let forward = ts(&flushed(4));
+    let s = w.stop();
+    assert!(s.status.success());
+    // Stamped by the wall clock: an hour back, then on, then two hours later.
+    assert!(
+        (before - 3600..before - 3600 + 30).contains(&back),
+        "{before} {back}"
+    );
+    assert!(next > back, "{back} {next}");
+    assert!(
+        (before + 3600..before + 3600 + 60).contains(&forward),
+        "{before} {forward}"
+    );
+    let lines: Vec<&String> = s
+        .stdout
+        .iter()
+        .filter(|l| l.starts_with("series step.gauge "))
+        .collect();
+    for v in 1..=4 {
+        let n = lines
+            .iter()
+            .filter(|l| l.contains(&format!(" value={v} ")))
+            .count();
+        assert!(n >= 1, "{v}: {lines:?}");
+    }
+}

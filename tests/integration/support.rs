@@ -83,6 +83,11 @@ impl Whippet {
     /// Starts whippet with UDP on an OS-chosen port, a Unix datagram and a Unix stream socket
     /// in a temporary directory, `--hostname test-host`, one long bucket, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Whippet {
+        Whippet::start_env(extra, &[])
+    }
+
+    /// [`Whippet::start`] with the environment `env`.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Whippet {
         let dir = TempDir::new();
         let socket = dir.path("dsd.socket");
         let stream = dir.path("dsd-stream.socket");
@@ -99,7 +104,7 @@ impl Whippet {
             ONE_BUCKET.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Whippet::spawn(args, dir)
+        Whippet::spawn_env(args, env, dir)
     }
 
     /// [`Whippet::start`], forwarding to the intake at `url`.
