@@ -138,6 +138,14 @@ impl Sockets {
             }
             (None, None) => None,
         };
+        if udp.is_empty() && unix.is_none() && stream.is_none() {
+            return Err(Error::Config(
+                "no listener: --udp is off and neither --socket nor --stream-socket is set (nor \
+                 did systemd pass a socket); whippet would receive nothing. Set --udp, --socket \
+                 or --stream-socket"
+                    .into(),
+            ));
+        }
         Ok(Sockets {
             bound,
             udp: udp.into_iter().map(Arc::new).collect(),
@@ -497,15 +505,24 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
     warn_if_key_readable(config);
+    no_core_dumps();
     let mut daemon = Daemon::start(config)?;
     log_start(config, &daemon.bound);
+    for warning in exposure(&daemon.bound) {
+        log::warn(&warning);
+    }
     systemd::notify("READY=1\nSTATUS=listening");
     let watchdog = systemd::watchdog_interval()
         .map(start_watchdog)
         .transpose()?;
     for signal in signals.forever() {
         match signal {
-            SIGUSR1 => log_snapshot(&daemon.snapshot()),
+            // Asked for: answered whatever --log-level says.
+            SIGUSR1 => {
+                for r in daemon.snapshot().grouped() {
+                    log::answer(&format!("telemetry {r}"));
+                }
+            }
             SIGHUP => reload_with(&mut daemon, &reload),
             _ => {
                 log::info("stopping: draining queues and flushing every bucket");
@@ -593,6 +610,38 @@ fn log_start(config: &Config, bound: &Bound) {
     ));
 }
 
+/// A core dump would hold the API key: none are written (soft and hard `RLIMIT_CORE` 0; the
+/// packaged unit also sets `LimitCORE=0`). Tracing and profiling stay possible.
+fn no_core_dumps() {
+    use nix::sys::resource::{setrlimit, Resource};
+    if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+        log::warn(&format!(
+            "cannot turn core dumps off ({e}): a crash could write the API key to disk"
+        ));
+    }
+}
+
+/// A warning for each listener other hosts can reach: UDP takes metrics from anyone who can
+/// send to it, and the status endpoint shows telemetry, settings and context names.
+fn exposure(bound: &Bound) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(addr) = bound.udp.filter(|a| !a.ip().is_loopback()) {
+        warnings.push(format!(
+            "udp listens on {addr}, which other hosts can reach: anyone who can send to it can \
+             submit metrics (set --udp 127.0.0.1:{} to keep it local)",
+            addr.port()
+        ));
+    }
+    if let Some(addr) = bound.status.filter(|a| !a.ip().is_loopback()) {
+        warnings.push(format!(
+            "the status endpoint listens on {addr}, which other hosts can reach: it shows \
+             telemetry, settings and context names (give --status a bare port to keep it on \
+             127.0.0.1)"
+        ));
+    }
+    warnings
+}
+
 fn monotonic_usec() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
@@ -615,5 +664,27 @@ fn start_watchdog(interval: Duration) -> Result<(Sender<()>, JoinHandle<()>), Er
 fn log_snapshot(s: &Snapshot) {
     for r in s.grouped() {
         log::info(&format!("telemetry {r}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_other_hosts_can_reach_draw_a_warning_each() {
+        let mut bound = Bound {
+            udp: Some("127.0.0.1:8125".parse().unwrap()),
+            status: Some("[::1]:5000".parse().unwrap()),
+            ..Bound::default()
+        };
+        assert_eq!(exposure(&bound), Vec::<String>::new());
+        bound.udp = Some("0.0.0.0:8125".parse().unwrap());
+        bound.status = Some("10.1.2.3:5000".parse().unwrap());
+        let warnings = exposure(&bound);
+        assert_eq!(warnings.len(), 2);
+        assert!(warnings[0].starts_with("udp listens on 0.0.0.0:8125, which other hosts can reach"));
+        assert!(warnings[0].contains("set --udp 127.0.0.1:8125"));
+        assert!(warnings[1].starts_with("the status endpoint listens on 10.1.2.3:5000"));
     }
 }

@@ -74,6 +74,10 @@ pub fn write(level: Level, msg: &str) {
     if level == Level::Off || level > self::level() {
         return;
     }
+    emit(level, msg);
+}
+
+fn emit(level: Level, msg: &str) {
     let line = if journal() {
         format!("<{}>whippet: {msg}\n", level as u8)
     } else {
@@ -81,6 +85,11 @@ pub fn write(level: Level, msg: &str) {
     };
     // One write per line so lines from different threads do not interleave.
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
+/// A line the operator asked for (SIGUSR1): written whatever `--log-level` says.
+pub fn answer(msg: &str) {
+    emit(Level::Info, msg);
 }
 
 pub fn error(msg: &str) {

@@ -363,7 +363,7 @@ fn aggregation(r: &mut Resolver<'_>) -> Aggregation {
 fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
     let dd_url = r.given("dd-url", resolve::intake_base);
     let site = r.value("site", resolve::site);
-    let api_key = ApiKey(r.string("api-key").unwrap_or_default());
+    let api_key = ApiKey(r.given("api-key", resolve::api_key).unwrap_or_default());
     // An explicit URL, else the site's intake when there is a key, else the console.
     let intake_url =
         dd_url.or_else(|| (!api_key.0.is_empty()).then(|| format!("https://app.{site}")));
@@ -682,6 +682,33 @@ mod tests {
             assert!(line.starts_with(want.as_str()), "{line:?} vs {want:?}");
         }
         assert!(!err.contains("secret-key-1"));
+    }
+
+    #[test]
+    fn an_api_key_an_http_header_cannot_carry_is_refused_at_start_without_showing_it() {
+        for (key, what) in [
+            ("secret-key\n", "a newline at character 11 (of 11)"),
+            ("secret key", "a space at character 7 (of 10)"),
+            ("\"secret-key\"", ""),
+            ("sécret", "a non-ASCII character at character 2 (of 6)"),
+            (
+                "secret\u{7f}",
+                "the control character 0x7f at character 7 (of 7)",
+            ),
+        ] {
+            let result = parse_env(&["--api-key", key], &[]);
+            if what.is_empty() {
+                // Quotes are printable: the intake will refuse the key, not the header.
+                assert!(result.is_ok(), "{key:?}");
+                continue;
+            }
+            let Err(e) = result else {
+                panic!("{key:?} accepted");
+            };
+            let e = e.to_string();
+            assert!(e.contains(what), "{e}");
+            assert!(!e.contains("ecret"), "the key leaked: {e}");
+        }
     }
 
     #[test]

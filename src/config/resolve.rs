@@ -319,6 +319,27 @@ pub(super) fn intake_base(v: &str, name: &str) -> Result<String, String> {
     }
 }
 
+/// An API key: it travels in an HTTP header, so every character must be printable ASCII
+/// with no space; a stray newline or quote from a file is named, the key never shown.
+pub(super) fn api_key(v: &str, name: &str) -> Result<String, String> {
+    match v.char_indices().find(|(_, c)| !c.is_ascii_graphic()) {
+        None => Ok(v.to_string()),
+        Some((at, c)) => Err(format!(
+            "{name}: the API key has {} at character {} (of {}), which an HTTP header cannot carry; check for a stray newline, space or quote",
+            match c {
+                '\n' => "a newline".to_string(),
+                '\r' => "a carriage return".to_string(),
+                ' ' => "a space".to_string(),
+                '\t' => "a tab".to_string(),
+                c if c.is_ascii() => format!("the control character {:#04x}", c as u32),
+                _ => "a non-ASCII character".to_string(),
+            },
+            v[..at].chars().count() + 1,
+            v.chars().count()
+        )),
+    }
+}
+
 /// A Datadog site name: no scheme, no path.
 pub(super) fn site(v: &str, name: &str) -> Result<String, String> {
     if v.is_empty() || v.contains('/') {

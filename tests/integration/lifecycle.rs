@@ -138,8 +138,9 @@ fn startup_errors_name_the_flag_and_exit_nonzero() {
         (vec!["--udp", "off", "--socket", &missing_dir], 1, "cannot bind".into()),
         (vec!["--buffer-size", "1000000"], 2, "--buffer-size: 1000000 is outside 512..=65536".into()),
         (vec!["--udp", "nope"], 2, "--udp: 'nope' is not an address".into()),
+        (vec!["--udp", "off"], 2, "no listener: --udp is off and neither --socket nor --stream-socket is set".into()),
         (
-            vec!["--udp", "off", "--dd-url", "http://127.0.0.1:9", "--retry-dir", &file_s],
+            vec!["--udp", "127.0.0.1:0", "--dd-url", "http://127.0.0.1:9", "--retry-dir", &file_s],
             1,
             format!("--retry-dir {file_s}: cannot create the directory"),
         ),

@@ -496,3 +496,24 @@ fn an_api_key_in_a_readable_config_file_draws_a_warning() {
         assert!(s.stderr.iter().all(|l| !l.contains("perm-secret")));
     }
 }
+
+#[test]
+fn sigusr1_answers_even_at_log_level_warn_and_core_dumps_are_off() {
+    let w = Whippet::start(&["--log-level", "warn"]);
+    w.send_udp(b"asked:1|c");
+    // telemetry_now signals SIGUSR1 and waits for the line.
+    assert_eq!(
+        w.telemetry_now(r#"whippet_messages_total{kind="metric"}"#),
+        1
+    );
+    // A core dump would hold the API key.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(fields[4..], ["0", "0", "bytes"], "{core}");
+    let s = w.stop();
+    assert!(s.status.success());
+}

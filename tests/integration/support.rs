@@ -233,6 +233,10 @@ impl Whippet {
             .unwrap_or_else(|| panic!("no {field} in {status}"))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         self.process.signal(signal);
     }
