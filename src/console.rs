@@ -15,6 +15,8 @@ use crate::flush::{Flushed, Output};
 /// ```
 ///
 /// Values print in Rust's shortest round-trip form, so parsing a line gives the exact `f64`.
+/// What clients sent prints with control characters escaped (`\u{1b}`), so no client can
+/// move the cursor, clear the screen or forge a line on the operator's terminal.
 pub(crate) struct Console<W: Write + Send> {
     out: W,
 }
@@ -31,13 +33,13 @@ impl<W: Write + Send> Console<W> {
             writeln!(
                 out,
                 "series {}{} {} ts={} value={} interval={} host={} tags={}",
-                c.name(),
+                Shown(c.name()),
                 s.suffix,
                 s.kind.label(),
                 s.timestamp,
                 s.value,
                 s.interval,
-                c.host(),
+                Shown(c.host()),
                 join(c.tags()),
             )?;
         }
@@ -47,7 +49,7 @@ impl<W: Write + Send> Console<W> {
             writeln!(
                 out,
                 "sketch {} ts={} count={} min={} max={} sum={} avg={} bins={} host={} tags={}",
-                c.name(),
+                Shown(c.name()),
                 p.timestamp,
                 sum.count,
                 sum.min,
@@ -55,7 +57,7 @@ impl<W: Write + Send> Console<W> {
                 sum.sum,
                 sum.avg,
                 p.sketch.bins().len(),
-                c.host(),
+                Shown(c.host()),
                 join(c.tags()),
             )?;
         }
@@ -66,24 +68,24 @@ impl<W: Write + Send> Console<W> {
                 e.timestamp,
                 e.priority.label(),
                 e.alert_type.label(),
-                e.host,
+                Shown(&e.host),
                 e.aggregation_key,
                 e.source_type,
                 e.title,
                 e.text,
-                e.tags.join(","),
+                join(e.tags.iter().map(|t| &t[..])),
             )?;
         }
         for c in &f.service_checks {
             writeln!(
                 out,
                 "service_check {} status={} ts={} host={} message={:?} tags={}",
-                c.name,
+                Shown(&c.name),
                 c.status.code(),
                 c.timestamp,
-                c.host,
+                Shown(&c.host),
                 c.message,
-                c.tags.join(","),
+                join(c.tags.iter().map(|t| &t[..])),
             )?;
         }
         out.flush()
@@ -96,9 +98,25 @@ fn join<'a>(tags: impl Iterator<Item = &'a str>) -> String {
         if i > 0 {
             s.push(',');
         }
-        s.push_str(t);
+        s.push_str(&Shown(t).to_string());
     }
     s
+}
+
+/// Client text with its control characters (C0, DEL, C1) escaped as `\u{..}`.
+struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(char::is_control) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(f, "\\u{{{:x}}}", c as u32)?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
 }
 
 impl<W: Write + Send> Output for Console<W> {

@@ -552,3 +552,37 @@ fn a_million_malformed_messages_of_every_kind_cost_nothing_but_counters() {
     assert_eq!(s.stdout.iter().filter(|l| l.starts_with(&giant)).count(), 1);
     assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
 }
+
+#[test]
+fn control_characters_from_clients_reach_the_console_escaped() {
+    let w = Whippet::start(&[]);
+    w.send_udp(b"esc\x1b[2J:1|c|#t:\x1b]0;title\x07\n_sc|chk\x1b[1A|0|h:host\x7f\xc2\x9b|#u:\x01");
+    let s = w.stop();
+    assert!(s.status.success());
+    let raw = |l: &&String| l.chars().any(|c| c.is_control());
+    let shown: Vec<&String> = s.stdout.iter().filter(raw).collect();
+    assert!(shown.is_empty(), "{shown:?}");
+    let series = s
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("series esc"))
+        .unwrap();
+    assert!(
+        series.starts_with(r"series esc\u{1b}[2J rate ")
+            && series.ends_with(r"tags=t:\u{1b}]0;title\u{7}"),
+        "{series}"
+    );
+    let check = s
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("service_check"))
+        .unwrap();
+    assert!(
+        check.starts_with(r"service_check chk\u{1b}[1A status=0"),
+        "{check}"
+    );
+    assert!(
+        check.contains(r" host=host\u{7f}\u{9b} ") && check.ends_with(r"tags=u:\u{1}"),
+        "{check}"
+    );
+}
