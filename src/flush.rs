@@ -157,15 +157,22 @@ impl FlushSettings {
         }
     }
 
-    /// Turns one closed accumulator into series points or a sketch.
-    pub fn finish(&self, closed: Closed, out: &mut Flushed) {
+    /// Turns one closed accumulator into series points or a sketch. Returns how many points
+    /// (or sketches) were dropped for a value that overflowed to infinity (a counter summed
+    /// past f64's range, a tiny sample rate): the intake cannot take them.
+    pub fn finish(&self, closed: Closed, out: &mut Flushed) -> usize {
         let Closed {
             context,
             timestamp,
             acc,
         } = closed;
         let interval = self.expiry.interval;
-        let mut series = |suffix: &Arc<str>, kind, value| {
+        let mut non_finite = 0;
+        let mut series = |suffix: &Arc<str>, kind, value: f64| {
+            if !value.is_finite() {
+                non_finite += 1;
+                return;
+            }
             out.series.push(Series {
                 context: context.clone(),
                 suffix: suffix.clone(),
@@ -185,7 +192,7 @@ impl FlushSettings {
             }
             Accumulator::Histogram(mut h) => {
                 if h.samples.is_empty() {
-                    return;
+                    return 0;
                 }
                 h.samples.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
                 for (agg, suffix) in &self.aggregates {
@@ -198,6 +205,9 @@ impl FlushSettings {
             }
             Accumulator::Distribution(mut sketch) => {
                 sketch.finish();
+                if !sketch.summary().sum.is_finite() {
+                    return 1;
+                }
                 if !sketch.is_empty() {
                     out.sketches.push(SketchPoint {
                         context,
@@ -207,6 +217,7 @@ impl FlushSettings {
                 }
             }
         }
+        non_finite
     }
 }
 
@@ -265,6 +276,8 @@ pub struct Counters {
     /// Live contexts after the last flush.
     pub contexts: Gauge,
     pub flushed: PerLabel<Data, Counter, { Data::COUNT }>,
+    /// Points and sketches dropped at flush for a value that overflowed to infinity.
+    pub non_finite: Counter,
 }
 
 impl Readings for Counters {
@@ -277,6 +290,12 @@ impl Readings for Counters {
         out.gauge("whippet_contexts", &[], self.contexts.get());
         out.counter("whippet_flushes_total", &[], self.flushes.get());
         out.per_label("whippet_flushed_total", &self.flushed);
+        let non_finite = self.non_finite.get();
+        out.counter(
+            "whippet_dropped_total",
+            &[("reason", "non_finite")],
+            non_finite,
+        );
     }
 }
 
@@ -346,7 +365,8 @@ impl Flusher {
                 continue;
             }
             for closed in self.closed.drain(..) {
-                self.settings.finish(closed, &mut out);
+                let dropped = self.settings.finish(closed, &mut out);
+                self.counters.non_finite.add(dropped as u64);
             }
             self.emit(std::mem::take(&mut out));
         }

@@ -586,3 +586,24 @@ fn control_characters_from_clients_reach_the_console_escaped() {
         "{check}"
     );
 }
+
+#[test]
+fn aggregates_that_overflow_to_infinity_are_dropped_and_counted_never_sent() {
+    let w = Whippet::start(&[]);
+    // A counter summed past f64's range, a sample rate whose weight is infinite, a histogram
+    // whose sum (and so its avg) overflows, a distribution whose sum does.
+    w.send_udp(b"big:1e308|c\nbig:1e308|c\ntiny:1|c|@1e-320\nh:1e308|h\nh:1e308|h\nd:1e308|d\nd:1e308|d\nfine:1|c");
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(
+        s.telemetry(r#"whippet_dropped_total{reason="non_finite"}"#),
+        4
+    );
+    let inf: Vec<&String> = s.stdout.iter().filter(|l| l.contains("inf")).collect();
+    assert!(inf.is_empty(), "{inf:?}");
+    // The histogram's other aggregates are finite and sent.
+    assert_eq!(s.one("series", "h.max", "").f64("value"), 1e308);
+    assert_eq!(s.one("series", "fine", "").f64("value"), 1.0 / 1e9);
+    assert!(!s.stdout.iter().any(|l| l.starts_with("series h.avg ")));
+    assert!(!s.stdout.iter().any(|l| l.starts_with("sketch d ")));
+}
