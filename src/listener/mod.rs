@@ -65,7 +65,8 @@ pub struct StreamCounters {
     pub frames_too_large: Counter,
     /// Connections that ended with a partial frame pending.
     pub partial_frames: Counter,
-    /// Connections closed after `--stream-idle-timeout` without a byte.
+    /// Connections closed after `--stream-idle-timeout` without a byte, or without finishing
+    /// a frame begun that long ago.
     pub idle_closed: Counter,
 }
 

@@ -9,6 +9,7 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt};
 
@@ -143,10 +144,11 @@ impl Acceptor {
             let _ = stream.shutdown(Shutdown::Read);
         }
         let (handoff, conns) = (self.handoff.clone(), self.connections.clone());
+        let idle = self.limits.idle_timeout;
         let spawned = std::thread::Builder::new()
             .name(format!("whippet-stream-{id}"))
             .spawn(move || {
-                serve(stream, &handoff);
+                serve(stream, &handoff, idle);
                 conns.lock().remove(&id);
             });
         match spawned {
@@ -160,12 +162,31 @@ impl Acceptor {
 }
 
 /// Reads frames from one connection until end-of-file, an error, an oversized frame or the
-/// idle timeout (the socket's read timeout).
-fn serve(mut stream: UnixStream, handoff: &Handoff) {
+/// idle timeout: `idle` without a byte (the socket's read timeout), or without finishing a
+/// frame begun `idle` ago, so a client dripping a byte at a time cannot hold its slot.
+fn serve(mut stream: UnixStream, handoff: &Handoff, idle: Option<Duration>) {
     let transport = &handoff.counters.transports[Transport::Stream];
     let counters = &handoff.counters.stream;
     let mut frames = Reassembly::new(&handoff.pool);
+    // When the partial frame pending began, and the read timeout now set.
+    let mut frame_began: Option<Instant> = None;
+    let mut timeout = idle;
     loop {
+        if let (Some(began), Some(idle)) = (frame_began, idle) {
+            let left = idle.saturating_sub(began.elapsed());
+            if left.is_zero() {
+                counters.idle_closed.add(1);
+                break;
+            }
+            // Shortened in halves, so a connection making steady progress rarely pays for it.
+            if timeout.is_some_and(|t| left < t / 2) {
+                if stream.set_read_timeout(Some(left)).is_err() {
+                    transport.errors.add(1);
+                    break;
+                }
+                timeout = Some(left);
+            }
+        }
         let n = match stream.read(frames.space()) {
             Ok(0) => break,
             Ok(n) => n,
@@ -181,6 +202,19 @@ fn serve(mut stream: UnixStream, handoff: &Handoff) {
         };
         transport.bytes.add(n as u64);
         let fed = frames.fed(n, &handoff.pool);
+        let completed = fed.complete.is_some();
+        if frames.pending() == 0 {
+            frame_began = None;
+            if timeout != idle {
+                if stream.set_read_timeout(idle).is_err() {
+                    transport.errors.add(1);
+                    break;
+                }
+                timeout = idle;
+            }
+        } else if completed || frame_began.is_none() {
+            frame_began = Some(Instant::now());
+        }
         if let Some(mut batch) = fed.complete {
             transport.packets.add(batch.packet_count() as u64);
             batch.received_at = clock::data_now();

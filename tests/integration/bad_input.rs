@@ -607,3 +607,37 @@ fn aggregates_that_overflow_to_infinity_are_dropped_and_counted_never_sent() {
     assert!(!s.stdout.iter().any(|l| l.starts_with("series h.avg ")));
     assert!(!s.stdout.iter().any(|l| l.starts_with("sketch d ")));
 }
+
+#[test]
+fn a_client_dripping_a_frame_a_byte_at_a_time_is_closed_at_the_idle_timeout() {
+    let w = Whippet::start(&["--stream-idle-timeout", "1s"]);
+    let path = w.stream_socket.clone().unwrap();
+    let mut c = UnixStream::connect(&path).unwrap();
+    // A 100-byte frame, one byte every 100 ms: each read is well within the timeout, but the
+    // frame would take 10 s.
+    c.write_all(&100u32.to_le_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    let cut = loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if c.write_all(b"x").is_err() {
+            break true;
+        }
+        sent += 1;
+        if sent == 100 {
+            break false;
+        }
+    };
+    assert!(
+        cut,
+        "the whole frame got through in {:?}",
+        started.elapsed()
+    );
+    let s = w.stop();
+    assert_eq!(s.telemetry("whippet_stream_idle_closed_total"), 1);
+    assert_eq!(s.telemetry("whippet_stream_partial_frames_total"), 1);
+    assert_eq!(
+        s.telemetry(r#"whippet_packets_total{transport="unix_stream"}"#),
+        0
+    );
+}
