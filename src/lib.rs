@@ -40,7 +40,8 @@
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
 //! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
-//! | `whippet-status` | 1 if `--status` | HTTP request | [`status`] |
+//! | `whippet-status` | 1 if `--status` | `accept`; hands connections to a bounded queue | [`status`] |
+//! | `whippet-status-N` | 2 if `--status` | reading one request head, writing one answer (2 s each at most) | [`status`] |
 //! | `whippet-watchdog` | 1 if systemd's `WatchdogSec=` | timer | [`daemon::run`] |
 //! | `whippet-stop-guard` | 1, from SIGTERM | timer | [`daemon::Daemon::guard_shutdown`] |
 //! | main | 1 | signals (SIGTERM, SIGINT, SIGHUP reload, SIGUSR1) | [`daemon::run`] |

@@ -1,16 +1,24 @@
 //! The status endpoint (`--status ADDR`, off by default): `/status` (JSON: version, uptime,
 //! listeners, intake, every counter), `/metrics` (Prometheus text format, every counter) and
 //! `/contexts?top=N` (the busiest contexts with their sample counts, as the Agent's
-//! `dogstatsd-stats` shows). One tiny_http thread; it reads counters and locks one
-//! shard at a time, never the ingest path.
+//! `dogstatsd-stats` shows). It reads counters and locks one shard at a time, never the
+//! ingest path.
+//!
+//! Nothing a client does can stop ingestion or grow memory: one accept thread hands
+//! connections to [`HANDLERS`] threads through a queue of [`WAITING`]; a connection that
+//! finds the queue full is closed at once. A request head is read within [`MAX_HEAD`] bytes
+//! and [`REQUEST_TIME`] (parsed by httparse), the answer written within the same time, and
+//! every connection closed after one answer. No thread is started per connection.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::TrySendError;
 use serde_json::{json, Map, Value};
-use tiny_http::{Header, Request, Response, Server};
 
 use crate::demux::Demux;
 use crate::telemetry::Snapshot;
@@ -26,49 +34,153 @@ pub struct Sources {
     pub started: Instant,
 }
 
+/// Threads answering requests.
+pub(crate) const HANDLERS: usize = 2;
+/// Accepted connections waiting for a handler; more are closed at once.
+pub(crate) const WAITING: usize = 16;
+/// Longest request head read (request line and headers).
+pub(crate) const MAX_HEAD: usize = 8192;
+/// Time a client has to send its request head, and then to take the answer.
+pub(crate) const REQUEST_TIME: Duration = Duration::from_secs(2);
+
 /// A running status endpoint.
 pub(crate) struct StatusServer {
     pub addr: SocketAddr,
-    server: Arc<Server>,
-    thread: JoinHandle<()>,
+    stopping: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl StatusServer {
     pub fn start(addr: SocketAddr, sources: Arc<Sources>) -> Result<StatusServer, crate::Error> {
-        let server = Server::http(addr).map_err(|e| {
+        let listener = TcpListener::bind(addr).map_err(|e| {
             crate::Error::Startup(format!(
                 "cannot serve the status endpoint on {addr}: {e}; choose another --status address"
             ))
         })?;
-        let addr = server.server_addr().to_ip().unwrap_or(addr);
-        let server = Arc::new(server);
-        let s = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("whippet-status".into())
-            .spawn(move || {
-                // `incoming_requests` ends when the server is unblocked at shutdown.
-                for request in s.incoming_requests() {
-                    answer(&sources, request);
+        let addr = listener.local_addr().unwrap_or(addr);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (queue, waiting) = crossbeam_channel::bounded::<TcpStream>(WAITING);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| crate::Error::Startup(format!("cannot start the status threads: {e}")))
+        };
+        let mut threads = Vec::new();
+        for i in 0..HANDLERS {
+            let (waiting, sources) = (waiting.clone(), sources.clone());
+            threads.push(spawn(
+                format!("whippet-status-{i}"),
+                Box::new(move || {
+                    for connection in waiting {
+                        serve(&sources, connection);
+                    }
+                }),
+            )?);
+        }
+        let stop = stopping.clone();
+        threads.push(spawn(
+            "whippet-status".into(),
+            Box::new(move || {
+                for connection in listener.incoming() {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    let Ok(connection) = connection else { continue };
+                    match queue.try_send(connection) {
+                        // Closed at once: the handlers are busy with others.
+                        Err(TrySendError::Full(refused)) => drop(refused),
+                        Err(TrySendError::Disconnected(_)) => break,
+                        Ok(()) => {}
+                    }
                 }
-            })
-            .map_err(|e| crate::Error::Startup(format!("cannot start the status thread: {e}")))?;
+                // Dropping the queue ends the handlers once they are done.
+            }),
+        )?);
         Ok(StatusServer {
             addr,
-            server,
-            thread,
+            stopping,
+            threads,
         })
     }
 
     pub fn stop(self) {
-        self.server.unblock();
-        let _ = self.thread.join();
+        self.stopping.store(true, Relaxed);
+        // Wakes the accept thread.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect_timeout(&wake, REQUEST_TIME);
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
-fn answer(sources: &Sources, request: Request) {
-    let url = request.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let (status, content_type, body) = match path {
+/// Reads one request head from `connection` and answers it, each within [`REQUEST_TIME`].
+fn serve(sources: &Sources, mut connection: TcpStream) {
+    let deadline = Instant::now() + REQUEST_TIME;
+    let mut head = [0u8; MAX_HEAD];
+    let mut len = 0;
+    let (status, content_type, body) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || connection.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match connection.read(&mut head[len..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                break match (request.method, request.path) {
+                    (Some("GET"), Some(target)) => route(sources, target),
+                    _ => (405, "text/plain", "only GET is served\n".into()),
+                };
+            }
+            Ok(httparse::Status::Partial) if len < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                break (
+                    431,
+                    "text/plain",
+                    format!("the request head is over {MAX_HEAD} bytes or 32 headers\n"),
+                );
+            }
+            Err(_) => break (400, "text/plain", "not an HTTP request\n".into()),
+        }
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    let answer = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let deadline = Instant::now() + REQUEST_TIME;
+    let mut rest = answer.as_bytes();
+    while !rest.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || connection.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match connection.write(rest) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => rest = &rest[n..],
+        }
+    }
+}
+
+/// (status, content type, body) for a request target.
+fn route(sources: &Sources, target: &str) -> (u16, &'static str, String) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match path {
         "/status" => (200, "application/json", status_json(sources).to_string()),
         "/metrics" => (
             200,
@@ -88,12 +200,7 @@ fn answer(sources: &Sources, request: Request) {
             "text/plain",
             "not found: try /status, /metrics or /contexts?top=N\n".into(),
         ),
-    };
-    let header = Header::from_bytes("Content-Type", content_type).expect("a valid header");
-    let response = Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header);
-    let _ = request.respond(response);
+    }
 }
 
 fn top_param(query: &str) -> Result<usize, String> {

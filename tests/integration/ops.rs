@@ -517,3 +517,54 @@ fn sigusr1_answers_even_at_log_level_warn_and_core_dumps_are_off() {
     let s = w.stop();
     assert!(s.status.success());
 }
+
+#[test]
+fn no_status_client_can_stop_ingestion_or_grow_memory() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let w = Whippet::start(&["--status", "127.0.0.1:0"]);
+    let addr = w.status.unwrap();
+    // An endless header line: answered 431 after 8 KiB, not read forever.
+    let mut endless = TcpStream::connect(addr).unwrap();
+    // A server that reads forever would leave this test waiting: it fails instead.
+    endless
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    endless
+        .write_all(b"GET /status HTTP/1.1\r\nX-Endless: ")
+        .unwrap();
+    let filler = vec![b'a'; 64 * 1024];
+    for _ in 0..16 {
+        if endless.write_all(&filler).is_err() {
+            break; // whippet answered and closed
+        }
+    }
+    let mut answer = String::new();
+    let _ = endless.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    // A thousand connections that never send a byte: no thread each, no abort.
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    w.send_udp(b"still.counted:1|c");
+    assert_eq!(
+        w.telemetry_now(r#"whippet_messages_total{kind="metric"}"#),
+        1
+    );
+    let threads = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
+        .unwrap()
+        .count();
+    assert!(threads < 40, "{threads} threads");
+    // Once they are given up on, the endpoint answers again.
+    drop(idle);
+    poll_until("the endpoint answering", DEADLINE, || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 200 OK") && answer.contains("whippet_samples_total 1\n")
+    });
+    let s = w.stop();
+    assert!(s.status.success());
+}
