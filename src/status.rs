@@ -35,13 +35,13 @@ pub struct Sources {
 }
 
 /// Threads answering requests.
-pub(crate) const HANDLERS: usize = 2;
+pub const HANDLERS: usize = 2;
 /// Accepted connections waiting for a handler; more are closed at once.
-pub(crate) const WAITING: usize = 16;
+pub const WAITING: usize = 16;
 /// Longest request head read (request line and headers).
-pub(crate) const MAX_HEAD: usize = 8192;
+pub const MAX_HEAD: usize = 8192;
 /// Time a client has to send its request head, and then to take the answer.
-pub(crate) const REQUEST_TIME: Duration = Duration::from_secs(2);
+pub const REQUEST_TIME: Duration = Duration::from_secs(2);
 
 /// A running status endpoint.
 pub(crate) struct StatusServer {
