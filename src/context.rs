@@ -127,7 +127,23 @@ impl<'a> Parts<'a> {
     }
 }
 
+/// Bytes of the base-128 varint of `n`.
+fn varint_len(n: usize) -> usize {
+    (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
+}
+
 impl ContextKey {
+    /// Bytes the key of `c` allocates ([`ContextKey::heap_len`]), without allocating it.
+    pub fn len_for(c: &ContextRef<'_>) -> usize {
+        let tags_len = c.tags.iter().map(|t| t.len() + 1).sum::<usize>();
+        let text_len = c.name.len() + c.host.len() + tags_len.saturating_sub(1);
+        let header: usize = [text_len, c.name.len(), c.host.len(), c.tags.len()]
+            .into_iter()
+            .map(varint_len)
+            .sum();
+        COUNT + header + 1 + text_len
+    }
+
     pub fn new(c: &ContextRef<'_>) -> ContextKey {
         let tags_len = c.tags.iter().map(|t| t.len() + 1).sum::<usize>();
         let text_len = c.name.len() + c.host.len() + tags_len.saturating_sub(1);
@@ -195,6 +211,12 @@ impl ContextKey {
                 kind,
             }
         }
+    }
+
+    /// Bytes of this key's allocation (shared by its clones).
+    pub fn heap_len(&self) -> usize {
+        let p = self.parts();
+        COUNT + p.header + p.text.len()
     }
 
     /// Identifies this allocation: clones of one key share it.

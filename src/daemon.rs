@@ -64,6 +64,7 @@ struct Probe {
     telemetry: Arc<Telemetry>,
     queue: Receiver<Batch>,
     kernel_drops: udp::KernelDrops,
+    demux: Arc<Demux>,
 }
 
 impl Readings for Probe {
@@ -74,6 +75,8 @@ impl Readings for Probe {
         t.flush.read(out);
         t.forwarder.read(out);
         out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
+        let memory = self.demux.memory_bytes() as u64;
+        out.gauge("whippet_aggregation_memory_bytes", &[], memory);
         self.kernel_drops.read(out);
     }
 }
@@ -177,10 +180,11 @@ impl Pipeline {
     ) -> Result<(Pipeline, Sender<Batch>), Error> {
         let p = &config.pipeline;
         let listen = &config.listen;
-        let demux = Arc::new(Demux::with_context_limit(
+        let demux = Arc::new(Demux::with_limits(
             p.shards,
             p.event_backlog,
             p.context_limit,
+            p.aggregation_memory,
         ));
         let (queue, queue_rx) = crossbeam_channel::bounded::<Batch>(p.queue_size);
         // Every batch that can be in circulation at once stays pooled under load: the queue,
@@ -307,6 +311,7 @@ impl Daemon {
             telemetry: telemetry.clone(),
             queue: pipeline.queue_rx.clone(),
             kernel_drops: udp::KernelDrops::of(&sockets.udp),
+            demux: pipeline.demux.clone(),
         });
         let (status, status_sources) = start_status(config, &probe, &pipeline.demux)?;
         sockets.bound.status = status.as_ref().map(|s| s.addr);

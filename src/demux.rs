@@ -20,6 +20,8 @@ pub struct Demux {
     backlog: Mutex<Backlog>,
     /// Most events plus service checks held between flushes.
     backlog_limit: usize,
+    /// Contexts and bytes, shared by the shards.
+    budget: Arc<ContextBudget>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -39,16 +41,33 @@ impl Demux {
         backlog_limit: usize,
         context_limit: usize,
     ) -> Demux {
+        Demux::with_limits(shards, backlog_limit, context_limit, usize::MAX)
+    }
+
+    /// A demux holding at most `context_limit` live contexts and `memory` bytes of contexts
+    /// and samples (`--aggregation-memory`) across its shards.
+    pub(crate) fn with_limits(
+        shards: usize,
+        backlog_limit: usize,
+        context_limit: usize,
+        memory: usize,
+    ) -> Demux {
         let hasher = ContextHasher::default();
-        let budget = Arc::new(ContextBudget::new(context_limit));
+        let budget = Arc::new(ContextBudget::new(context_limit, memory));
         Demux {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(Shard::with_budget(hasher.clone(), budget.clone())))
                 .collect(),
+            budget,
             hasher,
             backlog: Mutex::new(Backlog::default()),
             backlog_limit,
         }
+    }
+
+    /// Bytes of contexts and samples held in the shards now.
+    pub fn memory_bytes(&self) -> usize {
+        self.budget.bytes()
     }
 
     /// The context hasher every worker must use.

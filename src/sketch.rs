@@ -158,6 +158,18 @@ impl Sketch {
         }
     }
 
+    /// Heap bytes held (bins and buffer, by capacity): at most about 17 KiB, as bins are
+    /// limited to [`BIN_LIMIT`] and the buffer to 512 keys.
+    pub fn heap_bytes(&self) -> usize {
+        self.bins.capacity() * std::mem::size_of::<Bin>()
+            + self.pending.capacity() * std::mem::size_of::<i16>()
+    }
+
+    /// Whether one more insert may allocate.
+    pub fn may_grow(&self) -> bool {
+        self.pending.len() == self.pending.capacity() || self.bins.len() == self.bins.capacity()
+    }
+
     /// Merges buffered inserts; call before reading the bins.
     pub fn finish(&mut self) {
         self.merge_pending();

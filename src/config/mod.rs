@@ -51,6 +51,8 @@ pub struct Pipeline {
     pub workers: usize,
     pub shards: usize,
     pub context_limit: usize,
+    /// `--aggregation-memory`, bytes.
+    pub aggregation_memory: usize,
     pub event_backlog: usize,
 }
 
@@ -331,6 +333,7 @@ fn pipeline(r: &mut Resolver<'_>) -> Pipeline {
         workers: r.number_given("workers").unwrap_or(cpus),
         shards: r.number("shards"),
         context_limit: r.number("context-limit"),
+        aggregation_memory: r.number("aggregation-memory"),
         event_backlog: r.number("event-backlog"),
     }
 }

@@ -63,6 +63,28 @@ impl Accumulator {
         }
     }
 
+    /// Heap bytes that grow with samples: a histogram's samples, a set's members, a sketch's
+    /// bins and buffer (by capacity, as allocated).
+    pub fn sample_bytes(&self) -> usize {
+        match self {
+            Accumulator::Count(_) | Accumulator::Gauge(_) => 0,
+            // hashbrown: a u64 and a control byte per bucket, 8 buckets for 7 members.
+            Accumulator::Set(set) => set.capacity() * 11,
+            Accumulator::Histogram(h) => h.samples.capacity() * std::mem::size_of::<(f64, i64)>(),
+            Accumulator::Distribution(s) => s.heap_bytes(),
+        }
+    }
+
+    /// Whether one more sample may allocate.
+    pub fn full(&self) -> bool {
+        match self {
+            Accumulator::Count(_) | Accumulator::Gauge(_) => false,
+            Accumulator::Set(set) => set.len() >= set.capacity(),
+            Accumulator::Histogram(h) => h.samples.len() == h.samples.capacity(),
+            Accumulator::Distribution(s) => s.may_grow(),
+        }
+    }
+
     /// Adds a set member, by hash.
     pub(crate) fn add_member(&mut self, member_hash: u64) {
         if let Accumulator::Set(set) = self {

@@ -78,13 +78,16 @@ fn secs(bucket: i64) -> u32 {
 }
 
 /// Adds one sample to its context, first moving a closed bucket's accumulator aside.
+/// Returns false when the sample would have grown the accumulator while the budget's bytes
+/// are spent: it is dropped.
 fn accumulate(
     ctx: &mut Context,
     s: &Sample<'_>,
     bucket: u32,
     closed: &mut Vec<Closed>,
     members: &ContextHasher,
-) {
+    budget: &ContextBudget,
+) -> bool {
     let mut bucket = bucket;
     if ctx.dirty && ctx.bucket != bucket {
         if ctx.bucket < bucket {
@@ -107,12 +110,22 @@ fn accumulate(
     // Expiry counts idle time from `bucket`, which relies on it never going back.
     debug_assert!(bucket >= ctx.bucket, "{bucket} < {}", ctx.bucket);
     ctx.bucket = bucket;
+    let grows = ctx.acc.full();
+    if grows && budget.spent() {
+        return false;
+    }
+    let before = if grows { ctx.acc.sample_bytes() } else { 0 };
     ctx.dirty = true;
     ctx.samples = ctx.samples.saturating_add(1);
     match s.value {
         SampleValue::Number(v) => ctx.acc.add(v, s.sample_rate),
         SampleValue::Member(m) => ctx.acc.add_member(members.hash_one(m)),
     }
+    if grows {
+        let after = ctx.acc.sample_bytes();
+        budget.charge_grown(after.saturating_sub(before));
+    }
+    true
 }
 
 /// Moves every record of `from` to `out`; a vector left large is freed, since it filled only
@@ -135,33 +148,91 @@ pub struct InsertStats {
     pub new_contexts: u64,
     /// Samples dropped because they would have created a context beyond the limit.
     pub over_limit: u64,
+    /// Samples dropped because `--aggregation-memory` is spent.
+    pub over_memory: u64,
 }
 
-/// Live contexts across every shard, and how many may live (`--context-limit`): a sample
-/// that would create one more is dropped and counted; existing contexts keep working.
+/// What every shard draws on: live contexts (`--context-limit`) and bytes of memory
+/// (`--aggregation-memory`). A sample that would create a context beyond either is dropped
+/// and counted, and so is one that would grow a histogram, set, sketch or timestamped point
+/// list while the bytes are spent; what exists keeps working.
 #[derive(Debug)]
 pub(crate) struct ContextBudget {
     live: AtomicUsize,
     limit: usize,
+    bytes: AtomicUsize,
+    byte_limit: usize,
+}
+
+/// Bytes charged for a context besides its key: its 64-byte entry, its index slot, the
+/// slack of the vector and table holding them, and the allocator's overhead on the key.
+pub const CONTEXT_BYTES: usize = 128;
+
+/// Why a sample was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// `--context-limit` contexts are live.
+    Contexts,
+    /// `--aggregation-memory` is spent.
+    Memory,
 }
 
 impl ContextBudget {
-    pub fn new(limit: usize) -> ContextBudget {
+    pub fn new(limit: usize, byte_limit: usize) -> ContextBudget {
         ContextBudget {
             live: AtomicUsize::new(0),
             limit,
+            bytes: AtomicUsize::new(0),
+            byte_limit,
         }
     }
 
-    /// Takes room for one context, if there is any.
-    fn take(&self) -> bool {
-        self.live
-            .fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1))
-            .is_ok()
+    /// Takes room for one context of `bytes`, if there is any.
+    fn take(&self, bytes: usize) -> Result<(), Refused> {
+        if !self.charge(bytes) {
+            return Err(Refused::Memory);
+        }
+        let counted = self
+            .live
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.limit).then_some(n + 1));
+        if counted.is_err() {
+            self.free(bytes);
+            return Err(Refused::Contexts);
+        }
+        Ok(())
     }
 
     fn release(&self, n: usize) {
         self.live.fetch_sub(n, Relaxed);
+    }
+
+    /// Takes `bytes`, if they fit.
+    fn charge(&self, bytes: usize) -> bool {
+        self.bytes
+            .fetch_update(Relaxed, Relaxed, |b| {
+                let after = b.checked_add(bytes)?;
+                (after <= self.byte_limit).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// Takes `bytes` already allocated (a growth the spent check let through).
+    fn charge_grown(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    fn free(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Relaxed);
+    }
+
+    /// Whether the bytes are spent: a sample that would allocate is refused.
+    fn spent(&self) -> bool {
+        self.bytes.load(Relaxed) >= self.byte_limit
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Relaxed)
     }
 
     #[cfg(test)]
@@ -245,6 +316,10 @@ pub struct Shard {
     closed: Vec<Closed>,
     /// `|T` samples, each a point of its own.
     timestamped: Vec<Closed>,
+    /// Bytes charged to the budget for `timestamped`.
+    timestamped_bytes: usize,
+    /// The hash of the last point's context in `timestamped`.
+    timestamped_hash: u64,
     /// Every bucket starting before this has been flushed.
     flushed_through: i64,
     members: ContextHasher,
@@ -255,7 +330,10 @@ impl Shard {
     /// A shard without a context limit. `members` hashes set members.
     #[cfg(test)]
     fn new(members: ContextHasher) -> Shard {
-        Shard::with_budget(members, Arc::new(ContextBudget::new(usize::MAX)))
+        Shard::with_budget(
+            members,
+            Arc::new(ContextBudget::new(usize::MAX, usize::MAX)),
+        )
     }
 
     /// A shard whose new contexts draw on `budget`, shared by every shard.
@@ -264,6 +342,8 @@ impl Shard {
             contexts: Contexts::default(),
             closed: Vec::new(),
             timestamped: Vec::new(),
+            timestamped_bytes: 0,
+            timestamped_hash: 0,
             flushed_through: i64::MIN,
             members,
             budget,
@@ -305,8 +385,11 @@ impl Shard {
                         kind: s.kind,
                     };
                     if let Some(ts) = s.timestamp {
-                        stats.samples += 1;
-                        self.insert_timestamped(&context, s, ts);
+                        if self.insert_timestamped(&context, s, ts) {
+                            stats.samples += 1;
+                        } else {
+                            stats.over_memory += 1;
+                        }
                         continue;
                     }
                     let found = self
@@ -315,9 +398,17 @@ impl Shard {
                     let at = match found {
                         Some(at) => at,
                         None => {
-                            if !self.budget.take() {
-                                stats.over_limit += 1;
-                                continue;
+                            let bytes = CONTEXT_BYTES + ContextKey::len_for(&context);
+                            match self.budget.take(bytes) {
+                                Ok(()) => {}
+                                Err(Refused::Contexts) => {
+                                    stats.over_limit += 1;
+                                    continue;
+                                }
+                                Err(Refused::Memory) => {
+                                    stats.over_memory += 1;
+                                    continue;
+                                }
                             }
                             stats.new_contexts += 1;
                             self.contexts.insert(Context {
@@ -337,15 +428,27 @@ impl Shard {
                     &mut self.contexts.slab[at]
                 }
             };
-            stats.samples += 1;
-            accumulate(ctx, s, bucket, &mut self.closed, &self.members);
+            if accumulate(
+                ctx,
+                s,
+                bucket,
+                &mut self.closed,
+                &self.members,
+                &self.budget,
+            ) {
+                stats.samples += 1;
+            } else {
+                stats.over_memory += 1;
+            }
         }
         stats
     }
 
-    fn insert_timestamped(&mut self, context: &ContextRef<'_>, s: &Sample<'_>, ts: i64) {
+    /// Keeps a `|T` sample as a point of its own until the flush; false when
+    /// `--aggregation-memory` has no room for it.
+    fn insert_timestamped(&mut self, context: &ContextRef<'_>, s: &Sample<'_>, ts: i64) -> bool {
         let SampleValue::Number(v) = s.value else {
-            return;
+            return true;
         };
         // docs/behaviour.md, "Timestamps": one point at its own timestamp; the sample rate
         // is ignored.
@@ -353,11 +456,32 @@ impl Shard {
             MetricKind::Count => Accumulator::Count(v),
             _ => Accumulator::Gauge(v),
         };
+        if self.budget.spent() {
+            return false;
+        }
+        // The values of one multi-value message share one key.
+        let shared = self
+            .timestamped
+            .last()
+            .filter(|_| self.timestamped_hash == s.hash)
+            .filter(|last| last.context.matches(context))
+            .map(|last| last.context.clone());
+        // A record, and as much again for the vector's doubling.
+        let mut bytes = 2 * std::mem::size_of::<Closed>();
+        if shared.is_none() {
+            bytes += ContextKey::len_for(context);
+        }
+        if !self.budget.charge(bytes) {
+            return false;
+        }
+        self.timestamped_bytes += bytes;
+        self.timestamped_hash = s.hash;
         self.timestamped.push(Closed {
-            context: ContextKey::new(context),
+            context: shared.unwrap_or_else(|| ContextKey::new(context)),
             timestamp: ts,
             acc,
         });
+        true
     }
 
     /// Adds this shard's `n` busiest contexts (most samples since created) to `top`, which
@@ -396,11 +520,15 @@ impl Shard {
         take_all(&mut self.closed, out);
         let before_timestamped = out.len();
         take_all(&mut self.timestamped, out);
+        // What leaves the shard no longer counts against the budget; the flusher holds it
+        // for one flush.
+        let mut freed_bytes = std::mem::take(&mut self.timestamped_bytes);
         // Bucket starts: what a late flusher left in `closed`, and what this flush closes.
         let late_buckets = from..before_timestamped;
         let first_bucket = out.len();
         let closing = boundary - expiry.interval;
         let before = self.contexts.len();
+        let mut freed_context_bytes = 0;
         self.contexts.retain(|ctx| {
             if ctx.dirty {
                 if i64::from(ctx.prev_bucket) < boundary {
@@ -424,23 +552,33 @@ impl Shard {
                 return true;
             }
             let idle = closing - i64::from(ctx.bucket);
-            if ctx.kind == MetricKind::Count {
-                if idle > expiry.counter_seconds {
-                    return false;
-                }
-                if idle > 0 {
+            let keep = if ctx.kind == MetricKind::Count {
+                if idle > 0 && idle <= expiry.counter_seconds {
                     out.push(Closed {
                         context: ctx.key.clone(),
                         timestamp: closing,
                         acc: Accumulator::Count(0.0),
                     });
                 }
-                return true;
+                idle <= expiry.counter_seconds
+            } else {
+                idle < expiry.context_seconds
+            };
+            if !keep {
+                freed_context_bytes += CONTEXT_BYTES + ctx.key.heap_len();
             }
-            idle < expiry.context_seconds
+            keep
         });
         let freed = before - self.contexts.len();
         self.budget.release(freed);
+        freed_bytes += freed_context_bytes;
+        let (head, buckets) = out.split_at(first_bucket);
+        freed_bytes += head[late_buckets.clone()]
+            .iter()
+            .chain(buckets)
+            .map(|c| c.acc.sample_bytes())
+            .sum::<usize>();
+        self.budget.free(freed_bytes);
         if offset != 0 {
             // Bucket starts, moved to the wall clock; the `|T` samples between are not.
             let (head, buckets) = out.split_at_mut(first_bucket);
@@ -631,7 +769,7 @@ mod tests {
     #[test]
     fn the_context_limit_drops_new_contexts_only_and_frees_room_on_expiry() {
         let mut f = Fixture::new();
-        let budget = Arc::new(ContextBudget::new(2));
+        let budget = Arc::new(ContextBudget::new(2, usize::MAX));
         f.shard = Shard::with_budget(f.hasher.clone(), budget.clone());
         let mut other = Shard::with_budget(f.hasher.clone(), budget.clone());
         f.add("g1", MetricKind::Gauge, n(1.0), 100);
@@ -660,7 +798,8 @@ mod tests {
             InsertStats {
                 samples: 0,
                 new_contexts: 0,
-                over_limit: 1
+                over_limit: 1,
+                over_memory: 0,
             }
         );
         assert_eq!(
@@ -672,6 +811,96 @@ mod tests {
         assert_eq!((f.shard.len(), budget.live()), (0, 0));
         f.add("g3", MetricKind::Gauge, n(3.0), 200);
         assert_eq!((f.shard.len(), budget.live()), (1, 1));
+    }
+
+    #[test]
+    fn aggregation_memory_bounds_contexts_samples_and_timestamped_points_and_returns_at_flush() {
+        let mut f = Fixture::new();
+        let key = |name| {
+            CONTEXT_BYTES
+                + ContextKey::len_for(&ContextRef {
+                    name,
+                    host: "h",
+                    tags: &["env:dev"],
+                    kind: MetricKind::Histogram,
+                })
+        };
+        // Room for the context and 1,000 histogram samples' worth of growth.
+        let limit = key("h") + 1000 * 16;
+        let budget = Arc::new(ContextBudget::new(usize::MAX, limit));
+        f.shard = Shard::with_budget(f.hasher.clone(), budget.clone());
+        for i in 0..100_000 {
+            f.add("h", MetricKind::Histogram, n(f64::from(i)), 100);
+        }
+        // The samples vector doubles: it is refused a growth once the bytes are spent,
+        // so it stops at the first capacity past the limit.
+        let held = budget.bytes();
+        assert!(held >= limit && held <= key("h") + 1024 * 16, "{held}");
+        let rows = f.flush(110);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].2, "hist 1024 523776"); // 1,024 samples, Σ 0..1023
+                                                   // What left the shard is returned; the context itself stays charged until it expires.
+        assert_eq!(budget.bytes(), key("h"));
+        // With the room back, a new context fits again.
+        f.add("other", MetricKind::Gauge, n(1.0), 110);
+        assert_eq!(f.shard.len(), 2);
+        // Timestamped points: the values of one message share a key, each point costs its
+        // record; beyond the bytes they are dropped.
+        let mut tags = vec!["env:dev"];
+        canonical_tags(&mut tags, 0, &mut Vec::new());
+        let context = ContextRef {
+            name: "t",
+            host: "h",
+            tags: &tags,
+            kind: MetricKind::Gauge,
+        };
+        let samples: Vec<Sample<'_>> = (0..10_000)
+            .map(|i| Sample {
+                hash: context.hash(&f.hasher),
+                name: "t",
+                host: "h",
+                tags: ContextTags::Arena(0, 1),
+                raw_tags: "",
+                kind: MetricKind::Gauge,
+                value: n(f64::from(i)),
+                sample_rate: 1.0,
+                timestamp: Some(1_000),
+                bucket: 110,
+            })
+            .collect();
+        let mut f2 = Fixture::new();
+        let limit = ContextKey::len_for(&context) + 100 * 2 * std::mem::size_of::<Closed>();
+        let budget = Arc::new(ContextBudget::new(usize::MAX, limit));
+        f2.shard = Shard::with_budget(f2.hasher.clone(), budget.clone());
+        let stats = f2.shard.insert(&mut ShardBatch::from(samples), &tags);
+        assert_eq!((stats.samples, stats.over_memory), (100, 9_900));
+        assert_eq!(budget.bytes(), limit);
+        let mut out = Vec::new();
+        f2.shard.flush(2_000, &EXPIRY, &mut out);
+        assert_eq!(out.len(), 100);
+        assert!(
+            out.iter().all(|c| c.context.id() == out[0].context.id()),
+            "one key"
+        );
+        assert_eq!(budget.bytes(), 0);
+    }
+
+    #[test]
+    fn a_key_allocates_what_len_for_says() {
+        let long = "x".repeat(300);
+        for (name, host, tags) in [
+            ("m", "", vec![]),
+            ("m", "h", vec!["a:b", "c"]),
+            (&long[..], &long[..], vec![&long[..]; 200]),
+        ] {
+            let c = ContextRef {
+                name,
+                host,
+                tags: &tags,
+                kind: MetricKind::Gauge,
+            };
+            assert_eq!(ContextKey::new(&c).heap_len(), ContextKey::len_for(&c));
+        }
     }
 
     #[test]

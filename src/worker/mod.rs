@@ -77,6 +77,9 @@ labels! {
         EventBacklogFull = "event_backlog_full",
         /// A sample for a new context while `--context-limit` contexts are live.
         ContextLimit = "context_limit",
+        /// A sample that needed memory while `--aggregation-memory` was spent (a new
+        /// context, a histogram, set or sketch growing, a timestamped point).
+        MemoryLimit = "memory_limit",
     }
 }
 
@@ -153,6 +156,7 @@ impl Tally {
         self.samples += stats.samples;
         self.new_contexts += stats.new_contexts;
         self.dropped[Discard::ContextLimit] += stats.over_limit;
+        self.dropped[Discard::MemoryLimit] += stats.over_memory;
     }
 }
 

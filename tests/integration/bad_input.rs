@@ -641,3 +641,127 @@ fn a_client_dripping_a_frame_a_byte_at_a_time_is_closed_at_the_idle_timeout() {
         0
     );
 }
+
+/// `n` `prefix:value` parts joined by `:` after `head`, as long as they fit `room` bytes.
+fn values(head: &str, room: usize, value: impl Fn(usize) -> String) -> String {
+    let mut m = head.to_string();
+    for i in 0.. {
+        let v = value(i);
+        if m.len() + v.len() + 1 > room {
+            break;
+        }
+        m.push(':');
+        m.push_str(&v);
+    }
+    m
+}
+
+#[test]
+fn the_worst_input_shapes_stay_within_the_memory_formula() {
+    // docs/reliability.md, "Memory", with a 16 MiB --aggregation-memory. Each shape alone
+    // would hold several times that (the timestamped one, before it was bounded, a copy of
+    // its key per value: gigabytes). One whippet per shape, so each meets the whole budget.
+    const BUDGET: u64 = 16 << 20;
+    let tags = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("tag{i:03}:value{i:012}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (tags_short, tags_2k, tags_8k) = (tags(5), tags(80), tags(320));
+    let now = whippet::clock::unix_now();
+    // At the defaults: 20 datagrams of timestamped values with 2 KB of tags, which held
+    // 156 MiB when every value kept a copy of its key, now share one key a datagram. (A
+    // longer --shutdown-timeout only because a debug build on a busy machine takes a while
+    // to print 60,000 points with 2 KB of tags each.)
+    let w = Whippet::start(&["--shutdown-timeout", "60s"]);
+    let tail = format!("|g|T{now}|#{tags_2k}");
+    let timestamped = values("ts.m", 8192 - tail.len(), |_| "1".into()) + &tail;
+    for _ in 0..20 {
+        w.send_unix(timestamped.as_bytes());
+    }
+    w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, 20);
+    let peak_mib = w.status_kib("VmHWM") / 1024;
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(s.telemetry("whippet_samples_total"), 20 * 3086);
+    assert!(peak_mib < 64, "peak {peak_mib} MiB at the defaults");
+    eprintln!("MEASURED 20 timestamped datagrams at the defaults: peak {peak_mib} MiB");
+    let tail = format!("|g|T{now}|#{tags_short}");
+    let timestamped = values("ts.m", 8192 - tail.len(), |_| "1".into()) + &tail;
+    let shapes: Vec<(&str, Vec<String>)> = vec![
+        // ~4,000 timestamped points a datagram.
+        ("timestamped multi-value", vec![timestamped; 150]),
+        // One histogram, ~1,000 samples a datagram.
+        (
+            "histogram samples",
+            (0..2000)
+                .map(|d| values("hist", 8180, |i| format!("{}", d * 2000 + i)) + "|h")
+                .collect(),
+        ),
+        // Contexts with 8 KB of tags.
+        (
+            "8 KB contexts",
+            (0..4000)
+                .map(|i| format!("ctx.{i}:1|c|#{tags_8k}"))
+                .collect(),
+        ),
+        // One set, 500 new members a datagram.
+        (
+            "set members",
+            (0..6000)
+                .map(|d| {
+                    (0..500)
+                        .map(|i| format!("set:{}|s\n", d * 500 + i))
+                        .collect()
+                })
+                .collect(),
+        ),
+        // Distributions of ~800 values 3% apart each: a sketch bin per value.
+        (
+            "distributions",
+            (0..6000)
+                .map(|c| {
+                    values(&format!("dist.{c}"), 8180, |i| {
+                        format!("{:.3e}", 1e-6 * 1.03f64.powi(i as i32))
+                    }) + "|d"
+                })
+                .collect(),
+        ),
+    ];
+    let budget = BUDGET.to_string();
+    for (shape, datagrams) in shapes {
+        let w = Whippet::start(&[
+            "--aggregation-memory",
+            &budget,
+            "--workers",
+            "2",
+            "--shutdown-timeout",
+            "60s",
+        ]);
+        let mut messages = 0;
+        for d in &datagrams {
+            assert!(d.len() <= 8192, "{shape}: {} bytes", d.len());
+            messages += d.lines().count() as u64;
+            w.send_unix(d.as_bytes());
+        }
+        w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, messages);
+        let peak_mib = w.status_kib("VmHWM") / 1024;
+        let held = w.telemetry_now("whippet_aggregation_memory_bytes");
+        let dropped = w.telemetry_now(r#"whippet_dropped_total{reason="memory_limit"}"#);
+        let s = w.stop();
+        assert!(s.status.success(), "{shape}");
+        assert!(dropped > 0, "{shape}: nothing dropped");
+        // Held within the budget, give or take one growing vector per shard.
+        assert!(held <= BUDGET + (8 << 20), "{shape}: {held}");
+        // The formula: 24 MiB fixed, (queue 32 + 2 workers + 1 UDP + 1 Unix reader + 5)
+        // batches of 256 KiB, 2 MiB of cache per worker, twice the budget (held, and one
+        // flush's worth leaving the shards).
+        let formula_mib = 24 + (32 + 2 + 1 + 1 + 5) / 4 + 2 * 2 + 2 * (BUDGET >> 20);
+        assert!(
+            peak_mib <= formula_mib,
+            "{shape}: peak {peak_mib} MiB > {formula_mib} MiB"
+        );
+        eprintln!("MEASURED {shape}: peak {peak_mib} MiB, held {held} B, {dropped} dropped");
+    }
+}
