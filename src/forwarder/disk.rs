@@ -285,23 +285,27 @@ impl Disk {
     }
 
     /// A taken entry is settled (sent, or dropped and counted): its file goes. When it
-    /// cannot be deleted it is emptied, which marks it spent; `Err` when neither worked,
-    /// and the payload would be sent again after a restart.
-    pub(crate) fn done(&mut self, e: &Entry) -> io::Result<()> {
+    /// cannot be deleted it is emptied, which marks it spent (`Ok(Some(why))`: never sent
+    /// again, but the file stays); `Err` when neither worked, and the payload would be sent
+    /// again after a restart.
+    pub(crate) fn done(&mut self, e: &Entry) -> io::Result<Option<io::Error>> {
         let path = self.path(e.seq);
         let removed = remove(&path);
         match removed {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(removing) => {
                 let emptied = OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                     .open(&path)
                     .and_then(|f| f.set_len(0));
-                emptied.map_err(|e| {
-                    io::Error::other(format!("cannot delete it ({removing}) nor empty it ({e})"))
-                })
+                match emptied {
+                    Ok(()) => Ok(Some(removing)),
+                    Err(e) => Err(io::Error::other(format!(
+                        "cannot delete it ({removing}) nor empty it ({e})"
+                    ))),
+                }
             }
         }
     }
@@ -452,7 +456,8 @@ pub(super) mod tests {
         // All four are sent; none of their files can be deleted.
         while let Some(e) = disk.take(|_| true) {
             disk.read(&e).unwrap();
-            disk.done(&e).unwrap();
+            // Not deleted, but emptied: spent.
+            assert!(disk.done(&e).unwrap().is_some());
         }
         READ_ONLY.with(|r| r.set(false));
         drop(disk);
@@ -509,12 +514,12 @@ pub(super) mod tests {
         // Back to the front, then taken again before the newer one.
         disk.restore(a);
         assert_eq!(disk.take(|_| true), Some(a));
-        disk.done(&a).unwrap();
+        assert!(disk.done(&a).unwrap().is_none());
         // An endpoint backing off is skipped, not blocked on.
         assert_eq!(disk.take(|e| e != Endpoint::Events), None);
         let b = disk.take(|_| true).unwrap();
         assert_eq!(disk.read(&b).unwrap().body, b"second");
-        disk.done(&b).unwrap();
+        assert!(disk.done(&b).unwrap().is_none());
         assert_eq!((disk.len(), disk.bytes()), (0, 0));
         drop(disk);
         let (_, found) = Disk::open(&dir, 1 << 20).unwrap();

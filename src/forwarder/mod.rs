@@ -386,18 +386,23 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts and logs a settled payload whose file could be neither deleted nor emptied:
-    /// it will be sent again after a restart.
-    fn settled_on_disk(&self, done: std::io::Result<()>) {
-        if let Err(e) = done {
-            self.counters.retry_dir_errors.add(1);
-            log::warn_limited("retry-dir-delete", || {
-                format!(
-                    "--retry-dir: a payload was settled but its file stays: {e}; it will be \
-                     sent again after a restart (make the directory writable)"
-                )
-            });
-        }
+    /// Counts and logs a settled payload whose file could not be deleted: emptied instead
+    /// (never sent again, but the file stays), or not even that (sent again after a
+    /// restart).
+    fn settled_on_disk(&self, done: std::io::Result<Option<std::io::Error>>) {
+        let what = match done {
+            Ok(None) => return,
+            Ok(Some(e)) => format!(
+                "a sent payload's file cannot be deleted ({e}); it was emptied, so it is not \
+                 sent again, but it stays (make the directory writable)"
+            ),
+            Err(e) => format!(
+                "a sent payload's file stays: {e}; it will be sent again after a restart \
+                 (make the directory writable)"
+            ),
+        };
+        self.counters.retry_dir_errors.add(1);
+        log::warn_limited("retry-dir-delete", || format!("--retry-dir: {what}"));
     }
 
     /// Everything waiting in memory or on the way goes to the retry directory, or is

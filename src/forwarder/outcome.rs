@@ -153,7 +153,8 @@ pub struct Counters {
     pub retry_queue_bytes: Gauge,
     /// Bytes of payloads waiting in `--retry-dir`.
     pub retry_dir_bytes: Gauge,
-    /// Settled payloads whose files in `--retry-dir` could be neither deleted nor emptied.
+    /// Settled payloads whose files in `--retry-dir` could not be deleted (emptied instead,
+    /// or not even that).
     pub retry_dir_errors: Counter,
 }
 
