@@ -86,7 +86,11 @@ impl StatusServer {
                     if stop.load(Relaxed) {
                         break;
                     }
-                    let Ok(connection) = connection else { continue };
+                    let Ok(connection) = connection else {
+                        // Out of descriptors, most likely: waiting beats spinning.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
                     match queue.try_send(connection) {
                         // Closed at once: the handlers are busy with others.
                         Err(TrySendError::Full(refused)) => drop(refused),
