@@ -796,45 +796,16 @@ mod tests {
         assert!(shown.contains("(redacted)"), "{shown}");
     }
 
-    #[test]
-    fn a_paced_flush_waits_until_the_intake_has_taken_the_queue() {
+    /// A one-thread forwarder to an intake that holds each answer `delay` (only the first,
+    /// when `only_first`), with 8 payloads of 1,000 bytes submitted.
+    fn paced(
+        delay: Duration,
+        only_first: bool,
+        counters: &Arc<Counters>,
+    ) -> (crate::intake::Intake, Forwarder) {
         let intake = crate::intake::Intake::start(crate::intake::IntakeConfig {
-            delay: Duration::from_millis(50),
-            ..Default::default()
-        })
-        .unwrap();
-        let config = ForwarderConfig {
-            base_url: intake.url(),
-            api_key: ApiKey("k".into()),
-            threads: 1,
-            retry_queue_bytes: 1 << 20,
-            timeout: Duration::from_secs(30),
-            retry_base: Duration::from_secs(1),
-            retry_dir: None,
-        };
-        let forwarder = Forwarder::start(config, Arc::new(Counters::default())).unwrap();
-        let payloads = (0..8)
-            .map(|_| Payload {
-                endpoint: Endpoint::Events,
-                body: vec![b'x'; 1000],
-                compression: crate::serializer::compress::Compression::None,
-                items: 1,
-            })
-            .collect();
-        forwarder.submit(payloads);
-        forwarder.pace(0, Duration::from_secs(120));
-        assert_eq!(forwarder.queued_bytes(), 0);
-        // Above the mark it returns without waiting.
-        forwarder.pace(usize::MAX, Duration::from_secs(120));
-        forwarder.close(Instant::now() + Duration::from_secs(60));
-    }
-
-    #[test]
-    fn a_paced_flush_stops_waiting_once_shutdown_begins() {
-        // Each answer takes 20 s: pacing 8 payloads would take minutes.
-        let intake = crate::intake::Intake::start(crate::intake::IntakeConfig {
-            delay: Duration::from_secs(20),
-            slow_requests: 1,
+            delay,
+            slow_requests: u64::from(only_first),
             ..Default::default()
         })
         .unwrap();
@@ -847,7 +818,6 @@ mod tests {
             retry_base: Duration::from_secs(1),
             retry_dir: None,
         };
-        let counters = Arc::new(Counters::default());
         let forwarder = Forwarder::start(config, counters.clone()).unwrap();
         let payloads = (0..8)
             .map(|_| Payload {
@@ -858,6 +828,25 @@ mod tests {
             })
             .collect();
         forwarder.submit(payloads);
+        (intake, forwarder)
+    }
+
+    #[test]
+    fn a_paced_flush_waits_until_the_intake_has_taken_the_queue() {
+        let counters = Arc::new(Counters::default());
+        let (_intake, forwarder) = paced(Duration::from_millis(50), false, &counters);
+        forwarder.pace(0, Duration::from_secs(120));
+        assert_eq!(forwarder.queued_bytes(), 0);
+        // Above the mark it returns without waiting.
+        forwarder.pace(usize::MAX, Duration::from_secs(120));
+        forwarder.close(Instant::now() + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_paced_flush_stops_waiting_once_shutdown_begins() {
+        // The first answer takes 20 s: pacing would wait it out.
+        let counters = Arc::new(Counters::default());
+        let (intake, forwarder) = paced(Duration::from_secs(20), true, &counters);
         let handle = forwarder.handle();
         let started = Instant::now();
         std::thread::scope(|s| {
