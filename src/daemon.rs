@@ -367,12 +367,16 @@ impl Daemon {
                 if let Some(f) = forwarder {
                     f.abandon();
                 }
-                log::error(&format!(
-                    "shutdown overran --shutdown-timeout by {} s (an output that does not \
-                     take data: stdout not read, or a stuck thread); what the forwarder held \
-                     went to --retry-dir or was counted dropped; exiting now",
-                    OVERRUN.as_secs()
-                ));
+                // Logged from a thread of its own: stderr may be the output that is stuck.
+                let _ = std::thread::Builder::new().spawn(|| {
+                    log::error(&format!(
+                        "shutdown overran --shutdown-timeout by {} s (an output that does not \
+                         take data: stdout not read, or a stuck thread); what the forwarder \
+                         held went to --retry-dir or was counted dropped; exiting now",
+                        OVERRUN.as_secs()
+                    ))
+                });
+                std::thread::sleep(Duration::from_millis(200));
                 // SAFETY: _exit ends the process at once; unlike exit it flushes nothing, so
                 // it cannot block on the very stdout that may be stuck.
                 unsafe { nix::libc::_exit(1) };
@@ -529,15 +533,14 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
                 }
             }
             SIGHUP => reload_with(&mut daemon, &reload),
-            _ => {
-                log::info("stopping: draining queues and flushing every bucket");
-                break;
-            }
+            _ => break,
         }
     }
-    systemd::notify("STOPPING=1");
+    // The clock first: even the log line below may block (stderr a pipe nobody reads).
     let deadline = Instant::now() + config.forwarding.shutdown_timeout;
     let guard = daemon.guard_shutdown(deadline)?;
+    systemd::notify("STOPPING=1");
+    log::info("stopping: draining queues and flushing every bucket");
     let last = daemon.shutdown();
     drop(guard);
     if let Some((stop, thread)) = watchdog {
