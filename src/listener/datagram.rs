@@ -348,7 +348,8 @@ mod tests {
     }
 
     fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
-        let (queue, rx) = crossbeam_channel::bounded(4);
+        // Room for every batch a test makes, so a slow consumer never drops one.
+        let (queue, rx) = crossbeam_channel::bounded(1024);
         let handoff = Handoff {
             queue,
             pool: Arc::new(Pool::new(8192, 1)),
