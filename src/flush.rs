@@ -345,7 +345,7 @@ impl Flusher {
 
     /// [`Flusher::flush`], stamping buckets `offset` seconds from their start on the
     /// pipeline's clock ([`clock::wall_offset`]).
-    pub fn flush_stamped(&mut self, boundary: i64, offset: i64) {
+    fn flush_stamped(&mut self, boundary: i64, offset: i64) {
         let backlog = self.demux.take_backlog();
         let mut out = Flushed {
             events: backlog.events,

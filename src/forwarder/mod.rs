@@ -83,7 +83,7 @@ struct State {
     /// from the retry directory (its file stays there until the request settles).
     in_flight: Vec<(u64, Arc<Payload>, bool)>,
     requests: u64,
-    /// Sender threads still running.
+    /// Sender threads not yet ended.
     running: usize,
     closing: bool,
     /// After this instant, whatever still waits at shutdown is dropped and counted (or
@@ -236,7 +236,11 @@ impl Forwarder {
         counters: Arc<Counters>,
     ) -> Result<Forwarder, crate::Error> {
         let agent = agent(&config);
-        let mut state = State::default();
+        // Counted before they start, so a close that comes first still waits for them.
+        let mut state = State {
+            running: config.threads.max(1),
+            ..State::default()
+        };
         if let Some((dir, limit)) = &config.retry_dir {
             let (disk, found) = Disk::open(dir, *limit).map_err(crate::Error::Startup)?;
             if found.payloads > 0 {
@@ -644,7 +648,6 @@ impl Shared {
 
 fn sender(shared: &Shared) {
     let mut state = shared.lock();
-    state.running += 1;
     loop {
         let now = Instant::now();
         if state.abandoned
