@@ -513,7 +513,7 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
     check::refuse_root(config, nix::unistd::geteuid().is_root())?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
-    warn_if_key_readable(config);
+    warn_at_start(config);
     no_core_dumps();
     let mut daemon = Daemon::start(config)?;
     log_start(config, &daemon.bound);
@@ -557,7 +557,7 @@ fn reload_with(daemon: &mut Daemon, reload: &impl Fn() -> Result<Config, Error>)
     systemd::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
     match reload() {
         Ok(new) => {
-            warn_if_key_readable(&new);
+            warn_at_start(&new);
             for note in daemon.reload(&new) {
                 log::warn(&format!("reload: {note}"));
             }
@@ -571,9 +571,12 @@ fn reload_with(daemon: &mut Daemon, reload: &impl Fn() -> Result<Config, Error>)
     systemd::notify("READY=1\nSTATUS=listening");
 }
 
-fn warn_if_key_readable(config: &Config) {
+fn warn_at_start(config: &Config) {
     if let Some(warning) = check::readable_key_file(config) {
         log::warn(&warning);
+    }
+    for warning in &config.warnings {
+        log::warn(warning);
     }
 }
 

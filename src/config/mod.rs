@@ -106,6 +106,9 @@ pub struct Config {
     /// Where each setting came from, in [`SETTINGS`] order: (flag, value as given, source).
     /// The API key's value is never kept here.
     pub sources: Vec<(&'static str, String, Source)>,
+    /// What was skipped rather than refused (the Agent's leniency), logged at start and shown
+    /// by `--check-config`.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -246,7 +249,8 @@ pub(crate) fn parse_with(
     };
     let listen = listen(&mut r);
     let pipeline = pipeline(&mut r);
-    let aggregation = aggregation(&mut r);
+    let mut warnings = Vec::new();
+    let aggregation = aggregation(&mut r, &mut warnings);
     let forwarding = forwarding(&mut r);
     let operation = operation(&mut r);
     if let Some(path) = &config_file {
@@ -269,6 +273,7 @@ pub(crate) fn parse_with(
         operation,
         config_file,
         sources,
+        warnings,
     };
     if m.opt_present("check-config") {
         return Ok(Command::Check(report(&config)));
@@ -289,6 +294,9 @@ pub fn report(c: &Config) -> String {
     out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
     let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
     out.push_str(&format!("{:<24} {udp}\n", "=> udp"));
+    for w in &c.warnings {
+        out.push_str(&format!("{:<24} {w}\n", "=> warning"));
+    }
     out
 }
 
@@ -338,7 +346,7 @@ fn pipeline(r: &mut Resolver<'_>) -> Pipeline {
     }
 }
 
-fn aggregation(r: &mut Resolver<'_>) -> Aggregation {
+fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation {
     let tags_flag = r.m.opt_present("tags");
     let tags = r.given("tags", |v, _| {
         // The command line separates with commas; the Agent's DD_DOGSTATSD_TAGS with spaces.
@@ -354,12 +362,16 @@ fn aggregation(r: &mut Resolver<'_>) -> Aggregation {
         counter_seconds: r.number("expiry-seconds"),
         context_seconds: r.number("context-expiry-seconds"),
     };
+    let (histogram_aggregates, skipped) = r.value("histogram-aggregates", resolve::aggregates);
+    warnings.extend(skipped);
+    let (histogram_percentiles, skipped) = r.value("histogram-percentiles", resolve::percentiles);
+    warnings.extend(skipped);
     Aggregation {
         tags: tags.unwrap_or_default(),
         hostname,
         expiry,
-        histogram_aggregates: r.value("histogram-aggregates", resolve::aggregates),
-        histogram_percentiles: r.value("histogram-percentiles", resolve::percentiles),
+        histogram_aggregates,
+        histogram_percentiles,
     }
 }
 
@@ -754,6 +766,39 @@ mod tests {
     }
 
     #[test]
+    fn invalid_histogram_entries_are_skipped_with_a_warning_the_report_shows() {
+        let args = [
+            "--histogram-aggregates",
+            "max,p99,sum",
+            "--histogram-percentiles",
+            "0.5 95 0.99 x",
+        ];
+        let c = run(&args).unwrap();
+        assert_eq!(
+            c.aggregation.histogram_aggregates,
+            [Aggregate::Max, Aggregate::Sum]
+        );
+        assert_eq!(c.aggregation.histogram_percentiles, [50, 99]);
+        assert_eq!(
+            c.warnings,
+            [
+                "--histogram-aggregates: skipped 'p99', which is not one of max, min, median, avg, sum, count",
+                "--histogram-percentiles: skipped '95', which is not a fraction between 0.01 and 1 like 0.95",
+                "--histogram-percentiles: skipped 'x', which is not a fraction between 0.01 and 1 like 0.95",
+            ]
+        );
+        let report = report(&c);
+        assert!(
+            report.contains("=> warning               --histogram-aggregates: skipped 'p99'"),
+            "{report}"
+        );
+        // The variables are as lenient as the flags.
+        let c = run_env(&[], &[("DD_HISTOGRAM_AGGREGATES", "bogus max")]).unwrap();
+        assert_eq!(c.aggregation.histogram_aggregates, [Aggregate::Max]);
+        assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
     fn invalid_values_name_the_flag() {
         let cases = [
             (
@@ -771,14 +816,6 @@ mod tests {
             (
                 vec!["--socket-mode", "999"],
                 "--socket-mode: '999' is not an octal file mode",
-            ),
-            (
-                vec!["--histogram-aggregates", "p99"],
-                "--histogram-aggregates: 'p99' is not one of",
-            ),
-            (
-                vec!["--histogram-percentiles", "95"],
-                "--histogram-percentiles: '95' is not a fraction",
             ),
             (vec!["--workers", "0"], "--workers: 0 is outside 1..=256"),
             (

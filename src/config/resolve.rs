@@ -278,30 +278,45 @@ pub(super) fn list(v: &str) -> impl Iterator<Item = &str> {
     v.split([',', ' ', '\t']).filter(|s| !s.is_empty())
 }
 
-pub(super) fn aggregates(v: &str, name: &str) -> Result<Vec<Aggregate>, String> {
-    list(v)
-        .map(|s| {
-            Aggregate::parse(s).ok_or_else(|| {
-                format!("{name}: '{s}' is not one of max, min, median, avg, sum, count")
-            })
+/// The valid aggregates of a list, and a warning for each entry skipped (the Agent skips
+/// what it does not know instead of refusing to start).
+pub(super) fn aggregates(v: &str, name: &str) -> Result<(Vec<Aggregate>, Vec<String>), String> {
+    let mut skipped = Vec::new();
+    let valid = list(v)
+        .filter_map(|s| {
+            let a = Aggregate::parse(s);
+            if a.is_none() {
+                skipped.push(format!(
+                    "{name}: skipped '{s}', which is not one of max, min, median, avg, sum, count"
+                ));
+            }
+            a
         })
-        .collect()
+        .collect();
+    Ok((valid, skipped))
 }
 
-/// "0.95" → 95: the Agent's fraction notation, turned into whole percentiles 1..=100.
-pub(super) fn percentiles(v: &str, name: &str) -> Result<Vec<u32>, String> {
-    list(v)
-        .map(|s| {
-            s.parse::<f64>()
+/// "0.95" → 95: the Agent's fraction notation, turned into whole percentiles 1..=100; an
+/// entry that is not such a fraction is skipped with a warning, as the Agent does.
+pub(super) fn percentiles(v: &str, name: &str) -> Result<(Vec<u32>, Vec<String>), String> {
+    let mut skipped = Vec::new();
+    let valid = list(v)
+        .filter_map(|s| {
+            let p = s
+                .parse::<f64>()
                 .ok()
                 .map(|f| (f * 100.0).round())
                 .filter(|p| (1.0..=100.0).contains(p))
-                .map(|p| p as u32)
-                .ok_or_else(|| {
-                    format!("{name}: '{s}' is not a fraction between 0.01 and 1 like 0.95")
-                })
+                .map(|p| p as u32);
+            if p.is_none() {
+                skipped.push(format!(
+                    "{name}: skipped '{s}', which is not a fraction between 0.01 and 1 like 0.95"
+                ));
+            }
+            p
         })
-        .collect()
+        .collect();
+    Ok((valid, skipped))
 }
 
 /// An intake URL: scheme, host and optional port, no path; a trailing slash is dropped.

@@ -50,6 +50,9 @@ pub struct PointRecord {
     pub metric: String,
     pub host: String,
     pub device: Option<String>,
+    /// Every resource of a v2 series, in order, as `type:name` (host and device included);
+    /// empty for v1.
+    pub resources: Vec<String>,
     pub tags: Vec<String>,
     /// "count", "rate", "gauge" (v2 types are mapped to these names).
     pub kind: String,
@@ -192,6 +195,11 @@ pub fn points_of(payloads: &[Stored]) -> Vec<PointRecord> {
                             metric: s.metric.clone(),
                             host: resource("host").unwrap_or_default(),
                             device: resource("device"),
+                            resources: s
+                                .resources
+                                .iter()
+                                .map(|r| format!("{}:{}", r.r#type, r.name))
+                                .collect(),
                             tags: s.tags.clone(),
                             kind: v2_kind(s.r#type).to_string(),
                             interval: s.interval,
@@ -208,6 +216,7 @@ pub fn points_of(payloads: &[Stored]) -> Vec<PointRecord> {
                             metric: s["metric"].as_str().unwrap_or_default().to_string(),
                             host: s["host"].as_str().unwrap_or_default().to_string(),
                             device: s["device"].as_str().map(str::to_string),
+                            resources: Vec::new(),
                             tags: s["tags"]
                                 .as_array()
                                 .into_iter()

@@ -6,7 +6,7 @@
 //!     └ title length in bytes
 //! ```
 
-use super::{fields, positive_int, Reason};
+use super::{fields, positive_int, OriginFields, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
@@ -55,24 +55,37 @@ pub struct Event<'a> {
     pub source_type: &'a str,
     pub alert_type: AlertType,
     pub tags: &'a str,
+    pub origin: OriginFields<'a>,
 }
 
 /// Parses an event line (starts with `_e{`, UTF-8, no `\n`).
+///
+/// As lenient as the Agent where a real client could tell: the title and text are taken by
+/// their declared lengths whatever byte separates them, and whatever follows the text is read
+/// as `|`-separated fields, so a text shorter than declared leaves its tail to be ignored as an
+/// unknown field. **whippet differs** (docs/behaviour.md, "Differences from the Agent"): the
+/// header must end in `}`, lengths are plain digits, and a length that ends inside a UTF-8
+/// character is refused rather than cutting it.
 pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
-    let header = line.strip_prefix("_e{").ok_or(Reason::InvalidHeader)?;
-    let (lengths, body) = header.split_once("}:").ok_or(Reason::InvalidHeader)?;
+    let (header, body) = super::split_once(line, b':').ok_or(Reason::InvalidHeader)?;
+    let lengths = header
+        .strip_prefix("_e{")
+        .and_then(|h| h.strip_suffix('}'))
+        .ok_or(Reason::InvalidHeader)?;
     let (title_len, text_len) = lengths.split_once(',').ok_or(Reason::InvalidHeader)?;
     let title_len = length(title_len)?;
     let text_len = length(text_len)?;
     if title_len == 0 {
         return Err(Reason::EmptyTitle);
     }
-    // Lengths are in bytes; `get` also refuses a length that ends inside a character.
+    // Lengths are in bytes; `get` also refuses a length that ends inside a character. The
+    // byte between title and text is skipped unread, as the Agent does.
     let title = body.get(..title_len).ok_or(Reason::InvalidLength)?;
-    let after_title = &body[title_len..];
-    let after_title = after_title.strip_prefix('|').ok_or(Reason::InvalidLength)?;
-    let text = after_title.get(..text_len).ok_or(Reason::InvalidLength)?;
-    let rest = &after_title[text_len..];
+    let text_start = title_len + 1;
+    let text = body
+        .get(text_start..text_start + text_len)
+        .ok_or(Reason::InvalidLength)?;
+    let rest = &body[text_start + text_len..];
 
     let mut event = Event {
         title,
@@ -84,12 +97,11 @@ pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
         source_type: "",
         alert_type: AlertType::Info,
         tags: "",
+        origin: OriginFields::default(),
     };
     if rest.is_empty() {
         return Ok(event);
     }
-    // Whatever follows the text must start a field, or the declared text length lied.
-    let rest = rest.strip_prefix('|').ok_or(Reason::InvalidLength)?;
     for field in fields(rest) {
         // A bad optional field is ignored, not fatal (Agent behaviour).
         if let Some(v) = field.strip_prefix("d:") {
@@ -118,6 +130,8 @@ pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
             }
         } else if let Some(v) = field.strip_prefix('#') {
             event.tags = v;
+        } else {
+            event.origin.read(field);
         }
     }
     Ok(event)
@@ -170,14 +184,18 @@ mod tests {
             ("_e{5,4}:title|text", Ok(("title", "text"))),
             ("_e{1,0}:t|", Ok(("t", ""))),
             ("_e{3,3}:a|b|c|d", Ok(("a|b", "c|d"))),
-            ("_e{3,2}:a|b|c|d", Err(Reason::InvalidLength)),
+            // A shorter text than sent: the tail is read as an (unknown) field, as the Agent
+            // does.
+            ("_e{3,2}:a|b|c|d", Ok(("a|b", "c|"))),
+            ("_e{5,2}:title|text", Ok(("title", "te"))),
+            ("_e{4,4}:title|text", Ok(("titl", "|tex"))),
+            // Any byte separates title and text.
+            ("_e{5,4}:title_text", Ok(("title", "text"))),
             ("_e{6,2}:héllo|ok", Ok(("héllo", "ok"))),
             ("_e{2,2}:héllo|ok", Err(Reason::InvalidLength)),
             ("_e{0,4}:|text", Err(Reason::EmptyTitle)),
             ("_e{9,4}:title|text", Err(Reason::InvalidLength)),
             ("_e{5,9}:title|text", Err(Reason::InvalidLength)),
-            ("_e{4,4}:title|text", Err(Reason::InvalidLength)),
-            ("_e{5,3}:title|text", Err(Reason::InvalidLength)),
             ("_e{5,4}title|text", Err(Reason::InvalidHeader)),
             ("_e{5}:title|text", Err(Reason::InvalidHeader)),
             ("_e{-1,4}:title|text", Err(Reason::InvalidHeader)),
@@ -185,6 +203,8 @@ mod tests {
             ("_e{,4}:title|text", Err(Reason::InvalidHeader)),
             ("_e{99999999999,4}:t|text", Err(Reason::InvalidHeader)),
             ("_e{5,4:title|text", Err(Reason::InvalidHeader)),
+            ("_e{5,4]:title|text", Err(Reason::InvalidHeader)),
+            ("_e{5,4}", Err(Reason::InvalidHeader)),
         ];
         for (line, want) in cases {
             assert_eq!(parse(line).map(|e| (e.title, e.text)), want, "{line:?}");
@@ -197,6 +217,30 @@ mod tests {
         assert_eq!(e.timestamp, None);
         assert_eq!(e.priority, Priority::Normal);
         assert_eq!(e.alert_type, AlertType::Info);
+    }
+
+    #[test]
+    fn trailing_data_after_the_text_is_read_as_fields() {
+        // The Agent's expectation: a text shorter than the rest is fine, and fields after it
+        // still apply.
+        let e = parse("_e{5,2}:title|text|p:low|#a").unwrap();
+        assert_eq!((e.text, e.priority, e.tags), ("te", Priority::Low, "a"));
+        let e = parse("_e{1,1}:a|b|h:|k:").unwrap();
+        assert_eq!((e.host, e.aggregation_key), (Some(""), ""));
+    }
+
+    #[test]
+    fn origin_fields_are_read() {
+        let e = parse("_e{1,1}:a|b|c:ci-abc|e:it-false,cn-app|card:high|#x").unwrap();
+        assert_eq!(
+            e.origin,
+            OriginFields {
+                local: "ci-abc",
+                external: "it-false,cn-app",
+                cardinality: "high"
+            }
+        );
+        assert_eq!(e.tags, "x");
     }
 
     #[test]

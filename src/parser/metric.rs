@@ -6,7 +6,7 @@
 //!                   └ type: c g h ms d s
 //! ```
 
-use super::{fields, positive_int, split_at_byte, split_once, Reason};
+use super::{fields, positive_int, split_at_byte, split_once, OriginFields, Reason};
 
 /// The metric type, matched exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,9 +96,7 @@ pub struct Metric<'a> {
     /// while it builds the context, so tags are walked once.
     pub tags: &'a str,
     pub timestamp: Option<i64>,
-    pub container_id: &'a str,
-    pub external_data: &'a str,
-    pub cardinality: &'a str,
+    pub origin: OriginFields<'a>,
 }
 
 /// Parses a metric line (known to be UTF-8, no `\n`).
@@ -123,9 +121,7 @@ pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
         sample_rate_invalid: false,
         tags: "",
         timestamp: None,
-        container_id: "",
-        external_data: "",
-        cardinality: "",
+        origin: OriginFields::default(),
     };
     if optional.is_empty() {
         return Ok(metric);
@@ -146,10 +142,11 @@ pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
             Some(b'T') => {
                 metric.timestamp = Some(positive_int(&field[1..]).ok_or(Reason::InvalidTimestamp)?)
             }
-            Some(b'c') if field.starts_with("c:") => metric.container_id = &field[2..],
-            Some(b'c') if field.starts_with("card:") => metric.cardinality = &field[5..],
-            Some(b'e') if field.starts_with("e:") => metric.external_data = &field[2..],
-            // Unknown fields are ignored (forward compatibility with newer clients).
+            // Origin fields; unknown fields are ignored (forward compatibility with newer
+            // clients).
+            Some(b'c' | b'e') => {
+                metric.origin.read(field);
+            }
             _ => {}
         }
     }
@@ -434,9 +431,9 @@ mod tests {
             assert_eq!(m.tags, "a:b,c");
             assert_eq!(m.sample_rate, 0.5);
             assert_eq!(m.timestamp, Some(1_700_000_000));
-            assert_eq!(m.container_id, "cid");
-            assert_eq!(m.external_data, "ext");
-            assert_eq!(m.cardinality, "high");
+            assert_eq!(m.origin.local, "cid");
+            assert_eq!(m.origin.external, "ext");
+            assert_eq!(m.origin.cardinality, "high");
         }
         let repeated = ok("m:1|c|#first|@0.5|#second|@0.25");
         assert_eq!(repeated.tags, "second");
@@ -448,7 +445,7 @@ mod tests {
         let m = ok("m:1|c||x:whatever|cx|#t|zzz");
         assert_eq!(m.tags, "t");
         assert_eq!(m.sample_rate, 1.0);
-        assert_eq!(m.container_id, "");
+        assert_eq!(m.origin.local, "");
     }
 
     #[test]

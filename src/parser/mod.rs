@@ -14,6 +14,38 @@ pub use event::{AlertType, Event, Priority};
 pub use metric::{Metric, MetricKind, Values};
 pub use service_check::{CheckStatus, ServiceCheck};
 
+/// The origin fields a client may add to any message (docs/behaviour.md, "Origin"): raw,
+/// as they came; the enrichment stage reads them only when client origin detection is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginFields<'a> {
+    /// `|c:`: the client's container (`ci-<id>`, `cid-<id>`, `in-<cgroup inode>`, or a bare
+    /// id from older clients).
+    pub local: &'a str,
+    /// `|e:`: external data from the admission controller (`it-`, `cn-`, `pu-` items).
+    pub external: &'a str,
+    /// `|card:`: the tag cardinality the client asks for.
+    pub cardinality: &'a str,
+}
+
+impl<'a> OriginFields<'a> {
+    /// Reads `field` into the origin when it is one of the origin fields; `false` otherwise.
+    #[inline]
+    pub(crate) fn read(&mut self, field: &'a str) -> bool {
+        match field.as_bytes() {
+            [b'c', b':', ..] => self.local = &field[2..],
+            [b'e', b':', ..] => self.external = &field[2..],
+            [b'c', b'a', b'r', b'd', b':', ..] => self.cardinality = &field[5..],
+            _ => return false,
+        }
+        true
+    }
+
+    /// No origin field was given.
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.external.is_empty() && self.cardinality.is_empty()
+    }
+}
+
 use crate::packet::Line;
 use crate::telemetry::{labels, Label};
 

@@ -5,7 +5,7 @@
 //!      └name┘ └ status 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
 //! ```
 
-use super::{fields, positive_int, Reason};
+use super::{fields, positive_int, OriginFields, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckStatus {
@@ -30,6 +30,7 @@ pub struct ServiceCheck<'a> {
     pub host: Option<&'a str>,
     pub tags: &'a str,
     pub message: &'a str,
+    pub origin: OriginFields<'a>,
 }
 
 /// Parses a service check line (starts with `_sc|`, UTF-8, no `\n`).
@@ -54,6 +55,7 @@ pub fn parse(line: &str) -> Result<ServiceCheck<'_>, Reason> {
         host: None,
         tags: "",
         message: "",
+        origin: OriginFields::default(),
     };
     // A bad optional field is ignored. A `|` inside the message ends it (Agent behaviour).
     for field in parts {
@@ -67,6 +69,8 @@ pub fn parse(line: &str) -> Result<ServiceCheck<'_>, Reason> {
             check.message = v;
         } else if let Some(v) = field.strip_prefix('#') {
             check.tags = v;
+        } else {
+            check.origin.read(field);
         }
     }
     Ok(check)
@@ -106,6 +110,19 @@ mod tests {
         assert_eq!(c.host, Some("web1"));
         assert_eq!(c.tags, "a:b,c");
         assert_eq!(c.message, "refused");
+    }
+
+    #[test]
+    fn origin_fields_are_read() {
+        let c = parse("_sc|n|0|c:cid-1|card:orchestrator|e:pu-9").unwrap();
+        assert_eq!(
+            c.origin,
+            OriginFields {
+                local: "cid-1",
+                external: "pu-9",
+                cardinality: "orchestrator"
+            }
+        );
     }
 
     #[test]

@@ -33,8 +33,20 @@ fn metadata(buf: &mut Vec<u8>, field: u32) {
     pb::bytes(buf, field, &meta);
 }
 
+/// The prefix of a tag that names a resource of the series (`dd.internal.resource:<type>:<name>`).
+const RESOURCE_TAG: &str = "dd.internal.resource:";
+
+/// A resource tag's type and name; `None` when either is empty (the Agent drops those).
+fn resource(tag: &str) -> Option<(&str, &str)> {
+    let value = tag.strip_prefix(RESOURCE_TAG)?;
+    let (kind, name) = value.split_once(':')?;
+    (!kind.is_empty() && !name.is_empty()).then_some((kind, name))
+}
+
 /// One `MetricSeries` (as field 1 of `MetricPayload`) holding `points` of one series.
-/// The `device:` tag becomes the `device` resource and leaves the tags, as in the Agent.
+/// The `device:` tag becomes the `device` resource and each `dd.internal.resource:` tag a
+/// resource of its own, after host and device in tag order; all of them leave the tags, as
+/// in the Agent (docs/behaviour.md, "Output").
 pub(crate) fn series_v2(buf: &mut Vec<u8>, points: &[&Series], scratch: &mut Vec<u8>) {
     let first = points[0];
     let c = &first.context;
@@ -50,11 +62,18 @@ pub(crate) fn series_v2(buf: &mut Vec<u8>, points: &[&Series], scratch: &mut Vec
             pb::bytes(r, 2, device.as_bytes());
         });
     }
+    for (kind, name) in c.tags().filter_map(resource) {
+        pb::message(&mut series, 1, &mut inner, |r| {
+            pb::bytes(r, 1, kind.as_bytes());
+            pb::bytes(r, 2, name.as_bytes());
+        });
+    }
     scratch.clear();
     scratch.extend_from_slice(c.name().as_bytes());
     scratch.extend_from_slice(first.suffix.as_bytes());
     pb::bytes(&mut series, 2, scratch);
-    for tag in c.tags().filter(|t| !t.starts_with("device:")) {
+    let plain = |t: &&str| !t.starts_with("device:") && !t.starts_with(RESOURCE_TAG);
+    for tag in c.tags().filter(plain) {
         pb::bytes(&mut series, 3, tag.as_bytes());
     }
     for p in points {
@@ -156,26 +175,39 @@ pub fn events(
             };
             s == source
         }) {
-            let v = json!({
-                "msg_title": e.title,
-                "msg_text": e.text,
-                "timestamp": e.timestamp,
-                "priority": e.priority.label(),
-                "host": e.host,
-                "tags": e.tags,
-                "alert_type": e.alert_type.label(),
-                "aggregation_key": e.aggregation_key,
-                "source_type_name": e.source_type,
-            });
-            split.add(v.to_string().as_bytes(), 1);
+            split.add(event(e).to_string().as_bytes(), 1);
         }
         out.push((Endpoint::Events, split.finish()));
     }
     out
 }
 
+/// One event as the Agent writes it: empty tags, aggregation key and source type are left
+/// out.
+fn event(e: &EventRecord) -> Value {
+    let mut v = json!({
+        "msg_title": e.title,
+        "msg_text": e.text,
+        "timestamp": e.timestamp,
+        "priority": e.priority.label(),
+        "host": e.host,
+        "alert_type": e.alert_type.label(),
+    });
+    if !e.tags.is_empty() {
+        v["tags"] = Value::from(e.tags.clone());
+    }
+    if !e.aggregation_key.is_empty() {
+        v["aggregation_key"] = Value::from(e.aggregation_key.as_str());
+    }
+    if !e.source_type.is_empty() {
+        v["source_type_name"] = Value::from(e.source_type.as_str());
+    }
+    v
+}
+
 /// Service checks payloads: a JSON array of
-/// `{"check","host_name","timestamp","status","message","tags"}`.
+/// `{"check","host_name","timestamp","status","message","tags"}`, where empty tags are
+/// `null` (as the Agent writes them).
 pub fn service_checks(
     checks: &[ServiceCheckRecord],
     compression: Compression,
@@ -194,7 +226,7 @@ pub fn service_checks(
             "timestamp": c.timestamp,
             "status": c.status.code(),
             "message": c.message,
-            "tags": c.tags,
+            "tags": if c.tags.is_empty() { Value::Null } else { Value::from(c.tags.clone()) },
         });
         split.add(v.to_string().as_bytes(), 1);
     }
