@@ -83,21 +83,22 @@
 //! code against this list.
 //!
 //! 1. telemetry, log, clock, systemd, sketch, intake: foundations, knowing no stage
-//! 2. packet
-//! 3. parser
-//! 4. context, sample
-//! 5. shard
-//! 6. demux
-//! 7. worker
-//! 8. listener
-//! 9. flush
-//! 10. serializer, console
-//! 11. forwarder
-//! 12. status
-//! 13. config
-//! 14. reload
-//! 15. daemon
-//! 16. blast, fuzz: tools built on the rest
+//! 2. tagger: what the containers and pods of this node are tagged with
+//! 3. packet
+//! 4. parser
+//! 5. context, sample
+//! 6. shard
+//! 7. demux
+//! 8. worker
+//! 9. listener
+//! 10. flush
+//! 11. serializer, console
+//! 12. forwarder
+//! 13. status
+//! 14. config
+//! 15. reload
+//! 16. daemon
+//! 17. blast, fuzz: tools built on the rest
 
 pub mod blast;
 pub mod clock;
@@ -122,6 +123,7 @@ pub mod shard;
 pub mod sketch;
 pub mod status;
 pub mod systemd;
+pub mod tagger;
 pub mod telemetry;
 pub mod worker;
 
