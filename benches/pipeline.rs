@@ -37,6 +37,7 @@ fn worker(demux: Arc<Demux>) -> Worker {
         hostname: "bench".into(),
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
+        origin: None,
     };
     Worker::new(demux, Arc::new(Counters::default()), enrichment)
 }

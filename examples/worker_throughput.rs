@@ -26,6 +26,7 @@ fn main() {
         hostname: "bench-host".into(),
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
+        origin: None,
     };
     let counters = Arc::new(Counters::default());
     let mut worker = Worker::new(

@@ -481,6 +481,7 @@ mod tests {
             hostname: "h".into(),
             extra_tags: Arc::new([]),
             bucket_seconds: 10,
+            origin: None,
         };
         let worker_counters = Arc::new(worker::Counters::default());
         let mut worker = Worker::new(demux.clone(), worker_counters, enrichment);

@@ -96,6 +96,7 @@ pub fn packet(data: &[u8]) {
         hostname: "fuzz".into(),
         extra_tags: Arc::new(["env:fuzz".into()]),
         bucket_seconds: 10,
+        origin: None,
     };
     let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment);
     worker.process(&batch);

@@ -9,7 +9,8 @@
 //!        ▼
 //!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
-//!        ▼  worker × --workers: split lines → parser → context hashed once → samples
+//!        ▼  worker × --workers: split lines → parser → enrichment → context hashed once
+//!        │  → samples
 //!  per-shard sample batches
 //!        │  one lock per shard per batch
 //!        ▼
@@ -66,6 +67,11 @@
 //!   ([`sample::Sample`]).
 //! - **record**: an event or service check as whippet holds it until a flush
 //!   ([`sample::EventRecord`], [`sample::ServiceCheckRecord`]).
+//! - **enrichment**: what happens to a message between parser and context: host and magic
+//!   tags, extra tags, and its origin's container tags ([`enrichment`]).
+//! - **origin**: the container or pod a message came from, by the sender's pid or what the
+//!   client says ([`origin`], [`enrichment::OriginDetection`]).
+//! - **tagger**: the tags of each container and pod, from the kubelet and Docker ([`tagger`]).
 //! - **context**: what a metric is aggregated by: name, host, sorted tags, type ([`context`]).
 //! - **shard**: a mutex-guarded slice of the contexts ([`shard::Shard`]).
 //! - **demux**: the shards, the routing of a context's hash to its shard, and the backlog of
@@ -83,22 +89,24 @@
 //! code against this list.
 //!
 //! 1. telemetry, log, clock, systemd, sketch, intake: foundations, knowing no stage
-//! 2. tagger: what the containers and pods of this node are tagged with
+//! 2. tagger, origin: what the containers and pods of this node are tagged with, and which
+//!    container sent a message
 //! 3. packet
 //! 4. parser
 //! 5. context, sample
-//! 6. shard
-//! 7. demux
-//! 8. worker
-//! 9. listener
-//! 10. flush
-//! 11. serializer, console
-//! 12. forwarder
-//! 13. status
-//! 14. config
-//! 15. reload
-//! 16. daemon
-//! 17. blast, fuzz: tools built on the rest
+//! 6. enrichment
+//! 7. shard
+//! 8. demux
+//! 9. worker
+//! 10. listener
+//! 11. flush
+//! 12. serializer, console
+//! 13. forwarder
+//! 14. status
+//! 15. config
+//! 16. reload
+//! 17. daemon
+//! 18. blast, fuzz: tools built on the rest
 
 pub mod blast;
 pub mod clock;
@@ -107,6 +115,7 @@ pub mod console;
 pub mod context;
 pub mod daemon;
 pub mod demux;
+pub mod enrichment;
 pub mod flush;
 pub mod forwarder;
 #[doc(hidden)]
@@ -114,6 +123,7 @@ pub mod fuzz;
 pub mod intake;
 pub mod listener;
 pub mod log;
+pub mod origin;
 pub mod packet;
 pub mod parser;
 pub mod reload;

@@ -33,6 +33,9 @@ pub struct Batch {
     buf: Vec<u8>,
     /// Byte ranges of the packets in `buf`.
     packets: Vec<(u32, u32)>,
+    /// The sender's pid of each packet, when the reader learns it (origin detection on a
+    /// Unix socket); otherwise empty.
+    pids: Vec<u32>,
     pub transport: Transport,
     /// Arrival time, unix seconds on the pipeline's clock ([`crate::clock::data_now`]): picks
     /// the bucket (docs/behaviour.md, "Buckets and contexts").
@@ -47,6 +50,7 @@ impl Batch {
             // Zeroed pages come from the kernel untouched: only what is received becomes RSS.
             buf: vec![0; bytes],
             packets: Vec::with_capacity(MAX_SLOTS),
+            pids: Vec::new(),
             transport: Transport::Udp,
             received_at: 0,
             admitted: false,
@@ -65,6 +69,19 @@ impl Batch {
     /// Records that `buf[start..end]` holds one packet.
     pub(crate) fn push_packet(&mut self, start: usize, end: usize) {
         self.packets.push((start as u32, end as u32));
+    }
+
+    /// Records that `buf[start..end]` holds one packet from process `pid` (0: a sender in
+    /// another pid namespace). A batch holds pids for all its packets or for none.
+    pub(crate) fn push_packet_from(&mut self, start: usize, end: usize, pid: u32) {
+        self.push_packet(start, end);
+        self.pids.push(pid);
+    }
+
+    /// The sender's pid of each packet, in arrival order; `None` when the reader did not
+    /// learn them.
+    pub fn pids(&self) -> Option<&[u32]> {
+        (!self.pids.is_empty()).then_some(&self.pids[..])
     }
 
     pub(crate) fn packet_count(&self) -> usize {
@@ -91,6 +108,7 @@ impl Batch {
 
     fn clear(&mut self) {
         self.packets.clear();
+        self.pids.clear();
     }
 }
 

@@ -22,7 +22,7 @@ use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
-use crate::worker::Enrichment;
+use crate::enrichment::Enrichment;
 use crate::Error;
 pub(crate) use resolve::machine_hostname;
 use resolve::Resolver;
@@ -145,6 +145,7 @@ impl Config {
                 .map(|t| Box::<str>::from(t.as_str()))
                 .collect(),
             bucket_seconds: a.expiry.interval,
+            origin: None,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{image_tags, EntityTags, Snapshot};
+use super::{image_tags, EntityTags, Entities};
 
 /// Largest answer read: the running containers of one host.
 const MAX_ANSWER: u64 = 64 << 20;
@@ -27,7 +27,7 @@ pub fn socket_of(docker_host: &str) -> Result<PathBuf, String> {
 }
 
 /// Asks the Engine for its running containers.
-pub fn fetch(socket: &Path, timeout: Duration) -> Result<Snapshot, String> {
+pub fn fetch(socket: &Path, timeout: Duration) -> Result<Entities, String> {
     let body = get(socket, "/containers/json", timeout)
         .map_err(|e| format!("docker at {}: {e}", socket.display()))?;
     containers(&body)
@@ -71,11 +71,11 @@ fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Vec<u8>, String> 
 }
 
 /// The tags of every container in a `/containers/json` answer.
-pub fn containers(body: &[u8]) -> Result<Snapshot, String> {
+pub fn containers(body: &[u8]) -> Result<Entities, String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("/containers/json is not JSON: {e}"))?;
     let list = v.as_array().ok_or("/containers/json is not a list")?;
-    let mut out = Snapshot::default();
+    let mut out = Entities::default();
     for c in list {
         let id = c["Id"].as_str().unwrap_or_default();
         if id.is_empty() {

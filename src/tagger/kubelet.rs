@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{image_tags, EntityTags, Snapshot};
+use super::{image_tags, EntityTags, Entities};
 
 /// Where the kubelet is and how to talk to it (the Agent's settings of the same names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct KubeletConfig {
 const MAX_ANSWER: u64 = 64 << 20;
 
 /// Asks the kubelet for its pods: over HTTPS first, then plain HTTP, as the Agent does.
-pub fn fetch(k: &KubeletConfig, timeout: Duration) -> Result<Snapshot, String> {
+pub fn fetch(k: &KubeletConfig, timeout: Duration) -> Result<Entities, String> {
     let mut errors = Vec::new();
     if k.https_port != 0 {
         match get_https(k, timeout) {
@@ -112,12 +112,12 @@ fn get(agent: &ureq::Agent, url: &str, token: Option<&str>) -> Result<Vec<u8>, S
 }
 
 /// The tags of every pod and container in a `/pods` answer.
-pub fn pods(body: &[u8]) -> Result<Snapshot, String> {
+pub fn pods(body: &[u8]) -> Result<Entities, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("/pods is not JSON: {e}"))?;
     let items = v["items"]
         .as_array()
         .ok_or("/pods has no items list")?;
-    let mut out = Snapshot::default();
+    let mut out = Entities::default();
     for pod in items {
         let uid = str_of(&pod["metadata"]["uid"]);
         if uid.is_empty() {

@@ -3,7 +3,7 @@
 //!
 //! One thread, `whippet-tagger`, asks the providers (the kubelet's `/pods`, the Docker Engine
 //! API) for what runs here, every [`REFRESH`] and soon after a lookup misses (at most once per
-//! [`MISS_REFRESH`]), and publishes the answer as an immutable [`Snapshot`]. Workers take the
+//! [`MISS_REFRESH`]), and publishes the answer as an immutable [`Entities`]. Workers take the
 //! current snapshot once per batch and look entities up in it without locks; they never wait
 //! for a provider. A provider that cannot be reached keeps its last answer (none at first),
 //! is logged once per outage and counted.
@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::log;
-use crate::telemetry::{labels, Counter, Gauge, Label, PerLabel, Readings, Snapshot as Readout};
+use crate::telemetry::{labels, Counter, Gauge, Label, PerLabel, Readings, Snapshot};
 
 /// How often the providers are asked again.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -111,13 +111,13 @@ fn push(tags: &mut Vec<Box<str>>, key: &str, value: &str) {
 
 /// What the providers said, at one moment: container ids and pod UIDs → their tags.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub struct Entities {
     pub containers: HashMap<Box<str>, EntityTags>,
     pub pods: HashMap<Box<str>, EntityTags>,
 }
 
-impl Snapshot {
-    fn merge(&mut self, other: Snapshot) {
+impl Entities {
+    fn merge(&mut self, other: Entities) {
         for (map, theirs) in [
             (&mut self.containers, other.containers),
             (&mut self.pods, other.pods),
@@ -163,7 +163,7 @@ pub struct Counters {
 }
 
 impl Readings for Counters {
-    fn read(&self, out: &mut Readout) {
+    fn read(&self, out: &mut Snapshot) {
         out.per_label("whippet_tagger_lookups_total", &self.lookups);
         out.per_label("whippet_tagger_refreshes_total", &self.refreshes);
         out.per_label("whippet_tagger_errors_total", &self.errors);
@@ -184,13 +184,13 @@ pub struct Sources {
 /// One provider's last answer and whether it is failing now (so an outage logs once).
 #[derive(Default)]
 pub struct Last {
-    answer: Option<Snapshot>,
+    answer: Option<Entities>,
     failing: bool,
 }
 
 /// The tagger: the current snapshot, and what the refresher needs.
 pub struct Tagger {
-    current: RwLock<Arc<Snapshot>>,
+    current: RwLock<Arc<Entities>>,
     sources: Mutex<Sources>,
     /// A lookup missed since the last refresh.
     missed: AtomicBool,
@@ -200,10 +200,16 @@ pub struct Tagger {
     pub counters: Arc<Counters>,
 }
 
+impl std::fmt::Debug for Tagger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tagger").finish_non_exhaustive()
+    }
+}
+
 impl Tagger {
     pub fn new(sources: Sources) -> Arc<Tagger> {
         Arc::new(Tagger {
-            current: RwLock::new(Arc::new(Snapshot::default())),
+            current: RwLock::new(Arc::new(Entities::default())),
             sources: Mutex::new(sources),
             missed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
@@ -213,7 +219,7 @@ impl Tagger {
     }
 
     /// The current snapshot: taken once per batch, then read without locks.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn snapshot(&self) -> Arc<Entities> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -244,7 +250,7 @@ impl Tagger {
     /// reports ready, so the first messages already find their containers.
     pub fn refresh(&self, last: &mut [Last; Provider::COUNT]) {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let asks: [(Provider, Option<Result<Snapshot, String>>); Provider::COUNT] = [
+        let asks: [(Provider, Option<Result<Entities, String>>); Provider::COUNT] = [
             (
                 Provider::Kubelet,
                 sources
@@ -260,7 +266,7 @@ impl Tagger {
                     .map(|d| docker::fetch(d, sources.timeout)),
             ),
         ];
-        let mut merged = Snapshot::default();
+        let mut merged = Entities::default();
         for ((provider, answer), last) in asks.into_iter().zip(last.iter_mut()) {
             match answer {
                 // Not configured (any more): forget what it said.
@@ -344,8 +350,8 @@ impl Tagger {
     }
 }
 
-fn clone_snapshot(s: &Snapshot) -> Snapshot {
-    Snapshot {
+fn clone_snapshot(s: &Entities) -> Entities {
+    Entities {
         containers: s.containers.clone(),
         pods: s.pods.clone(),
     }
@@ -423,12 +429,12 @@ mod tests {
 
     #[test]
     fn providers_merge_their_views_of_one_container() {
-        let mut a = Snapshot::default();
+        let mut a = Entities::default();
         let mut t = EntityTags::default();
         t.low("kube_namespace", "web");
         t.high("container_id", "c1");
         a.containers.insert("c1".into(), t);
-        let mut b = Snapshot::default();
+        let mut b = Entities::default();
         let mut t = EntityTags::default();
         t.high("container_id", "c1");
         t.high("container_name", "web_app");

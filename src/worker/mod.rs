@@ -14,29 +14,21 @@ use std::sync::{Arc, RwLock};
 use crossbeam_channel::Receiver;
 
 use crate::clock;
-use crate::context::{canonical_tags, split_tags, ContextRef};
+use crate::context::ContextRef;
 use crate::demux::Demux;
+pub use crate::enrichment::Enrichment;
+use crate::enrichment::{canonicalize, record_tags, Resolved};
 use crate::packet::{scanned_lines, Batch, Pool};
 use crate::parser::{
-    self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, Reason, ServiceCheck,
-    Values,
+    self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, OriginFields, Reason,
+    ServiceCheck, Values,
 };
+use crate::tagger::Entities;
 use crate::sample::{
     recycle, ContextTags, EventRecord, Sample, SampleValue, ServiceCheckRecord, ShardBatch,
 };
 use crate::telemetry::{labels, Counter, Label, PerLabel, Readings, Snapshot};
 use cache::{Cached, ContextCache, RawKey, DEFAULT_HOST};
-
-/// What a worker needs to turn messages into samples.
-#[derive(Debug, Clone)]
-pub struct Enrichment {
-    /// Host for messages without a `host:` tag (or `h:` field); empty for none.
-    pub hostname: Arc<str>,
-    /// `--tags`, added to every metric, event and service check.
-    pub extra_tags: Arc<[Box<str>]>,
-    /// Bucket length in seconds.
-    pub bucket_seconds: i64,
-}
 
 /// Extra tags that SIGHUP may replace while whippet runs: each worker checks the generation
 /// once per batch (one atomic load) and, when it changed, takes the new tags and forgets its
@@ -227,6 +219,8 @@ impl Worker {
     pub fn process(&mut self, batch: &Batch) {
         self.apply_live_tags();
         let enrichment = self.enrichment.clone();
+        // One snapshot of the container tags for the whole batch: lookups take no lock.
+        let snapshot = enrichment.origin.as_ref().map(|o| o.tagger.snapshot());
         let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
         let mut sort: Vec<(u64, &str)> = recycle(std::mem::take(&mut self.sort_scratch));
         let mut per_shard: Vec<ShardBatch<'_>> = std::mem::take(&mut self.per_shard)
@@ -238,7 +232,7 @@ impl Worker {
             sort: &mut sort,
             per_shard: &mut per_shard,
         };
-        self.parse_batch(batch, &enrichment, &mut scratch);
+        self.parse_batch(batch, &enrichment, snapshot.as_deref(), &mut scratch);
         self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &enrichment);
         if !self.events.is_empty() || !self.checks.is_empty() {
             let full = self.demux.push_backlog(&mut self.events, &mut self.checks);
@@ -269,36 +263,52 @@ impl Worker {
         &mut self,
         batch: &'a Batch,
         enrichment: &'a Enrichment,
+        snapshot: Option<&'a Entities>,
         scratch: &mut Scratch<'_, 'a>,
     ) {
         let bucket = clock::bucket_start(batch.received_at, enrichment.bucket_seconds);
+        let pids = batch.pids();
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
-        let mut pending: Option<(Metric<'_>, RawKey)> = None;
-        for packet in batch.packets() {
+        let mut pending: Option<Pending<'a>> = None;
+        for (i, packet) in batch.packets().enumerate() {
+            // The sending container, when origin detection learnt the sender's pid.
+            let socket = match (pids, &enrichment.origin) {
+                (Some(pids), Some(o)) => o.pids.as_ref().and_then(|c| c.container(pids[i])),
+                _ => None,
+            };
+            let origin = |tags: &str, fields: &OriginFields<'_>| -> Option<Resolved<'a>> {
+                let o = enrichment.origin.as_ref()?;
+                o.resolve(snapshot?, socket.as_deref(), tags, fields)
+            };
             for line in scanned_lines(packet) {
                 match parser::parse_line(line) {
                     Ok(Message::Metric(m)) => {
                         self.tally.messages[MessageKind::Metric] += 1;
-                        let Some(key) = self.admit(&m) else { continue };
-                        if let Some((m, key)) = pending.replace((m, key)) {
-                            self.metric(&m, key, enrichment, bucket, scratch);
+                        let resolved = origin(m.tags, &m.origin);
+                        let Some(key) = self.admit(&m, resolved.is_some()) else {
+                            continue;
+                        };
+                        if let Some(p) = pending.replace((m, key, resolved)) {
+                            self.metric(p, enrichment, bucket, scratch);
                         }
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
-                        self.event(&e, enrichment, batch.received_at);
+                        let resolved = origin(e.tags, &e.origin);
+                        self.event(&e, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Ok(Message::ServiceCheck(c)) => {
                         self.tally.messages[MessageKind::ServiceCheck] += 1;
-                        self.service_check(&c, enrichment, batch.received_at);
+                        let resolved = origin(c.tags, &c.origin);
+                        self.service_check(&c, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Err(e) => self.tally.errors[e.kind][e.reason] += 1,
                 }
             }
         }
-        if let Some((m, key)) = pending.take() {
-            self.metric(&m, key, enrichment, bucket, scratch);
+        if let Some(p) = pending.take() {
+            self.metric(p, enrichment, bucket, scratch);
         }
     }
 
@@ -319,7 +329,7 @@ impl Worker {
             self.tally.inserted(stats);
             let resend = batch.resend(|s| {
                 let start = tags.len();
-                canonicalize(s.raw_tags, &enrichment.extra_tags, tags, sort);
+                canonicalize(s.raw_tags, &enrichment.extra_tags, None, tags, sort);
                 ContextTags::Arena(start as u32, tags.len() as u32)
             });
             if resend {
@@ -331,8 +341,9 @@ impl Worker {
     }
 
     /// The first half of a metric: counts what it is owed and returns its key for the
-    /// context cache, whose set it starts loading; `None` when the metric is dropped.
-    fn admit(&mut self, m: &Metric<'_>) -> Option<RawKey> {
+    /// context cache, whose set it starts loading; `None` when the metric is dropped. A
+    /// metric with origin tags bypasses the cache: its context depends on more than its bytes.
+    fn admit(&mut self, m: &Metric<'_>, has_origin: bool) -> Option<RawKey> {
         if m.sample_rate_invalid {
             self.tally.rate_invalid += 1;
         }
@@ -344,6 +355,9 @@ impl Worker {
             // Timestamped samples bypass the cache.
             return Some(RawKey::Uncached);
         }
+        if has_origin {
+            return Some(RawKey::Uncached);
+        }
         let raw = self.cache.raw_key(self.demux.hasher(), m);
         self.cache.prefetch(raw);
         Some(RawKey::Hash(raw))
@@ -352,12 +366,12 @@ impl Worker {
     /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
-        m: &Metric<'a>,
-        key: RawKey,
+        (m, key, origin): Pending<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: &mut Scratch<'_, 'a>,
     ) {
+        let m = &m;
         let cached = match key {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
@@ -370,7 +384,7 @@ impl Worker {
                 };
                 (c.hash, host, ContextTags::Vouched)
             }
-            None => self.build_context(m, key, enrichment, scratch),
+            None => self.build_context(m, key, enrichment, origin.as_ref(), scratch),
         };
         let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
         let sample = |value| Sample {
@@ -399,10 +413,12 @@ impl Worker {
         m: &Metric<'a>,
         key: RawKey,
         enrichment: &'a Enrichment,
+        origin: Option<&Resolved<'a>>,
         scratch: &mut Scratch<'_, 'a>,
     ) -> (u64, &'a str, ContextTags) {
         let start = scratch.tags.len();
-        let host_tag = canonicalize(m.tags, &enrichment.extra_tags, scratch.tags, scratch.sort);
+        let extra = &enrichment.extra_tags;
+        let host_tag = canonicalize(m.tags, extra, origin, scratch.tags, scratch.sort);
         let host = host_tag.unwrap_or(&enrichment.hostname);
         let context = ContextRef {
             name: m.name,
@@ -426,7 +442,14 @@ impl Worker {
         (hash, host, range)
     }
 
-    fn event(&mut self, e: &Event<'_>, enrichment: &Enrichment, received_at: i64) {
+    fn event(
+        &mut self,
+        e: &Event<'_>,
+        enrichment: &Enrichment,
+        received_at: i64,
+        origin: Option<&Resolved<'_>>,
+    ) {
+        let (host, tags) = record_tags(e.tags, e.host, enrichment, origin);
         self.events.push(EventRecord {
             title: unescape(e.title),
             text: unescape(e.text),
@@ -434,56 +457,38 @@ impl Worker {
             timestamp: e
                 .timestamp
                 .unwrap_or_else(|| received_at + clock::wall_drift()),
-            host: e.host.unwrap_or(&enrichment.hostname).to_string(),
+            host,
             aggregation_key: e.aggregation_key.to_string(),
             priority: e.priority,
             source_type: e.source_type.to_string(),
             alert_type: e.alert_type,
-            tags: owned_tags(e.tags, enrichment),
+            tags,
         });
     }
 
-    fn service_check(&mut self, c: &ServiceCheck<'_>, enrichment: &Enrichment, received_at: i64) {
+    fn service_check(
+        &mut self,
+        c: &ServiceCheck<'_>,
+        enrichment: &Enrichment,
+        received_at: i64,
+        origin: Option<&Resolved<'_>>,
+    ) {
+        let (host, tags) = record_tags(c.tags, c.host, enrichment, origin);
         self.checks.push(ServiceCheckRecord {
             name: c.name.to_string(),
             status: c.status,
             timestamp: c
                 .timestamp
                 .unwrap_or_else(|| received_at + clock::wall_drift()),
-            host: c.host.unwrap_or(&enrichment.hostname).to_string(),
+            host,
             message: c.message.to_string(),
-            tags: owned_tags(c.tags, enrichment),
+            tags,
         });
     }
 }
 
-/// Appends the canonical tags of a raw `#` field to `tags` (split, `host:` tags removed,
-/// extra tags added, sorted, de-duplicated) and returns the value of the last `host:` tag.
-fn canonicalize<'a>(
-    raw: &'a str,
-    extra: &'a [Box<str>],
-    tags: &mut Vec<&'a str>,
-    sort: &mut Vec<(u64, &'a str)>,
-) -> Option<&'a str> {
-    let start = tags.len();
-    let mut host = None;
-    for tag in split_tags(raw) {
-        match tag.strip_prefix("host:") {
-            Some(h) => host = Some(h),
-            None => tags.push(tag),
-        }
-    }
-    tags.extend(extra.iter().map(|t| &**t));
-    canonical_tags(tags, start, sort);
-    host
-}
-
-fn owned_tags(raw: &str, enrichment: &Enrichment) -> Vec<String> {
-    split_tags(raw)
-        .chain(enrichment.extra_tags.iter().map(|t| &**t))
-        .map(str::to_string)
-        .collect()
-}
+/// A metric waiting for its second half: its cache key and its origin.
+type Pending<'a> = (Metric<'a>, RawKey, Option<Resolved<'a>>);
 
 #[cfg(test)]
 mod tests {
@@ -497,6 +502,7 @@ mod tests {
             hostname: host.into(),
             extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
             bucket_seconds: 10,
+            origin: None,
         };
         Worker::new(
             Arc::new(Demux::new(shards, 100)),
@@ -688,6 +694,7 @@ mod tests {
             hostname: "h".into(),
             extra_tags: Arc::new([]),
             bucket_seconds: 10,
+            origin: None,
         };
         let mut w = Worker::new(demux, Arc::new(Counters::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
@@ -710,7 +717,7 @@ mod tests {
             ("é,ü:x", vec!["é", "ü:x"]),
         ];
         for (raw, want) in cases {
-            assert_eq!(split_tags(raw).collect::<Vec<_>>(), want, "{raw:?}");
+            assert_eq!(crate::context::split_tags(raw).collect::<Vec<_>>(), want, "{raw:?}");
         }
     }
 }
