@@ -253,11 +253,18 @@ mod tests {
         }
     }
 
-    fn canonical(raw: &str, extra: &[Box<str>], origin: Option<&Resolved<'_>>) -> (Option<String>, Vec<String>) {
+    fn canonical(
+        raw: &str,
+        extra: &[Box<str>],
+        origin: Option<&Resolved<'_>>,
+    ) -> (Option<String>, Vec<String>) {
         let mut tags = Vec::new();
         let mut sort = Vec::new();
         let host = canonicalize(raw, extra, origin, &mut tags, &mut sort);
-        (host.map(str::to_string), tags.iter().map(|t| t.to_string()).collect())
+        (
+            host.map(str::to_string),
+            tags.iter().map(|t| t.to_string()).collect(),
+        )
     }
 
     #[test]
@@ -314,24 +321,68 @@ mod tests {
     #[test]
     fn origins_follow_the_agents_precedence() {
         let f = OriginFields::default();
-        let cid = OriginFields { local: "ci-c2", ..f };
-        let high = OriginFields { cardinality: "high", ..f };
-        let none = OriginFields { cardinality: "none", ..f };
+        let cid = OriginFields {
+            local: "ci-c2",
+            ..f
+        };
+        let high = OriginFields {
+            cardinality: "high",
+            ..f
+        };
+        let none = OriginFields {
+            cardinality: "none",
+            ..f
+        };
         // (client, precedence, socket, raw tags, fields, tags)
         let cases: [(bool, bool, Option<&str>, &str, OriginFields<'_>, Vec<&str>); 11] = [
             (false, false, Some("c1"), "", f, vec!["image_name:app"]),
-            (false, false, None, "dd.internal.entity_id:p1", f, vec!["kube_namespace:shop"]),
+            (
+                false,
+                false,
+                None,
+                "dd.internal.entity_id:p1",
+                f,
+                vec!["kube_namespace:shop"],
+            ),
             // Both the socket's container and the pod, unless the entity id takes precedence.
-            (false, false, Some("c1"), "dd.internal.entity_id:p1", f, vec!["image_name:app", "kube_namespace:shop"]),
-            (false, true, Some("c1"), "dd.internal.entity_id:p1", f, vec!["kube_namespace:shop"]),
+            (
+                false,
+                false,
+                Some("c1"),
+                "dd.internal.entity_id:p1",
+                f,
+                vec!["image_name:app", "kube_namespace:shop"],
+            ),
+            (
+                false,
+                true,
+                Some("c1"),
+                "dd.internal.entity_id:p1",
+                f,
+                vec!["kube_namespace:shop"],
+            ),
             // `none` as an entity id names no pod, and hides the client's container.
             (true, false, None, "dd.internal.entity_id:none", cid, vec![]),
             // `|c:` counts only with client origin detection.
             (false, false, None, "", cid, vec![]),
             (true, false, None, "", cid, vec!["image_name:other"]),
             // Cardinality: the field (client only), then the tag, then the default.
-            (true, false, Some("c1"), "dd.internal.card:low", high, vec!["image_name:app", "container_id:c1"]),
-            (false, false, Some("c1"), "dd.internal.card:orchestrator,dd.internal.entity_id:p1", high, vec!["image_name:app", "kube_namespace:shop", "pod_name:web-1"]),
+            (
+                true,
+                false,
+                Some("c1"),
+                "dd.internal.card:low",
+                high,
+                vec!["image_name:app", "container_id:c1"],
+            ),
+            (
+                false,
+                false,
+                Some("c1"),
+                "dd.internal.card:orchestrator,dd.internal.entity_id:p1",
+                high,
+                vec!["image_name:app", "kube_namespace:shop", "pod_name:web-1"],
+            ),
             // `card:none` opts out, whatever the origin.
             (true, false, Some("c1"), "", none, vec![]),
             (false, false, Some("c1"), "dd.internal.card:none", f, vec![]),
@@ -339,17 +390,30 @@ mod tests {
         for (client, precedence, socket, raw, fields, want) in cases {
             let (d, s) = detection(client, precedence);
             let got = tags_of(d.resolve(&s, socket, raw, &fields));
-            assert_eq!(got, want, "client={client} precedence={precedence} {socket:?} {raw} {fields:?}");
+            assert_eq!(
+                got, want,
+                "client={client} precedence={precedence} {socket:?} {raw} {fields:?}"
+            );
         }
     }
 
     #[test]
     fn misses_are_counted_and_ask_for_a_refresh() {
         let (d, s) = detection(false, false);
-        assert_eq!(d.resolve(&s, Some("gone"), "", &OriginFields::default()), None);
-        assert_eq!(d.resolve(&s, Some("c1"), "", &OriginFields::default()).map(|r| r.cardinality), Some(Cardinality::Low));
+        assert_eq!(
+            d.resolve(&s, Some("gone"), "", &OriginFields::default()),
+            None
+        );
+        assert_eq!(
+            d.resolve(&s, Some("c1"), "", &OriginFields::default())
+                .map(|r| r.cardinality),
+            Some(Cardinality::Low)
+        );
         let lookups = &d.tagger.counters.lookups;
-        assert_eq!((lookups[Lookup::Hit].get(), lookups[Lookup::Miss].get()), (1, 1));
+        assert_eq!(
+            (lookups[Lookup::Hit].get(), lookups[Lookup::Miss].get()),
+            (1, 1)
+        );
     }
 
     #[test]

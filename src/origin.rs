@@ -32,7 +32,10 @@ pub fn local_data(raw: &str) -> LocalData<'_> {
     let mut out = LocalData::default();
     let mut prefixed = false;
     for item in raw.split(',') {
-        if let Some(id) = item.strip_prefix("cid-").or_else(|| item.strip_prefix("ci-")) {
+        if let Some(id) = item
+            .strip_prefix("cid-")
+            .or_else(|| item.strip_prefix("ci-"))
+        {
             out.container_id = id;
             prefixed = true;
         } else if let Some(inode) = item.strip_prefix("in-") {
@@ -73,7 +76,9 @@ pub fn container_of_cgroup(text: &str) -> Option<&str> {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 labels! {
@@ -103,7 +108,11 @@ pub struct Counters {
 impl Readings for Counters {
     fn read(&self, out: &mut Snapshot) {
         out.per_label("whippet_origin_lookups_total", &self.lookups);
-        out.counter("whippet_origin_cache_hits_total", &[], self.cache_hits.get());
+        out.counter(
+            "whippet_origin_cache_hits_total",
+            &[],
+            self.cache_hits.get(),
+        );
     }
 }
 
@@ -215,7 +224,11 @@ mod tests {
             ("garbage".to_string(), None),
         ];
         for (text, want) in cases {
-            assert_eq!(container_of_cgroup(&text).map(str::to_string), want, "{text}");
+            assert_eq!(
+                container_of_cgroup(&text).map(str::to_string),
+                want,
+                "{text}"
+            );
         }
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use getopts::{HasArg, Occur, Options};
 
+use crate::enrichment::Enrichment;
 use crate::flush::{Aggregate, FlushSettings};
 pub use crate::forwarder::ApiKey;
 use crate::forwarder::ForwarderConfig;
@@ -22,7 +23,6 @@ use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
-use crate::enrichment::Enrichment;
 use crate::Error;
 pub(crate) use resolve::machine_hostname;
 use resolve::Resolver;

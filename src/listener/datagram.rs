@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::libc;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::MsgFlags;
+use nix::sys::socket::{getsockopt, sockopt, MsgFlags};
 
 use super::{Flow, Handoff};
 use crate::clock;
@@ -58,6 +58,35 @@ pub struct DatagramReader<'a> {
     /// `net.unix.max_dgram_qlen` for a Unix socket: at most this many datagrams (and one
     /// more) wait in it.
     unix_queue: usize,
+    /// Where the kernel writes each datagram's sender credentials, when origin detection set
+    /// SO_PASSCRED on the socket; the pids read from them.
+    creds: Option<Box<[Credentials; MAX_SLOTS]>>,
+    pids: [u32; MAX_SLOTS],
+}
+
+/// Room for one `SCM_CREDENTIALS` control message (`CMSG_SPACE` of a `ucred` is 32 bytes on
+/// Linux), aligned as a `cmsghdr` must be.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Credentials([u8; 64]);
+
+/// The sender's pid in a received message's control data; 0 when there is none (or the
+/// sender is in a pid namespace whippet cannot see).
+fn pid_of(hdr: &libc::msghdr) -> u32 {
+    // SAFETY: the kernel filled `hdr`'s control buffer and set `msg_controllen` to what it
+    // wrote; CMSG_FIRSTHDR and CMSG_NXTHDR never step past it, and the `ucred` is read
+    // unaligned from inside the control message that declares it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
+                let cred: libc::ucred = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                return cred.pid.max(0) as u32;
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    0
 }
 
 /// One datagram read: its length, whether it was truncated, and whether it came with a
@@ -97,6 +126,10 @@ impl<'a> DatagramReader<'a> {
             } else {
                 0
             },
+            creds: (transport == Transport::Unix
+                && getsockopt(&fd, sockopt::PassCred).unwrap_or(false))
+            .then(|| Box::new([Credentials([0; 64]); MAX_SLOTS])),
+            pids: [0; MAX_SLOTS],
         }
     }
 
@@ -242,7 +275,11 @@ impl<'a> DatagramReader<'a> {
             if trunc {
                 truncated += 1;
             } else if len > 0 {
-                self.batch.push_packet(i * self.slot, i * self.slot + len);
+                let (start, end) = (i * self.slot, i * self.slot + len);
+                match self.creds {
+                    Some(_) => self.batch.push_packet_from(start, end, self.pids[i]),
+                    None => self.batch.push_packet(start, end),
+                }
                 bytes += len as u64;
             } else {
                 empty += 1;
@@ -301,10 +338,15 @@ impl<'a> DatagramReader<'a> {
             hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_iov = std::ptr::from_mut(&mut iovs[i]);
             hdr.msg_iovlen = 1;
+            if let Some(creds) = &mut self.creds {
+                let c = &mut creds[first + i].0;
+                hdr.msg_control = c.as_mut_ptr().cast();
+                hdr.msg_controllen = c.len() as _;
+            }
         }
         // SAFETY: the first `count` headers point at live, distinct buffers (slots of the
-        // batch, their iovecs, `senders`) that outlive the call and that nothing else
-        // touches meanwhile; the kernel writes at most their stated lengths.
+        // batch, their iovecs, `senders`, the control buffers) that outlive the call and that
+        // nothing else touches meanwhile; the kernel writes at most their stated lengths.
         let r = unsafe {
             libc::recvmmsg(
                 self.fd.as_raw_fd(),
@@ -316,6 +358,9 @@ impl<'a> DatagramReader<'a> {
         };
         let n = Errno::result(r)? as usize;
         for (i, m) in msgs[..n].iter().enumerate() {
+            if self.creds.is_some() {
+                self.pids[first + i] = pid_of(&m.msg_hdr);
+            }
             self.got[first + i] = Read {
                 len: m.msg_len as usize,
                 truncated: m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
@@ -378,6 +423,29 @@ mod tests {
 
     fn receive_and_top_up(socket: &UnixDatagram, wait: Duration, stopping: bool) -> Vec<usize> {
         receive_then_top_up(socket, wait, stopping, || {})
+    }
+
+    #[test]
+    fn with_so_passcred_every_datagram_carries_its_senders_pid() {
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        nix::sys::socket::setsockopt(&rx, sockopt::PassCred, &true).unwrap();
+        tx.send(b"a:1|c").unwrap();
+        tx.send(b"b:1|c").unwrap();
+        let (handoff, _rx) = handoff(false);
+        let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
+        let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
+        let n = n + reader.receive(n, MsgFlags::MSG_DONTWAIT).unwrap_or(0);
+        reader.record(n, true);
+        assert_eq!(reader.batch.packet_count(), 2);
+        let me = std::process::id();
+        assert_eq!(reader.batch.pids(), Some(&[me, me][..]));
+        // Without it, no pids are kept.
+        let (rx, tx) = UnixDatagram::pair().unwrap();
+        tx.send(b"a:1|c").unwrap();
+        let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
+        let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
+        reader.record(n, true);
+        assert_eq!(reader.batch.pids(), None);
     }
 
     #[test]

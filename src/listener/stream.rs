@@ -50,12 +50,16 @@ pub fn accept_loop(
     limits: Limits,
     connections: Arc<Connections>,
 ) {
+    // Origin detection set SO_PASSCRED on the listener: each connection's frames then carry
+    // the pid that connected.
+    let origin = getsockopt(&listener, sockopt::PassCred).unwrap_or(false);
     let mut acceptor = Acceptor {
         handoff,
         limits,
         connections,
         threads: Vec::new(),
         next_id: 0,
+        origin,
     };
     for stream in listener.incoming() {
         if acceptor.handoff.stopping() {
@@ -102,6 +106,8 @@ struct Acceptor {
     connections: Arc<Connections>,
     threads: Vec<JoinHandle<()>>,
     next_id: u64,
+    /// Frames carry their connection's pid (origin detection).
+    origin: bool,
 }
 
 impl Acceptor {
@@ -145,10 +151,14 @@ impl Acceptor {
         }
         let (handoff, conns) = (self.handoff.clone(), self.connections.clone());
         let idle = self.limits.idle_timeout;
+        // The pid that connected, in whippet's pid namespace (0 when it is not visible there).
+        let pid = self.origin.then(|| {
+            getsockopt(&stream, sockopt::PeerCredentials).map_or(0, |c| c.pid().max(0) as u32)
+        });
         let spawned = std::thread::Builder::new()
             .name(format!("whippet-stream-{id}"))
             .spawn(move || {
-                serve(stream, &handoff, idle);
+                serve(stream, &handoff, idle, pid);
                 conns.lock().remove(&id);
             });
         match spawned {
@@ -164,10 +174,11 @@ impl Acceptor {
 /// Reads frames from one connection until end-of-file, an error, an oversized frame or the
 /// idle timeout: `idle` without a byte (the socket's read timeout), or without finishing a
 /// frame begun `idle` ago, so a client dripping a byte at a time cannot hold its slot.
-fn serve(mut stream: UnixStream, handoff: &Handoff, idle: Option<Duration>) {
+fn serve(mut stream: UnixStream, handoff: &Handoff, idle: Option<Duration>, pid: Option<u32>) {
     let transport = &handoff.counters.transports[Transport::Stream];
     let counters = &handoff.counters.stream;
     let mut frames = Reassembly::new(&handoff.pool);
+    frames.pid = pid;
     // When the partial frame pending began, and the read timeout now set.
     let mut frame_began: Option<Instant> = None;
     let mut timeout = idle;
@@ -240,6 +251,8 @@ pub(crate) struct Reassembly {
     batch: Batch,
     filled: usize,
     max_frame: usize,
+    /// The connection's pid, recorded with each frame (origin detection).
+    pub pid: Option<u32>,
 }
 
 /// What one read produced.
@@ -256,6 +269,7 @@ impl Reassembly {
             batch: pool.get(Transport::Stream),
             filled: 0,
             max_frame: pool.slot_bytes(),
+            pid: None,
         }
     }
 
@@ -268,7 +282,8 @@ impl Reassembly {
     /// Accounts `n` bytes just read into [`Reassembly::space`].
     pub(crate) fn fed(&mut self, n: usize, pool: &Pool) -> Fed {
         self.filled += n;
-        let (consumed, oversized) = split_frames(&mut self.batch, self.filled, self.max_frame);
+        let (consumed, oversized) =
+            split_frames(&mut self.batch, self.filled, self.max_frame, self.pid);
         let rest = self.filled - consumed;
         let complete = if self.batch.packet_count() > 0 {
             // Ship the complete frames; the partial one moves to the next buffer.
@@ -306,7 +321,12 @@ impl Reassembly {
 
 /// Records the complete frames in `batch.buffer()[..filled]`. Returns the bytes they use
 /// (zero-length frames included) and whether an oversized frame header was met.
-fn split_frames(batch: &mut Batch, filled: usize, max_frame: usize) -> (usize, bool) {
+fn split_frames(
+    batch: &mut Batch,
+    filled: usize,
+    max_frame: usize,
+    pid: Option<u32>,
+) -> (usize, bool) {
     let mut pos = 0;
     while filled - pos >= 4 {
         let header: [u8; 4] = batch.buffer()[pos..pos + 4].try_into().unwrap_or_default();
@@ -317,8 +337,10 @@ fn split_frames(batch: &mut Batch, filled: usize, max_frame: usize) -> (usize, b
         if filled - pos - 4 < len {
             break;
         }
-        if len > 0 {
-            batch.push_packet(pos + 4, pos + 4 + len);
+        match (len, pid) {
+            (0, _) => {}
+            (_, Some(pid)) => batch.push_packet_from(pos + 4, pos + 4 + len, pid),
+            (_, None) => batch.push_packet(pos + 4, pos + 4 + len),
         }
         pos += 4 + len;
     }
@@ -345,7 +367,7 @@ mod tests {
         let complete = bytes.len();
         bytes.extend(&frame(b"partial")[..6]);
         batch.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
-        let (consumed, oversized) = split_frames(&mut batch, bytes.len(), 64);
+        let (consumed, oversized) = split_frames(&mut batch, bytes.len(), 64, None);
         assert_eq!((consumed, oversized), (complete, false));
         assert_eq!(
             batch.packets().collect::<Vec<_>>(),
@@ -361,7 +383,10 @@ mod tests {
         let ok_len = bytes.len();
         bytes.extend(65u32.to_le_bytes());
         batch.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
-        assert_eq!(split_frames(&mut batch, bytes.len(), 64), (ok_len, true));
+        assert_eq!(
+            split_frames(&mut batch, bytes.len(), 64, None),
+            (ok_len, true)
+        );
         assert_eq!(batch.packet_count(), 1);
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{image_tags, EntityTags, Entities};
+use super::{image_tags, Entities, EntityTags};
 
 /// Largest answer read: the running containers of one host.
 const MAX_ANSWER: u64 = 64 << 20;
@@ -61,9 +61,10 @@ fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Vec<u8>, String> 
     if response.code != Some(200) {
         return Err(format!("answered HTTP {}", response.code.unwrap_or(0)));
     }
-    let chunked = response.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding") && h.value != b"identity"
-    });
+    let chunked = response
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding") && h.value != b"identity");
     if chunked {
         return Err("answered with a transfer encoding to an HTTP/1.0 request".into());
     }
@@ -175,12 +176,19 @@ mod tests {
             let mut head = [0u8; 512];
             let n = s.read(&mut head).unwrap();
             let body = r#"[{"Id":"x1","Names":["/a"],"Image":"app"}]"#;
-            write!(s, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}").unwrap();
+            write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}"
+            )
+            .unwrap();
             String::from_utf8_lossy(&head[..n]).into_owned()
         });
         let s = fetch(&path, Duration::from_secs(5)).unwrap();
         let request = server.join().unwrap();
-        assert!(request.starts_with("GET /containers/json HTTP/1.0\r\n"), "{request}");
+        assert!(
+            request.starts_with("GET /containers/json HTTP/1.0\r\n"),
+            "{request}"
+        );
         assert_eq!(
             s.containers["x1"].high,
             ["container_name:a".into(), "container_id:x1".into()] as [Box<str>; 2]

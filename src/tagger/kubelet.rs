@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{image_tags, EntityTags, Entities};
+use super::{image_tags, Entities, EntityTags};
 
 /// Where the kubelet is and how to talk to it (the Agent's settings of the same names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,9 +114,7 @@ fn get(agent: &ureq::Agent, url: &str, token: Option<&str>) -> Result<Vec<u8>, S
 /// The tags of every pod and container in a `/pods` answer.
 pub fn pods(body: &[u8]) -> Result<Entities, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("/pods is not JSON: {e}"))?;
-    let items = v["items"]
-        .as_array()
-        .ok_or("/pods has no items list")?;
+    let items = v["items"].as_array().ok_or("/pods has no items list")?;
     let mut out = Entities::default();
     for pod in items {
         let uid = str_of(&pod["metadata"]["uid"]);
@@ -164,9 +162,15 @@ fn pod_tags(pod: &Value) -> EntityTags {
     let mut t = EntityTags::default();
     t.low("kube_namespace", str_of(&meta["namespace"]));
     t.low("pod_phase", &str_of(&pod["status"]["phase"]).to_lowercase());
-    t.low("kube_priority_class", str_of(&pod["spec"]["priorityClassName"]));
+    t.low(
+        "kube_priority_class",
+        str_of(&pod["spec"]["priorityClassName"]),
+    );
     t.low("kube_qos", str_of(&pod["status"]["qosClass"]));
-    t.low("kube_runtime_class", str_of(&pod["spec"]["runtimeClassName"]));
+    t.low(
+        "kube_runtime_class",
+        str_of(&pod["spec"]["runtimeClassName"]),
+    );
     for (label, tag) in POD_LABELS {
         t.low(tag, str_of(&meta["labels"][label]));
     }
@@ -226,7 +230,10 @@ fn container_tags(pod: &Value, c: &Value, id: &str, mut t: EntityTags) -> Entity
     t.low("image_id", str_of(&c["imageID"]));
     let labels = &pod["metadata"]["labels"];
     for key in ["env", "service", "version"] {
-        t.low(key, str_of(&labels[format!("tags.datadoghq.com/{name}.{key}")]));
+        t.low(
+            key,
+            str_of(&labels[format!("tags.datadoghq.com/{name}.{key}")]),
+        );
     }
     t.high("container_id", id);
     if !name.is_empty() && !pod_name.is_empty() {

@@ -249,7 +249,11 @@ impl Tagger {
     /// Asks every provider once and publishes the merged answer. Run once before whippet
     /// reports ready, so the first messages already find their containers.
     pub fn refresh(&self, last: &mut [Last; Provider::COUNT]) {
-        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let asks: [(Provider, Option<Result<Entities, String>>); Provider::COUNT] = [
             (
                 Provider::Kubelet,
@@ -315,7 +319,10 @@ impl Tagger {
                 if left.is_zero() {
                     break;
                 }
-                poked = cv.wait_timeout(poked, left).unwrap_or_else(|e| e.into_inner()).0;
+                poked = cv
+                    .wait_timeout(poked, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             *poked = false;
             drop(poked);
@@ -443,7 +450,11 @@ mod tests {
         let c = &a.containers["c1"];
         assert_eq!(
             c.at(Cardinality::High).collect::<Vec<_>>(),
-            ["kube_namespace:web", "container_id:c1", "container_name:web_app"]
+            [
+                "kube_namespace:web",
+                "container_id:c1",
+                "container_name:web_app"
+            ]
         );
     }
 }

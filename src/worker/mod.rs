@@ -23,10 +23,10 @@ use crate::parser::{
     self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, OriginFields, Reason,
     ServiceCheck, Values,
 };
-use crate::tagger::Entities;
 use crate::sample::{
     recycle, ContextTags, EventRecord, Sample, SampleValue, ServiceCheckRecord, ShardBatch,
 };
+use crate::tagger::Entities;
 use crate::telemetry::{labels, Counter, Label, PerLabel, Readings, Snapshot};
 use cache::{Cached, ContextCache, RawKey, DEFAULT_HOST};
 
@@ -717,7 +717,11 @@ mod tests {
             ("é,ü:x", vec!["é", "ü:x"]),
         ];
         for (raw, want) in cases {
-            assert_eq!(crate::context::split_tags(raw).collect::<Vec<_>>(), want, "{raw:?}");
+            assert_eq!(
+                crate::context::split_tags(raw).collect::<Vec<_>>(),
+                want,
+                "{raw:?}"
+            );
         }
     }
 }
