@@ -35,16 +35,19 @@ use signal_hook::iterator::Signals;
 use crate::config::{check, Config, Listen};
 use crate::console::Console;
 use crate::demux::Demux;
+use crate::enrichment::OriginDetection;
 use crate::flush::{self, Flusher, Output};
 use crate::forwarder::{self, Forwarder, Handle, IntakeOutput};
 use crate::listener::datagram::DatagramReader;
 use crate::listener::{self, stream, udp, unix, Bound, Handoff};
 use crate::log;
+use crate::origin::{self, PidCache};
 use crate::packet::{Batch, Pool, Transport};
 use crate::reload::Reloader;
 use crate::serializer::SeriesApi;
 use crate::status::{self, StatusServer};
 use crate::systemd;
+use crate::tagger::{self, Tagger};
 use crate::telemetry::{Readings, Snapshot};
 use crate::worker::{self, LiveTags, Worker};
 use crate::Error;
@@ -56,6 +59,8 @@ pub struct Telemetry {
     pub worker: Arc<worker::Counters>,
     pub flush: Arc<flush::Counters>,
     pub forwarder: Arc<forwarder::Counters>,
+    pub origin: Arc<origin::Counters>,
+    pub tagger: Arc<tagger::Counters>,
 }
 
 /// The counters, plus the gauges read when a snapshot is taken (queue depth, the kernel's
@@ -74,6 +79,8 @@ impl Readings for Probe {
         t.worker.read(out);
         t.flush.read(out);
         t.forwarder.read(out);
+        t.origin.read(out);
+        t.tagger.read(out);
         out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
         let memory = self.demux.memory_bytes() as u64;
         out.gauge("whippet_aggregation_memory_bytes", &[], memory);
@@ -94,7 +101,7 @@ struct Sockets {
 impl Sockets {
     /// Takes the sockets systemd passed (socket activation) and binds the configured ones of
     /// the other kinds: a kind of socket systemd passed replaces the configured one.
-    fn bind(listen: &Listen) -> Result<Sockets, Error> {
+    fn bind(listen: &Listen, origin_detection: bool) -> Result<Sockets, Error> {
         let passed = systemd::listen_fds()?;
         let mut bound = Bound {
             activated: passed.udp.len()
@@ -141,6 +148,22 @@ impl Sockets {
             }
             (None, None) => None,
         };
+        if origin_detection {
+            let passcred = |fd: std::os::fd::BorrowedFd<'_>, which: &str| {
+                let on = nix::sys::socket::sockopt::PassCred;
+                nix::sys::socket::setsockopt(&fd, on, &true).map_err(|e| {
+                    Error::Startup(format!(
+                        "cannot turn on SO_PASSCRED on {which} for --origin-detection: {e}"
+                    ))
+                })
+            };
+            if let Some(s) = &unix {
+                passcred(s.as_fd(), "--socket")?;
+            }
+            if let Some(l) = &stream {
+                passcred(l.as_fd(), "--stream-socket")?;
+            }
+        }
         if udp.is_empty() && unix.is_none() && stream.is_none() {
             return Err(Error::Config(
                 "no listener: --udp is off and neither --socket nor --stream-socket is set (nor \
@@ -168,7 +191,12 @@ struct Pipeline {
     live_tags: Arc<LiveTags>,
     workers: Vec<JoinHandle<()>>,
     flusher: Option<(Sender<()>, JoinHandle<()>)>,
+    /// Origin detection and the tagger's refresher, when on.
+    origin: Option<Origin>,
 }
+
+/// Origin detection, and the thread that keeps the tagger current.
+type Origin = (Arc<OriginDetection>, JoinHandle<()>);
 
 impl Pipeline {
     /// Starts the flusher, then the workers. Returns the pipeline and the queue's only
@@ -209,7 +237,9 @@ impl Pipeline {
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
         let live_tags = Arc::new(LiveTags::new(&config.aggregation.tags));
-        let enrichment = config.enrichment();
+        let mut enrichment = config.enrichment();
+        let origin = start_origin(config, telemetry)?;
+        enrichment.origin = origin.as_ref().map(|(o, _)| o.clone());
         let mut workers = Vec::with_capacity(p.workers);
         for i in 0..p.workers {
             let worker = Worker::new(demux.clone(), telemetry.worker.clone(), enrichment.clone())
@@ -226,9 +256,38 @@ impl Pipeline {
             live_tags,
             workers,
             flusher: Some((stop, flusher)),
+            origin,
         };
         Ok((pipeline, queue))
     }
+}
+
+/// Origin detection, when the configuration turns it on: the pid cache, and the tagger,
+/// asked once before this returns (so the first messages find their containers) and then by
+/// its own thread.
+fn start_origin(
+    config: &Config,
+    telemetry: &Telemetry,
+) -> Result<Option<Origin>, Error> {
+    let o = &config.origin;
+    if !o.tagger() {
+        return Ok(None);
+    }
+    let tagger = Tagger::new(o.sources(), telemetry.tagger.clone());
+    let pids = o
+        .detection
+        .then(|| Arc::new(PidCache::new(o.procfs.clone(), telemetry.origin.clone())));
+    let thread = tagger
+        .start()
+        .map_err(|e| Error::Startup(format!("cannot start thread whippet-tagger: {e}")))?;
+    let detection = OriginDetection::new(
+        tagger,
+        pids,
+        o.client,
+        o.entity_id_precedence,
+        o.cardinality,
+    );
+    Ok(Some((Arc::new(detection), thread)))
 }
 
 /// The reader threads, and the stream transport's open connections.
@@ -293,7 +352,7 @@ impl Daemon {
     /// for: the intake when one is configured, else the console on stdout.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
         one_malloc_arena();
-        let mut sockets = Sockets::bind(&config.listen)?;
+        let mut sockets = Sockets::bind(&config.listen, config.origin.detection)?;
         let telemetry = Arc::new(Telemetry::default());
         let (output, retarget) = output_for(config, &telemetry)?;
         let (pipeline, queue) = Pipeline::spawn(config, &telemetry, output)?;
@@ -323,6 +382,7 @@ impl Daemon {
             pipeline.live_tags.clone(),
             retarget,
             status_sources,
+            pipeline.origin.as_ref().map(|(o, _)| o.clone()),
         );
         Ok(Daemon {
             bound,
@@ -397,6 +457,10 @@ impl Daemon {
         }
         if let Some((stop, thread)) = self.pipeline.flusher.take() {
             drop(stop);
+            let _ = thread.join();
+        }
+        if let Some((origin, thread)) = self.pipeline.origin.take() {
+            origin.tagger.stop();
             let _ = thread.join();
         }
         for path in &self.sockets.owned_paths {

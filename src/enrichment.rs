@@ -309,7 +309,7 @@ mod tests {
         p.low("kube_namespace", "shop");
         p.orchestrator("pod_name", "web-1");
         s.pods.insert("p1".into(), p);
-        let tagger = Tagger::new(Sources::default());
+        let tagger = Tagger::new(Sources::default(), Arc::default());
         let d = OriginDetection::new(tagger, None, client, precedence, Cardinality::Low);
         (d, s)
     }
@@ -334,7 +334,8 @@ mod tests {
             ..f
         };
         // (client, precedence, socket, raw tags, fields, tags)
-        let cases: [(bool, bool, Option<&str>, &str, OriginFields<'_>, Vec<&str>); 11] = [
+        type Case<'a> = (bool, bool, Option<&'a str>, &'a str, OriginFields<'a>, Vec<&'a str>);
+        let cases: [Case<'_>; 11] = [
             (false, false, Some("c1"), "", f, vec!["image_name:app"]),
             (
                 false,

@@ -116,20 +116,24 @@ impl Readings for Counters {
     }
 }
 
+/// A pid's container, or none, and when procfs said so.
+type Entry = (Option<Arc<str>>, Instant);
+
 /// Pid → container id, through procfs, cached.
 #[derive(Debug)]
 pub struct PidCache {
     procfs: PathBuf,
-    entries: Mutex<HashMap<u32, (Option<Arc<str>>, Instant)>>,
+    /// Pid → its container (or none) and when that was read.
+    entries: Mutex<HashMap<u32, Entry>>,
     pub counters: Arc<Counters>,
 }
 
 impl PidCache {
-    pub fn new(procfs: PathBuf) -> PidCache {
+    pub fn new(procfs: PathBuf, counters: Arc<Counters>) -> PidCache {
         PidCache {
             procfs,
             entries: Mutex::new(HashMap::new()),
-            counters: Arc::new(Counters::default()),
+            counters,
         }
     }
 
@@ -239,7 +243,7 @@ mod tests {
         std::fs::create_dir_all(root.join("8")).unwrap();
         std::fs::write(root.join("7/cgroup"), format!("0::/docker/{ID}\n")).unwrap();
         std::fs::write(root.join("8/cgroup"), "0::/init.scope\n").unwrap();
-        let cache = PidCache::new(root.clone());
+        let cache = PidCache::new(root.clone(), Arc::default());
         assert_eq!(cache.container(7).as_deref(), Some(ID));
         assert_eq!(cache.container(7).as_deref(), Some(ID));
         assert_eq!(cache.container(8), None);

@@ -1,6 +1,7 @@
 //! What SIGHUP changes in a running whippet, and the settings `/status` shows: the API key,
-//! intake URL, extra tags and log level are applied in place (no thread stops, no sample
-//! waits); any other setting that changed is named as needing a restart. Settings declare
+//! intake URL, extra tags, log level, tag cardinality and the tagger's providers are applied
+//! in place (no thread stops, no sample waits); any other setting that changed is named as
+//! needing a restart. Settings declare
 //! which they are (`Setting::reload`).
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use serde_json::{json, Map};
 
 use crate::config::{Config, SETTINGS};
+use crate::enrichment::OriginDetection;
 use crate::forwarder::Handle;
 use crate::listener::Bound;
 use crate::log;
@@ -24,6 +26,8 @@ pub struct Reloader {
     retarget: Option<Handle>,
     /// The status endpoint's settings section, when it is on.
     status: Option<Arc<status::Sources>>,
+    /// Origin detection, when it runs: its cardinality and the tagger's providers.
+    origin: Option<Arc<OriginDetection>>,
 }
 
 impl Reloader {
@@ -33,6 +37,7 @@ impl Reloader {
         tags: Arc<LiveTags>,
         retarget: Option<Handle>,
         status: Option<Arc<status::Sources>>,
+        origin: Option<Arc<OriginDetection>>,
     ) -> Reloader {
         let r = Reloader {
             config: config.clone(),
@@ -40,6 +45,7 @@ impl Reloader {
             tags,
             retarget,
             status,
+            origin,
         };
         r.publish();
         r
@@ -60,6 +66,19 @@ impl Reloader {
             (None, None) => {}
             (Some(_), None) => notes.push("the new settings have no intake (no --dd-url and no API key); still forwarding to the old one until a restart".into()),
             (None, Some(_)) => notes.push("an intake is now configured, but whippet started printing to stdout; restart whippet to forward".into()),
+        }
+        match &self.origin {
+            Some(o) => {
+                o.set_cardinality(new.origin.cardinality);
+                if new.origin.sources() != old.origin.sources() {
+                    o.tagger.set_sources(new.origin.sources());
+                }
+            }
+            None if new.origin.tagger() => notes.push(
+                "origin detection and the tagger were off at start; restart whippet to start them"
+                    .into(),
+            ),
+            None => {}
         }
         if self.retarget.is_some() != new.forwarding.intake_url.is_some() {
             // The output cannot change kind while running: the old intake stays in effect.

@@ -23,6 +23,7 @@ use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shard::Expiry;
+use crate::tagger::{kubelet::KubeletConfig, Cardinality, Sources};
 use crate::Error;
 pub(crate) use resolve::machine_hostname;
 use resolve::Resolver;
@@ -67,6 +68,38 @@ pub struct Aggregation {
     pub histogram_percentiles: Vec<u32>,
 }
 
+/// Where messages come from and which container tags they get (docs/behaviour.md, "Origin").
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginSettings {
+    /// `--origin-detection`: SO_PASSCRED on the Unix sockets.
+    pub detection: bool,
+    pub client: bool,
+    pub entity_id_precedence: bool,
+    pub optout: bool,
+    pub cardinality: Cardinality,
+    pub procfs: PathBuf,
+    pub kubelet: Option<KubeletConfig>,
+    /// The Docker Engine API's socket; `None` for `--docker-host off`.
+    pub docker: Option<PathBuf>,
+}
+
+impl OriginSettings {
+    /// The tagger runs when origin detection is on or a kubelet is named (whose pods
+    /// `dd.internal.entity_id` tags refer to).
+    pub fn tagger(&self) -> bool {
+        self.detection || self.client || self.kubelet.is_some()
+    }
+
+    /// The providers the tagger asks.
+    pub fn sources(&self) -> Sources {
+        Sources {
+            kubelet: self.kubelet.clone(),
+            docker: self.docker.clone(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Where the output goes and how it gets there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forwarding {
@@ -99,6 +132,7 @@ pub struct Config {
     pub listen: Listen,
     pub pipeline: Pipeline,
     pub aggregation: Aggregation,
+    pub origin: OriginSettings,
     pub forwarding: Forwarding,
     pub operation: Operation,
     /// `--config FILE`, re-read on SIGHUP.
@@ -252,6 +286,7 @@ pub(crate) fn parse_with(
     let pipeline = pipeline(&mut r);
     let mut warnings = Vec::new();
     let aggregation = aggregation(&mut r, &mut warnings);
+    let origin = origin(&mut r);
     let forwarding = forwarding(&mut r);
     let operation = operation(&mut r);
     if let Some(path) = &config_file {
@@ -270,6 +305,7 @@ pub(crate) fn parse_with(
         listen,
         pipeline,
         aggregation,
+        origin,
         forwarding,
         operation,
         config_file,
@@ -373,6 +409,44 @@ fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation 
         expiry,
         histogram_aggregates,
         histogram_percentiles,
+    }
+}
+
+fn origin(r: &mut Resolver<'_>) -> OriginSettings {
+    let kubelet = r.given("kubelet-host", |v, _| Ok(v.trim().to_string()));
+    let https_port = r.number("kubelet-https-port");
+    let http_port = r.number("kubelet-http-port");
+    let token_path = PathBuf::from(r.value("kubelet-token-path", |v, _| Ok(v.to_string())));
+    let ca_path = PathBuf::from(r.value("kubelet-client-ca", |v, _| Ok(v.to_string())));
+    let tls_verify = r.value("kubelet-tls-verify", resolve::boolean);
+    OriginSettings {
+        detection: r.value("origin-detection", resolve::boolean),
+        client: r.value("origin-detection-client", resolve::boolean),
+        entity_id_precedence: r.value("entity-id-precedence", resolve::boolean),
+        optout: r.value("origin-optout", resolve::boolean),
+        cardinality: r.value("tag-cardinality", |v, name| {
+            Cardinality::parse(v)
+                .ok_or_else(|| format!("{name}: '{v}' is not low, orchestrator or high"))
+        }),
+        procfs: PathBuf::from(r.value("procfs-path", |v, _| Ok(v.to_string()))),
+        kubelet: kubelet
+            .filter(|h| !h.is_empty() && h != "off")
+            .map(|host| KubeletConfig {
+                host,
+                https_port,
+                http_port,
+                token_path,
+                ca_path,
+                tls_verify,
+            }),
+        docker: r.value("docker-host", |v, name| match v.trim() {
+            "off" => Ok(None),
+            // An empty DOCKER_HOST means Docker's own default.
+            "" => Ok(Some(PathBuf::from("/var/run/docker.sock"))),
+            v => crate::tagger::docker::socket_of(v)
+                .map(Some)
+                .map_err(|e| format!("{name}: {e}")),
+        }),
     }
 }
 

@@ -207,14 +207,14 @@ impl std::fmt::Debug for Tagger {
 }
 
 impl Tagger {
-    pub fn new(sources: Sources) -> Arc<Tagger> {
+    pub fn new(sources: Sources, counters: Arc<Counters>) -> Arc<Tagger> {
         Arc::new(Tagger {
             current: RwLock::new(Arc::new(Entities::default())),
             sources: Mutex::new(sources),
             missed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             stopping: AtomicBool::new(false),
-            counters: Arc::new(Counters::default()),
+            counters,
         })
     }
 
