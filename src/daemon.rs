@@ -265,10 +265,7 @@ impl Pipeline {
 /// Origin detection, when the configuration turns it on: the pid cache, and the tagger,
 /// asked once before this returns (so the first messages find their containers) and then by
 /// its own thread.
-fn start_origin(
-    config: &Config,
-    telemetry: &Telemetry,
-) -> Result<Option<Origin>, Error> {
+fn start_origin(config: &Config, telemetry: &Telemetry) -> Result<Option<Origin>, Error> {
     let o = &config.origin;
     if !o.tagger() {
         return Ok(None);

@@ -334,7 +334,14 @@ mod tests {
             ..f
         };
         // (client, precedence, socket, raw tags, fields, tags)
-        type Case<'a> = (bool, bool, Option<&'a str>, &'a str, OriginFields<'a>, Vec<&'a str>);
+        type Case<'a> = (
+            bool,
+            bool,
+            Option<&'a str>,
+            &'a str,
+            OriginFields<'a>,
+            Vec<&'a str>,
+        );
         let cases: [Case<'_>; 11] = [
             (false, false, Some("c1"), "", f, vec!["image_name:app"]),
             (

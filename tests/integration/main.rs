@@ -5,6 +5,7 @@ mod support;
 mod bad_input;
 mod docs;
 mod e2e;
+mod enrichment;
 mod faults;
 mod fuzz_corpus;
 mod intake;
