@@ -2,13 +2,58 @@
 //! [FILE]`, over the generated `dsd_base`-like workload or the corpus FILE. Messages are
 //! packed into 8 KiB packets, 32 to a batch, as the Unix datagram listener would deliver
 //! them; prints nanoseconds per message.
+//!
+//! `ORIGIN=configured` runs with origin detection configured (a tagger knowing one pod) and
+//! the messages unchanged; `ORIGIN=tagged` also gives every message that pod's
+//! `dd.internal.entity_id` tag, so each one gets the pod's tags.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use whippet::demux::Demux;
+use whippet::enrichment::OriginDetection;
 use whippet::packet::Pool;
+use whippet::tagger::{Cardinality, Entities, EntityTags, Sources, Tagger};
 use whippet::worker::{Counters, Enrichment, Worker};
+
+/// A tagger that knows one pod with a realistic tag set.
+fn origin() -> Arc<OriginDetection> {
+    let tagger = Tagger::new(Sources::default(), Arc::default());
+    let mut pod = EntityTags::default();
+    for t in [
+        "kube_namespace:shop",
+        "pod_phase:running",
+        "kube_qos:Burstable",
+        "env:prod",
+        "kube_deployment:web",
+        "kube_replica_set:web-7d4b9c8f6d",
+        "kube_ownerref_kind:replicaset",
+    ] {
+        pod.low.push(t.into());
+    }
+    pod.orchestrator
+        .push("pod_name:web-7d4b9c8f6d-x2x9z".into());
+    let mut entities = Entities::default();
+    entities.pods.insert("pod-1".into(), pod);
+    tagger.publish(entities);
+    Arc::new(OriginDetection::new(
+        tagger,
+        None,
+        false,
+        false,
+        Cardinality::Low,
+    ))
+}
+
+/// `m` with the pod's entity id among its tags.
+fn tagged(m: &[u8]) -> Vec<u8> {
+    const TAG: &[u8] = b"dd.internal.entity_id:pod-1";
+    let text = String::from_utf8_lossy(m);
+    match text.find("|#") {
+        Some(at) => [&m[..at + 2], TAG, b",", &m[at + 2..]].concat(),
+        None => [m, b"|#", TAG].concat(),
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -19,6 +64,11 @@ fn main() {
         Some(path) => whippet::blast::corpus(std::path::Path::new(path)).unwrap(),
         None => whippet::blast::Generated::dsd_base().generate(),
     };
+    let mode = std::env::var("ORIGIN").unwrap_or_default();
+    let messages: Vec<Vec<u8>> = match mode.as_str() {
+        "tagged" => messages.iter().map(|m| tagged(m)).collect(),
+        _ => messages,
+    };
     let pool = Pool::new(8192, 4096);
     let batches = whippet::blast::batches(&pool, &messages, 1_700_000_000);
     let messages = messages.len() as u64;
@@ -26,7 +76,7 @@ fn main() {
         hostname: "bench-host".into(),
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
-        origin: None,
+        origin: matches!(mode.as_str(), "configured" | "tagged").then(origin),
     };
     let counters = Arc::new(Counters::default());
     let mut worker = Worker::new(
@@ -44,5 +94,8 @@ fn main() {
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / (rounds as u64 * messages) as f64;
-    println!("{messages} messages × {rounds} rounds: {ns:.0} ns/message (one worker thread)");
+    let mode = if mode.is_empty() { "off" } else { &mode };
+    println!(
+        "{messages} messages × {rounds} rounds, origin {mode}: {ns:.0} ns/message (one worker thread)"
+    );
 }

@@ -8,7 +8,9 @@
 //! what its context costs anyway.
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+
+use memchr::memmem::Finder;
 
 use crate::context::{canonical_tags, split_tags};
 use crate::origin::{self, PidCache};
@@ -85,7 +87,7 @@ impl OriginDetection {
         raw_tags: &'f str,
         fields: &OriginFields<'f>,
     ) -> Option<Resolved<'a>> {
-        let magic = if memchr::memmem::find(raw_tags.as_bytes(), MAGIC.as_bytes()).is_some() {
+        let magic = if has_magic(raw_tags) {
             origin_tags(raw_tags)
         } else {
             (None, None)
@@ -100,7 +102,10 @@ impl OriginDetection {
         if card.eq_ignore_ascii_case("none") {
             return None;
         }
-        let cardinality = Cardinality::parse(card).unwrap_or_else(|| self.cardinality());
+        let cardinality = match card {
+            "" => self.cardinality(),
+            card => Cardinality::parse(card).unwrap_or_else(|| self.cardinality()),
+        };
         let mut entities = [None, None];
         if let Some(id) = socket_container {
             if pod_uid.is_empty() || !self.entity_id_precedence {
@@ -118,14 +123,11 @@ impl OriginDetection {
         (entities != [None, None]).then_some(Resolved {
             entities,
             cardinality,
+            generation: snapshot.generation,
         })
     }
 
-    fn lookup<'a>(
-        &self,
-        map: &'a std::collections::HashMap<Box<str>, EntityTags>,
-        id: &str,
-    ) -> Option<&'a EntityTags> {
+    fn lookup<'a>(&self, map: &'a crate::tagger::Ids, id: &str) -> Option<&'a EntityTags> {
         let found = map.get(id);
         let lookups = &self.tagger.counters.lookups;
         match found {
@@ -139,18 +141,34 @@ impl OriginDetection {
     }
 }
 
+/// Whether a raw tag field holds a `dd.internal.` tag (one SIMD scan).
+pub fn has_magic(raw_tags: &str) -> bool {
+    static FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(MAGIC));
+    FINDER.find(raw_tags.as_bytes()).is_some()
+}
+
 /// The value of the last `dd.internal.entity_id:` tag and of the first `dd.internal.card:`
-/// tag, as the Agent picks them.
+/// tag, as the Agent picks them: found by SIMD search, not by splitting every tag.
 fn origin_tags(raw: &str) -> (Option<&str>, Option<&str>) {
-    let (mut pod, mut card) = (None, None);
-    for tag in split_tags(raw) {
-        if let Some(v) = tag.strip_prefix(ENTITY_ID) {
-            pod = Some(v);
-        } else if let Some(v) = tag.strip_prefix(CARD) {
-            card = card.or(Some(v));
-        }
-    }
-    (pod, card)
+    static ENTITY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(ENTITY_ID));
+    static CARDS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(CARD));
+    (
+        tag_values(raw, &ENTITY).last(),
+        tag_values(raw, &CARDS).next(),
+    )
+}
+
+/// The values of the tags `finder`'s prefix begins, in order: matches that start a tag.
+fn tag_values<'r>(raw: &'r str, finder: &'r Finder<'static>) -> impl Iterator<Item = &'r str> {
+    let bytes = raw.as_bytes();
+    let prefix = finder.needle().len();
+    finder
+        .find_iter(bytes)
+        .filter(move |&at| at == 0 || bytes[at - 1] == b',')
+        .map(move |at| {
+            let value = &raw[at + prefix..];
+            memchr::memchr(b',', value.as_bytes()).map_or(value, |end| &value[..end])
+        })
 }
 
 /// A message's origin, resolved to tagger entities.
@@ -158,9 +176,24 @@ fn origin_tags(raw: &str) -> (Option<&str>, Option<&str>) {
 pub struct Resolved<'a> {
     entities: [Option<&'a EntityTags>; 2],
     pub cardinality: Cardinality,
+    /// The snapshot the entities are in.
+    generation: u64,
 }
 
 impl<'a> Resolved<'a> {
+    /// What tells this origin from any other: the snapshot, the entities' addresses in it
+    /// and the cardinality. Two messages with equal raw bytes and equal identities have the
+    /// same context, so the worker's context cache can key on them.
+    pub fn identity(&self) -> [u64; 4] {
+        let at = |e: Option<&EntityTags>| e.map_or(0, |e| e as *const EntityTags as u64);
+        [
+            self.generation,
+            at(self.entities[0]),
+            at(self.entities[1]),
+            self.cardinality as u64,
+        ]
+    }
+
     /// The tags its origin adds.
     pub fn tags(&self) -> impl Iterator<Item = &'a str> + '_ {
         self.entities
@@ -422,6 +455,33 @@ mod tests {
             (lookups[Lookup::Hit].get(), lookups[Lookup::Miss].get()),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn origin_tags_are_found_only_where_a_tag_begins() {
+        let cases = [
+            ("", (None, None)),
+            ("dd.internal.entity_id:a", (Some("a"), None)),
+            (
+                "x,dd.internal.entity_id:a,dd.internal.entity_id:b,y",
+                (Some("b"), None),
+            ),
+            (
+                "dd.internal.card:high,dd.internal.card:low",
+                (None, Some("high")),
+            ),
+            (
+                "xdd.internal.entity_id:a,k:dd.internal.card:low",
+                (None, None),
+            ),
+            (
+                "dd.internal.entity_id:,dd.internal.card:",
+                (Some(""), Some("")),
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(origin_tags(raw), want, "{raw}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Sample<'a> {
     pub timestamp: Option<i64>,
     /// Start of the bucket of its arrival time.
     pub bucket: i64,
+    /// Its origin's tags, for a sample sent back: 0 for none, else 1 + its index in the
+    /// worker's origins of the batch.
+    pub origin: u32,
 }
 
 /// What a sample carries of its context's canonical tags: the two sides of the handshake
@@ -165,6 +168,7 @@ mod tests {
             sample_rate: 1.0,
             timestamp: None,
             bucket: 0,
+            origin: 0,
         }
     }
 

@@ -705,6 +705,7 @@ mod tests {
                 sample_rate,
                 timestamp,
                 bucket,
+                origin: 0,
             };
             let mut batch = ShardBatch::from(vec![sample]);
             self.shard.insert(&mut batch, &tags);
@@ -790,6 +791,7 @@ mod tests {
             sample_rate: 1.0,
             timestamp: None,
             bucket: 100,
+            origin: 0,
         };
         let mut batch = ShardBatch::from(vec![sample]);
         let stats = other.insert(&mut batch, &tags);
@@ -866,6 +868,7 @@ mod tests {
                 sample_rate: 1.0,
                 timestamp: Some(1_000),
                 bucket: 110,
+                origin: 0,
             })
             .collect();
         let mut f2 = Fixture::new();

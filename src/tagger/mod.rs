@@ -12,7 +12,7 @@ pub mod docker;
 pub mod kubelet;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -36,11 +36,15 @@ labels! {
 impl Cardinality {
     /// The Agent's names (`orch` too). `None` for `none` and anything unknown.
     pub fn parse(s: &str) -> Option<Cardinality> {
-        match s.to_ascii_lowercase().as_str() {
-            "low" => Some(Cardinality::Low),
-            "orchestrator" | "orch" => Some(Cardinality::Orchestrator),
-            "high" => Some(Cardinality::High),
-            _ => None,
+        let is = |name: &str| s.eq_ignore_ascii_case(name);
+        if is("low") {
+            Some(Cardinality::Low)
+        } else if is("orchestrator") || is("orch") {
+            Some(Cardinality::Orchestrator)
+        } else if is("high") {
+            Some(Cardinality::High)
+        } else {
+            None
         }
     }
 }
@@ -109,11 +113,18 @@ fn push(tags: &mut Vec<Box<str>>, key: &str, value: &str) {
     }
 }
 
+/// Container ids or pod UIDs → tags. The ids come from the providers, not from clients, so
+/// foldhash's speed costs no flooding risk.
+pub type Ids = HashMap<Box<str>, EntityTags, foldhash::fast::RandomState>;
+
 /// What the providers said, at one moment: container ids and pod UIDs → their tags.
 #[derive(Debug, Default)]
 pub struct Entities {
-    pub containers: HashMap<Box<str>, EntityTags>,
-    pub pods: HashMap<Box<str>, EntityTags>,
+    pub containers: Ids,
+    pub pods: Ids,
+    /// Which snapshot this is: every published one has a new number, so an entity is known
+    /// by its snapshot and its address in it.
+    pub generation: u64,
 }
 
 impl Entities {
@@ -197,6 +208,8 @@ pub struct Tagger {
     /// Wakes the refresher early (a miss, a reload, shutdown).
     wake: (Mutex<bool>, Condvar),
     stopping: AtomicBool,
+    /// The last snapshot's [`Entities::generation`].
+    generation: AtomicU64,
     pub counters: Arc<Counters>,
 }
 
@@ -214,6 +227,7 @@ impl Tagger {
             missed: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             stopping: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             counters,
         })
     }
@@ -303,8 +317,14 @@ impl Tagger {
                 merged.merge(clone_snapshot(s));
             }
         }
-        self.counters.entities.set(merged.len() as u64);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(merged);
+        self.publish(merged);
+    }
+
+    /// Makes `entities` the snapshot workers read from their next batch.
+    pub fn publish(&self, mut entities: Entities) {
+        entities.generation = self.generation.fetch_add(1, Relaxed) + 1;
+        self.counters.entities.set(entities.len() as u64);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(entities);
     }
 
     /// Refreshes until [`Tagger::stop`]: every [`REFRESH`], sooner after a miss or reload.
@@ -361,6 +381,7 @@ fn clone_snapshot(s: &Entities) -> Entities {
     Entities {
         containers: s.containers.clone(),
         pods: s.pods.clone(),
+        generation: 0,
     }
 }
 

@@ -78,6 +78,17 @@ impl ContextCache {
             .expect("the secret has the default length, above XXH3's minimum")
     }
 
+    /// The key of a metric's raw key under an origin ([`crate::enrichment::Resolved::identity`]):
+    /// its context differs from the same bytes' without origin, and from another origin's.
+    pub(super) fn with_origin(names: &ContextHasher, raw: u64, identity: [u64; 4]) -> u64 {
+        let mut h = names.build_hasher();
+        h.write_u64(raw);
+        for part in identity {
+            h.write_u64(part);
+        }
+        h.finish()
+    }
+
     /// Looks up a metric by its raw key.
     pub(super) fn find_metric(&mut self, raw: u64, m: &Metric<'_>) -> Option<Cached> {
         self.find(raw, short_len(m.name), short_len(m.tags), m.kind)
@@ -230,6 +241,9 @@ pub(super) struct Cached {
     pub(super) name_len: u16,
     pub(super) tags_len: u16,
     pub(super) kind: MetricKind,
+    /// The raw tags hold a `dd.internal.` tag, which may name an origin: with origin
+    /// detection on, such a metric is resolved again before its entry is trusted.
+    pub(super) magic: bool,
 }
 
 impl Cached {
@@ -241,6 +255,7 @@ impl Cached {
         name_len: 0,
         tags_len: 0,
         kind: MetricKind::Count,
+        magic: false,
     };
 
     /// The entry for metric `m`, whose raw key is `raw`: its context hashes to `hash` and
@@ -253,6 +268,7 @@ impl Cached {
             name_len: short_len(m.name),
             tags_len: short_len(m.tags),
             kind: m.kind,
+            magic: crate::enrichment::has_magic(m.tags),
         }
     }
 
@@ -313,6 +329,7 @@ mod tests {
             name_len: 1,
             tags_len: 0,
             kind: MetricKind::Gauge,
+            magic: false,
         }
     }
 

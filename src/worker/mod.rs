@@ -152,11 +152,18 @@ impl Tally {
     }
 }
 
-/// A batch's reusable buffers, borrowed while its messages are parsed.
+/// A batch's reusable buffers, borrowed while its messages are parsed, and what origin
+/// detection knows of it.
 struct Scratch<'s, 'a> {
     tags: &'s mut Vec<&'a str>,
     sort: &'s mut Vec<(u64, &'a str)>,
     per_shard: &'s mut [ShardBatch<'a>],
+    /// The origins of the batch's metrics that have one ([`Sample::origin`] indexes it).
+    origins: &'s mut Vec<Resolved<'a>>,
+    /// The tagger's snapshot, when origin detection is on.
+    snapshot: Option<&'a Entities>,
+    /// Each packet's sending container, when the reader learnt the senders' pids.
+    sockets: Vec<Option<Arc<str>>>,
 }
 
 pub struct Worker {
@@ -166,8 +173,9 @@ pub struct Worker {
     /// Reloadable extra tags and the generation this worker applied.
     live: Option<(Arc<LiveTags>, u64)>,
     tally: Tally,
-    /// Reused across batches: the tag arena and one sample batch per shard.
+    /// Reused across batches: the tag arena, the origins and one sample batch per shard.
     tags: Vec<&'static str>,
+    origins: Vec<Resolved<'static>>,
     sort_scratch: Vec<(u64, &'static str)>,
     /// Reused to lay a context out for hashing.
     hash_scratch: Vec<u8>,
@@ -189,6 +197,7 @@ impl Worker {
             live: None,
             tally: Tally::default(),
             tags: Vec::new(),
+            origins: Vec::new(),
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
@@ -222,6 +231,7 @@ impl Worker {
         // One snapshot of the container tags for the whole batch: lookups take no lock.
         let snapshot = enrichment.origin.as_ref().map(|o| o.tagger.snapshot());
         let mut tags: Vec<&str> = recycle(std::mem::take(&mut self.tags));
+        let mut origins: Vec<Resolved<'_>> = recycle(std::mem::take(&mut self.origins));
         let mut sort: Vec<(u64, &str)> = recycle(std::mem::take(&mut self.sort_scratch));
         let mut per_shard: Vec<ShardBatch<'_>> = std::mem::take(&mut self.per_shard)
             .into_iter()
@@ -231,14 +241,18 @@ impl Worker {
             tags: &mut tags,
             sort: &mut sort,
             per_shard: &mut per_shard,
+            origins: &mut origins,
+            snapshot: snapshot.as_deref(),
+            sockets: Vec::new(),
         };
-        self.parse_batch(batch, &enrichment, snapshot.as_deref(), &mut scratch);
-        self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &enrichment);
+        self.parse_batch(batch, &enrichment, &mut scratch);
+        self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &origins, &enrichment);
         if !self.events.is_empty() || !self.checks.is_empty() {
             let full = self.demux.push_backlog(&mut self.events, &mut self.checks);
             self.tally.dropped[Discard::EventBacklogFull] += full;
         }
         self.tags = recycle(tags);
+        self.origins = recycle(origins);
         self.sort_scratch = recycle(sort);
         self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
         self.tally.drain_into(&self.counters);
@@ -263,44 +277,44 @@ impl Worker {
         &mut self,
         batch: &'a Batch,
         enrichment: &'a Enrichment,
-        snapshot: Option<&'a Entities>,
         scratch: &mut Scratch<'_, 'a>,
     ) {
         let bucket = clock::bucket_start(batch.received_at, enrichment.bucket_seconds);
-        let pids = batch.pids();
+        // The sending container of each packet, when origin detection learnt the pids.
+        if let (Some(pids), Some(o)) = (batch.pids(), &enrichment.origin) {
+            if let Some(cache) = &o.pids {
+                scratch.sockets = pids.iter().map(|&pid| cache.container(pid)).collect();
+            }
+        }
+        let snapshot = scratch.snapshot;
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
         let mut pending: Option<Pending<'a>> = None;
         for (i, packet) in batch.packets().enumerate() {
-            // The sending container, when origin detection learnt the sender's pid.
-            let socket = match (pids, &enrichment.origin) {
-                (Some(pids), Some(o)) => o.pids.as_ref().and_then(|c| c.container(pids[i])),
-                _ => None,
-            };
-            let origin = |tags: &str, fields: &OriginFields<'_>| -> Option<Resolved<'a>> {
+            let origin = |scratch: &Scratch<'_, 'a>, tags: &str, fields: &OriginFields<'_>| {
                 let o = enrichment.origin.as_ref()?;
-                o.resolve(snapshot?, socket.as_deref(), tags, fields)
+                let socket = scratch.sockets.get(i).and_then(|s| s.as_deref());
+                o.resolve(snapshot?, socket, tags, fields)
             };
             for line in scanned_lines(packet) {
                 match parser::parse_line(line) {
                     Ok(Message::Metric(m)) => {
                         self.tally.messages[MessageKind::Metric] += 1;
-                        let resolved = origin(m.tags, &m.origin);
-                        let Some(key) = self.admit(&m, resolved.is_some()) else {
+                        let Some(key) = self.admit(&m) else {
                             continue;
                         };
-                        if let Some(p) = pending.replace((m, key, resolved)) {
+                        if let Some(p) = pending.replace((m, key, i)) {
                             self.metric(p, enrichment, bucket, scratch);
                         }
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
-                        let resolved = origin(e.tags, &e.origin);
+                        let resolved = origin(scratch, e.tags, &e.origin);
                         self.event(&e, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Ok(Message::ServiceCheck(c)) => {
                         self.tally.messages[MessageKind::ServiceCheck] += 1;
-                        let resolved = origin(c.tags, &c.origin);
+                        let resolved = origin(scratch, c.tags, &c.origin);
                         self.service_check(&c, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Err(e) => self.tally.errors[e.kind][e.reason] += 1,
@@ -319,6 +333,7 @@ impl Worker {
         per_shard: &mut [ShardBatch<'a>],
         tags: &mut Vec<&'a str>,
         sort: &mut Vec<(u64, &'a str)>,
+        origins: &[Resolved<'a>],
         enrichment: &'a Enrichment,
     ) {
         for (shard, batch) in per_shard.iter_mut().enumerate() {
@@ -329,7 +344,8 @@ impl Worker {
             self.tally.inserted(stats);
             let resend = batch.resend(|s| {
                 let start = tags.len();
-                canonicalize(s.raw_tags, &enrichment.extra_tags, None, tags, sort);
+                let origin = (s.origin > 0).then(|| &origins[s.origin as usize - 1]);
+                canonicalize(s.raw_tags, &enrichment.extra_tags, origin, tags, sort);
                 ContextTags::Arena(start as u32, tags.len() as u32)
             });
             if resend {
@@ -341,9 +357,8 @@ impl Worker {
     }
 
     /// The first half of a metric: counts what it is owed and returns its key for the
-    /// context cache, whose set it starts loading; `None` when the metric is dropped. A
-    /// metric with origin tags bypasses the cache: its context depends on more than its bytes.
-    fn admit(&mut self, m: &Metric<'_>, has_origin: bool) -> Option<RawKey> {
+    /// context cache, whose set it starts loading; `None` when the metric is dropped.
+    fn admit(&mut self, m: &Metric<'_>) -> Option<RawKey> {
         if m.sample_rate_invalid {
             self.tally.rate_invalid += 1;
         }
@@ -355,9 +370,6 @@ impl Worker {
             // Timestamped samples bypass the cache.
             return Some(RawKey::Uncached);
         }
-        if has_origin {
-            return Some(RawKey::Uncached);
-        }
         let raw = self.cache.raw_key(self.demux.hasher(), m);
         self.cache.prefetch(raw);
         Some(RawKey::Hash(raw))
@@ -366,15 +378,38 @@ impl Worker {
     /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
-        (m, key, origin): Pending<'a>,
+        (m, mut key, packet): Pending<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: &mut Scratch<'_, 'a>,
     ) {
         let m = &m;
-        let cached = match key {
+        let mut cached = match key {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
+        };
+        // Origin detection: a metric that may have an origin is resolved, and its context is
+        // cached under its raw key and the origin's identity together. One known to have no
+        // `dd.internal.` tag, from no container, naming none, keeps the plain cached path.
+        let mut origin = None;
+        if let (Some(o), Some(snapshot)) = (&enrichment.origin, scratch.snapshot) {
+            let socket = scratch.sockets.get(packet).and_then(|s| s.as_deref());
+            let named = o.client && !m.origin.is_empty();
+            if socket.is_some() || named || cached.is_none_or(|c| c.magic) {
+                origin = o.resolve(snapshot, socket, m.tags, &m.origin);
+                if let (Some(r), RawKey::Hash(raw)) = (&origin, key) {
+                    let raw = ContextCache::with_origin(self.demux.hasher(), raw, r.identity());
+                    key = RawKey::Hash(raw);
+                    cached = self.cache.find_metric(raw, m);
+                }
+            }
+        }
+        let origin_index = match origin {
+            Some(r) => {
+                scratch.origins.push(r);
+                scratch.origins.len() as u32
+            }
+            None => 0,
         };
         let (hash, host, tags) = match cached {
             Some(c) => {
@@ -398,6 +433,7 @@ impl Worker {
             sample_rate: m.sample_rate,
             timestamp: m.timestamp,
             bucket,
+            origin: origin_index,
         };
         match m.values {
             Values::One(v) => out.push(sample(SampleValue::Number(v))),
@@ -487,8 +523,8 @@ impl Worker {
     }
 }
 
-/// A metric waiting for its second half: its cache key and its origin.
-type Pending<'a> = (Metric<'a>, RawKey, Option<Resolved<'a>>);
+/// A metric waiting for its second half: its cache key and the index of its packet.
+type Pending<'a> = (Metric<'a>, RawKey, usize);
 
 #[cfg(test)]
 mod tests {
