@@ -331,10 +331,41 @@ pub fn report(c: &Config) -> String {
     out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
     let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
     out.push_str(&format!("{:<24} {udp}\n", "=> udp"));
+    out.push_str(&format!(
+        "{:<24} {}\n",
+        "=> tagger",
+        tagger_summary(&c.origin)
+    ));
     for w in &c.warnings {
         out.push_str(&format!("{:<24} {w}\n", "=> warning"));
     }
     out
+}
+
+/// What the tagger will ask, for `--check-config`.
+fn tagger_summary(o: &OriginSettings) -> String {
+    if !o.tagger() {
+        return "off (no --origin-detection, --origin-detection-client or --kubelet-host)".into();
+    }
+    let mut providers = Vec::new();
+    if let Some(k) = &o.kubelet {
+        providers.push(format!(
+            "kubelet {} (https port {}, http port {})",
+            k.host, k.https_port, k.http_port
+        ));
+    }
+    if let Some(d) = &o.docker {
+        providers.push(format!("docker {}", d.display()));
+    }
+    if providers.is_empty() {
+        providers.push("no provider".into());
+    }
+    let socket = if o.detection { "on" } else { "off" };
+    format!(
+        "{}; cardinality {}; socket origin {socket}",
+        providers.join(", "),
+        crate::telemetry::Label::label(o.cardinality)
+    )
 }
 
 fn listen(r: &mut Resolver<'_>) -> Listen {
@@ -837,7 +868,39 @@ mod tests {
             "{key_line}"
         );
         assert!(report.contains("=> intake                https://app.datadoghq.com\n"));
-        assert_eq!(report.lines().count(), SETTINGS.len() + 2);
+        assert_eq!(report.lines().count(), SETTINGS.len() + 3);
+    }
+
+    #[test]
+    fn check_config_says_what_the_tagger_will_ask() {
+        let report = |args: &[&str]| {
+            let c = run(args).unwrap();
+            let line = super::report(&c)
+                .lines()
+                .find(|l| l.starts_with("=> tagger"))
+                .unwrap()
+                .to_string();
+            line["=> tagger".len()..].trim().to_string()
+        };
+        assert!(report(&[]).starts_with("off"));
+        assert_eq!(
+            report(&["--kubelet-host", "10.0.0.7", "--docker-host", "off", "--tag-cardinality", "high"]),
+            "kubelet 10.0.0.7 (https port 10250, http port 10255); cardinality high; socket origin off"
+        );
+        assert_eq!(
+            report(&["--origin-detection"]),
+            "docker /var/run/docker.sock; cardinality low; socket origin on"
+        );
+        let bad = run(&["--docker-host", "tcp://1.2.3.4:2375"]).unwrap_err();
+        assert!(
+            bad.contains("--docker-host: 'tcp://1.2.3.4:2375' is not unix://"),
+            "{bad}"
+        );
+        let bad = run(&["--tag-cardinality", "none"]).unwrap_err();
+        assert_eq!(
+            bad,
+            "--tag-cardinality: 'none' is not low, orchestrator or high"
+        );
     }
 
     #[test]

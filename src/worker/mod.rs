@@ -388,29 +388,10 @@ impl Worker {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
         };
-        // Origin detection: a metric that may have an origin is resolved, and its context is
-        // cached under its raw key and the origin's identity together. One known to have no
-        // `dd.internal.` tag, from no container, naming none, keeps the plain cached path.
-        let mut origin = None;
-        if let (Some(o), Some(snapshot)) = (&enrichment.origin, scratch.snapshot) {
-            let socket = scratch.sockets.get(packet).and_then(|s| s.as_deref());
-            let named = o.client && !m.origin.is_empty();
-            if socket.is_some() || named || cached.is_none_or(|c| c.magic) {
-                origin = o.resolve(snapshot, socket, m.tags, &m.origin);
-                if let (Some(r), RawKey::Hash(raw)) = (&origin, key) {
-                    let raw = ContextCache::with_origin(self.demux.hasher(), raw, r.identity());
-                    key = RawKey::Hash(raw);
-                    cached = self.cache.find_metric(raw, m);
-                }
-            }
+        let mut origin_index = 0;
+        if enrichment.origin.is_some() {
+            (cached, origin_index) = self.origin(m, &mut key, cached, enrichment, packet, scratch);
         }
-        let origin_index = match origin {
-            Some(r) => {
-                scratch.origins.push(r);
-                scratch.origins.len() as u32
-            }
-            None => 0,
-        };
         let (hash, host, tags) = match cached {
             Some(c) => {
                 let host = match c.host {
@@ -419,7 +400,12 @@ impl Worker {
                 };
                 (c.hash, host, ContextTags::Vouched)
             }
-            None => self.build_context(m, key, enrichment, origin.as_ref(), scratch),
+            None => {
+                let origin = origin_index
+                    .checked_sub(1)
+                    .map(|i| scratch.origins[i as usize]);
+                self.build_context(m, key, enrichment, origin.as_ref(), scratch)
+            }
         };
         let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
         let sample = |value| Sample {
@@ -439,6 +425,44 @@ impl Worker {
             Values::One(v) => out.push(sample(SampleValue::Number(v))),
             Values::Member(member) => out.push(sample(SampleValue::Member(member))),
             values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
+        }
+    }
+
+    /// Origin detection for a metric: one that may have an origin is resolved, and its
+    /// context is looked up under its raw key and the origin's identity together. One known
+    /// to have no `dd.internal.` tag, from no container, naming none, keeps its plain cache
+    /// entry. Returns the cache entry to use and the metric's [`Sample::origin`]. Kept out
+    /// of line: without origin detection the hot path never enters it.
+    #[inline(never)]
+    fn origin<'a>(
+        &mut self,
+        m: &Metric<'a>,
+        key: &mut RawKey,
+        cached: Option<Cached>,
+        enrichment: &'a Enrichment,
+        packet: usize,
+        scratch: &mut Scratch<'_, 'a>,
+    ) -> (Option<Cached>, u32) {
+        let (Some(o), Some(snapshot)) = (&enrichment.origin, scratch.snapshot) else {
+            return (cached, 0);
+        };
+        let socket = scratch.sockets.get(packet).and_then(|s| s.as_deref());
+        let named = o.client && !m.origin.is_empty();
+        if socket.is_none() && !named && cached.is_some_and(|c| !c.magic) {
+            return (cached, 0);
+        }
+        let Some(r) = o.resolve(snapshot, socket, m.tags, &m.origin) else {
+            return (cached, 0);
+        };
+        scratch.origins.push(r);
+        let index = scratch.origins.len() as u32;
+        match *key {
+            RawKey::Hash(raw) => {
+                let raw = ContextCache::with_origin(self.demux.hasher(), raw, r.identity());
+                *key = RawKey::Hash(raw);
+                (self.cache.find_metric(raw, m), index)
+            }
+            RawKey::Uncached => (None, index),
         }
     }
 

@@ -369,3 +369,49 @@ fn an_unreachable_provider_degrades_to_no_container_tags_and_is_counted() {
         s.stderr
     );
 }
+
+#[test]
+fn sighup_changes_the_cardinality_and_the_kubelet_in_place() {
+    let (kubelet, port) = fake_kubelet();
+    let dir = TempDir::new();
+    let conf = dir.path("whippet.conf");
+    let settings = |cardinality: &str, port: &str| {
+        format!(
+            "DD_KUBERNETES_KUBELET_HOST=127.0.0.1\nDD_KUBERNETES_HTTPS_KUBELET_PORT=0\nDD_KUBERNETES_HTTP_KUBELET_PORT={port}\nDOCKER_HOST=off\nDD_DOGSTATSD_TAG_CARDINALITY={cardinality}\n"
+        )
+    };
+    std::fs::write(&conf, settings("low", &port.to_string())).unwrap();
+    let conf_arg = conf.display().to_string();
+    let w = Whippet::start(&["--config", &conf_arg]);
+    let line = format!("m:1|c|#dd.internal.entity_id:{POD}");
+    w.send_udp(line.as_bytes());
+    w.wait_for_telemetry("whippet_tagger_lookups_total{result=\"hit\"}", 1);
+    std::fs::write(&conf, settings("orchestrator", &port.to_string())).unwrap();
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    w.wait_for_new_stderr("whippet: reloaded the configuration");
+    w.send_udp(line.as_bytes());
+    w.wait_for_telemetry("whippet_tagger_lookups_total{result=\"hit\"}", 2);
+    // A kubelet that is gone: the snapshot keeps its last answer, the failure is counted.
+    std::fs::write(&conf, settings("orchestrator", "1")).unwrap();
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    w.wait_for_new_stderr("whippet: tagger: kubelet cannot be asked");
+    w.send_udp(line.as_bytes());
+    w.wait_for_telemetry("whippet_tagger_lookups_total{result=\"hit\"}", 3);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let tags: Vec<String> = s
+        .stdout
+        .iter()
+        .filter_map(|l| parse_line(l))
+        .filter(|l| l.name == "m")
+        .map(|l| l.get("tags").to_string())
+        .collect();
+    let low = "env:prod,kube_app_name:web,kube_deployment:web,kube_namespace:shop,kube_ownerref_kind:replicaset,kube_priority_class:high,kube_qos:Burstable,kube_replica_set:web-7d4b9c8f6d,pod_phase:running";
+    let orchestrator = "env:prod,kube_app_name:web,kube_deployment:web,kube_namespace:shop,kube_ownerref_kind:replicaset,kube_ownerref_name:web-7d4b9c8f6d,kube_priority_class:high,kube_qos:Burstable,kube_replica_set:web-7d4b9c8f6d,pod_name:web-7d4b9c8f6d-x2x9z,pod_phase:running";
+    let mut want = vec![low.to_string(), orchestrator.to_string()];
+    let mut got = tags.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "{tags:?}");
+    kubelet.unblock();
+}
