@@ -182,3 +182,51 @@ impl Error {
         }
     }
 }
+
+/// Counts each thread's allocations in the unit tests, so a test can prove a hot path
+/// allocates nothing.
+#[cfg(test)]
+pub(crate) mod allocations {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Allocations (and reallocations) made by this thread so far.
+    pub(crate) fn count() -> u64 {
+        COUNT.with(Cell::get)
+    }
+
+    fn counted() {
+        // A thread being torn down has no counter left; its allocations do not matter here.
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is passed to the system allocator unchanged; counting touches only a
+    // const-initialized thread-local cell, which allocates nothing.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            counted();
+            // SAFETY: the caller's guarantees for `layout` are the system allocator's.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from this allocator, which is the system's.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+            counted();
+            // SAFETY: as for `dealloc`, and the caller's guarantees for `size`.
+            unsafe { System.realloc(ptr, layout, size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+}

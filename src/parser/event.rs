@@ -48,14 +48,28 @@ impl AlertType {
 pub struct Event<'a> {
     pub title: &'a str,
     pub text: &'a str,
-    pub timestamp: Option<i64>,
+    /// `d:`, always positive (nonzero, so that it takes no more room than an `i64`).
+    pub timestamp: Option<std::num::NonZeroI64>,
     pub host: Option<&'a str>,
     pub aggregation_key: &'a str,
     pub priority: Priority,
     pub source_type: &'a str,
     pub alert_type: AlertType,
     pub tags: &'a str,
-    pub origin: OriginFields<'a>,
+    /// The optional fields as sent, for [`Event::origin`]: kept raw so that an event is no
+    /// larger than a metric (every message moves at the size of the largest kind).
+    fields: &'a str,
+}
+
+impl<'a> Event<'a> {
+    /// The origin fields (`c:`, `e:`, `card:`); the last of each wins.
+    pub fn origin(&self) -> OriginFields<'a> {
+        let mut origin = OriginFields::default();
+        for field in fields(self.fields) {
+            origin.read(field);
+        }
+        origin
+    }
 }
 
 /// Parses an event line (starts with `_e{`, UTF-8, no `\n`).
@@ -97,7 +111,7 @@ pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
         source_type: "",
         alert_type: AlertType::Info,
         tags: "",
-        origin: OriginFields::default(),
+        fields: rest,
     };
     if rest.is_empty() {
         return Ok(event);
@@ -106,7 +120,7 @@ pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
         // A bad optional field is ignored, not fatal (Agent behaviour).
         if let Some(v) = field.strip_prefix("d:") {
             if let Some(ts) = positive_int(v) {
-                event.timestamp = Some(ts);
+                event.timestamp = std::num::NonZeroI64::new(ts);
             }
         } else if let Some(v) = field.strip_prefix("h:") {
             event.host = Some(v);
@@ -130,8 +144,6 @@ pub fn parse(line: &str) -> Result<Event<'_>, Reason> {
             }
         } else if let Some(v) = field.strip_prefix('#') {
             event.tags = v;
-        } else {
-            event.origin.read(field);
         }
     }
     Ok(event)
@@ -169,7 +181,7 @@ mod tests {
     fn every_optional_field_is_read() {
         let e =
             parse("_e{2,3}:ti|txt|d:1700000000|h:web1|k:agg|p:low|s:src|t:error|#a:b,c").unwrap();
-        assert_eq!(e.timestamp, Some(1_700_000_000));
+        assert_eq!(e.timestamp.map(|t| t.get()), Some(1_700_000_000));
         assert_eq!(e.host, Some("web1"));
         assert_eq!(e.aggregation_key, "agg");
         assert_eq!(e.priority, Priority::Low);
@@ -233,7 +245,7 @@ mod tests {
     fn origin_fields_are_read() {
         let e = parse("_e{1,1}:a|b|c:ci-abc|e:it-false,cn-app|card:high|#x").unwrap();
         assert_eq!(
-            e.origin,
+            e.origin(),
             OriginFields {
                 local: "ci-abc",
                 external: "it-false,cn-app",

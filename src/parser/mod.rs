@@ -204,6 +204,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_message_is_no_larger_than_a_metric() {
+        // A larger event would make every metric's `Message` bigger to move.
+        assert_eq!(
+            std::mem::size_of::<Message>(),
+            std::mem::size_of::<Metric>()
+        );
+    }
+
+    #[test]
     fn the_kind_of_a_line_comes_from_its_prefix() {
         let cases: [(&[u8], MessageKind); 5] = [
             (b"_e{1,1}:a|b", MessageKind::Event),

@@ -30,7 +30,20 @@ pub struct ServiceCheck<'a> {
     pub host: Option<&'a str>,
     pub tags: &'a str,
     pub message: &'a str,
-    pub origin: OriginFields<'a>,
+    /// The optional fields as sent, for [`ServiceCheck::origin`]: kept raw so that a check is
+    /// no larger than a metric.
+    fields: &'a str,
+}
+
+impl<'a> ServiceCheck<'a> {
+    /// The origin fields (`c:`, `e:`, `card:`); the last of each wins.
+    pub fn origin(&self) -> OriginFields<'a> {
+        let mut origin = OriginFields::default();
+        for field in fields(self.fields) {
+            origin.read(field);
+        }
+        origin
+    }
 }
 
 /// Parses a service check line (starts with `_sc|`, UTF-8, no `\n`).
@@ -41,7 +54,8 @@ pub fn parse(line: &str) -> Result<ServiceCheck<'_>, Reason> {
     if name.is_empty() {
         return Err(Reason::EmptyName);
     }
-    let status = match parts.next().ok_or(Reason::MissingField)? {
+    let raw_status = parts.next().ok_or(Reason::MissingField)?;
+    let status = match raw_status {
         "0" => CheckStatus::Ok,
         "1" => CheckStatus::Warning,
         "2" => CheckStatus::Critical,
@@ -55,7 +69,10 @@ pub fn parse(line: &str) -> Result<ServiceCheck<'_>, Reason> {
         host: None,
         tags: "",
         message: "",
-        origin: OriginFields::default(),
+        // Everything after the status: `raw_status` is a slice of `line`.
+        fields: line
+            .get(raw_status.as_ptr() as usize - line.as_ptr() as usize + raw_status.len() + 1..)
+            .unwrap_or(""),
     };
     // A bad optional field is ignored. A `|` inside the message ends it (Agent behaviour).
     for field in parts {
@@ -69,8 +86,6 @@ pub fn parse(line: &str) -> Result<ServiceCheck<'_>, Reason> {
             check.message = v;
         } else if let Some(v) = field.strip_prefix('#') {
             check.tags = v;
-        } else {
-            check.origin.read(field);
         }
     }
     Ok(check)
@@ -116,7 +131,7 @@ mod tests {
     fn origin_fields_are_read() {
         let c = parse("_sc|n|0|c:cid-1|card:orchestrator|e:pu-9").unwrap();
         assert_eq!(
-            c.origin,
+            c.origin(),
             OriginFields {
                 local: "cid-1",
                 external: "pu-9",

@@ -304,17 +304,17 @@ impl Worker {
                             continue;
                         };
                         if let Some(p) = pending.replace((m, key, i)) {
-                            self.metric(p, enrichment, bucket, scratch);
+                            self.metric(&p, enrichment, bucket, scratch);
                         }
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
-                        let resolved = origin(scratch, e.tags, &e.origin);
+                        let resolved = origin(scratch, e.tags, &e.origin());
                         self.event(&e, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Ok(Message::ServiceCheck(c)) => {
                         self.tally.messages[MessageKind::ServiceCheck] += 1;
-                        let resolved = origin(scratch, c.tags, &c.origin);
+                        let resolved = origin(scratch, c.tags, &c.origin());
                         self.service_check(&c, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Err(e) => self.tally.errors[e.kind][e.reason] += 1,
@@ -322,7 +322,7 @@ impl Worker {
             }
         }
         if let Some(p) = pending.take() {
-            self.metric(p, enrichment, bucket, scratch);
+            self.metric(&p, enrichment, bucket, scratch);
         }
     }
 
@@ -378,12 +378,12 @@ impl Worker {
     /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
-        (m, mut key, packet): Pending<'a>,
+        (m, key, packet): &Pending<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: &mut Scratch<'_, 'a>,
     ) {
-        let m = &m;
+        let (mut key, packet) = (*key, *packet);
         let mut cached = match key {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
@@ -516,7 +516,7 @@ impl Worker {
             // Arrival on the pipeline's clock, stamped by the wall clock.
             timestamp: e
                 .timestamp
-                .unwrap_or_else(|| received_at + clock::wall_drift()),
+                .map_or_else(|| received_at + clock::wall_drift(), |t| t.get()),
             host,
             aggregation_key: e.aggregation_key.to_string(),
             priority: e.priority,
@@ -582,6 +582,35 @@ mod tests {
         }
         batch.received_at = 1_700_000_005;
         w.process(&batch);
+    }
+
+    #[test]
+    fn a_known_metric_allocates_nothing_with_origin_detection_off_or_unused() {
+        use crate::enrichment::OriginDetection;
+        use crate::tagger::{Cardinality, Entities, Sources, Tagger};
+        // Types whose aggregate does not grow with more samples: what is measured is the
+        // path, not a histogram's or sketch's growth.
+        let packet = "a:1|c|#env:dev,host:web1\nb:2|g|#x,y\nc:1:2|c\ns:m|s|#k:v\n_sc|n|0";
+        for origin in [false, true] {
+            let mut w = worker(4, "h", &["team:core"]);
+            if origin {
+                let tagger = Tagger::new(Sources::default(), Arc::default());
+                tagger.publish(Entities::default());
+                let o = OriginDetection::new(tagger, None, true, false, Cardinality::Low);
+                w.enrichment.origin = Some(Arc::new(o));
+            }
+            let pool = Pool::new(1024, 1);
+            let mut batch = pool.get(Transport::Unix);
+            let metrics = &packet[..packet.rfind('\n').unwrap()];
+            batch.buffer_mut()[..metrics.len()].copy_from_slice(metrics.as_bytes());
+            batch.push_packet(0, metrics.len());
+            w.process(&batch); // creates the contexts and sizes every buffer
+            w.process(&batch);
+            let before = crate::allocations::count();
+            w.process(&batch);
+            assert_eq!(crate::allocations::count() - before, 0, "origin {origin}");
+            assert_eq!(w.counters.samples.get(), 3 * 5);
+        }
     }
 
     /// Ten-second buckets; a context idle through one flush is freed at the next.

@@ -415,3 +415,35 @@ fn sighup_changes_the_cardinality_and_the_kubelet_in_place() {
     assert_eq!(got, want, "{tags:?}");
     kubelet.unblock();
 }
+
+#[test]
+fn invalid_histogram_entries_are_skipped_with_a_warning_instead_of_refusing_to_start() {
+    let w = Whippet::start(&[
+        "--histogram-aggregates",
+        "max,p99",
+        "--histogram-percentiles",
+        "0.5,95",
+    ]);
+    w.send_udp(b"h:1|h\nh:3|h");
+    w.wait_for_udp_packets(1);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let warnings: Vec<&String> = s.stderr.iter().filter(|l| l.contains("skipped")).collect();
+    assert_eq!(warnings.len(), 2, "{:?}", s.stderr);
+    assert!(
+        warnings[0].contains("--histogram-aggregates: skipped 'p99'"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("--histogram-percentiles: skipped '95'"),
+        "{warnings:?}"
+    );
+    let mut names: Vec<String> = s
+        .stdout
+        .iter()
+        .filter_map(|l| parse_line(l))
+        .map(|l| format!("{}={}", l.name, l.get("value")))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["h.50percentile=1", "h.max=3"]);
+}
