@@ -457,8 +457,10 @@ impl Daemon {
             let _ = thread.join();
         }
         if let Some((origin, thread)) = self.pipeline.origin.take() {
+            // Not joined: it holds no data, and a request to a hung provider must not
+            // stretch the shutdown; it ends at its next wakeup, or with the process.
             origin.tagger.stop();
-            let _ = thread.join();
+            drop(thread);
         }
         for path in &self.sockets.owned_paths {
             let _ = std::fs::remove_file(path);
