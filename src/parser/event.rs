@@ -64,11 +64,7 @@ pub struct Event<'a> {
 impl<'a> Event<'a> {
     /// The origin fields (`c:`, `e:`, `card:`); the last of each wins.
     pub fn origin(&self) -> OriginFields<'a> {
-        let mut origin = OriginFields::default();
-        for field in fields(self.fields) {
-            origin.read(field);
-        }
-        origin
+        OriginFields::of(self.fields)
     }
 }
 

@@ -40,6 +40,15 @@ impl<'a> OriginFields<'a> {
         true
     }
 
+    /// The origin fields among `|`-separated optional fields; the last of each wins.
+    pub(crate) fn of(optional: &'a str) -> OriginFields<'a> {
+        let mut origin = OriginFields::default();
+        for field in fields(optional) {
+            origin.read(field);
+        }
+        origin
+    }
+
     /// No origin field was given.
     pub fn is_empty(&self) -> bool {
         self.local.is_empty() && self.external.is_empty() && self.cardinality.is_empty()

@@ -38,11 +38,7 @@ pub struct ServiceCheck<'a> {
 impl<'a> ServiceCheck<'a> {
     /// The origin fields (`c:`, `e:`, `card:`); the last of each wins.
     pub fn origin(&self) -> OriginFields<'a> {
-        let mut origin = OriginFields::default();
-        for field in fields(self.fields) {
-            origin.read(field);
-        }
-        origin
+        OriginFields::of(self.fields)
     }
 }
 

@@ -155,6 +155,18 @@ fn fake_kubelet() -> (Arc<tiny_http::Server>, u16) {
     (server, port)
 }
 
+/// The flags that point whippet at the fake kubelet's plain HTTP `port`.
+fn kubelet_on(port: &str) -> [&str; 6] {
+    [
+        "--kubelet-host",
+        "127.0.0.1",
+        "--kubelet-https-port",
+        "0",
+        "--kubelet-http-port",
+        port,
+    ]
+}
+
 /// A Docker Engine on a Unix socket answering `/containers/json` for the same container.
 fn fake_docker(path: &Path) {
     let listener = UnixListener::bind(path).unwrap();
@@ -182,7 +194,8 @@ fn sorted(tags: &[&str]) -> Vec<String> {
     v
 }
 
-const LOW: [&str; 14] = [
+/// The pod's tags at low cardinality.
+const POD_LOW: [&str; 9] = [
     "env:prod",
     "kube_namespace:shop",
     "pod_phase:running",
@@ -192,6 +205,9 @@ const LOW: [&str; 14] = [
     "kube_ownerref_kind:replicaset",
     "kube_deployment:web",
     "kube_replica_set:web-7d4b9c8f6d",
+];
+/// What its container adds at low cardinality.
+const CONTAINER_LOW: [&str; 5] = [
     "kube_container_name:app",
     "image_name:docker.io/shop/web",
     "short_image:web",
@@ -230,22 +246,10 @@ fn unix_socket_origin_detection_adds_the_containers_tags_at_each_cardinality() {
     let procfs_arg = procfs.display().to_string();
     let docker_arg = format!("unix://{}", docker.display());
     let intake = intake(IntakeConfig::default());
-    let w = whippet_to(
-        &intake,
-        &[
-            "--origin-detection",
-            "--procfs-path",
-            &procfs_arg,
-            "--kubelet-host",
-            "127.0.0.1",
-            "--kubelet-https-port",
-            "0",
-            "--kubelet-http-port",
-            &port,
-            "--docker-host",
-            &docker_arg,
-        ],
-    );
+    let mut args = vec!["--origin-detection", "--procfs-path", &procfs_arg];
+    args.extend(kubelet_on(&port));
+    args.extend(["--docker-host", &docker_arg]);
+    let w = whippet_to(&intake, &args);
     w.send_unix(b"c.default:1|c|#own:tag\nc.low:1|c|#dd.internal.card:low\nc.orch:1|c|#dd.internal.card:orchestrator\nc.high:1|c|#dd.internal.card:high\nc.none:1|c|#dd.internal.card:none");
     w.send_stream(&[b"s.stream:1|c|#dd.internal.card:orchestrator"]);
     // UDP carries no credentials: no container tags.
@@ -256,7 +260,12 @@ fn unix_socket_origin_detection_adds_the_containers_tags_at_each_cardinality() {
     assert!(s.status.success(), "{:?}", s.stderr);
     assert_eq!(lookups, 1, "one procfs read, then the cache");
     let points = intake.store().points();
-    let low: Vec<&str> = LOW.iter().chain(&DOCKER_LOW).copied().collect();
+    let low: Vec<&str> = POD_LOW
+        .iter()
+        .chain(&CONTAINER_LOW)
+        .chain(&DOCKER_LOW)
+        .copied()
+        .collect();
     let orch: Vec<&str> = low.iter().chain(&ORCHESTRATOR).copied().collect();
     let high: Vec<&str> = orch.iter().chain(&HIGH).copied().collect();
     let with = |extra: &[&str], base: &[&str]| {
@@ -278,21 +287,9 @@ fn an_entity_id_never_reaches_the_intake_and_brings_its_pods_tags() {
     let (kubelet, port) = fake_kubelet();
     let port = port.to_string();
     let intake = intake(IntakeConfig::default());
-    let w = whippet_to(
-        &intake,
-        &[
-            "--kubelet-host",
-            "127.0.0.1",
-            "--kubelet-https-port",
-            "0",
-            "--kubelet-http-port",
-            &port,
-            "--docker-host",
-            "off",
-            "--tag-cardinality",
-            "orchestrator",
-        ],
-    );
+    let mut args = kubelet_on(&port).to_vec();
+    args.extend(["--docker-host", "off", "--tag-cardinality", "orchestrator"]);
+    let w = whippet_to(&intake, &args);
     let line = format!("pod.metric:3|g|#a:b,dd.internal.entity_id:{POD}\nother.pod:1|g|#dd.internal.entity_id:unknown-pod\n_sc|pod.check|0|#dd.internal.entity_id:{POD}");
     w.send_udp(line.as_bytes());
     // Sent again over the stream and a Unix datagram: the same context, no socket origin
@@ -303,20 +300,8 @@ fn an_entity_id_never_reaches_the_intake_and_brings_its_pods_tags() {
     let s = w.stop();
     assert!(s.status.success(), "{:?}", s.stderr);
     let points = intake.store().points();
-    let pod_tags = [
-        "env:prod",
-        "kube_namespace:shop",
-        "pod_phase:running",
-        "kube_priority_class:high",
-        "kube_qos:Burstable",
-        "kube_app_name:web",
-        "kube_ownerref_kind:replicaset",
-        "kube_deployment:web",
-        "kube_replica_set:web-7d4b9c8f6d",
-        "pod_name:web-7d4b9c8f6d-x2x9z",
-        "kube_ownerref_name:web-7d4b9c8f6d",
-        "a:b",
-    ];
+    let pod: Vec<&str> = POD_LOW.iter().chain(&ORCHESTRATOR).copied().collect();
+    let pod_tags: Vec<&str> = pod.iter().copied().chain(["a:b"]).collect();
     let p = point(&points, "pod.metric");
     assert_eq!(p.tags, sorted(&pod_tags));
     assert!(point(&points, "other.pod").tags.is_empty());
@@ -333,11 +318,9 @@ fn an_entity_id_never_reaches_the_intake_and_brings_its_pods_tags() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    let mut want: Vec<&str> = pod_tags[..11].to_vec();
-    want.sort();
-    let mut got = tags.clone();
+    let mut got: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
     got.sort();
-    assert_eq!(got, want);
+    assert_eq!(got, sorted(&pod));
     intake.stop();
     kubelet.unblock();
 }
@@ -406,9 +389,10 @@ fn sighup_changes_the_cardinality_and_the_kubelet_in_place() {
         .filter(|l| l.name == "m")
         .map(|l| l.get("tags").to_string())
         .collect();
-    let low = "env:prod,kube_app_name:web,kube_deployment:web,kube_namespace:shop,kube_ownerref_kind:replicaset,kube_priority_class:high,kube_qos:Burstable,kube_replica_set:web-7d4b9c8f6d,pod_phase:running";
-    let orchestrator = "env:prod,kube_app_name:web,kube_deployment:web,kube_namespace:shop,kube_ownerref_kind:replicaset,kube_ownerref_name:web-7d4b9c8f6d,kube_priority_class:high,kube_qos:Burstable,kube_replica_set:web-7d4b9c8f6d,pod_name:web-7d4b9c8f6d-x2x9z,pod_phase:running";
-    let mut want = vec![low.to_string(), orchestrator.to_string()];
+    let low = sorted(&POD_LOW).join(",");
+    let pod: Vec<&str> = POD_LOW.iter().chain(&ORCHESTRATOR).copied().collect();
+    let orchestrator = sorted(&pod).join(",");
+    let mut want = vec![low, orchestrator];
     let mut got = tags.clone();
     got.sort();
     want.sort();
