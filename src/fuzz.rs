@@ -77,6 +77,40 @@ pub fn service_check(data: &[u8]) {
 
 /// One packet through a worker into the shards, a flush, and the serializer: every line is
 /// counted as parsed or as an error, and every payload decodes as the intake decodes it.
+/// The batch again through a worker with origin detection on (client fields honoured, a
+/// tagger knowing the pod `p` and the containers `c` and `abc`): every line is counted as
+/// without it, and every metric the first worker aggregated is aggregated here too.
+fn with_origin(batch: &crate::packet::Batch, mut enrichment: Enrichment) {
+    use crate::enrichment::OriginDetection;
+    use crate::tagger::{Cardinality, Entities, EntityTags, Sources, Tagger};
+    let tagger = Tagger::new(Sources::default(), Arc::default());
+    let mut entities = Entities::default();
+    let mut tags = EntityTags::default();
+    tags.low("kube_namespace", "fuzz");
+    tags.orchestrator("pod_name", "p-1");
+    tags.high("container_id", "c");
+    entities.pods.insert("p".into(), tags.clone());
+    entities.containers.insert("c".into(), tags.clone());
+    entities.containers.insert("abc".into(), tags);
+    tagger.publish(entities);
+    let detection = OriginDetection::new(tagger, None, true, false, Cardinality::High);
+    enrichment.origin = Some(Arc::new(detection));
+    let demux = Arc::new(Demux::with_context_limit(4, 1_000, 10_000));
+    let counters = Arc::new(Counters::default());
+    let mut worker = Worker::new(demux, counters.clone(), enrichment);
+    worker.process(batch);
+    worker.process(batch); // the second time through the cache
+    let snapshot = Snapshot::of(&[&*counters]);
+    let counted: u64 = snapshot
+        .readings
+        .iter()
+        .filter(|p| p.name == "whippet_messages_total" || p.name == "whippet_parse_errors_total")
+        .map(|p| p.value)
+        .sum();
+    let lines: u64 = batch.packets().map(|p| lines(p).count() as u64).sum();
+    assert_eq!(counted, 2 * lines, "every line is counted once with origin detection");
+}
+
 pub fn packet(data: &[u8]) {
     const SLOT: usize = 8192;
     let data = &data[..data.len().min(SLOT)];
@@ -98,8 +132,9 @@ pub fn packet(data: &[u8]) {
         bucket_seconds: 10,
         origin: None,
     };
-    let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment);
+    let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment.clone());
     worker.process(&batch);
+    with_origin(&batch, enrichment);
 
     let snapshot = Snapshot::of(&[&*counters]);
     let counted: u64 = snapshot
