@@ -108,7 +108,11 @@ fn with_origin(batch: &crate::packet::Batch, mut enrichment: Enrichment) {
         .map(|p| p.value)
         .sum();
     let lines: u64 = batch.packets().map(|p| lines(p).count() as u64).sum();
-    assert_eq!(counted, 2 * lines, "every line is counted once with origin detection");
+    assert_eq!(
+        counted,
+        2 * lines,
+        "every line is counted once with origin detection"
+    );
 }
 
 pub fn packet(data: &[u8]) {
