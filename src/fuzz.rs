@@ -77,10 +77,21 @@ pub fn service_check(data: &[u8]) {
 
 /// One packet through a worker into the shards, a flush, and the serializer: every line is
 /// counted as parsed or as an error, and every payload decodes as the intake decodes it.
+/// Lines a worker counted, as parsed messages or parse errors.
+fn lines_counted(counters: &Counters) -> u64 {
+    Snapshot::of(&[counters])
+        .readings
+        .iter()
+        .filter(|p| p.name == "whippet_messages_total" || p.name == "whippet_parse_errors_total")
+        .map(|p| p.value)
+        .sum()
+}
+
 /// The batch again through a worker with origin detection on (client fields honoured, a
-/// tagger knowing the pod `p` and the containers `c` and `abc`): every line is counted as
-/// without it, and every metric the first worker aggregated is aggregated here too.
-fn with_origin(batch: &crate::packet::Batch, mut enrichment: Enrichment) {
+/// tagger knowing the pod `p` and the containers `c` and `abc`), twice: every line is
+/// counted as without it, and every sample the first worker aggregated (`samples`) is
+/// aggregated here too, each time.
+fn with_origin(batch: &crate::packet::Batch, mut enrichment: Enrichment, samples: u64) {
     use crate::enrichment::OriginDetection;
     use crate::tagger::{Cardinality, Entities, EntityTags, Sources, Tagger};
     let tagger = Tagger::new(Sources::default(), Arc::default());
@@ -100,18 +111,17 @@ fn with_origin(batch: &crate::packet::Batch, mut enrichment: Enrichment) {
     let mut worker = Worker::new(demux, counters.clone(), enrichment);
     worker.process(batch);
     worker.process(batch); // the second time through the cache
-    let snapshot = Snapshot::of(&[&*counters]);
-    let counted: u64 = snapshot
-        .readings
-        .iter()
-        .filter(|p| p.name == "whippet_messages_total" || p.name == "whippet_parse_errors_total")
-        .map(|p| p.value)
-        .sum();
+    let counted = lines_counted(&counters);
     let lines: u64 = batch.packets().map(|p| lines(p).count() as u64).sum();
     assert_eq!(
         counted,
         2 * lines,
         "every line is counted once with origin detection"
+    );
+    assert_eq!(
+        counters.samples.get(),
+        2 * samples,
+        "samples with origin detection"
     );
 }
 
@@ -138,15 +148,9 @@ pub fn packet(data: &[u8]) {
     };
     let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment.clone());
     worker.process(&batch);
-    with_origin(&batch, enrichment);
+    with_origin(&batch, enrichment, counters.samples.get());
 
-    let snapshot = Snapshot::of(&[&*counters]);
-    let counted: u64 = snapshot
-        .readings
-        .iter()
-        .filter(|p| p.name == "whippet_messages_total" || p.name == "whippet_parse_errors_total")
-        .map(|p| p.value)
-        .sum();
+    let counted = lines_counted(&counters);
     assert_eq!(
         counted,
         lines(data).count() as u64,

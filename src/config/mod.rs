@@ -75,7 +75,6 @@ pub struct OriginSettings {
     pub detection: bool,
     pub client: bool,
     pub entity_id_precedence: bool,
-    pub optout: bool,
     pub cardinality: Cardinality,
     pub procfs: PathBuf,
     pub kubelet: Option<KubeletConfig>,
@@ -450,11 +449,13 @@ fn origin(r: &mut Resolver<'_>) -> OriginSettings {
     let token_path = PathBuf::from(r.value("kubelet-token-path", |v, _| Ok(v.to_string())));
     let ca_path = PathBuf::from(r.value("kubelet-client-ca", |v, _| Ok(v.to_string())));
     let tls_verify = r.value("kubelet-tls-verify", resolve::boolean);
+    // Validated and shown, but with no effect of its own: at cardinality `none` the Agent's
+    // tagger gives no tags either way, and so does whippet (docs/behaviour.md, "Origin").
+    let _optout: bool = r.value("origin-optout", resolve::boolean);
     OriginSettings {
         detection: r.value("origin-detection", resolve::boolean),
         client: r.value("origin-detection-client", resolve::boolean),
         entity_id_precedence: r.value("entity-id-precedence", resolve::boolean),
-        optout: r.value("origin-optout", resolve::boolean),
         cardinality: r.value("tag-cardinality", |v, name| {
             Cardinality::parse(v)
                 .ok_or_else(|| format!("{name}: '{v}' is not low, orchestrator or high"))

@@ -176,6 +176,7 @@ pub struct Worker {
     /// Reused across batches: the tag arena, the origins and one sample batch per shard.
     tags: Vec<&'static str>,
     origins: Vec<Resolved<'static>>,
+    sockets: Vec<Option<Arc<str>>>,
     sort_scratch: Vec<(u64, &'static str)>,
     /// Reused to lay a context out for hashing.
     hash_scratch: Vec<u8>,
@@ -198,6 +199,7 @@ impl Worker {
             tally: Tally::default(),
             tags: Vec::new(),
             origins: Vec::new(),
+            sockets: Vec::new(),
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
@@ -243,9 +245,11 @@ impl Worker {
             per_shard: &mut per_shard,
             origins: &mut origins,
             snapshot: snapshot.as_deref(),
-            sockets: Vec::new(),
+            sockets: std::mem::take(&mut self.sockets),
         };
         self.parse_batch(batch, &enrichment, &mut scratch);
+        self.sockets = std::mem::take(&mut scratch.sockets);
+        self.sockets.clear();
         self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &origins, &enrichment);
         if !self.events.is_empty() || !self.checks.is_empty() {
             let full = self.demux.push_backlog(&mut self.events, &mut self.checks);
@@ -283,7 +287,9 @@ impl Worker {
         // The sending container of each packet, when origin detection learnt the pids.
         if let (Some(pids), Some(o)) = (batch.pids(), &enrichment.origin) {
             if let Some(cache) = &o.pids {
-                scratch.sockets = pids.iter().map(|&pid| cache.container(pid)).collect();
+                scratch
+                    .sockets
+                    .extend(pids.iter().map(|&pid| cache.container(pid)));
             }
         }
         let snapshot = scratch.snapshot;
@@ -291,11 +297,13 @@ impl Worker {
         // loaded while the next message is parsed.
         let mut pending: Option<Pending<'a>> = None;
         for (i, packet) in batch.packets().enumerate() {
-            let origin = |scratch: &Scratch<'_, 'a>, tags: &str, fields: &OriginFields<'_>| {
-                let o = enrichment.origin.as_ref()?;
-                let socket = scratch.sockets.get(i).and_then(|s| s.as_deref());
-                o.resolve(snapshot?, socket, tags, fields)
-            };
+            // A record's origin fields are read only when origin detection is on.
+            let origin =
+                |scratch: &Scratch<'_, 'a>, tags: &str, fields: &dyn Fn() -> OriginFields<'a>| {
+                    let o = enrichment.origin.as_ref()?;
+                    let socket = scratch.sockets.get(i).and_then(|s| s.as_deref());
+                    o.resolve(snapshot?, socket, tags, &fields())
+                };
             for line in scanned_lines(packet) {
                 match parser::parse_line(line) {
                     Ok(Message::Metric(m)) => {
@@ -309,12 +317,12 @@ impl Worker {
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
-                        let resolved = origin(scratch, e.tags, &e.origin());
+                        let resolved = origin(scratch, e.tags, &|| e.origin());
                         self.event(&e, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Ok(Message::ServiceCheck(c)) => {
                         self.tally.messages[MessageKind::ServiceCheck] += 1;
-                        let resolved = origin(scratch, c.tags, &c.origin());
+                        let resolved = origin(scratch, c.tags, &|| c.origin());
                         self.service_check(&c, enrichment, batch.received_at, resolved.as_ref());
                     }
                     Err(e) => self.tally.errors[e.kind][e.reason] += 1,
