@@ -38,6 +38,7 @@ fn worker(demux: Arc<Demux>) -> Worker {
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
         origin: None,
+        shaping: None,
     };
     Worker::new(demux, Arc::new(Counters::default()), enrichment)
 }

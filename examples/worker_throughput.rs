@@ -6,6 +6,10 @@
 //! `ORIGIN=configured` runs with origin detection configured (a tagger knowing one pod) and
 //! the messages unchanged; `ORIGIN=tagged` also gives every message that pod's
 //! `dd.internal.entity_id` tag, so each one gets the pod's tags.
+//!
+//! `SHAPING=mapper100` adds a mapper profile of 100 regex mappings that every name is tried
+//! against, the last of which renames every metric and adds a tag; `SHAPING=namespace` puts
+//! a namespace before every name.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +49,37 @@ fn origin() -> Arc<OriginDetection> {
     ))
 }
 
+/// The shaping `SHAPING` asks for.
+fn shaping(mode: &str) -> Option<Arc<whippet::shaping::Shaping>> {
+    let mut settings = whippet::config::ShapingSettings {
+        mapper_cache_size: 1000,
+        ..Default::default()
+    };
+    match mode {
+        "mapper100" => {
+            let mut mappings: Vec<String> = (0..99)
+                .map(|i| {
+                    format!(
+                        r#"{{"match":"nomatch{i}\\.(.*)","match_type":"regex","name":"n{i}.$1"}}"#
+                    )
+                })
+                .collect();
+            mappings.push(
+                r#"{"match":"(.*)","match_type":"regex","name":"m.$1","tags":{"via":"map"}}"#
+                    .into(),
+            );
+            settings.mapper_profiles = Some(format!(
+                r#"[{{"name":"bench","prefix":"*","mappings":[{}]}}]"#,
+                mappings.join(",")
+            ));
+        }
+        "namespace" => settings.namespace = "app.".into(),
+        "" => return None,
+        other => panic!("SHAPING={other} is not mapper100 or namespace"),
+    }
+    Some(settings.build().expect("valid settings").expect("active"))
+}
+
 /// `m` with the pod's entity id among its tags.
 fn tagged(m: &[u8]) -> Vec<u8> {
     const TAG: &[u8] = b"dd.internal.entity_id:pod-1";
@@ -65,6 +100,7 @@ fn main() {
         None => whippet::blast::Generated::dsd_base().generate(),
     };
     let mode = std::env::var("ORIGIN").unwrap_or_default();
+    let shaping_mode = std::env::var("SHAPING").unwrap_or_default();
     let messages: Vec<Vec<u8>> = match mode.as_str() {
         "tagged" => messages.iter().map(|m| tagged(m)).collect(),
         _ => messages,
@@ -77,6 +113,7 @@ fn main() {
         extra_tags: Arc::new([]),
         bucket_seconds: 10,
         origin: matches!(mode.as_str(), "configured" | "tagged").then(origin),
+        shaping: shaping(&shaping_mode),
     };
     let counters = Arc::new(Counters::default());
     let mut worker = Worker::new(
@@ -95,7 +132,12 @@ fn main() {
     }
     let ns = start.elapsed().as_nanos() as f64 / (rounds as u64 * messages) as f64;
     let mode = if mode.is_empty() { "off" } else { &mode };
+    let shaping_mode = if shaping_mode.is_empty() {
+        "off"
+    } else {
+        &shaping_mode
+    };
     println!(
-        "{messages} messages × {rounds} rounds, origin {mode}: {ns:.0} ns/message (one worker thread)"
+        "{messages} messages × {rounds} rounds, origin {mode}, shaping {shaping_mode}: {ns:.0} ns/message (one worker thread)"
     );
 }

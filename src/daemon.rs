@@ -236,7 +236,8 @@ impl Pipeline {
         });
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
-        let live_tags = Arc::new(LiveTags::new(&config.aggregation.tags));
+        let shaping = config.shaping.build().map_err(Error::Config)?;
+        let live_tags = Arc::new(LiveTags::new(&config.aggregation.tags, shaping));
         let mut enrichment = config.enrichment();
         let origin = start_origin(config, telemetry)?;
         enrichment.origin = origin.as_ref().map(|(o, _)| o.clone());

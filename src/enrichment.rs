@@ -15,6 +15,7 @@ use memchr::memmem::Finder;
 use crate::context::{canonical_tags, split_tags};
 use crate::origin::{self, PidCache};
 use crate::parser::OriginFields;
+use crate::shaping::{Shape, Shaping};
 use crate::tagger::{Cardinality, Entities, EntityTags, Lookup, Tagger};
 use crate::telemetry::Label;
 
@@ -35,6 +36,8 @@ pub struct Enrichment {
     pub bucket_seconds: i64,
     /// Origin detection, when any part of it is on.
     pub origin: Option<Arc<OriginDetection>>,
+    /// The shaping settings, when any is set ([`Shaping::is_active`]).
+    pub shaping: Option<Arc<Shaping>>,
 }
 
 /// How the origin of a message is found and what it adds (the Agent's `dogstatsd_origin_*`
@@ -211,12 +214,13 @@ fn is_magic(tag: &str) -> bool {
 }
 
 /// Appends the canonical tags of a raw `#` field to `tags`: split, `host:` and magic tags
-/// removed, extra and origin tags added, sorted, de-duplicated. Returns the value of the
-/// last `host:` tag.
+/// removed, extra, origin and the mapper's tags added, the tag filter applied, sorted,
+/// de-duplicated. Returns the value of the last `host:` tag.
 pub fn canonicalize<'a>(
     raw: &'a str,
     extra: &'a [Box<str>],
     origin: Option<&Resolved<'a>>,
+    shape: Shape<'a>,
     tags: &mut Vec<&'a str>,
     sort: &mut Vec<(u64, &'a str)>,
 ) -> Option<&'a str> {
@@ -232,6 +236,17 @@ pub fn canonicalize<'a>(
     tags.extend(extra.iter().map(|t| &**t));
     if let Some(o) = origin {
         tags.extend(o.tags());
+    }
+    tags.extend(shape.tags.iter().map(|t| &**t));
+    if let Some(filter) = shape.filter {
+        let mut kept = start;
+        for i in start..tags.len() {
+            if filter.keeps(tags[i]) {
+                tags[kept] = tags[i];
+                kept += 1;
+            }
+        }
+        tags.truncate(kept);
     }
     canonical_tags(tags, start, sort);
     host
@@ -283,6 +298,7 @@ mod tests {
             extra_tags: Arc::new(["team:core".into()]),
             bucket_seconds: 10,
             origin: None,
+            shaping: None,
         }
     }
 
@@ -293,7 +309,7 @@ mod tests {
     ) -> (Option<String>, Vec<String>) {
         let mut tags = Vec::new();
         let mut sort = Vec::new();
-        let host = canonicalize(raw, extra, origin, &mut tags, &mut sort);
+        let host = canonicalize(raw, extra, origin, Shape::default(), &mut tags, &mut sort);
         (
             host.map(str::to_string),
             tags.iter().map(|t| t.to_string()).collect(),

@@ -482,6 +482,7 @@ mod tests {
             extra_tags: Arc::new([]),
             bucket_seconds: 10,
             origin: None,
+            shaping: None,
         };
         let worker_counters = Arc::new(worker::Counters::default());
         let mut worker = Worker::new(demux.clone(), worker_counters, enrichment);

@@ -145,6 +145,7 @@ pub fn packet(data: &[u8]) {
         extra_tags: Arc::new(["env:fuzz".into()]),
         bucket_seconds: 10,
         origin: None,
+        shaping: None,
     };
     let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment.clone());
     worker.process(&batch);

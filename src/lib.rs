@@ -10,7 +10,7 @@
 //!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
 //!        ▼  worker × --workers: split lines → parser → enrichment → context hashed once
-//!        │  → samples
+//!        │  (a new context's name and tags shaped first) → samples
 //!  per-shard sample batches
 //!        │  one lock per shard per batch
 //!        ▼
@@ -70,6 +70,8 @@
 //!   ([`sample::EventRecord`], [`sample::ServiceCheckRecord`]).
 //! - **enrichment**: what happens to a message between parser and context: host and magic
 //!   tags, extra tags, and its origin's container tags ([`enrichment`]).
+//! - **shaping**: what the operator's settings do to a metric's name and tags: mapper,
+//!   namespace, filter lists, histogram copies ([`shaping`]).
 //! - **origin**: the container or pod a message came from, by the sender's pid or what the
 //!   client says ([`origin`], [`enrichment::OriginDetection`]).
 //! - **tagger**: the tags of each container and pod, from the kubelet and Docker ([`tagger`]).
@@ -95,19 +97,20 @@
 //! 3. packet
 //! 4. parser
 //! 5. context, sample
-//! 6. enrichment
-//! 7. shard
-//! 8. demux
-//! 9. worker
-//! 10. listener
-//! 11. flush
-//! 12. serializer, console
-//! 13. forwarder
-//! 14. status
-//! 15. config
-//! 16. reload
-//! 17. daemon
-//! 18. blast, fuzz: tools built on the rest
+//! 6. shaping
+//! 7. enrichment
+//! 8. shard
+//! 9. demux
+//! 10. worker
+//! 11. listener
+//! 12. flush
+//! 13. serializer, console
+//! 14. forwarder
+//! 15. status
+//! 16. config
+//! 17. reload
+//! 18. daemon
+//! 19. blast, fuzz: tools built on the rest
 
 pub mod blast;
 pub mod clock;
@@ -130,6 +133,7 @@ pub mod parser;
 pub mod reload;
 pub mod sample;
 pub mod serializer;
+pub mod shaping;
 pub mod shard;
 pub mod sketch;
 pub mod status;

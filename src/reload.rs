@@ -1,5 +1,6 @@
 //! What SIGHUP changes in a running whippet, and the settings `/status` shows: the API key,
-//! intake URL, extra tags, log level, tag cardinality and the tagger's providers are applied
+//! intake URL, extra tags, shaping (mapper, namespace, filter lists, histogram copies), log
+//! level, tag cardinality and the tagger's providers are applied
 //! in place (no thread stops, no sample waits); any other setting that changed is named as
 //! needing a restart. Settings declare
 //! which they are (`Setting::reload`).
@@ -57,8 +58,12 @@ impl Reloader {
         let mut notes = Vec::new();
         let old = &self.config;
         log::set_level(new.operation.log_level);
-        if new.aggregation.tags != old.aggregation.tags {
-            self.tags.set(&new.aggregation.tags);
+        if new.aggregation.tags != old.aggregation.tags || new.shaping != old.shaping {
+            match new.shaping.build() {
+                Ok(shaping) => self.tags.set(&new.aggregation.tags, shaping),
+                // Validated when read: not expected, but the old settings stay if it happens.
+                Err(e) => notes.push(format!("{e}; the previous shaping stays")),
+            }
         }
         let mut applied = new.clone();
         match (&self.retarget, &new.forwarding.intake_url) {

@@ -36,6 +36,9 @@ pub struct Sample<'a> {
     /// Its origin's tags, for a sample sent back: 0 for none, else 1 + its index in the
     /// worker's origins of the batch.
     pub origin: u32,
+    /// Its shaping decision, for a sample sent back: 0 for none, else 1 + its index in the
+    /// worker's decisions held for the batch.
+    pub shaped: u32,
 }
 
 /// What a sample carries of its context's canonical tags: the two sides of the handshake
@@ -169,6 +172,7 @@ mod tests {
             timestamp: None,
             bucket: 0,
             origin: 0,
+            shaped: 0,
         }
     }
 

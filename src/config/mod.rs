@@ -11,6 +11,7 @@ pub mod settings;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use getopts::{HasArg, Occur, Options};
@@ -22,6 +23,7 @@ use crate::forwarder::ForwarderConfig;
 use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::serializer::{Compression, Serializer, SeriesApi};
+use crate::shaping::{Mapper, NameList, Shaping};
 use crate::shard::Expiry;
 use crate::tagger::{kubelet::KubeletConfig, Cardinality, Sources};
 use crate::Error;
@@ -66,6 +68,59 @@ pub struct Aggregation {
     pub expiry: Expiry,
     pub histogram_aggregates: Vec<Aggregate>,
     pub histogram_percentiles: Vec<u32>,
+}
+
+/// What the operator's settings do to metric names and tags (docs/behaviour.md, "Shaping"),
+/// as given; validated when read, compiled by [`ShapingSettings::build`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ShapingSettings {
+    /// `--mapper-profiles`, JSON.
+    pub mapper_profiles: Option<String>,
+    pub mapper_cache_size: usize,
+    /// `--metric-namespace`, with its dot.
+    pub namespace: String,
+    pub namespace_exempt: Vec<String>,
+    /// The filter list in effect (`--metric-filterlist`, else `--metric-blocklist`) and
+    /// whether its entries are prefixes.
+    pub filterlist: Vec<String>,
+    pub filterlist_prefix: bool,
+    /// `--metric-tag-filterlist`, JSON.
+    pub tag_filterlist: Option<String>,
+    /// `--histogram-copy-to-distribution-prefix` when the copy is on.
+    pub histogram_copy: Option<String>,
+}
+
+impl ShapingSettings {
+    /// The compiled settings, or `None` when none changes anything.
+    pub fn build(&self) -> Result<Option<Arc<Shaping>>, String> {
+        let mapper = match &self.mapper_profiles {
+            Some(json) => Mapper::from_json(json).map_err(|e| format!("mapper profiles: {e}"))?,
+            None => Mapper::default(),
+        };
+        let tag_filters = match &self.tag_filterlist {
+            Some(json) => {
+                let value: serde_json::Value = serde_json::from_str(json)
+                    .map_err(|e| format!("metric tag filterlist: not valid JSON: {e}"))?;
+                crate::shaping::tag_filters(&value)
+                    .map_err(|e| format!("metric tag filterlist: {e}"))?
+            }
+            None => Default::default(),
+        };
+        let shaping = Shaping {
+            mapper,
+            cache_size: self.mapper_cache_size,
+            namespace: self.namespace.as_str().into(),
+            namespace_exempt: self
+                .namespace_exempt
+                .iter()
+                .map(|p| p.as_str().into())
+                .collect(),
+            filter: NameList::new(&self.filterlist, self.filterlist_prefix),
+            tag_filters,
+            histogram_copy: self.histogram_copy.as_deref().map(Box::from),
+        };
+        Ok(shaping.is_active().then(|| Arc::new(shaping)))
+    }
 }
 
 /// Where messages come from and which container tags they get (docs/behaviour.md, "Origin").
@@ -131,6 +186,7 @@ pub struct Config {
     pub listen: Listen,
     pub pipeline: Pipeline,
     pub aggregation: Aggregation,
+    pub shaping: ShapingSettings,
     pub origin: OriginSettings,
     pub forwarding: Forwarding,
     pub operation: Operation,
@@ -179,6 +235,7 @@ impl Config {
                 .collect(),
             bucket_seconds: a.expiry.interval,
             origin: None,
+            shaping: None,
         }
     }
 
@@ -285,6 +342,7 @@ pub(crate) fn parse_with(
     let pipeline = pipeline(&mut r);
     let mut warnings = Vec::new();
     let aggregation = aggregation(&mut r, &mut warnings);
+    let shaping = shaping(&mut r);
     let origin = origin(&mut r);
     let forwarding = forwarding(&mut r);
     let operation = operation(&mut r);
@@ -304,6 +362,7 @@ pub(crate) fn parse_with(
         listen,
         pipeline,
         aggregation,
+        shaping,
         origin,
         forwarding,
         operation,
@@ -439,6 +498,64 @@ fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation 
         expiry,
         histogram_aggregates,
         histogram_percentiles,
+    }
+}
+
+fn shaping(r: &mut Resolver<'_>) -> ShapingSettings {
+    let json = |v: &str, name: &str| -> Result<String, String> {
+        serde_json::from_str::<serde_json::Value>(v)
+            .map(|_| v.to_string())
+            .map_err(|e| format!("{name}: not valid JSON: {e}"))
+    };
+    let mapper_profiles = r.given("mapper-profiles", |v, name| {
+        let v = json(v, name)?;
+        Mapper::from_json(&v).map_err(|e| format!("{name}: {e}"))?;
+        Ok(v)
+    });
+    let tag_filterlist = r.given("metric-tag-filterlist", |v, name| {
+        let v = json(v, name)?;
+        let value = serde_json::from_str(&v).map_err(|e| format!("{name}: {e}"))?;
+        crate::shaping::tag_filters(&value).map_err(|e| format!("{name}: {e}"))?;
+        Ok(v)
+    });
+    let namespace = r.given("metric-namespace", |v, name| {
+        let v = v.trim();
+        if v.contains(|c: char| c.is_whitespace() || c == '|' || c == ':') {
+            return Err(format!("{name}: '{v}' cannot begin a metric name"));
+        }
+        // The Agent's rule: a namespace ends with a dot.
+        Ok(match v {
+            "" => String::new(),
+            v if v.ends_with('.') => v.to_string(),
+            v => format!("{v}."),
+        })
+    });
+    let namespace_exempt = r.value("metric-namespace-blacklist", resolve::names);
+    let filterlist = r
+        .given("metric-filterlist", resolve::names)
+        .unwrap_or_default();
+    let filterlist_prefix: bool = r.value("metric-filterlist-match-prefix", resolve::boolean);
+    let blocklist = r
+        .given("metric-blocklist", resolve::names)
+        .unwrap_or_default();
+    let blocklist_prefix: bool = r.value("metric-blocklist-match-prefix", resolve::boolean);
+    let copy: bool = r.value("histogram-copy-to-distribution", resolve::boolean);
+    let copy_prefix = r.string("histogram-copy-to-distribution-prefix");
+    // As the Agent: the newer filter list wins when it has entries.
+    let (filterlist, filterlist_prefix) = if filterlist.is_empty() {
+        (blocklist, blocklist_prefix)
+    } else {
+        (filterlist, filterlist_prefix)
+    };
+    ShapingSettings {
+        mapper_profiles,
+        mapper_cache_size: r.number("mapper-cache-size"),
+        namespace: namespace.unwrap_or_default(),
+        namespace_exempt,
+        filterlist,
+        filterlist_prefix,
+        tag_filterlist,
+        histogram_copy: copy.then(|| copy_prefix.unwrap_or_default()),
     }
 }
 

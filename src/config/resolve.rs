@@ -176,6 +176,28 @@ pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> HashMap<String
     out
 }
 
+/// A list of metric names or prefixes: a JSON list of strings, or names separated by commas
+/// or white space (the Agent's environment variables separate with spaces).
+pub(super) fn names(v: &str, name: &str) -> Result<Vec<String>, String> {
+    let v = v.trim();
+    if v.starts_with('[') {
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(v).map_err(|e| format!("{name}: not a valid JSON list: {e}"))?;
+        return list
+            .into_iter()
+            .map(|n| match n {
+                serde_json::Value::String(s) => Ok(s),
+                other => Err(format!("{name}: {other} is not a string")),
+            })
+            .filter(|n| n.as_ref().map_or(true, |n| !n.is_empty()))
+            .collect();
+    }
+    Ok(v.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 /// `"a b"` → `a b` (with `\"` and `\\` escapes), `'a b'` → `a b`, `a` → `a`.
 pub(super) fn unquote(v: &str) -> Option<String> {
     if let Some(inner) = v.strip_prefix('\'') {

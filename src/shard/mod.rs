@@ -706,6 +706,7 @@ mod tests {
                 timestamp,
                 bucket,
                 origin: 0,
+                shaped: 0,
             };
             let mut batch = ShardBatch::from(vec![sample]);
             self.shard.insert(&mut batch, &tags);
@@ -792,6 +793,7 @@ mod tests {
             timestamp: None,
             bucket: 100,
             origin: 0,
+            shaped: 0,
         };
         let mut batch = ShardBatch::from(vec![sample]);
         let stats = other.insert(&mut batch, &tags);
@@ -869,6 +871,7 @@ mod tests {
                 timestamp: Some(1_000),
                 bucket: 110,
                 origin: 0,
+                shaped: 0,
             })
             .collect();
         let mut f2 = Fixture::new();

@@ -244,6 +244,9 @@ pub(super) struct Cached {
     /// The raw tags hold a `dd.internal.` tag, which may name an origin: with origin
     /// detection on, such a metric is resolved again before its entry is trusted.
     pub(super) magic: bool,
+    /// Shaping changed its name or tags, dropped it or copies it: the decision is kept
+    /// beside the cache, by the raw key.
+    pub(super) shaped: bool,
 }
 
 impl Cached {
@@ -256,6 +259,7 @@ impl Cached {
         tags_len: 0,
         kind: MetricKind::Count,
         magic: false,
+        shaped: false,
     };
 
     /// The entry for metric `m`, whose raw key is `raw`: its context hashes to `hash` and
@@ -269,6 +273,7 @@ impl Cached {
             tags_len: short_len(m.tags),
             kind: m.kind,
             magic: crate::enrichment::has_magic(m.tags),
+            shaped: false,
         }
     }
 
@@ -330,6 +335,7 @@ mod tests {
             tags_len: 0,
             kind: MetricKind::Gauge,
             magic: false,
+            shaped: false,
         }
     }
 

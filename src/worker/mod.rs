@@ -7,6 +7,7 @@
 //! sample vectors are reused across batches (their lifetimes are re-bound to each batch).
 
 mod cache;
+mod keep;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -26,36 +27,42 @@ use crate::parser::{
 use crate::sample::{
     recycle, ContextTags, EventRecord, Sample, SampleValue, ServiceCheckRecord, ShardBatch,
 };
+use crate::shaping::{Decisions, Shape, Shaped, Shaping};
 use crate::tagger::Entities;
 use crate::telemetry::{labels, Counter, Label, PerLabel, Readings, Snapshot};
 use cache::{Cached, ContextCache, RawKey, DEFAULT_HOST};
+use keep::Keep;
 
-/// Extra tags that SIGHUP may replace while whippet runs: each worker checks the generation
-/// once per batch (one atomic load) and, when it changed, takes the new tags and forgets its
-/// context cache, whose contexts carry the old ones. No sample waits or is lost.
+/// What SIGHUP may replace while whippet runs, of what shapes a context: the extra tags and
+/// the shaping settings. Each worker checks the generation once per batch (one atomic load)
+/// and, when it changed, takes the new ones and forgets its context cache and decisions,
+/// made under the old ones. No sample waits or is lost.
 #[derive(Debug, Default)]
 pub struct LiveTags {
     generation: AtomicU64,
-    tags: RwLock<Arc<[Box<str>]>>,
+    current: RwLock<Shapers>,
 }
 
+/// The extra tags and the shaping settings, replaced together.
+type Shapers = (Arc<[Box<str>]>, Option<Arc<Shaping>>);
+
 impl LiveTags {
-    pub fn new(tags: &[String]) -> LiveTags {
+    pub fn new(tags: &[String], shaping: Option<Arc<Shaping>>) -> LiveTags {
         let live = LiveTags::default();
-        live.set(tags);
+        live.set(tags, shaping);
         live
     }
 
-    /// Replaces the tags; workers apply them from their next batch.
-    pub fn set(&self, tags: &[String]) {
+    /// Replaces the tags and the shaping; workers apply them from their next batch.
+    pub fn set(&self, tags: &[String], shaping: Option<Arc<Shaping>>) {
         let tags: Arc<[Box<str>]> = tags.iter().map(|t| Box::<str>::from(t.as_str())).collect();
-        *self.tags.write().unwrap_or_else(|e| e.into_inner()) = tags;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (tags, shaping);
         self.generation.fetch_add(1, Relaxed);
     }
 
-    fn current(&self) -> (u64, Arc<[Box<str>]>) {
-        let tags = self.tags.read().unwrap_or_else(|e| e.into_inner());
-        (self.generation.load(Relaxed), tags.clone())
+    fn current(&self) -> (u64, Shapers) {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Relaxed), current.clone())
     }
 }
 
@@ -72,6 +79,9 @@ labels! {
         /// A sample that needed memory while `--aggregation-memory` was spent (a new
         /// context, a histogram, set or sketch growing, a timestamped point).
         MemoryLimit = "memory_limit",
+        /// A sample of a metric on the filter list (`--metric-filterlist`,
+        /// `--metric-blocklist`).
+        Filtered = "filtered",
     }
 }
 
@@ -164,6 +174,8 @@ struct Scratch<'s, 'a> {
     snapshot: Option<&'a Entities>,
     /// Each packet's sending container, when the reader learnt the senders' pids.
     sockets: Vec<Option<Arc<str>>>,
+    /// The shaping decisions the batch's samples use ([`Sample::shaped`] indexes it).
+    keep: &'a Keep,
 }
 
 pub struct Worker {
@@ -184,6 +196,12 @@ pub struct Worker {
     /// Raw context bytes → canonical context, so a known context skips splitting, sorting
     /// and hashing its tags.
     cache: ContextCache,
+    /// With shaping: the decision of each cached context it changed, by raw key
+    /// ([`Cached::shaped`]); the decisions by name, for contexts not yet cached; the
+    /// decisions one batch holds.
+    shaped: hashbrown::HashTable<(u64, Arc<Shaped>)>,
+    decisions: Decisions,
+    keep: Keep,
     events: Vec<EventRecord>,
     checks: Vec<ServiceCheckRecord>,
 }
@@ -203,16 +221,20 @@ impl Worker {
             sort_scratch: Vec::new(),
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
+            shaped: hashbrown::HashTable::new(),
+            decisions: Decisions::default(),
+            keep: Keep::default(),
             per_shard: (0..shards).map(|_| ShardBatch::default()).collect(),
             events: Vec::new(),
             checks: Vec::new(),
         }
     }
 
-    /// Takes its extra tags from `live` from now on (and whenever they change).
+    /// Takes its extra tags and shaping from `live` from now on (and whenever they change).
     pub(crate) fn with_live_tags(mut self, live: Arc<LiveTags>) -> Worker {
-        let (generation, tags) = live.current();
+        let (generation, (tags, shaping)) = live.current();
         self.enrichment.extra_tags = tags;
+        self.enrichment.shaping = shaping;
         self.live = Some((live, generation));
         self
     }
@@ -239,6 +261,7 @@ impl Worker {
             .into_iter()
             .map(ShardBatch::rebind)
             .collect();
+        let keep = std::mem::take(&mut self.keep);
         let mut scratch = Scratch {
             tags: &mut tags,
             sort: &mut sort,
@@ -246,11 +269,13 @@ impl Worker {
             origins: &mut origins,
             snapshot: snapshot.as_deref(),
             sockets: std::mem::take(&mut self.sockets),
+            keep: &keep,
         };
         self.parse_batch(batch, &enrichment, &mut scratch);
         self.sockets = std::mem::take(&mut scratch.sockets);
         self.sockets.clear();
-        self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, &origins, &enrichment);
+        let held = (&origins[..], &keep);
+        self.insert_into_shards(&mut per_shard, &mut tags, &mut sort, held, &enrichment);
         if !self.events.is_empty() || !self.checks.is_empty() {
             let full = self.demux.push_backlog(&mut self.events, &mut self.checks);
             self.tally.dropped[Discard::EventBacklogFull] += full;
@@ -259,18 +284,23 @@ impl Worker {
         self.origins = recycle(origins);
         self.sort_scratch = recycle(sort);
         self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
+        self.keep = keep;
+        self.keep.clear();
         self.tally.drain_into(&self.counters);
     }
 
-    /// Takes new extra tags if SIGHUP changed them, forgetting the contexts cached with the
-    /// old ones.
+    /// Takes new extra tags and shaping if SIGHUP changed them, forgetting the contexts
+    /// cached and the decisions made under the old ones.
     fn apply_live_tags(&mut self) {
         if let Some((live, seen)) = &mut self.live {
             if live.generation.load(Relaxed) != *seen {
-                let (generation, tags) = live.current();
+                let (generation, (tags, shaping)) = live.current();
                 *seen = generation;
                 self.enrichment.extra_tags = tags;
+                self.enrichment.shaping = shaping;
                 self.cache.clear();
+                self.shaped.clear();
+                self.decisions.clear();
             }
         }
     }
@@ -341,7 +371,7 @@ impl Worker {
         per_shard: &mut [ShardBatch<'a>],
         tags: &mut Vec<&'a str>,
         sort: &mut Vec<(u64, &'a str)>,
-        origins: &[Resolved<'a>],
+        (origins, keep): (&[Resolved<'a>], &'a Keep),
         enrichment: &'a Enrichment,
     ) {
         for (shard, batch) in per_shard.iter_mut().enumerate() {
@@ -353,7 +383,16 @@ impl Worker {
             let resend = batch.resend(|s| {
                 let start = tags.len();
                 let origin = (s.origin > 0).then(|| &origins[s.origin as usize - 1]);
-                canonicalize(s.raw_tags, &enrichment.extra_tags, origin, tags, sort);
+                // A histogram's distribution copy is the one sample of its decision that is
+                // a distribution.
+                let shape = (s.shaped > 0).then(|| {
+                    let shaped = keep.get(s.shaped);
+                    let copy = shaped.copy.is_some() && s.kind == MetricKind::Distribution;
+                    shaped.shape(copy)
+                });
+                let extra = &enrichment.extra_tags;
+                let shape = shape.unwrap_or_default();
+                canonicalize(s.raw_tags, extra, origin, shape, tags, sort);
                 ContextTags::Arena(start as u32, tags.len() as u32)
             });
             if resend {
@@ -400,6 +439,84 @@ impl Worker {
         if enrichment.origin.is_some() {
             (cached, origin_index) = self.origin(m, &mut key, cached, enrichment, packet, scratch);
         }
+        let origin = origin_index
+            .checked_sub(1)
+            .map(|i| scratch.origins[i as usize]);
+        let mut target = Target {
+            name: m.name,
+            kind: m.kind,
+            shape: Shape::default(),
+            shaped: 0,
+        };
+        let mut shaped = None;
+        if let Some(shaping) = &enrichment.shaping {
+            let found;
+            (cached, found) = self.shape(m, key, cached, shaping, scratch.keep);
+            if let Some((index, s)) = found {
+                if s.blocked {
+                    self.tally.dropped[Discard::Filtered] += value_count(&m.values);
+                    return;
+                }
+                target.name = &s.name;
+                target.shape = s.shape(false);
+                target.shaped = index;
+                shaped = Some(s);
+            }
+        }
+        let place = Place {
+            key,
+            origin: origin.as_ref(),
+            origin_index,
+            bucket,
+        };
+        self.place(m, target, cached, &place, enrichment, scratch);
+        if let Some(copy) = shaped.and_then(|s| Some((s, s.copy.as_ref()?))) {
+            let (s, c) = copy;
+            let key = match key {
+                RawKey::Hash(raw) => RawKey::Hash(ContextCache::with_origin(
+                    self.demux.hasher(),
+                    raw,
+                    COPY_IDENTITY,
+                )),
+                RawKey::Uncached => RawKey::Uncached,
+            };
+            let cached = match key {
+                RawKey::Hash(raw) => self.cache.find(
+                    raw,
+                    crate::context::short_len(m.name),
+                    crate::context::short_len(m.tags),
+                    MetricKind::Distribution,
+                ),
+                RawKey::Uncached => None,
+            };
+            let target = Target {
+                name: &c.name,
+                kind: MetricKind::Distribution,
+                shape: s.shape(true),
+                shaped: target.shaped,
+            };
+            self.place(
+                m,
+                target,
+                cached,
+                &Place { key, ..place },
+                enrichment,
+                scratch,
+            );
+        }
+    }
+
+    /// Finds (cached) or builds the context of `m` as `target` names and shapes it, and
+    /// queues its samples for its shard.
+    fn place<'a>(
+        &mut self,
+        m: &Metric<'a>,
+        target: Target<'a>,
+        cached: Option<Cached>,
+        place: &Place<'_, 'a>,
+        enrichment: &'a Enrichment,
+        scratch: &mut Scratch<'_, 'a>,
+    ) {
         let (hash, host, tags) = match cached {
             Some(c) => {
                 let host = match c.host {
@@ -408,32 +525,71 @@ impl Worker {
                 };
                 (c.hash, host, ContextTags::Vouched)
             }
-            None => {
-                let origin = origin_index
-                    .checked_sub(1)
-                    .map(|i| scratch.origins[i as usize]);
-                self.build_context(m, key, enrichment, origin.as_ref(), scratch)
-            }
+            None => self.build_context(m, &target, place, enrichment, scratch),
         };
         let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
         let sample = |value| Sample {
             hash,
-            name: m.name,
+            name: target.name,
             host,
             tags,
             raw_tags: m.tags,
-            kind: m.kind,
+            kind: target.kind,
             value,
             sample_rate: m.sample_rate,
             timestamp: m.timestamp,
-            bucket,
-            origin: origin_index,
+            bucket: place.bucket,
+            origin: place.origin_index,
+            shaped: target.shaped,
         };
         match m.values {
             Values::One(v) => out.push(sample(SampleValue::Number(v))),
             Values::Member(member) => out.push(sample(SampleValue::Member(member))),
             values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
         }
+    }
+
+    /// Shaping for a metric: a cached context's decision is found beside the cache; a new
+    /// context's is made (or found by its name) and kept beside the cache. Returns the
+    /// cache entry to trust (none when the decision was forgotten) and the decision, held
+    /// for the batch, unless it changes nothing. Kept out of line: without shaping the hot
+    /// path never enters it.
+    #[inline(never)]
+    fn shape<'a>(
+        &mut self,
+        m: &Metric<'_>,
+        key: RawKey,
+        cached: Option<Cached>,
+        shaping: &Shaping,
+        keep: &'a Keep,
+    ) -> (Option<Cached>, Option<(u32, &'a Shaped)>) {
+        match (cached, key) {
+            (Some(c), _) if !c.shaped => return (cached, None),
+            (Some(_), RawKey::Hash(raw)) => {
+                if let Some((_, s)) = self.shaped.find(raw, |e| e.0 == raw) {
+                    return (cached, Some(keep.hold(s.clone())));
+                }
+            }
+            _ => {}
+        }
+        let decided = self.decisions.get(shaping, m.name, m.kind);
+        if decided.is_identity(m.name) {
+            return (None, None);
+        }
+        if let RawKey::Hash(raw) = key {
+            if self.shaped.len() >= SHAPED_MAX {
+                self.shaped.clear();
+            }
+            self.shaped
+                .insert_unique(raw, (raw, decided.clone()), |e| e.0);
+            if decided.blocked {
+                // Cached too, so its next samples are dropped at a cache hit.
+                let mut entry = Cached::new(raw, m, 0, DEFAULT_HOST);
+                entry.shaped = true;
+                self.cache.insert(entry);
+            }
+        }
+        (None, Some(keep.hold(decided)))
     }
 
     /// Origin detection for a metric: one that may have an origin is resolved, and its
@@ -479,23 +635,24 @@ impl Worker {
     fn build_context<'a>(
         &mut self,
         m: &Metric<'a>,
-        key: RawKey,
+        target: &Target<'a>,
+        place: &Place<'_, 'a>,
         enrichment: &'a Enrichment,
-        origin: Option<&Resolved<'a>>,
         scratch: &mut Scratch<'_, 'a>,
     ) -> (u64, &'a str, ContextTags) {
         let start = scratch.tags.len();
         let extra = &enrichment.extra_tags;
-        let host_tag = canonicalize(m.tags, extra, origin, scratch.tags, scratch.sort);
+        let (origin, shape) = (place.origin, target.shape);
+        let host_tag = canonicalize(m.tags, extra, origin, shape, scratch.tags, scratch.sort);
         let host = host_tag.unwrap_or(&enrichment.hostname);
         let context = ContextRef {
-            name: m.name,
+            name: target.name,
             host,
             tags: &scratch.tags[start..],
-            kind: m.kind,
+            kind: target.kind,
         };
         let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
-        if let RawKey::Hash(raw) = key {
+        if let RawKey::Hash(raw) = place.key {
             let host = match host_tag {
                 // The host tag is a slice of the raw field: keep its byte range.
                 Some(h) => {
@@ -504,7 +661,10 @@ impl Worker {
                 }
                 None => DEFAULT_HOST,
             };
-            self.cache.insert(Cached::new(raw, m, hash, host));
+            let mut entry = Cached::new(raw, m, hash, host);
+            entry.kind = target.kind;
+            entry.shaped = target.shaped > 0;
+            self.cache.insert(entry);
         }
         let range = ContextTags::Arena(start as u32, scratch.tags.len() as u32);
         (hash, host, range)
@@ -558,6 +718,40 @@ impl Worker {
 /// A metric waiting for its second half: its cache key and the index of its packet.
 type Pending<'a> = (Metric<'a>, RawKey, usize);
 
+/// What a metric's samples become: the name, type and tags of their context, and the
+/// decision that shaped them ([`Sample::shaped`]).
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    name: &'a str,
+    kind: MetricKind,
+    shape: Shape<'a>,
+    shaped: u32,
+}
+
+/// Where a metric's samples go, whatever their target: its cache key, origin and bucket.
+#[derive(Clone, Copy)]
+struct Place<'o, 'a> {
+    key: RawKey,
+    origin: Option<&'o Resolved<'a>>,
+    origin_index: u32,
+    bucket: i64,
+}
+
+/// What sets a histogram's distribution copy's cache key apart from the histogram's own.
+const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
+
+/// Most decisions kept beside the context cache (its largest size); beyond, they are
+/// forgotten together and made again as their contexts come.
+const SHAPED_MAX: usize = 1 << 16;
+
+/// How many samples a metric message carries.
+fn value_count(values: &Values<'_>) -> u64 {
+    match values {
+        Values::One(_) | Values::Member(_) => 1,
+        many => many.iter().count() as u64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +765,7 @@ mod tests {
             extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
             bucket_seconds: 10,
             origin: None,
+            shaping: None,
         };
         Worker::new(
             Arc::new(Demux::new(shards, 100)),
@@ -792,6 +987,7 @@ mod tests {
             extra_tags: Arc::new([]),
             bucket_seconds: 10,
             origin: None,
+            shaping: None,
         };
         let mut w = Worker::new(demux, Arc::new(Counters::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
@@ -802,6 +998,152 @@ mod tests {
         feed(&mut w, &["gone:2|g"]); // cache hit, shard miss, refused on the retry
         assert_eq!(w.counters.dropped[Discard::ContextLimit].get(), 1);
         assert_eq!(w.counters.contexts_created.get(), 2);
+    }
+
+    /// A worker with shaping compiled from `settings`.
+    fn shaped_worker(settings: crate::config::ShapingSettings) -> Worker {
+        let mut w = worker(2, "h", &[]);
+        w.enrichment.shaping = settings.build().unwrap();
+        assert!(w.enrichment.shaping.is_some());
+        w
+    }
+
+    fn shaping() -> crate::config::ShapingSettings {
+        crate::config::ShapingSettings {
+            mapper_cache_size: 1000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mapped_and_namespaced_contexts_aggregate_alike_cached_or_not() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            mapper_profiles: Some(
+                r#"[{"name":"air","prefix":"airflow.","mappings":[
+                    {"match":"airflow.job.duration.*.*","name":"airflow.job.duration",
+                     "tags":{"job_type":"$1","job_name":"$2"}}]}]"#
+                    .into(),
+            ),
+            namespace: "app.".into(),
+            namespace_exempt: vec!["jvm".into()],
+            ..shaping()
+        });
+        let packet = "airflow.job.duration.etl.daily:3|g|#env:dev\nreq:1|c\njvm.heap:5|g\nreq:2|c|#host:web1";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]); // every context now comes from the cache
+        assert_eq!(
+            flushed(&w),
+            [
+                "app.airflow.job.duration host=h tags=env:dev,job_name:daily,job_type:etl ts=1700000000 gauge=3",
+                "app.req host=h tags= ts=1700000000 count=2",
+                "app.req host=web1 tags= ts=1700000000 count=4",
+                "jvm.heap host=h tags= ts=1700000000 gauge=5",
+            ]
+        );
+        assert_eq!(w.counters.contexts_created.get(), 4);
+        // One decision per name and type: the mapper ran once for its name.
+        assert_eq!(w.decisions.len(), 3);
+    }
+
+    #[test]
+    fn filtered_metrics_are_dropped_and_counted_per_sample_cached_or_not() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            filterlist: vec!["noisy.".into(), "exact".into()],
+            filterlist_prefix: true,
+            ..shaping()
+        });
+        let packet = "noisy.a:1|c\nnoisy.b:1:2:3|d\nexact:1|g|#k:v\nexactly:1|g\nkept:1|c";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]);
+        assert_eq!(flushed(&w), ["kept host=h tags= ts=1700000000 count=2",]);
+        assert_eq!(
+            w.counters.dropped[Discard::Filtered].get(),
+            2 * (1 + 3 + 1 + 1)
+        );
+        assert_eq!(w.counters.samples.get(), 2);
+    }
+
+    #[test]
+    fn histograms_and_timers_feed_a_distribution_copy_with_its_own_tag_filter() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            histogram_copy: Some("dist.".into()),
+            tag_filterlist: Some(
+                r#"[{"metric_name":"dist.lat","action":"include","tags":["env"]},
+                    {"metric_name":"sizes","tags":["pod"]}]"#
+                    .into(),
+            ),
+            ..shaping()
+        });
+        let packet = "lat:1:2|h|#env:dev,pod:a\nt:5|ms\nsizes:7|d|#pod:a,env:dev\nc:1|c";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "c host=h tags= ts=1700000000 count=2",
+                "dist.lat host=h tags=env:dev ts=1700000000 dist=4",
+                "dist.t host=h tags= ts=1700000000 dist=2",
+                "lat host=h tags=env:dev,pod:a ts=1700000000 hist=4",
+                "sizes host=h tags=env:dev ts=1700000000 dist=2",
+                "t host=h tags= ts=1700000000 hist=2",
+            ]
+        );
+        assert_eq!(w.counters.samples.get(), 2 * (2 + 2 + 1 + 1 + 1 + 1));
+    }
+
+    #[test]
+    fn a_shaped_context_that_expired_from_its_shard_is_created_again_shaped() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            namespace: "ns.".into(),
+            histogram_copy: Some("d.".into()),
+            mapper_profiles: Some(
+                r#"[{"name":"p","prefix":"a.","mappings":[{"match":"a.*","name":"b","tags":{"x":"$1"}}]}]"#
+                    .into(),
+            ),
+            ..shaping()
+        });
+        feed(&mut w, &["a.one:4|h|#k:v"]);
+        let mut out = Vec::new();
+        w.demux.flush(1_700_000_010, &FREE_IDLE, &mut out);
+        w.demux.flush(1_700_000_020, &FREE_IDLE, &mut out);
+        assert_eq!(out.len(), 2);
+        // Cache hits, shard misses: both samples go back and are sent again with their
+        // shaped names and tags.
+        feed(&mut w, &["a.one:7|h|#k:v"]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "d.ns.b host=h tags=k:v,x:one ts=1700000020 dist=1",
+                "ns.b host=h tags=k:v,x:one ts=1700000020 hist=1",
+            ]
+        );
+        assert_eq!(w.counters.contexts_created.get(), 4);
+    }
+
+    #[test]
+    fn new_shaping_from_sighup_applies_from_the_next_batch() {
+        let live = Arc::new(LiveTags::new(&[], None));
+        let mut w = worker(1, "h", &[]).with_live_tags(live.clone());
+        feed(&mut w, &["m:1|c"]);
+        // The filter list sees the namespaced name.
+        let blocked = crate::config::ShapingSettings {
+            filterlist: vec!["x.m".into()],
+            namespace: "x.".into(),
+            ..shaping()
+        };
+        live.set(&[], blocked.build().unwrap());
+        feed(&mut w, &["m:1|c\nn:1|c"]);
+        live.set(&["t:1".into()], None);
+        feed(&mut w, &["m:1|c"]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "m host=h tags= ts=1700000000 count=1",
+                "m host=h tags=t:1 ts=1700000000 count=1",
+                "x.n host=h tags= ts=1700000000 count=1",
+            ]
+        );
+        assert_eq!(w.counters.dropped[Discard::Filtered].get(), 1);
     }
 
     #[test]

@@ -1,0 +1,296 @@
+//! Shaping: what the operator's configuration does to a metric's name and tags, in the
+//! Agent's order: mapper → namespace → filter list → per-metric tag filter → histogram copy
+//! (docs/behaviour.md, "Shaping"). Nothing here runs per sample: a worker asks once per
+//! context it does not know ([`Decisions`]), keeps the answer with the context, and a metric
+//! no setting touches costs nothing.
+
+pub mod mapper;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::parser::MetricKind;
+pub use mapper::Mapper;
+
+/// The Agent's `statsd_metric_namespace_blacklist` default: prefixes the namespace is never
+/// put before (the Agent's own metrics and those of its JMX and runtime integrations).
+pub const NAMESPACE_EXEMPT: &str = "datadog.agent datadog.dogstatsd datadog.process datadog.trace_agent datadog.tracer activemq activemq_58 airflow cassandra confluent hazelcast hive ignite jboss jvm kafka presto sidekiq solr tomcat runtime";
+
+/// Every shaping setting, validated and compiled. Built by the configuration, replaced whole
+/// on SIGHUP.
+#[derive(Debug, Default)]
+pub struct Shaping {
+    pub mapper: Mapper,
+    /// `--mapper-cache-size`: names each worker remembers the decision for.
+    pub cache_size: usize,
+    /// `--metric-namespace`, ending with a dot; empty for none.
+    pub namespace: Box<str>,
+    /// `--metric-namespace-blacklist`: names beginning with one of these get no namespace.
+    pub namespace_exempt: Vec<Box<str>>,
+    /// The filter list: names whose metrics are dropped.
+    pub filter: NameList,
+    /// `--metric-tag-filterlist`: per distribution name, which tag keys it keeps.
+    pub tag_filters: HashMap<Box<str>, Arc<TagFilter>>,
+    /// `--histogram-copy-to-distribution`: the prefix of each histogram's distribution copy.
+    pub histogram_copy: Option<Box<str>>,
+}
+
+impl Shaping {
+    /// Whether any setting changes anything: without one, workers never ask.
+    pub fn is_active(&self) -> bool {
+        !self.mapper.is_empty()
+            || !self.namespace.is_empty()
+            || !self.filter.is_empty()
+            || !self.tag_filters.is_empty()
+            || self.histogram_copy.is_some()
+    }
+
+    /// What becomes of a metric named `name` of type `kind`.
+    pub fn decide(&self, name: &str, kind: MetricKind) -> Shaped {
+        let (mut name, tags) = match self.mapper.map(name) {
+            Some(m) => (m.name, m.tags),
+            None => (name.to_string(), Vec::new()),
+        };
+        if !self.namespace.is_empty()
+            && !self.namespace_exempt.iter().any(|p| name.starts_with(&**p))
+        {
+            name.insert_str(0, &self.namespace);
+        }
+        let blocked = self.filter.contains(&name);
+        let filter = (kind == MetricKind::Distribution)
+            .then(|| self.tag_filters.get(name.as_str()).cloned())
+            .flatten();
+        let copy = match (&self.histogram_copy, kind) {
+            (Some(prefix), MetricKind::Histogram | MetricKind::Timer) if !blocked => {
+                let copy = format!("{prefix}{name}");
+                let filter = self.tag_filters.get(copy.as_str()).cloned();
+                Some(Copy {
+                    name: copy.into(),
+                    filter,
+                })
+            }
+            _ => None,
+        };
+        Shaped {
+            name: name.into(),
+            tags: tags.into_iter().map(String::into_boxed_str).collect(),
+            blocked,
+            filter,
+            copy,
+        }
+    }
+}
+
+/// What becomes of one metric name of one type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shaped {
+    /// The name its context takes.
+    pub name: Box<str>,
+    /// Tags the mapper adds.
+    pub tags: Box<[Box<str>]>,
+    /// On the filter list: its samples are dropped and counted.
+    pub blocked: bool,
+    /// The tag filter of its name, for a distribution.
+    pub filter: Option<Arc<TagFilter>>,
+    /// A histogram's or timer's distribution copy.
+    pub copy: Option<Copy>,
+}
+
+impl Shaped {
+    /// A decision that changes nothing: the metric keeps its name and tags.
+    pub fn is_identity(&self, name: &str) -> bool {
+        &*self.name == name
+            && self.tags.is_empty()
+            && !self.blocked
+            && self.filter.is_none()
+            && self.copy.is_none()
+    }
+}
+
+impl Shaped {
+    /// What it does to the tags of its context (`copy`: of its distribution copy's).
+    pub fn shape(&self, copy: bool) -> Shape<'_> {
+        let filter = match (&self.copy, copy) {
+            (Some(c), true) => c.filter.as_deref(),
+            _ => self.filter.as_deref(),
+        };
+        Shape {
+            tags: &self.tags,
+            filter,
+        }
+    }
+}
+
+/// What shaping does to a context's tags: the mapper's tags join, and a distribution's tag
+/// filter keeps some.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape<'a> {
+    pub tags: &'a [Box<str>],
+    pub filter: Option<&'a TagFilter>,
+}
+
+/// The distribution copy of a histogram or timer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Copy {
+    pub name: Box<str>,
+    pub filter: Option<Arc<TagFilter>>,
+}
+
+/// Metric names, matched exactly or as prefixes (the Agent's filter list).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NameList {
+    /// Sorted; with `prefix`, no entry is a prefix of another.
+    names: Vec<Box<str>>,
+    prefix: bool,
+}
+
+impl NameList {
+    pub fn new(names: &[String], prefix: bool) -> NameList {
+        let mut names: Vec<Box<str>> = names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| n.as_str().into())
+            .collect();
+        names.sort();
+        names.dedup();
+        if prefix {
+            // A name that another entry begins is enough: drop what it covers. Sorted, a
+            // covered name follows its prefix.
+            let mut kept: Vec<Box<str>> = Vec::with_capacity(names.len());
+            for n in names {
+                if !kept.last().is_some_and(|p| n.starts_with(&**p)) {
+                    kept.push(n);
+                }
+            }
+            names = kept;
+        }
+        NameList { names, prefix }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether `name` is on the list: equal to an entry or, in prefix mode, beginning with
+    /// one. One binary search: an entry that begins `name` sorts just before it.
+    pub fn contains(&self, name: &str) -> bool {
+        match self.names.binary_search_by(|n| (**n).cmp(name)) {
+            Ok(_) => true,
+            Err(i) => self.prefix && i > 0 && name.starts_with(&*self.names[i - 1]),
+        }
+    }
+}
+
+/// Which tags of one distribution are kept, by key (the part before the first `:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagFilter {
+    keys: Vec<Box<str>>,
+    /// `exclude` drops the listed keys; `include` keeps only them.
+    exclude: bool,
+}
+
+impl TagFilter {
+    pub fn keeps(&self, tag: &str) -> bool {
+        let key = tag.split_once(':').map_or(tag, |(k, _)| k);
+        self.keys.iter().any(|k| &**k == key) != self.exclude
+    }
+}
+
+/// Reads `--metric-tag-filterlist`: a JSON list of `{"metric_name": …, "action": "include" |
+/// "exclude", "tags": [keys]}`. As the Agent merges them: entries for one name with the same
+/// action add their keys; an `exclude` entry replaces an `include` one and is never replaced
+/// by one; an entry without a name is skipped. A missing action is `exclude`; an unknown one
+/// is an error.
+pub fn tag_filters(value: &Value) -> Result<HashMap<Box<str>, Arc<TagFilter>>, String> {
+    let list = match value {
+        Value::Null => return Ok(HashMap::new()),
+        Value::Array(list) => list,
+        _ => return Err("must be a list of {metric_name, action, tags}".into()),
+    };
+    let mut merged: HashMap<Box<str>, TagFilter> = HashMap::new();
+    for (i, entry) in list.iter().enumerate() {
+        let name = entry
+            .get("metric_name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if name.is_empty() {
+            continue;
+        }
+        let exclude = match entry.get("action").and_then(Value::as_str).unwrap_or("") {
+            "" | "exclude" => true,
+            "include" => false,
+            other => {
+                return Err(format!(
+                    "entry {i} ({name}): action '{other}' is not include or exclude"
+                ))
+            }
+        };
+        let keys: Vec<Box<str>> = match entry.get("tags") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(tags)) => tags
+                .iter()
+                .map(|t| t.as_str().map(Box::from))
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("entry {i} ({name}): tags must be strings"))?,
+            Some(_) => return Err(format!("entry {i} ({name}): tags must be a list")),
+        };
+        match merged.get_mut(name) {
+            None => {
+                merged.insert(name.into(), TagFilter { keys, exclude });
+            }
+            Some(have) if have.exclude == exclude => have.keys.extend(keys),
+            Some(have) if exclude => *have = TagFilter { keys, exclude },
+            Some(_) => {}
+        }
+    }
+    Ok(merged.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+}
+
+/// One worker's decisions by metric name and type, so a name shared by many contexts is
+/// decided once; at most `--mapper-cache-size` names, forgetting an arbitrary one when full.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    /// Per name, one slot per metric type (`MetricKind as usize`).
+    by_name: HashMap<Box<str>, [Option<Arc<Shaped>>; 6], foldhash::fast::RandomState>,
+}
+
+impl Decisions {
+    /// The decision for `name` of type `kind`.
+    pub fn get(&mut self, shaping: &Shaping, name: &str, kind: MetricKind) -> Arc<Shaped> {
+        if let Some(found) = self
+            .by_name
+            .get(name)
+            .and_then(|k| k[kind as usize].as_ref())
+        {
+            return found.clone();
+        }
+        let decided = Arc::new(shaping.decide(name, kind));
+        if !self.by_name.contains_key(name) && self.by_name.len() >= shaping.cache_size.max(1) {
+            let forget = self.by_name.keys().next().cloned();
+            if let Some(k) = forget {
+                self.by_name.remove(&k);
+            }
+        }
+        let slots = self.by_name.entry(name.into()).or_default();
+        slots[kind as usize] = Some(decided.clone());
+        decided
+    }
+
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
