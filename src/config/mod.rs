@@ -394,10 +394,51 @@ pub fn report(c: &Config) -> String {
         "=> tagger",
         tagger_summary(&c.origin)
     ));
+    out.push_str(&format!(
+        "{:<24} {}\n",
+        "=> shaping",
+        shaping_summary(&c.shaping)
+    ));
     for w in &c.warnings {
         out.push_str(&format!("{:<24} {w}\n", "=> warning"));
     }
     out
+}
+
+/// What shaping will do, for `--check-config`.
+fn shaping_summary(settings: &ShapingSettings) -> String {
+    let shaping = match settings.build() {
+        Ok(Some(s)) => s,
+        Ok(None) => return "off".into(),
+        Err(e) => return e,
+    };
+    let mut parts = Vec::new();
+    if !shaping.mapper.is_empty() {
+        parts.push(format!("mapper {} mappings", shaping.mapper.mappings()));
+    }
+    if !shaping.namespace.is_empty() {
+        parts.push(format!("namespace {}", shaping.namespace));
+    }
+    if !shaping.filter.is_empty() {
+        let kind = if settings.filterlist_prefix {
+            "prefixes"
+        } else {
+            "names"
+        };
+        parts.push(format!("filter list {} {kind}", shaping.filter.len()));
+    }
+    if !shaping.tag_filters.is_empty() {
+        parts.push(format!(
+            "tag filters for {} names",
+            shaping.tag_filters.len()
+        ));
+    }
+    if let Some(prefix) = &shaping.histogram_copy {
+        parts.push(format!(
+            "histograms copied to distributions named {prefix}<name>"
+        ));
+    }
+    parts.join("; ")
 }
 
 /// What the tagger will ask, for `--check-config`.
@@ -986,7 +1027,7 @@ mod tests {
             "{key_line}"
         );
         assert!(report.contains("=> intake                https://app.datadoghq.com\n"));
-        assert_eq!(report.lines().count(), SETTINGS.len() + 3);
+        assert_eq!(report.lines().count(), SETTINGS.len() + 4);
     }
 
     #[test]
@@ -1112,6 +1153,124 @@ mod tests {
         for (args, want) in cases {
             let err = run(&args).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn shaping_settings_read_the_agents_variables_and_forms() {
+        let c = run(&[]).unwrap();
+        assert_eq!(
+            c.shaping.build().unwrap().map(|_| ()),
+            None,
+            "off by default"
+        );
+        assert_eq!(c.shaping.namespace_exempt.len(), 21);
+        assert_eq!(c.shaping.namespace_exempt[0], "datadog.agent");
+        assert_eq!(c.shaping.mapper_cache_size, 1000);
+        let profiles = r#"[{"name":"p","prefix":"a.","mappings":[{"match":"a.*","name":"b"}]}]"#;
+        let filters = r#"[{"metric_name":"d","action":"include","tags":["env"]}]"#;
+        let c = run_env(
+            &[],
+            &[
+                ("DD_DOGSTATSD_MAPPER_PROFILES", profiles),
+                ("DD_DOGSTATSD_MAPPER_CACHE_SIZE", "50"),
+                ("DD_STATSD_METRIC_NAMESPACE", "app"),
+                ("DD_STATSD_METRIC_NAMESPACE_BLACKLIST", "jvm kafka"),
+                ("DD_STATSD_METRIC_BLOCKLIST", "old.one old.two"),
+                ("DD_STATSD_METRIC_BLOCKLIST_MATCH_PREFIX", "true"),
+                ("DD_METRIC_TAG_FILTERLIST", filters),
+                ("DD_HISTOGRAM_COPY_TO_DISTRIBUTION", "true"),
+                ("DD_HISTOGRAM_COPY_TO_DISTRIBUTION_PREFIX", "dist."),
+            ],
+        )
+        .unwrap();
+        let want = ShapingSettings {
+            mapper_profiles: Some(profiles.into()),
+            mapper_cache_size: 50,
+            namespace: "app.".into(),
+            namespace_exempt: vec!["jvm".into(), "kafka".into()],
+            filterlist: vec!["old.one".into(), "old.two".into()],
+            filterlist_prefix: true,
+            tag_filterlist: Some(filters.into()),
+            histogram_copy: Some("dist.".into()),
+        };
+        assert_eq!(c.shaping, want);
+        let built = c.shaping.build().unwrap().unwrap();
+        assert_eq!((built.mapper.mappings(), built.filter.len()), (1, 2));
+        // The newer filter list wins over the older one, in any form: a JSON list here.
+        let c = run_env(
+            &["--metric-filterlist", r#"["new.a", "new.b"]"#],
+            &[("DD_STATSD_METRIC_BLOCKLIST", "old.one")],
+        )
+        .unwrap();
+        assert_eq!(c.shaping.filterlist, ["new.a", "new.b"]);
+        assert!(!c.shaping.filterlist_prefix);
+        // Copies without a prefix keep the name; the dot is not doubled.
+        let c = run(&[
+            "--histogram-copy-to-distribution",
+            "--metric-namespace",
+            "x.",
+        ])
+        .unwrap();
+        assert_eq!(c.shaping.histogram_copy.as_deref(), Some(""));
+        assert_eq!(c.shaping.namespace, "x.");
+        let file = File::new(
+            "shaping",
+            &format!("DD_DOGSTATSD_MAPPER_PROFILES='{profiles}'\nDD_METRIC_FILTERLIST=a,b c\n"),
+        );
+        let c = run(&["--config", file.arg()]).unwrap();
+        assert_eq!(c.shaping.mapper_profiles.as_deref(), Some(profiles));
+        assert_eq!(c.shaping.filterlist, ["a", "b", "c"]);
+        let line = |c: &Config| {
+            report(c)
+                .lines()
+                .find(|l| l.starts_with("=> shaping"))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            line(&c),
+            format!(
+                "{:<24} mapper 1 mappings; filter list 3 names",
+                "=> shaping"
+            )
+        );
+        assert_eq!(
+            line(&run(&[]).unwrap()),
+            format!("{:<24} off", "=> shaping")
+        );
+    }
+
+    #[test]
+    fn shaping_errors_name_the_variable_the_profile_and_the_mapping() {
+        let cases = [
+            (
+                ("DD_DOGSTATSD_MAPPER_PROFILES", r#"[{"name":"air","prefix":"a.","mappings":[{"match":"a.**","name":"b"}]}]"#),
+                "DD_DOGSTATSD_MAPPER_PROFILES (environment): profile air, mapping 0: wildcard match 'a.**' must not contain consecutive '*'",
+            ),
+            (
+                ("DD_DOGSTATSD_MAPPER_PROFILES", "[{"),
+                "DD_DOGSTATSD_MAPPER_PROFILES (environment): not valid JSON: EOF while parsing an object at line 1 column 2",
+            ),
+            (
+                ("DD_METRIC_TAG_FILTERLIST", r#"[{"metric_name":"m","action":"keep","tags":[]}]"#),
+                "DD_METRIC_TAG_FILTERLIST (environment): entry 0 (m): action 'keep' is not include or exclude",
+            ),
+            (
+                ("DD_METRIC_FILTERLIST", r#"["a", 1]"#),
+                "DD_METRIC_FILTERLIST (environment): 1 is not a string",
+            ),
+            (
+                ("DD_STATSD_METRIC_NAMESPACE", "my app"),
+                "DD_STATSD_METRIC_NAMESPACE (environment): 'my app' cannot begin a metric name",
+            ),
+            (
+                ("DD_DOGSTATSD_MAPPER_CACHE_SIZE", "0"),
+                "DD_DOGSTATSD_MAPPER_CACHE_SIZE (environment): 0 is outside 1..=1048576",
+            ),
+        ];
+        for ((var, value), want) in cases {
+            assert_eq!(run_env(&[], &[(var, value)]).unwrap_err(), want);
         }
     }
 

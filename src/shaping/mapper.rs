@@ -199,204 +199,34 @@ fn text_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
 mod tests {
     use super::*;
 
-    /// One case of the table: profiles, then each name with what it maps to (`None`: left
-    /// as it is). Tags are compared sorted.
-    type Case = (
-        &'static str,
-        &'static str,
-        &'static [(
-            &'static str,
-            Option<(&'static str, &'static [&'static str])>,
-        )],
-    );
-
-    /// The Agent's mapper scenarios, as whippet reads them (JSON instead of YAML).
-    const CASES: &[Case] = &[
-        (
-            "a wildcard per part, two mappings",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.job.duration.*.*","name":"test.job.duration","tags":{"job_type":"$1","job_name":"$2"}},
-                {"match":"test.job.size.*.*","name":"test.job.size","tags":{"foo":"$1","bar":"$2"}}]}]"#,
-            &[
-                (
-                    "test.job.duration.my_job_type.my_job_name",
-                    Some((
-                        "test.job.duration",
-                        &["job_name:my_job_name", "job_type:my_job_type"],
-                    )),
-                ),
-                (
-                    "test.job.size.my_job_type.my_job_name",
-                    Some(("test.job.size", &["bar:my_job_name", "foo:my_job_type"])),
-                ),
-                ("test.job.size.not_match", None),
-            ],
-        ),
-        (
-            "parts need not all become tags",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.job.duration.*.*","name":"test.job.duration","tags":{"job_type":"$1"}},
-                {"match":"test.task.duration.*.*","name":"test.task.duration"}]}]"#,
-            &[
-                (
-                    "test.job.duration.my_job_type.my_job_name",
-                    Some(("test.job.duration", &["job_type:my_job_type"])),
-                ),
-                (
-                    "test.task.duration.my_job_type.my_job_name",
-                    Some(("test.task.duration", &[])),
-                ),
-            ],
-        ),
-        (
-            "the braced expansion",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.job.duration.*.*","name":"test.job.duration","tags":{"job_type":"${1}_x","job_name":"${2}_y"}}]}]"#,
-            &[(
-                "test.job.duration.my_job_type.my_job_name",
-                Some((
-                    "test.job.duration",
-                    &["job_name:my_job_name_y", "job_type:my_job_type_x"],
-                )),
-            )],
-        ),
-        (
-            "expansion in the name",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.job.duration.*.*","name":"test.hello.$2.$1","tags":{"job_type":"$1","job_name":"$2"}}]}]"#,
-            &[(
-                "test.job.duration.my_job_type.my_job_name",
-                Some((
-                    "test.hello.my_job_name.my_job_type",
-                    &["job_name:my_job_name", "job_type:my_job_type"],
-                )),
-            )],
-        ),
-        (
-            "a wildcard before an underscore",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.*_start","name":"test.start","tags":{"job":"$1"}}]}]"#,
-            &[("test.my_job_start", Some(("test.start", &["job:my_job"])))],
-        ),
-        (
-            "no tags",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.my-worker.start","name":"test.worker.start"},
-                {"match":"test.my-worker.stop.*","name":"test.worker.stop"}]}]"#,
-            &[
-                ("test.my-worker.start", Some(("test.worker.start", &[]))),
-                (
-                    "test.my-worker.stop.worker-name",
-                    Some(("test.worker.stop", &[])),
-                ),
-            ],
-        ),
-        (
-            "every allowed character",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test.abcdefghijklmnopqrstuvwxyz_ABCDEFGHIJKLMNOPQRSTUVWXYZ-01234567.*","name":"test.alphabet"}]}]"#,
-            &[(
-                "test.abcdefghijklmnopqrstuvwxyz_ABCDEFGHIJKLMNOPQRSTUVWXYZ-01234567.123",
-                Some(("test.alphabet", &[])),
-            )],
-        ),
-        (
-            "regex match type",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test\\.job\\.duration\\.(.*)","match_type":"regex","name":"test.job.duration","tags":{"job_name":"$1"}},
-                {"match":"test\\.task\\.duration\\.(.*)","match_type":"regex","name":"test.task.duration","tags":{"task_name":"$1"}}]}]"#,
-            &[
-                (
-                    "test.job.duration.my.funky.job$name-abc/123",
-                    Some(("test.job.duration", &["job_name:my.funky.job$name-abc/123"])),
-                ),
-                (
-                    "test.task.duration.MY_task_name",
-                    Some(("test.task.duration", &["task_name:MY_task_name"])),
-                ),
-            ],
-        ),
-        (
-            "a regex with classes",
-            r#"[{"name":"test","prefix":"test.","mappings":[
-                {"match":"test\\.job\\.([a-z][0-9]-\\w+)\\.(.*)","match_type":"regex","name":"test.job","tags":{"job_type":"$1","job_name":"$2"}}]}]"#,
-            &[
-                (
-                    "test.job.a5-foo.bar",
-                    Some(("test.job", &["job_name:bar", "job_type:a5-foo"])),
-                ),
-                ("test.job.foo.bar-not-match", None),
-            ],
-        ),
-        (
-            "only the first profile whose prefix fits is tried",
-            r#"[{"name":"test","prefix":"foo.","mappings":[
-                    {"match":"foo.duration.*","name":"foo.duration","tags":{"name":"$1"}}]},
-                {"name":"test","prefix":"bar.","mappings":[
-                    {"match":"bar.count.*","name":"bar.count","tags":{"name":"$1"}},
-                    {"match":"foo.duration2.*","name":"foo.duration2","tags":{"name":"$1"}}]}]"#,
-            &[
-                (
-                    "foo.duration.foo_name1",
-                    Some(("foo.duration", &["name:foo_name1"])),
-                ),
-                ("foo.duration2.foo_name1", None),
-                (
-                    "bar.count.bar_name1",
-                    Some(("bar.count", &["name:bar_name1"])),
-                ),
-                ("z.not.mapped", None),
-            ],
-        ),
-        (
-            "the prefix * fits every name",
-            r#"[{"name":"test","prefix":"*","mappings":[
-                {"match":"foo.duration.*","name":"foo.duration","tags":{"name":"$1"}}]}]"#,
-            &[(
-                "foo.duration.foo_name1",
-                Some(("foo.duration", &["name:foo_name1"])),
-            )],
-        ),
-        (
-            "the first of two * profiles wins",
-            r#"[{"name":"test","prefix":"*","mappings":[
-                    {"match":"foo.duration.*","name":"foo.duration","tags":{"name1":"$1"}}]},
-                {"name":"test","prefix":"*","mappings":[
-                    {"match":"foo.duration.*","name":"foo.duration","tags":{"name2":"$1"}}]}]"#,
-            &[(
-                "foo.duration.foo_name",
-                Some(("foo.duration", &["name1:foo_name"])),
-            )],
-        ),
-        (
-            "profiles are tried in order, not by the longest prefix",
-            r#"[{"name":"test","prefix":"foo.","mappings":[
-                    {"match":"foo.*.duration.*","name":"foo.bar1.duration","tags":{"bar":"$1","foo":"$2"}}]},
-                {"name":"test","prefix":"foo.bar.","mappings":[
-                    {"match":"foo.bar.duration.*","name":"foo.bar2.duration","tags":{"foo_bar":"$1"}}]}]"#,
-            &[(
-                "foo.bar.duration.foo_name",
-                Some(("foo.bar1.duration", &["bar:bar", "foo:foo_name"])),
-            )],
-        ),
-    ];
+    /// The Agent's mapper scenarios as whippet reads them (JSON instead of YAML), shared
+    /// with the test that runs them through the binary: each case's profiles, then each name
+    /// with the name and tags it maps to (`null`: left as it is).
+    pub(crate) const TABLE: &str = include_str!("../../tests/data/mapper_table.json");
 
     #[test]
     fn the_agents_mapper_table() {
-        for (case, profiles, names) in CASES {
-            let mapper = Mapper::from_json(profiles).unwrap_or_else(|e| panic!("{case}: {e}"));
-            for (name, want) in *names {
+        let cases: Vec<Value> = serde_json::from_str(TABLE).unwrap();
+        let mut names = 0;
+        for c in &cases {
+            let case = c["case"].as_str().unwrap();
+            let mapper =
+                Mapper::from_value(&c["profiles"]).unwrap_or_else(|e| panic!("{case}: {e}"));
+            for pair in c["names"].as_array().unwrap() {
+                let name = pair[0].as_str().unwrap();
                 let got = mapper.map(name).map(|mut m| {
                     m.tags.sort();
                     m
                 });
-                let want = want.map(|(n, tags)| Mapped {
-                    name: n.to_string(),
-                    tags: tags.iter().map(|t| t.to_string()).collect(),
+                let want = (!pair[1].is_null()).then(|| Mapped {
+                    name: pair[1]["name"].as_str().unwrap().to_string(),
+                    tags: serde_json::from_value(pair[1]["tags"].clone()).unwrap(),
                 });
                 assert_eq!(got, want, "{case}: {name}");
+                names += 1;
             }
         }
+        assert_eq!((cases.len(), names), (13, 22));
     }
 
     #[test]

@@ -294,3 +294,103 @@ impl Decisions {
         self.by_name.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn name_lists_match_whole_names_or_prefixes_with_one_search() {
+        let names: Vec<String> = ["b.c", "a", "b", "ab", "b.c.d", ""]
+            .map(String::from)
+            .to_vec();
+        let exact = NameList::new(&names, false);
+        let hits = |l: &NameList| {
+            ["a", "ab", "abc", "b", "b.c", "b.cz", "c", "", "0"].map(|n| l.contains(n))
+        };
+        assert_eq!(exact.len(), 5);
+        assert_eq!(
+            hits(&exact),
+            [true, true, false, true, true, false, false, false, false]
+        );
+        // Prefixes: "a" covers "ab", "b" covers "b.c" and "b.c.d".
+        let prefix = NameList::new(&names, true);
+        assert_eq!(prefix.len(), 2);
+        assert_eq!(
+            hits(&prefix),
+            [true, true, true, true, true, true, false, false, false]
+        );
+    }
+
+    #[test]
+    fn tag_filters_merge_as_the_agent_and_filter_by_key() {
+        let f = tag_filters(&json!([
+            {"metric_name": "m", "action": "include", "tags": ["env"]},
+            {"metric_name": "m", "action": "include", "tags": ["service"]},
+            {"metric_name": "x", "action": "include", "tags": ["env"]},
+            {"metric_name": "x", "tags": ["pod"]},
+            {"metric_name": "x", "action": "include", "tags": ["ignored"]},
+            {"metric_name": "", "tags": ["skipped"]},
+        ]))
+        .unwrap();
+        assert_eq!(f.len(), 2);
+        let keeps = |name: &str| {
+            ["env:prod", "service:web", "pod:p-1", "env", "ignored:1"].map(|t| f[name].keeps(t))
+        };
+        assert_eq!(keeps("m"), [true, true, false, true, false]);
+        // exclude replaced the include and was not replaced by the later include.
+        assert_eq!(keeps("x"), [true, true, false, true, true]);
+        let bad = tag_filters(&json!([{"metric_name": "m", "action": "drop"}])).unwrap_err();
+        assert_eq!(bad, "entry 0 (m): action 'drop' is not include or exclude");
+        assert!(tag_filters(&json!({"m": {}})).is_err());
+    }
+
+    #[test]
+    fn decisions_follow_the_agents_order_and_are_bounded() {
+        let shaping = Shaping {
+            mapper: Mapper::from_json(
+                r#"[{"name":"p","prefix":"svc.","mappings":[{"match":"svc.*.lat","name":"lat","tags":{"svc":"$1"}}]}]"#,
+            )
+            .unwrap(),
+            cache_size: 2,
+            namespace: "ns.".into(),
+            namespace_exempt: vec!["jvm".into()],
+            filter: NameList::new(&["ns.lat".into(), "jvm.gc".into()], false),
+            tag_filters: tag_filters(&json!([{"metric_name": "d.ns.size", "tags": ["pod"]}]))
+                .unwrap(),
+            histogram_copy: Some("d.".into()),
+        };
+        assert!(shaping.is_active());
+        // Mapped, then namespaced, then filtered: the filter sees "ns.lat".
+        let lat = shaping.decide("svc.api.lat", MetricKind::Histogram);
+        assert_eq!(
+            (&*lat.name, lat.blocked, lat.copy.is_none()),
+            ("ns.lat", true, true)
+        );
+        assert_eq!(&*lat.tags, [Box::from("svc:api")]);
+        let size = shaping.decide("size", MetricKind::Timer);
+        let copy = size.copy.as_ref().unwrap();
+        assert_eq!((&*size.name, &*copy.name), ("ns.size", "d.ns.size"));
+        assert!(size.filter.is_none() && copy.filter.is_some());
+        assert!(size.shape(true).filter.is_some() && size.shape(false).filter.is_none());
+        let gc = shaping.decide("jvm.gc", MetricKind::Gauge);
+        assert_eq!((&*gc.name, gc.blocked), ("jvm.gc", true));
+        assert!(shaping
+            .decide("jvm.heap", MetricKind::Gauge)
+            .is_identity("jvm.heap"));
+
+        let mut d = Decisions::default();
+        assert!(Arc::ptr_eq(
+            &d.get(&shaping, "a", MetricKind::Count),
+            &d.get(&shaping, "a", MetricKind::Count)
+        ));
+        d.get(&shaping, "a", MetricKind::Gauge);
+        assert_eq!(d.len(), 1);
+        d.get(&shaping, "b", MetricKind::Count);
+        d.get(&shaping, "c", MetricKind::Count);
+        assert_eq!(d.len(), 2, "at most --mapper-cache-size names");
+        d.clear();
+        assert!(d.is_empty());
+    }
+}
