@@ -25,6 +25,9 @@ pub(crate) fn notify_to(path: &std::ffi::OsStr, state: &str) {
     let Ok(socket) = UnixDatagram::unbound() else {
         return;
     };
+    // A receiver that stopped reading fills its queue (net.unix.max_dgram_qlen datagrams):
+    // give up after a second rather than block the thread that notifies.
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
     let bytes = path.as_encoded_bytes();
     if let Some(name) = bytes.strip_prefix(b"@") {
         // An abstract socket: '@' stands for the leading NUL.

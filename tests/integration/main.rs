@@ -12,5 +12,6 @@ mod intake;
 mod layers;
 mod lifecycle;
 mod ops;
+mod shaping;
 mod stops;
 mod transports;
