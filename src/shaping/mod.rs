@@ -87,7 +87,7 @@ impl Shaping {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shaped {
     /// The name its context takes.
-    pub name: Box<str>,
+    pub name: Arc<str>,
     /// Tags the mapper adds.
     pub tags: Box<[Box<str>]>,
     /// On the filter list: its samples are dropped and counted.

@@ -199,7 +199,7 @@ pub struct Worker {
     /// With shaping: the decision of each cached context it changed, by raw key
     /// ([`Cached::shaped`]); the decisions by name, for contexts not yet cached; the
     /// decisions one batch holds.
-    shaped: hashbrown::HashTable<(u64, Arc<Shaped>)>,
+    shaped: hashbrown::HashTable<Beside>,
     decisions: Decisions,
     keep: Keep,
     events: Vec<EventRecord>,
@@ -251,6 +251,12 @@ impl Worker {
     /// Parses and aggregates every message of one batch.
     pub fn process(&mut self, batch: &Batch) {
         self.apply_live_tags();
+        // Decisions leave the table only here, between batches: a batch's samples borrow
+        // their names from the ones it holds. Within a batch it grows by at most the
+        // batch's contexts.
+        if self.shaped.len() >= SHAPED_MAX {
+            self.shaped.clear();
+        }
         let enrichment = self.enrichment.clone();
         // One snapshot of the container tags for the whole batch: lookups take no lock.
         let snapshot = enrichment.origin.as_ref().map(|o| o.tagger.snapshot());
@@ -445,22 +451,22 @@ impl Worker {
         let mut target = Target {
             name: m.name,
             kind: m.kind,
-            shape: Shape::default(),
+            decision: None,
             shaped: 0,
         };
-        let mut shaped = None;
+        let mut copy = None;
         if let Some(shaping) = &enrichment.shaping {
             let found;
             (cached, found) = self.shape(m, key, cached, shaping, scratch.keep);
-            if let Some((index, s)) = found {
-                if s.blocked {
+            if let Some(f) = found {
+                if f.blocked {
                     self.tally.dropped[Discard::Filtered] += value_count(&m.values);
                     return;
                 }
-                target.name = &s.name;
-                target.shape = s.shape(false);
-                target.shaped = index;
-                shaped = Some(s);
+                target.name = f.name;
+                target.decision = Some((f.decision, false));
+                target.shaped = f.index;
+                copy = f.copy.then_some(f.decision);
             }
         }
         let place = Place {
@@ -470,8 +476,7 @@ impl Worker {
             bucket,
         };
         self.place(m, target, cached, &place, enrichment, scratch);
-        if let Some(copy) = shaped.and_then(|s| Some((s, s.copy.as_ref()?))) {
-            let (s, c) = copy;
+        if let Some(c) = copy.and_then(|s| s.copy.as_ref()) {
             let key = match key {
                 RawKey::Hash(raw) => RawKey::Hash(ContextCache::with_origin(
                     self.demux.hasher(),
@@ -492,7 +497,7 @@ impl Worker {
             let target = Target {
                 name: &c.name,
                 kind: MetricKind::Distribution,
-                shape: s.shape(true),
+                decision: target.decision.map(|(s, _)| (s, true)),
                 shaped: target.shaped,
             };
             self.place(
@@ -508,6 +513,8 @@ impl Worker {
 
     /// Finds (cached) or builds the context of `m` as `target` names and shapes it, and
     /// queues its samples for its shard.
+    /// Inlined, so that a metric without a copy costs one function as before shaping.
+    #[inline(always)]
     fn place<'a>(
         &mut self,
         m: &Metric<'a>,
@@ -551,7 +558,7 @@ impl Worker {
 
     /// Shaping for a metric: a cached context's decision is found beside the cache; a new
     /// context's is made (or found by its name) and kept beside the cache. Returns the
-    /// cache entry to trust (none when the decision was forgotten) and the decision, held
+    /// cache entry to trust (none when the decision was forgotten) and the decision, listed
     /// for the batch, unless it changes nothing. Kept out of line: without shaping the hot
     /// path never enters it.
     #[inline(never)]
@@ -562,12 +569,14 @@ impl Worker {
         cached: Option<Cached>,
         shaping: &Shaping,
         keep: &'a Keep,
-    ) -> (Option<Cached>, Option<(u32, &'a Shaped)>) {
+    ) -> (Option<Cached>, Option<Found<'a>>) {
         match (cached, key) {
             (Some(c), _) if !c.shaped => return (cached, None),
             (Some(_), RawKey::Hash(raw)) => {
-                if let Some((_, s)) = self.shaped.find(raw, |e| e.0 == raw) {
-                    return (cached, Some(keep.hold(s.clone())));
+                if let Some(beside) = self.shaped.find(raw, |e| e.raw == raw) {
+                    // SAFETY: entries leave `self.shaped` only between batches (`process`
+                    // and `apply_live_tags` clear it before a batch starts).
+                    return (cached, Some(unsafe { beside.lend(keep) }));
                 }
             }
             _ => {}
@@ -576,20 +585,28 @@ impl Worker {
         if decided.is_identity(m.name) {
             return (None, None);
         }
-        if let RawKey::Hash(raw) = key {
-            if self.shaped.len() >= SHAPED_MAX {
-                self.shaped.clear();
-            }
-            self.shaped
-                .insert_unique(raw, (raw, decided.clone()), |e| e.0);
-            if decided.blocked {
-                // Cached too, so its next samples are dropped at a cache hit.
-                let mut entry = Cached::new(raw, m, 0, DEFAULT_HOST);
-                entry.shaped = true;
-                self.cache.insert(entry);
-            }
+        let RawKey::Hash(raw) = key else {
+            let (index, decision) = keep.hold(decided);
+            let found = Found {
+                index,
+                name: &decision.name,
+                blocked: decision.blocked,
+                copy: decision.copy.is_some(),
+                decision,
+            };
+            return (None, Some(found));
+        };
+        if decided.blocked {
+            // Cached too, so its next samples are dropped at a cache hit.
+            let mut entry = Cached::new(raw, m, 0, DEFAULT_HOST);
+            entry.shaped = true;
+            self.cache.insert(entry);
         }
-        (None, Some(keep.hold(decided)))
+        let beside = self
+            .shaped
+            .insert_unique(raw, Beside::new(raw, decided), |e| e.raw);
+        // SAFETY: just put in `self.shaped`, which keeps it until the batch ends (as above).
+        (None, Some(unsafe { beside.get().lend(keep) }))
     }
 
     /// Origin detection for a metric: one that may have an origin is resolved, and its
@@ -642,7 +659,10 @@ impl Worker {
     ) -> (u64, &'a str, ContextTags) {
         let start = scratch.tags.len();
         let extra = &enrichment.extra_tags;
-        let (origin, shape) = (place.origin, target.shape);
+        let origin = place.origin;
+        let shape = target
+            .decision
+            .map_or_else(Shape::default, |(s, copy)| s.shape(copy));
         let host_tag = canonicalize(m.tags, extra, origin, shape, scratch.tags, scratch.sort);
         let host = host_tag.unwrap_or(&enrichment.hostname);
         let context = ContextRef {
@@ -718,14 +738,68 @@ impl Worker {
 /// A metric waiting for its second half: its cache key and the index of its packet.
 type Pending<'a> = (Metric<'a>, RawKey, usize);
 
-/// What a metric's samples become: the name, type and tags of their context, and the
-/// decision that shaped them ([`Sample::shaped`]).
+/// What a metric's samples become: the name and type of their context, the decision that
+/// shapes its tags (and whether for the distribution copy), and its index in the batch's
+/// list ([`Sample::shaped`]). The decision is read only to build a new context.
 #[derive(Clone, Copy)]
 struct Target<'a> {
     name: &'a str,
     kind: MetricKind,
-    shape: Shape<'a>,
+    decision: Option<(&'a Shaped, bool)>,
     shaped: u32,
+}
+
+/// A metric's shaping decision as the hot path needs it: read from the entry beside the
+/// context cache, without touching the decision itself.
+struct Found<'a> {
+    index: u32,
+    name: &'a str,
+    blocked: bool,
+    copy: bool,
+    decision: &'a Shaped,
+}
+
+/// A decision kept beside the context cache, by the raw key of a context it shapes, with
+/// what a cache hit needs of it in the same entry.
+struct Beside {
+    raw: u64,
+    decision: Arc<Shaped>,
+    name: Arc<str>,
+    blocked: bool,
+    copy: bool,
+}
+
+impl Beside {
+    fn new(raw: u64, decision: Arc<Shaped>) -> Beside {
+        Beside {
+            raw,
+            name: decision.name.clone(),
+            blocked: decision.blocked,
+            copy: decision.copy.is_some(),
+            decision,
+        }
+    }
+
+    /// Lists the decision for the batch and lends what the hot path needs.
+    ///
+    /// # Safety
+    ///
+    /// The entry must stay in its table until `keep` is cleared (entries leave
+    /// `Worker::shaped` only between batches).
+    unsafe fn lend<'a>(&self, keep: &'a Keep) -> Found<'a> {
+        // SAFETY: the caller keeps the entry, and so the `Arc`s, alive and unmoved in
+        // what they point to until the list is cleared. Neither pointer is read here.
+        let (index, decision) = unsafe { keep.lend(Arc::as_ptr(&self.decision)) };
+        // SAFETY: as above, for the name.
+        let name: &'a str = unsafe { &*Arc::as_ptr(&self.name) };
+        Found {
+            index,
+            name,
+            blocked: self.blocked,
+            copy: self.copy,
+            decision,
+        }
+    }
 }
 
 /// Where a metric's samples go, whatever their target: its cache key, origin and bucket.
@@ -741,7 +815,7 @@ struct Place<'o, 'a> {
 const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
 
 /// Most decisions kept beside the context cache (its largest size); beyond, they are
-/// forgotten together and made again as their contexts come.
+/// forgotten together at the next batch and made again as their contexts come.
 const SHAPED_MAX: usize = 1 << 16;
 
 /// How many samples a metric message carries.
