@@ -105,6 +105,33 @@ fn worker_process(b: Bencher) {
 }
 
 /// Inserting values into a distribution's sketch.
+/// Deciding the shaping of a new metric name against a 100-mapping regex profile: a name no
+/// mapping matches (all 100 tried) and one the last mapping renames. A worker does this once
+/// per name and type.
+#[divan::bench(args = ["nomatch", "last"])]
+fn shaping_decide_100_mappings(b: Bencher, which: &str) {
+    let mut mappings: Vec<String> = (0..99)
+        .map(|i| format!(r#"{{"match":"svc{i}\\.(.*)","match_type":"regex","name":"s{i}.$1"}}"#))
+        .collect();
+    mappings.push(
+        r#"{"match":"app\\.(.*)","match_type":"regex","name":"m.$1","tags":{"via":"map"}}"#.into(),
+    );
+    let settings = whippet::config::ShapingSettings {
+        mapper_profiles: Some(format!(
+            r#"[{{"name":"bench","prefix":"*","mappings":[{}]}}]"#,
+            mappings.join(",")
+        )),
+        mapper_cache_size: 1000,
+        ..Default::default()
+    };
+    let shaping = settings.build().unwrap().unwrap();
+    let name = match which {
+        "last" => "app.request.latency",
+        _ => "web.request.latency",
+    };
+    b.bench(|| shaping.decide(black_box(name), whippet::parser::MetricKind::Count));
+}
+
 #[divan::bench(args = [1.0, 0.5])]
 fn sketch_insert(b: Bencher, rate: f64) {
     let values: Vec<f64> = (0..10_000).map(|i| (i as f64 * 7.3).sin() * 1e6).collect();

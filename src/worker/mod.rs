@@ -862,14 +862,22 @@ mod tests {
     }
 
     #[test]
-    fn a_known_metric_allocates_nothing_with_origin_detection_off_or_unused() {
+    fn a_known_metric_allocates_nothing_with_origin_detection_or_shaping() {
         use crate::enrichment::OriginDetection;
         use crate::tagger::{Cardinality, Entities, Sources, Tagger};
         // Types whose aggregate does not grow with more samples: what is measured is the
         // path, not a histogram's or sketch's growth.
         let packet = "a:1|c|#env:dev,host:web1\nb:2|g|#x,y\nc:1:2|c\ns:m|s|#k:v\n_sc|n|0";
-        for origin in [false, true] {
+        for (origin, shaped) in [(false, false), (true, false), (false, true)] {
             let mut w = worker(4, "h", &["team:core"]);
+            if shaped {
+                let settings = crate::config::ShapingSettings {
+                    namespace: "ns.".into(),
+                    mapper_cache_size: 100,
+                    ..Default::default()
+                };
+                w.enrichment.shaping = settings.build().unwrap();
+            }
             if origin {
                 let tagger = Tagger::new(Sources::default(), Arc::default());
                 tagger.publish(Entities::default());
@@ -885,7 +893,8 @@ mod tests {
             w.process(&batch);
             let before = crate::allocations::count();
             w.process(&batch);
-            assert_eq!(crate::allocations::count() - before, 0, "origin {origin}");
+            let allocated = crate::allocations::count() - before;
+            assert_eq!(allocated, 0, "origin {origin}, shaped {shaped}");
             assert_eq!(w.counters.samples.get(), 3 * 5);
         }
     }
