@@ -39,6 +39,8 @@ fn worker(demux: Arc<Demux>) -> Worker {
         bucket_seconds: 10,
         origin: None,
         shaping: None,
+        eol_required: [false; 3],
+        timestamps: true,
     };
     Worker::new(demux, Arc::new(Counters::default()), enrichment)
 }

@@ -114,6 +114,8 @@ fn main() {
         bucket_seconds: 10,
         origin: matches!(mode.as_str(), "configured" | "tagged").then(origin),
         shaping: shaping(&shaping_mode),
+        eol_required: [false; 3],
+        timestamps: true,
     };
     let counters = Arc::new(Counters::default());
     let mut worker = Worker::new(

@@ -14,6 +14,7 @@ use memchr::memmem::Finder;
 
 use crate::context::{canonical_tags, split_tags};
 use crate::origin::{self, PidCache};
+use crate::packet::Transport;
 use crate::parser::OriginFields;
 use crate::shaping::{Shape, Shaping};
 use crate::tagger::{Cardinality, Entities, EntityTags, Lookup, Tagger};
@@ -38,6 +39,12 @@ pub struct Enrichment {
     pub origin: Option<Arc<OriginDetection>>,
     /// The shaping settings, when any is set ([`Shaping::is_active`]).
     pub shaping: Option<Arc<Shaping>>,
+    /// `--eol-required`, per transport (`Transport as usize`): a packet's last line must end
+    /// with a newline, or it is dropped and counted.
+    pub eol_required: [bool; Transport::COUNT],
+    /// `--no-aggregation-pipeline`: `|T` timestamps are honoured; without, they are ignored
+    /// and the samples aggregate at arrival.
+    pub timestamps: bool,
 }
 
 /// How the origin of a message is found and what it adds (the Agent's `dogstatsd_origin_*`
@@ -299,6 +306,8 @@ mod tests {
             bucket_seconds: 10,
             origin: None,
             shaping: None,
+            eol_required: [false; 3],
+            timestamps: true,
         }
     }
 

@@ -483,6 +483,8 @@ mod tests {
             bucket_seconds: 10,
             origin: None,
             shaping: None,
+            eol_required: [false; 3],
+            timestamps: true,
         };
         let worker_counters = Arc::new(worker::Counters::default());
         let mut worker = Worker::new(demux.clone(), worker_counters, enrichment);

@@ -146,6 +146,8 @@ pub fn packet(data: &[u8]) {
         bucket_seconds: 10,
         origin: None,
         shaping: None,
+        eol_required: [false; 3],
+        timestamps: true,
     };
     let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment.clone());
     worker.process(&batch);

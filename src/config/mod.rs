@@ -22,6 +22,7 @@ pub use crate::forwarder::ApiKey;
 use crate::forwarder::ForwarderConfig;
 use crate::listener::stream::Limits;
 use crate::log::Level;
+use crate::packet::Transport;
 use crate::serializer::{Compression, Serializer, SeriesApi};
 use crate::shaping::{Mapper, NameList, Shaping};
 use crate::shard::Expiry;
@@ -45,6 +46,8 @@ pub struct Listen {
     /// `--stream-max-connections` and `--stream-idle-timeout`.
     pub stream: Limits,
     pub buffer_size: usize,
+    /// `--eol-required`, per transport (`Transport as usize`).
+    pub eol_required: [bool; Transport::COUNT],
 }
 
 /// How much the pipeline between listeners and shards holds.
@@ -57,6 +60,8 @@ pub struct Pipeline {
     /// `--aggregation-memory`, bytes.
     pub aggregation_memory: usize,
     pub event_backlog: usize,
+    /// `--no-aggregation-pipeline`: honour `|T` timestamps.
+    pub timestamps: bool,
 }
 
 /// What every message gets, and how metrics aggregate.
@@ -236,6 +241,8 @@ impl Config {
             bucket_seconds: a.expiry.interval,
             origin: None,
             shaping: None,
+            eol_required: self.listen.eol_required,
+            timestamps: self.pipeline.timestamps,
         }
     }
 
@@ -498,6 +505,9 @@ fn listen(r: &mut Resolver<'_>) -> Listen {
             idle_timeout: (!idle.is_zero()).then_some(idle),
         },
         buffer_size: r.number("buffer-size"),
+        eol_required: r
+            .given("eol-required", resolve::eol_transports)
+            .unwrap_or_default(),
     }
 }
 
@@ -510,6 +520,7 @@ fn pipeline(r: &mut Resolver<'_>) -> Pipeline {
         context_limit: r.number("context-limit"),
         aggregation_memory: r.number("aggregation-memory"),
         event_backlog: r.number("event-backlog"),
+        timestamps: r.value("no-aggregation-pipeline", resolve::boolean),
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::settings::{setting, DefaultValue, SETTINGS};
 use super::Source;
 use crate::flush::Aggregate;
+use crate::packet::Transport;
 
 /// Resolves settings one at a time, collecting every error and where each value came from.
 pub(super) struct Resolver<'a> {
@@ -174,6 +175,33 @@ pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> HashMap<String
         }
     }
     out
+}
+
+/// `--eol-required`: the Agent's listener names (`udp`, `uds`, `named_pipe`, which whippet
+/// has none of) or whippet's transports (`unix`, `unix_stream`), per transport.
+pub(super) fn eol_transports(v: &str, name: &str) -> Result<[bool; Transport::COUNT], String> {
+    let mut out = [false; Transport::COUNT];
+    for t in v
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+    {
+        match t.to_ascii_lowercase().as_str() {
+            "udp" => out[Transport::Udp as usize] = true,
+            "uds" => {
+                out[Transport::Unix as usize] = true;
+                out[Transport::Stream as usize] = true;
+            }
+            "unix" => out[Transport::Unix as usize] = true,
+            "unix_stream" => out[Transport::Stream as usize] = true,
+            "named_pipe" => {}
+            other => {
+                return Err(format!(
+                    "{name}: '{other}' is not udp, uds, unix, unix_stream or named_pipe"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A list of metric names or prefixes: a JSON list of strings, or names separated by commas

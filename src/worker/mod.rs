@@ -82,6 +82,9 @@ labels! {
         /// A sample of a metric on the filter list (`--metric-filterlist`,
         /// `--metric-blocklist`).
         Filtered = "filtered",
+        /// A packet's last message without a newline, on a transport that requires one
+        /// (`--eol-required`).
+        Unterminated = "unterminated",
     }
 }
 
@@ -332,7 +335,13 @@ impl Worker {
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
         let mut pending: Option<Pending<'a>> = None;
+        let eol_required = enrichment.eol_required[batch.transport as usize];
         for (i, packet) in batch.packets().enumerate() {
+            let packet = if eol_required {
+                self.terminated(packet)
+            } else {
+                packet
+            };
             // A record's origin fields are read only when origin detection is on.
             let origin =
                 |scratch: &Scratch<'_, 'a>, tags: &str, fields: &dyn Fn() -> OriginFields<'a>| {
@@ -342,8 +351,11 @@ impl Worker {
                 };
             for line in scanned_lines(packet) {
                 match parser::parse_line(line) {
-                    Ok(Message::Metric(m)) => {
+                    Ok(Message::Metric(mut m)) => {
                         self.tally.messages[MessageKind::Metric] += 1;
+                        if !enrichment.timestamps {
+                            m.timestamp = None;
+                        }
                         let Some(key) = self.admit(&m) else {
                             continue;
                         };
@@ -368,6 +380,17 @@ impl Worker {
         if let Some(p) = pending.take() {
             self.metric(&p, enrichment, bucket, scratch);
         }
+    }
+
+    /// The part of a packet up to its last newline; a message after it (cut short, maybe)
+    /// is dropped and counted.
+    #[inline(never)]
+    fn terminated<'p>(&mut self, packet: &'p [u8]) -> &'p [u8] {
+        let end = memchr::memrchr(b'\n', packet).map_or(0, |at| at + 1);
+        if packet[end..].iter().any(|b| !b.is_ascii_whitespace()) {
+            self.tally.dropped[Discard::Unterminated] += 1;
+        }
+        &packet[..end]
     }
 
     /// Hands each shard its samples under one lock; vouched samples a shard sends back (their
@@ -840,6 +863,8 @@ mod tests {
             bucket_seconds: 10,
             origin: None,
             shaping: None,
+            eol_required: [false; 3],
+            timestamps: true,
         };
         Worker::new(
             Arc::new(Demux::new(shards, 100)),
@@ -1071,6 +1096,8 @@ mod tests {
             bucket_seconds: 10,
             origin: None,
             shaping: None,
+            eol_required: [false; 3],
+            timestamps: true,
         };
         let mut w = Worker::new(demux, Arc::new(Counters::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
@@ -1227,6 +1254,48 @@ mod tests {
             ]
         );
         assert_eq!(w.counters.dropped[Discard::Filtered].get(), 1);
+    }
+
+    #[test]
+    fn an_unterminated_last_message_is_dropped_where_a_newline_is_required() {
+        let mut w = worker(1, "h", &[]);
+        w.enrichment.eol_required[Transport::Unix as usize] = true;
+        feed(
+            &mut w,
+            &["a:1|c\nb:2|c", "c:3|c\n", "d:4|c\r\n \n", "e:5|c"],
+        );
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=h tags= ts=1700000000 count=1",
+                "c host=h tags= ts=1700000000 count=3",
+                "d host=h tags= ts=1700000000 count=4",
+            ]
+        );
+        assert_eq!(w.counters.dropped[Discard::Unterminated].get(), 2);
+        // Another transport is not held to it.
+        w.enrichment.eol_required = [false; Transport::COUNT];
+        feed(&mut w, &["e:5|c"]);
+        assert_eq!(w.counters.dropped[Discard::Unterminated].get(), 2);
+        assert_eq!(w.counters.samples.get(), 4);
+    }
+
+    #[test]
+    fn without_the_no_aggregation_pipeline_timestamps_are_ignored() {
+        let mut w = worker(1, "h", &[]);
+        w.enrichment.timestamps = false;
+        feed(
+            &mut w,
+            &["g:5|g|T1600000000\nh:1|h|T1600000000\ng:7|g|T1600000001"],
+        );
+        assert_eq!(
+            flushed(&w),
+            [
+                "g host=h tags= ts=1700000000 gauge=7",
+                "h host=h tags= ts=1700000000 hist=1",
+            ]
+        );
+        assert_eq!(w.counters.dropped[Discard::TimestampedUnsupported].get(), 0);
     }
 
     #[test]

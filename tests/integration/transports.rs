@@ -205,3 +205,38 @@ fn crlf_line_endings_and_empty_lines_are_accepted() {
     assert_eq!(s.one("series", "crlf", "").f64("value"), 3.0 / INTERVAL);
     assert_eq!(s.telemetry("whippet_messages_total{kind=\"metric\"}"), 2);
 }
+
+#[test]
+fn eol_required_drops_a_packets_unterminated_last_message_on_the_named_transports() {
+    let w = Whippet::start(&["--eol-required", "udp"]);
+    w.send_udp(b"ok.udp:1|c\ncut.udp:2|c");
+    w.send_udp(b"whole.udp:3|c\n");
+    // The Unix socket is not named: its last message needs no newline.
+    w.send_unix(b"ok.unix:4|c\nlast.unix:5|c");
+    w.wait_for_telemetry("whippet_samples_total", 4);
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(
+        s.telemetry(r#"whippet_dropped_total{reason="unterminated"}"#),
+        1
+    );
+    let mut names: Vec<String> = s.lines().into_iter().map(|l| l.name).collect();
+    names.sort();
+    assert_eq!(names, ["last.unix", "ok.udp", "ok.unix", "whole.udp"]);
+}
+
+#[test]
+fn without_the_no_aggregation_pipeline_timestamped_samples_aggregate_at_arrival() {
+    let w = Whippet::start(&["--no-aggregation-pipeline=false"]);
+    w.send_udp(b"tg:5|g|T1600000000\ntg:7|g|T1600000100\nth:2|h|T1600000000");
+    w.wait_for_telemetry("whippet_samples_total", 3);
+    let s = w.stop();
+    assert!(s.status.success());
+    let g = s.one("series", "tg", "");
+    assert_eq!((g.f64("value"), g.get("ts")), (7.0, BUCKET));
+    assert_eq!(s.one("series", "th.max", "").f64("value"), 2.0);
+    assert_eq!(
+        s.telemetry_or_zero(r#"whippet_dropped_total{reason="timestamped_unsupported"}"#),
+        0
+    );
+}
