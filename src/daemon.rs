@@ -39,6 +39,7 @@ use crate::enrichment::OriginDetection;
 use crate::flush::{self, Flusher, Output};
 use crate::forwarder::{self, Forwarder, Handle, IntakeOutput};
 use crate::listener::datagram::DatagramReader;
+use crate::listener::mirror::{Mirror, MirrorCounters};
 use crate::listener::{self, stream, udp, unix, Bound, Handoff};
 use crate::log;
 use crate::origin::{self, PidCache};
@@ -61,6 +62,7 @@ pub struct Telemetry {
     pub forwarder: Arc<forwarder::Counters>,
     pub origin: Arc<origin::Counters>,
     pub tagger: Arc<tagger::Counters>,
+    pub mirror: Arc<MirrorCounters>,
 }
 
 /// The counters, plus the gauges read when a snapshot is taken (queue depth, the kernel's
@@ -70,6 +72,8 @@ struct Probe {
     queue: Receiver<Batch>,
     kernel_drops: udp::KernelDrops,
     demux: Arc<Demux>,
+    /// Whether packets are mirrored (its counters are read only then).
+    mirror: bool,
 }
 
 impl Readings for Probe {
@@ -81,6 +85,9 @@ impl Readings for Probe {
         t.forwarder.read(out);
         t.origin.read(out);
         t.tagger.read(out);
+        if self.mirror {
+            t.mirror.read(out);
+        }
         out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
         let memory = self.demux.memory_bytes() as u64;
         out.gauge("whippet_aggregation_memory_bytes", &[], memory);
@@ -356,12 +363,21 @@ impl Daemon {
         let (pipeline, queue) = Pipeline::spawn(config, &telemetry, output)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let shut = Arc::new(AtomicBool::new(false));
+        let mirror = match config.listen.mirror {
+            Some(to) => Some(Mirror::start(to, telemetry.mirror.clone()).map_err(|e| {
+                Error::Startup(format!(
+                    "cannot start the mirror to {to} (--forward-host, --forward-port): {e}"
+                ))
+            })?),
+            None => None,
+        };
         let handoff = Handoff {
             queue,
             pool: pipeline.pool.clone(),
             counters: telemetry.listener.clone(),
             stopping: stopping.clone(),
             shut: shut.clone(),
+            mirror,
         };
         let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream)?;
         let probe = Arc::new(Probe {
@@ -369,6 +385,7 @@ impl Daemon {
             queue: pipeline.queue_rx.clone(),
             kernel_drops: udp::KernelDrops::of(&sockets.udp),
             demux: pipeline.demux.clone(),
+            mirror: config.listen.mirror.is_some(),
         });
         let (status, status_sources) = start_status(config, &probe, &pipeline.demux)?;
         sockets.bound.status = status.as_ref().map(|s| s.addr);

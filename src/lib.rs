@@ -41,6 +41,7 @@
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
 //! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
+//! | `whippet-mirror` | 1 with `--forward-host` | a copy to send; one UDP send per packet | [`listener::mirror::Mirror`] |
 //! | `whippet-tagger` | 1 with origin detection or `--kubelet-host` | timer; a request to the kubelet or Docker | [`tagger::Tagger::run`] |
 //! | `whippet-status` | 1 if `--status` | `accept`; hands connections to a bounded queue | [`status`] |
 //! | `whippet-status-N` | 2 if `--status` | reading one request head, writing one answer (2 s each at most) | [`status`] |

@@ -48,6 +48,8 @@ pub struct Listen {
     pub buffer_size: usize,
     /// `--eol-required`, per transport (`Transport as usize`).
     pub eol_required: [bool; Transport::COUNT],
+    /// `--forward-host` and `--forward-port`: where every packet is mirrored.
+    pub mirror: Option<SocketAddr>,
 }
 
 /// How much the pipeline between listeners and shards holds.
@@ -508,6 +510,27 @@ fn listen(r: &mut Resolver<'_>) -> Listen {
         eol_required: r
             .given("eol-required", resolve::eol_transports)
             .unwrap_or_default(),
+        mirror: mirror(r),
+    }
+}
+
+/// `--forward-host` and `--forward-port`: both, or no mirror (the Agent's port 0 is off).
+fn mirror(r: &mut Resolver<'_>) -> Option<SocketAddr> {
+    let host = r.string("forward-host").map(|h| h.trim().to_string());
+    let port: u16 = r.number("forward-port");
+    let host = host.filter(|h| !h.is_empty())?;
+    if port == 0 {
+        return None;
+    }
+    match resolve::host_port(&host, port) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            let name = r
+                .raw("forward-host")
+                .map_or("--forward-host".into(), |r| r.2);
+            r.errors.push(format!("{name}: {e}"));
+            None
+        }
     }
 }
 

@@ -257,6 +257,19 @@ pub(super) fn host_address(host: &str, port: u16) -> Result<SocketAddr, String> 
     Ok(SocketAddr::new(ip, port))
 }
 
+/// A host name or IP address with a port, resolved now (the first address).
+pub(super) fn host_port(host: &str, port: u16) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = host_address(host, port) {
+        return Ok(a);
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve '{host}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{host}' has no address"))
+}
+
 /// `ADDR` or `off`.
 pub(super) fn udp_address(v: &str, name: &str) -> Result<Option<SocketAddr>, String> {
     match v {

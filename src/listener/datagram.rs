@@ -401,6 +401,7 @@ mod tests {
             counters: Arc::new(Counters::default()),
             stopping: Arc::new(AtomicBool::new(stopping)),
             shut: Arc::new(AtomicBool::new(shut)),
+            mirror: None,
         };
         (handoff, rx)
     }

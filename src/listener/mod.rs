@@ -15,6 +15,7 @@
 //! exit without timeouts or polling.
 
 pub mod datagram;
+pub mod mirror;
 pub mod stream;
 pub mod udp;
 pub mod unix;
@@ -116,6 +117,8 @@ pub struct Handoff {
     pub stopping: Arc<AtomicBool>,
     /// Set once every socket has been shut down for reading (after `stopping`).
     pub shut: Arc<AtomicBool>,
+    /// Where a copy of every packet goes (`--forward-host`), when configured.
+    pub mirror: Option<Arc<mirror::Mirror>>,
 }
 
 /// Whether a reader goes on after handing a batch off.
@@ -140,6 +143,9 @@ impl Handoff {
     /// UDP's policy: never wait. A full queue drops the batch; its packets and messages are
     /// counted.
     pub(crate) fn drop_when_full(&self, batch: Batch) -> Flow {
+        if let Some(m) = &self.mirror {
+            m.copy(&batch);
+        }
         match self.queue.try_send(batch) {
             Ok(()) => Flow::Continue,
             Err(TrySendError::Full(dropped)) => {
@@ -159,6 +165,9 @@ impl Handoff {
     /// [`Pool::admit`]) and for room in the queue, so a full pipeline pushes back on the
     /// client.
     pub(crate) fn wait_for_room(&self, mut batch: Batch) -> Flow {
+        if let Some(m) = &self.mirror {
+            m.copy(&batch);
+        }
         self.pool.admit(&mut batch);
         match self.queue.send(batch) {
             Ok(()) => Flow::Continue,

@@ -240,3 +240,46 @@ fn without_the_no_aggregation_pipeline_timestamped_samples_aggregate_at_arrival(
         0
     );
 }
+
+#[test]
+fn every_packet_is_mirrored_to_the_forward_host_and_still_aggregated() {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let port = receiver.local_addr().unwrap().port().to_string();
+    let w = Whippet::start_env(
+        &[],
+        &[
+            ("DD_STATSD_FORWARD_HOST", "localhost"),
+            ("DD_STATSD_FORWARD_PORT", port.as_str()),
+        ],
+    );
+    w.send_udp(b"m.udp:1|c\nm.udp:2|c");
+    w.send_unix(b"m.unix:5|g");
+    w.send_stream(&[b"m.stream:7|g"]);
+    let mut copies = Vec::new();
+    let mut buf = [0u8; 256];
+    for _ in 0..3 {
+        let n = receiver.recv(&mut buf).unwrap();
+        copies.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    copies.sort();
+    assert_eq!(
+        copies,
+        ["m.stream:7|g", "m.udp:1|c\nm.udp:2|c", "m.unix:5|g"]
+    );
+    w.wait_for_telemetry(r#"whippet_mirror_packets_total{result="sent"}"#, 3);
+    let s = w.stop();
+    assert!(s.status.success());
+    assert_eq!(
+        s.telemetry(r#"whippet_mirror_packets_total{result="dropped"}"#),
+        0
+    );
+    assert_eq!(s.one("series", "m.unix", "").f64("value"), 5.0);
+    assert_eq!(s.one("series", "m.stream", "").f64("value"), 7.0);
+    assert_eq!(
+        (s.one("series", "m.udp", "").f64("value") * INTERVAL).round(),
+        3.0
+    );
+}
