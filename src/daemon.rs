@@ -659,6 +659,12 @@ fn warn_at_start(config: &Config) {
     for warning in &config.warnings {
         log::warn(warning);
     }
+    if !config.ignored.is_empty() {
+        log::info(&format!(
+            "ignored {} keys of the config file that are not whippet settings (--check-config lists them)",
+            config.ignored.len()
+        ));
+    }
 }
 
 fn log_start(config: &Config, bound: &Bound) {

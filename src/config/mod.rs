@@ -8,6 +8,7 @@
 pub mod check;
 mod resolve;
 pub mod settings;
+mod yaml;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -205,6 +206,9 @@ pub struct Config {
     /// What was skipped rather than refused (the Agent's leniency), logged at start and shown
     /// by `--check-config`.
     pub warnings: Vec<String>,
+    /// The keys of the Agent's YAML file that whippet does not implement, with where they
+    /// are: shown by `--check-config`, counted in a log line at start.
+    pub ignored: Vec<String>,
 }
 
 impl Config {
@@ -296,7 +300,7 @@ fn options() -> Options {
             o.optmulti("", s.flag, &help, s.hint);
         }
     }
-    o.optmulti("", "config", "Read settings from FILE: KEY=VALUE lines named like the environment variables in brackets above ('#' comments, blank lines and quotes allowed), so one file serves as whippet's config and as a systemd EnvironmentFile. Re-read on SIGHUP", "FILE");
+    o.optmulti("", "config", "Read settings from FILE: KEY=VALUE lines named like the environment variables in brackets above ('#' comments, blank lines and quotes allowed), so one file serves as whippet's config and as a systemd EnvironmentFile; or the Agent's datadog.yaml (by its .yaml extension or its content), whose keys are those variables in lower case without DD_, other keys ignored. Re-read on SIGHUP", "FILE");
     o.optflag(
         "",
         "check-config",
@@ -339,9 +343,17 @@ pub(crate) fn parse_with(
         Some(path) => resolve::read_file(path, &mut errors),
         None => Default::default(),
     };
+    let ignored = match &config_file {
+        Some(path) => file
+            .ignored
+            .iter()
+            .map(|(key, line)| format!("{key} ({}:{line})", path.display()))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut r = Resolver {
         m: &m,
-        file,
+        file: file.values,
         file_path: config_file.clone(),
         env,
         errors,
@@ -355,7 +367,7 @@ pub(crate) fn parse_with(
     let origin = origin(&mut r);
     let forwarding = forwarding(&mut r);
     let operation = operation(&mut r);
-    if let Some(path) = &config_file {
+    if let (Some(path), false) = (&config_file, file.yaml) {
         r.check_unknown_keys(path);
     }
     let Resolver {
@@ -378,6 +390,7 @@ pub(crate) fn parse_with(
         config_file,
         sources,
         warnings,
+        ignored,
     };
     if m.opt_present("check-config") {
         return Ok(Command::Check(report(&config)));
@@ -410,6 +423,12 @@ pub fn report(c: &Config) -> String {
     ));
     for w in &c.warnings {
         out.push_str(&format!("{:<24} {w}\n", "=> warning"));
+    }
+    for key in &c.ignored {
+        out.push_str(&format!(
+            "{:<24} {key}: not a whippet setting\n",
+            "=> ignored"
+        ));
     }
     out
 }
@@ -1306,6 +1325,89 @@ mod tests {
         for ((var, value), want) in cases {
             assert_eq!(run_env(&[], &[(var, value)]).unwrap_err(), want);
         }
+    }
+
+    #[test]
+    fn the_agents_yaml_file_is_read_with_the_same_precedence_and_its_other_keys_ignored() {
+        let dir = std::env::temp_dir().join(format!("whippet-yaml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("datadog.yaml");
+        std::fs::write(
+            &path,
+            r#"# The Agent's file, as an operator has it.
+api_key: "0123456789abcdef0123456789abcdef"
+site: datadoghq.eu
+hostname: yaml-host
+dogstatsd_port: 8126
+dogstatsd_tags: ["env:prod", "team:metrics"]
+histogram_aggregates:
+  - max
+  - sum
+statsd_metric_namespace: app
+dogstatsd_mapper_profiles:
+  - name: air
+    prefix: "airflow."
+    mappings:
+      - match: "airflow.*.done"
+        name: "airflow.done"
+        tags: {dag: "$1"}
+metric_tag_filterlist:
+  - metric_name: lat
+    action: include
+    tags: [env]
+logs_enabled: true
+process_config:
+  enabled: "true"
+"#,
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = run_env(
+            &["--config", file, "--hostname", "flag-host"],
+            &[("DD_SITE", "env.example"), ("DD_LOG_LEVEL", "debug")],
+        )
+        .unwrap();
+        // Flag over file over environment over default.
+        assert_eq!(c.aggregation.hostname, "flag-host");
+        assert_eq!(
+            c.forwarding.intake_url.as_deref(),
+            Some("https://app.datadoghq.eu")
+        );
+        assert_eq!(c.operation.log_level, Level::Debug);
+        assert_eq!(c.listen.udp, Some("127.0.0.1:8126".parse().unwrap()));
+        assert_eq!(c.aggregation.tags, ["env:prod", "team:metrics"]);
+        assert_eq!(
+            c.aggregation.histogram_aggregates,
+            [Aggregate::Max, Aggregate::Sum]
+        );
+        assert_eq!(c.shaping.namespace, "app.");
+        let built = c.shaping.build().unwrap().unwrap();
+        assert_eq!((built.mapper.mappings(), built.tag_filters.len()), (1, 1));
+        assert_eq!(
+            c.ignored,
+            [
+                format!("logs_enabled ({file}:22)"),
+                format!("process_config ({file}:23)")
+            ]
+        );
+        let Command::Check(report) = parse_env(&["--config", file, "--check-config"], &[]).unwrap()
+        else {
+            panic!("not a report");
+        };
+        assert!(report.contains(&format!(
+            "=> ignored               logs_enabled ({file}:22): not a whippet setting\n"
+        )));
+        let port = report.lines().find(|l| l.starts_with("port ")).unwrap();
+        assert!(port.ends_with(&format!("({file}:5)")), "{port}");
+        assert!(!report.contains("0123456789abcdef"), "{report}");
+        // A value whippet refuses is an error naming the key's line, as for KEY=VALUE files.
+        std::fs::write(&path, "dogstatsd_port: many\n").unwrap();
+        let err = run(&["--config", file]).unwrap_err();
+        assert_eq!(
+            err,
+            format!("DD_DOGSTATSD_PORT ({file}:1): 'many' is not a whole number")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -140,15 +140,23 @@ fn number<T: TryFrom<u64>>(v: &str, name: &str, min: u64, max: u64) -> Result<T,
 }
 
 /// Reads `KEY=VALUE` lines: `#` comments, blank lines, and values in single or double quotes.
-pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> HashMap<String, (String, usize)> {
+pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> ConfigFile {
     let mut out = HashMap::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
             errors.push(format!("--config: cannot read {}: {e}", path.display()));
-            return out;
+            return ConfigFile::default();
         }
     };
+    if super::yaml::is_yaml(path, &text) {
+        let read = super::yaml::read(path, &text, errors);
+        return ConfigFile {
+            values: read.values,
+            ignored: read.ignored,
+            yaml: true,
+        };
+    }
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
@@ -174,7 +182,20 @@ pub(super) fn read_file(path: &Path, errors: &mut Vec<String>) -> HashMap<String
             )),
         }
     }
-    out
+    ConfigFile {
+        values: out,
+        ignored: Vec::new(),
+        yaml: false,
+    }
+}
+
+/// What `--config` gives: setting variable → (value, line); for the Agent's YAML file, the
+/// keys whippet does not implement, with their lines.
+#[derive(Debug, Default)]
+pub(super) struct ConfigFile {
+    pub values: HashMap<String, (String, usize)>,
+    pub ignored: Vec<(String, usize)>,
+    pub yaml: bool,
 }
 
 /// `--eol-required`: the Agent's listener names (`udp`, `uds`, `named_pipe`, which whippet

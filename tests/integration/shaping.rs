@@ -247,3 +247,58 @@ DD_METRIC_FILTERLIST=drop.me
     let total: f64 = lines.iter().map(|l| l.f64("value") * interval).sum();
     assert_eq!(total.round() as u64, 9 * PACKETS);
 }
+
+#[test]
+fn the_agents_datadog_yaml_configures_whippet_and_reloads() {
+    let dir = TempDir::new();
+    let conf = dir.path("datadog.yaml");
+    let yaml = |namespace: &str| {
+        format!(
+            r#"# An Agent's file: keys whippet implements apply, the rest are ignored.
+use_dogstatsd: true
+dogstatsd_tags:
+  - env:prod
+statsd_metric_namespace: {namespace}
+dogstatsd_mapper_profiles:
+  - name: airflow
+    prefix: "airflow."
+    mappings:
+      - match: "airflow.dag.*.duration"
+        name: "airflow.dag.duration"
+        tags:
+          dag_id: "$1"
+histogram_aggregates: [max]
+histogram_percentiles: []
+apm_config:
+  enabled: true
+"#
+        )
+    };
+    std::fs::write(&conf, yaml("first")).unwrap();
+    let args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--udp".into(),
+        "127.0.0.1:0".into(),
+        "--bucket-seconds".into(),
+        ONE_BUCKET.into(),
+        "--hostname".into(),
+        "h".into(),
+    ];
+    let w = Whippet::spawn_env(args, &[], dir);
+    w.wait_for_stderr("whippet: ignored 2 keys of the config file");
+    w.send_udp(b"airflow.dag.etl.duration:3|h\nreq:1|g");
+    w.wait_for_telemetry("whippet_samples_total", 2);
+    std::fs::write(&conf, yaml("second")).unwrap();
+    w.signal(Signal::SIGHUP);
+    w.wait_for_new_stderr("whippet: reloaded the configuration");
+    w.send_udp(b"req:2|g");
+    w.wait_for_telemetry("whippet_samples_total", 3);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    // airflow is one of the Agent's prefixes exempt from the namespace.
+    let max = s.one("series", "airflow.dag.duration.max", "dag_id:etl,env:prod");
+    assert_eq!(max.f64("value"), 3.0);
+    assert_eq!(s.one("series", "first.req", "env:prod").f64("value"), 1.0);
+    assert_eq!(s.one("series", "second.req", "env:prod").f64("value"), 2.0);
+}
