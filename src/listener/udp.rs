@@ -21,6 +21,15 @@ pub(crate) fn bind_all(
 ) -> Result<(Vec<UdpSocket>, usize), Error> {
     let mut sockets: Vec<UdpSocket> = Vec::with_capacity(readers);
     let mut bound = addr;
+    if addr.port() == 0 {
+        // Linux may give a SO_REUSEPORT socket bound to port 0 a port that another such
+        // socket of the same user holds, and then split datagrams between the two processes.
+        // A plain socket is given a port nobody holds: take that one.
+        let probe = UdpSocket::bind(addr).map_err(|e| super::bind_error("--udp", "UDP", e))?;
+        bound = probe
+            .local_addr()
+            .map_err(|e| super::bind_error("--udp", "UDP", e))?;
+    }
     let mut effective = 0;
     for _ in 0..readers.max(1) {
         let (socket, eff) = bind_one(bound, rcvbuf)
@@ -97,4 +106,23 @@ fn kernel_drops(inodes: &[u64]) -> u64 {
 fn inode(socket: &UdpSocket) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd())).map_or(0, |m| m.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_binds_every_reader_to_one_port_no_other_socket_holds() {
+        let (sockets, _) = bind_all("127.0.0.1:0".parse().unwrap(), 3, 0).unwrap();
+        let ports: Vec<u16> = sockets
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        assert_ne!(ports[0], 0);
+        assert_eq!(ports, [ports[0]; 3]);
+        // Held with SO_REUSEPORT by this process's readers only: a plain socket cannot join.
+        let taken = UdpSocket::bind(("127.0.0.1", ports[0])).unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    }
 }

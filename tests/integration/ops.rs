@@ -501,11 +501,9 @@ fn an_api_key_in_a_readable_config_file_draws_a_warning() {
 fn sigusr1_answers_even_at_log_level_warn_and_core_dumps_are_off() {
     let w = Whippet::start(&["--log-level", "warn"]);
     w.send_udp(b"asked:1|c");
-    // telemetry_now signals SIGUSR1 and waits for the line.
-    assert_eq!(
-        w.telemetry_now(r#"whippet_messages_total{kind="metric"}"#),
-        1
-    );
+    // Each ask signals SIGUSR1 and waits for the line (a worker may parse the packet a
+    // moment after the reader counted it).
+    w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, 1);
     // A core dump would hold the API key.
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid())).unwrap();
     let core = limits
@@ -547,10 +545,8 @@ fn no_status_client_can_stop_ingestion_or_grow_memory() {
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
     w.send_udp(b"still.counted:1|c");
-    assert_eq!(
-        w.telemetry_now(r#"whippet_messages_total{kind="metric"}"#),
-        1
-    );
+    // The reader counted the packet; a worker parses it a moment later.
+    w.wait_for_telemetry(r#"whippet_messages_total{kind="metric"}"#, 1);
     let threads = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
         .unwrap()
         .count();
