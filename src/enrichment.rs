@@ -221,8 +221,9 @@ fn is_magic(tag: &str) -> bool {
 }
 
 /// Appends the canonical tags of a raw `#` field to `tags`: split, `host:` and magic tags
-/// removed, extra, origin and the mapper's tags added, the tag filter applied, sorted,
-/// de-duplicated. Returns the value of the last `host:` tag.
+/// removed, extra, origin, the mapper's and a host rule's tags added, the tag filter
+/// applied, sorted, de-duplicated. Returns the value of the last `host:` tag (which a host
+/// rule overrides: the caller sends no host).
 pub fn canonicalize<'a>(
     raw: &'a str,
     extra: &'a [Box<str>],
@@ -245,6 +246,9 @@ pub fn canonicalize<'a>(
         tags.extend(o.tags());
     }
     tags.extend(shape.tags.iter().map(|t| &**t));
+    if let Some(rule) = shape.host {
+        tags.extend(rule.tags.iter().map(|t| &**t));
+    }
     if let Some(filter) = shape.filter {
         let mut kept = start;
         for i in start..tags.len() {

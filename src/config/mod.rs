@@ -25,7 +25,7 @@ use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::packet::Transport;
 use crate::serializer::{Compression, Serializer, SeriesApi};
-use crate::shaping::{Mapper, NameList, Shaping};
+use crate::shaping::{HostRules, Mapper, NameList, Shaping};
 use crate::shard::Expiry;
 use crate::tagger::{kubelet::KubeletConfig, Cardinality, Sources};
 use crate::Error;
@@ -96,6 +96,8 @@ pub struct ShapingSettings {
     pub tag_filterlist: Option<String>,
     /// `--histogram-copy-to-distribution-prefix` when the copy is on.
     pub histogram_copy: Option<String>,
+    /// `--host-rules`, JSON.
+    pub host_rules: Option<String>,
 }
 
 impl ShapingSettings {
@@ -126,6 +128,10 @@ impl ShapingSettings {
             filter: NameList::new(&self.filterlist, self.filterlist_prefix),
             tag_filters,
             histogram_copy: self.histogram_copy.as_deref().map(Box::from),
+            host_rules: match &self.host_rules {
+                Some(json) => HostRules::from_json(json).map_err(|e| format!("host rules: {e}"))?,
+                None => HostRules::default(),
+            },
         };
         Ok(shaping.is_active().then(|| Arc::new(shaping)))
     }
@@ -466,6 +472,9 @@ fn shaping_summary(settings: &ShapingSettings) -> String {
             "histograms copied to distributions named {prefix}<name>"
         ));
     }
+    if !shaping.host_rules.is_empty() {
+        parts.push(format!("{} host rules", shaping.host_rules.len()));
+    }
     parts.join("; ")
 }
 
@@ -612,6 +621,10 @@ fn shaping(r: &mut Resolver<'_>) -> ShapingSettings {
         crate::shaping::tag_filters(&value).map_err(|e| format!("{name}: {e}"))?;
         Ok(v)
     });
+    let host_rules = r.given("host-rules", |v, name| {
+        HostRules::from_json(v).map_err(|e| format!("{name}: {e}"))?;
+        Ok(v.to_string())
+    });
     let namespace = r.given("metric-namespace", |v, name| {
         let v = v.trim();
         if v.contains(|c: char| c.is_whitespace() || c == '|' || c == ':') {
@@ -650,6 +663,7 @@ fn shaping(r: &mut Resolver<'_>) -> ShapingSettings {
         filterlist_prefix,
         tag_filterlist,
         histogram_copy: copy.then(|| copy_prefix.unwrap_or_default()),
+        host_rules,
     }
 }
 
@@ -1246,6 +1260,7 @@ mod tests {
             filterlist_prefix: true,
             tag_filterlist: Some(filters.into()),
             histogram_copy: Some("dist.".into()),
+            host_rules: None,
         };
         assert_eq!(c.shaping, want);
         let built = c.shaping.build().unwrap().unwrap();

@@ -160,6 +160,7 @@ pub const SETTINGS: &[Setting] = &[
     s("metric-tag-filterlist", "DD_METRIC_TAG_FILTERLIST", "JSON", Unset("none"), "Which tags distributions keep, per metric name, as JSON: [{\"metric_name\", \"action\": \"include\" or \"exclude\", \"tags\": [keys]}]; include keeps only the listed tag keys, exclude drops them.").reloadable(),
     s("histogram-copy-to-distribution", "DD_HISTOGRAM_COPY_TO_DISTRIBUTION", "BOOL", Value("false"), "Every histogram and timer sample also feeds a distribution named by the copy prefix followed by the metric's name.").reloadable(),
     s("histogram-copy-to-distribution-prefix", "DD_HISTOGRAM_COPY_TO_DISTRIBUTION_PREFIX", "PREFIX", Unset("none"), "Prefix of the distribution copies' names.").reloadable(),
+    s("host-rules", "WHIPPET_HOST_RULES", "JSON", Unset("none"), "Metrics sent without a host, as JSON: [{\"match\": glob over the name, \"types\": [count, gauge, …] (all when absent), \"tags\": tags added in the host's place}]; the first rule that fits applies (see whippet(8), SHAPING).").reloadable(),
     s("dd-url", "DD_DD_URL", "URL", Derived("https://app.SITE when an API key is set; otherwise whippet prints to the console"), "Intake URL (http:// or https://) that payloads are sent to.").reloadable(),
     s("site", "DD_SITE", "SITE", Value("datadoghq.com"), "Datadog site used to build the intake URL.").reloadable(),
     s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload. Never logged or printed.").reloadable(),

@@ -4,6 +4,7 @@
 //! context it does not know ([`Decisions`]), keeps the answer with the context, and a metric
 //! no setting touches costs nothing.
 
+pub mod host;
 pub mod mapper;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::parser::MetricKind;
+pub use host::{HostRule, HostRules};
 pub use mapper::Mapper;
 
 /// The Agent's `statsd_metric_namespace_blacklist` default: prefixes the namespace is never
@@ -35,6 +37,8 @@ pub struct Shaping {
     pub tag_filters: HashMap<Box<str>, Arc<TagFilter>>,
     /// `--histogram-copy-to-distribution`: the prefix of each histogram's distribution copy.
     pub histogram_copy: Option<Box<str>>,
+    /// `--host-rules`: which metrics are sent without a host.
+    pub host_rules: HostRules,
 }
 
 impl Shaping {
@@ -44,6 +48,7 @@ impl Shaping {
             || !self.namespace.is_empty()
             || !self.filter.is_empty()
             || !self.tag_filters.is_empty()
+            || !self.host_rules.is_empty()
             || self.histogram_copy.is_some()
     }
 
@@ -66,19 +71,23 @@ impl Shaping {
             (Some(prefix), MetricKind::Histogram | MetricKind::Timer) if !blocked => {
                 let copy = format!("{prefix}{name}");
                 let filter = self.tag_filters.get(copy.as_str()).cloned();
+                let host = self.host_rules.find(&copy, MetricKind::Distribution);
                 Some(Copy {
                     name: copy.into(),
                     filter,
+                    host,
                 })
             }
             _ => None,
         };
+        let host = self.host_rules.find(&name, kind);
         Shaped {
             name: name.into(),
             tags: tags.into_iter().map(String::into_boxed_str).collect(),
             blocked,
             filter,
             copy,
+            host,
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct Shaped {
     pub filter: Option<Arc<TagFilter>>,
     /// A histogram's or timer's distribution copy.
     pub copy: Option<Copy>,
+    /// The host rule it matches: sent without a host.
+    pub host: Option<Arc<HostRule>>,
 }
 
 impl Shaped {
@@ -106,19 +117,21 @@ impl Shaped {
             && !self.blocked
             && self.filter.is_none()
             && self.copy.is_none()
+            && self.host.is_none()
     }
 }
 
 impl Shaped {
     /// What it does to the tags of its context (`copy`: of its distribution copy's).
     pub fn shape(&self, copy: bool) -> Shape<'_> {
-        let filter = match (&self.copy, copy) {
-            (Some(c), true) => c.filter.as_deref(),
-            _ => self.filter.as_deref(),
+        let (filter, host) = match (&self.copy, copy) {
+            (Some(c), true) => (c.filter.as_deref(), c.host.as_deref()),
+            _ => (self.filter.as_deref(), self.host.as_deref()),
         };
         Shape {
             tags: &self.tags,
             filter,
+            host,
         }
     }
 }
@@ -129,6 +142,8 @@ impl Shaped {
 pub struct Shape<'a> {
     pub tags: &'a [Box<str>],
     pub filter: Option<&'a TagFilter>,
+    /// A host rule: no host, and the rule's tags join.
+    pub host: Option<&'a HostRule>,
 }
 
 /// The distribution copy of a histogram or timer.
@@ -136,6 +151,7 @@ pub struct Shape<'a> {
 pub struct Copy {
     pub name: Box<str>,
     pub filter: Option<Arc<TagFilter>>,
+    pub host: Option<Arc<HostRule>>,
 }
 
 /// Metric names, matched exactly or as prefixes (the Agent's filter list).
@@ -360,6 +376,7 @@ mod tests {
             tag_filters: tag_filters(&json!([{"metric_name": "d.ns.size", "tags": ["pod"]}]))
                 .unwrap(),
             histogram_copy: Some("d.".into()),
+            host_rules: HostRules::default(),
         };
         assert!(shaping.is_active());
         // Mapped, then namespaced, then filtered: the filter sees "ns.lat".

@@ -72,6 +72,7 @@ mod tests {
                 blocked: false,
                 filter: None,
                 copy: None,
+                host: None,
             })
         };
         let first = keep.hold(shaped(0));

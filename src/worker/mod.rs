@@ -687,7 +687,11 @@ impl Worker {
             .decision
             .map_or_else(Shape::default, |(s, copy)| s.shape(copy));
         let host_tag = canonicalize(m.tags, extra, origin, shape, scratch.tags, scratch.sort);
-        let host = host_tag.unwrap_or(&enrichment.hostname);
+        let host = match (shape.host, host_tag) {
+            (Some(_), _) => "",
+            (None, Some(h)) => h,
+            (None, None) => &enrichment.hostname,
+        };
         let context = ContextRef {
             name: target.name,
             host,
@@ -696,13 +700,15 @@ impl Worker {
         };
         let hash = context.hash_with(self.demux.hasher(), &mut self.hash_scratch);
         if let RawKey::Hash(raw) = place.key {
-            let host = match host_tag {
+            let host = match (shape.host, host_tag) {
+                // A host rule: no host, the empty range.
+                (Some(_), _) => (0, 0),
                 // The host tag is a slice of the raw field: keep its byte range.
-                Some(h) => {
+                (None, Some(h)) => {
                     let at = h.as_ptr() as usize - m.tags.as_ptr() as usize;
                     (at as u32, (at + h.len()) as u32)
                 }
-                None => DEFAULT_HOST,
+                (None, None) => DEFAULT_HOST,
             };
             let mut entry = Cached::new(raw, m, hash, host);
             entry.kind = target.kind;
@@ -1225,6 +1231,34 @@ mod tests {
             [
                 "d.ns.b host=h tags=k:v,x:one ts=1700000020 dist=1",
                 "ns.b host=h tags=k:v,x:one ts=1700000020 hist=1",
+            ]
+        );
+        assert_eq!(w.counters.contexts_created.get(), 4);
+    }
+
+    #[test]
+    fn host_rules_send_matching_metrics_without_a_host_cached_or_not() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            host_rules: Some(
+                r#"[{"match":"queue.*","types":["gauge"],"tags":["env:prod"]},
+                    {"match":"d.*"}]"#
+                    .into(),
+            ),
+            histogram_copy: Some("d.".into()),
+            ..shaping()
+        });
+        let packet = "queue.depth:5|g|#q:a,host:web1\nqueue.depth:1|c\nlat:3|h|#host:web2";
+        feed(&mut w, &[packet]);
+        feed(&mut w, &[packet]);
+        assert_eq!(
+            flushed(&w),
+            [
+                // The copy matches the second rule; the histogram keeps its host.
+                "d.lat host= tags= ts=1700000000 dist=2",
+                "lat host=web2 tags= ts=1700000000 hist=2",
+                "queue.depth host= tags=env:prod,q:a ts=1700000000 gauge=5",
+                // A count is not a type of the first rule.
+                "queue.depth host=h tags= ts=1700000000 count=2",
             ]
         );
         assert_eq!(w.counters.contexts_created.get(), 4);

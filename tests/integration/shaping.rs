@@ -302,3 +302,55 @@ apm_config:
     assert_eq!(s.one("series", "first.req", "env:prod").f64("value"), 1.0);
     assert_eq!(s.one("series", "second.req", "env:prod").f64("value"), 2.0);
 }
+
+#[test]
+fn host_rules_reach_the_intake_without_a_host() {
+    let intake = intake(IntakeConfig::default());
+    let rules = r#"[{"match":"fleet.*","types":["count"],"tags":["env:prod"]}]"#;
+    let env = [("WHIPPET_HOST_RULES", rules)];
+    let w = Whippet::start_env(&["--dd-url", &intake.url(), "--api-key", "k"], &env);
+    w.send_udp(b"fleet.requests:3|c|#host:web1,route:/a\nfleet.requests:4|c|#host:web2,route:/a\nfleet.up:1|g\nmachine.load:2|g");
+    w.wait_for_telemetry("whippet_samples_total", 4);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let mut points: Vec<(String, String, Vec<String>, Vec<String>)> = intake
+        .store()
+        .points()
+        .into_iter()
+        .map(|p| (p.metric, p.host, p.resources, p.tags))
+        .collect();
+    points.sort();
+    let v = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        points,
+        [
+            // Two hosts' counts are one context, whose host resource is empty (the Agent
+            // always writes one).
+            (
+                "fleet.requests".into(),
+                "".into(),
+                v(&["host:"]),
+                v(&["env:prod", "route:/a"])
+            ),
+            (
+                "fleet.up".into(),
+                "test-host".into(),
+                v(&["host:test-host"]),
+                v(&[])
+            ),
+            (
+                "machine.load".into(),
+                "test-host".into(),
+                v(&["host:test-host"]),
+                v(&[])
+            ),
+        ]
+    );
+    let requests = intake.store().points();
+    let requests = requests
+        .iter()
+        .find(|p| p.metric == "fleet.requests")
+        .unwrap();
+    assert_eq!((requests.value * requests.interval as f64).round(), 7.0);
+    intake.stop();
+}
