@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::config::{check, Config, Listen};
@@ -38,6 +38,7 @@ use crate::demux::Demux;
 use crate::enrichment::OriginDetection;
 use crate::flush::{self, Flusher, Output};
 use crate::forwarder::{self, Forwarder, Handle, IntakeOutput};
+use crate::listener::capture::{Capture, CaptureCounters};
 use crate::listener::datagram::DatagramReader;
 use crate::listener::mirror::{Mirror, MirrorCounters};
 use crate::listener::{self, stream, udp, unix, Bound, Handoff};
@@ -63,6 +64,7 @@ pub struct Telemetry {
     pub origin: Arc<origin::Counters>,
     pub tagger: Arc<tagger::Counters>,
     pub mirror: Arc<MirrorCounters>,
+    pub capture: Arc<CaptureCounters>,
 }
 
 /// The counters, plus the gauges read when a snapshot is taken (queue depth, the kernel's
@@ -72,8 +74,10 @@ struct Probe {
     queue: Receiver<Batch>,
     kernel_drops: udp::KernelDrops,
     demux: Arc<Demux>,
-    /// Whether packets are mirrored (its counters are read only then).
+    /// Whether packets are mirrored, and captures can run (their counters are read only
+    /// then).
     mirror: bool,
+    capture: bool,
 }
 
 impl Readings for Probe {
@@ -87,6 +91,9 @@ impl Readings for Probe {
         t.tagger.read(out);
         if self.mirror {
             t.mirror.read(out);
+        }
+        if self.capture {
+            t.capture.read(out);
         }
         out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
         let memory = self.demux.memory_bytes() as u64;
@@ -350,6 +357,8 @@ pub struct Daemon {
     /// The forwarder, when there is one, for the shutdown clock.
     forwarder: Option<Handle>,
     status: Option<StatusServer>,
+    /// Captures (SIGUSR2), when `--capture-dir` is set.
+    capture: Option<Arc<Capture>>,
 }
 
 impl Daemon {
@@ -371,6 +380,18 @@ impl Daemon {
             })?),
             None => None,
         };
+        let capture = match &config.listen.capture {
+            Some(settings) => {
+                std::fs::create_dir_all(&settings.dir).map_err(|e| {
+                    Error::Startup(format!(
+                        "cannot create the capture directory {} (--capture-dir): {e}",
+                        settings.dir.display()
+                    ))
+                })?;
+                Some(Capture::new(settings.clone(), telemetry.capture.clone()))
+            }
+            None => None,
+        };
         let handoff = Handoff {
             queue,
             pool: pipeline.pool.clone(),
@@ -378,6 +399,7 @@ impl Daemon {
             stopping: stopping.clone(),
             shut: shut.clone(),
             mirror,
+            capture: capture.clone(),
         };
         let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream)?;
         let probe = Arc::new(Probe {
@@ -386,6 +408,7 @@ impl Daemon {
             kernel_drops: udp::KernelDrops::of(&sockets.udp),
             demux: pipeline.demux.clone(),
             mirror: config.listen.mirror.is_some(),
+            capture: capture.is_some(),
         });
         let (status, status_sources) = start_status(config, &probe, &pipeline.demux)?;
         sockets.bound.status = status.as_ref().map(|s| s.addr);
@@ -411,6 +434,7 @@ impl Daemon {
             reloader,
             forwarder,
             status,
+            capture,
         })
     }
 
@@ -588,11 +612,11 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 }
 
 /// Runs whippet until SIGTERM or SIGINT. SIGHUP re-reads the configuration with `reload`;
-/// SIGUSR1 logs the telemetry. Speaks sd_notify when systemd asks for it.
+/// SIGUSR1 logs the telemetry; SIGUSR2 starts or ends a capture. Speaks sd_notify when systemd asks for it.
 pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Result<(), Error> {
     log::set_level(config.operation.log_level);
     check::refuse_root(config, nix::unistd::geteuid().is_root())?;
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP])
         .map_err(|e| Error::Startup(format!("cannot install signal handlers: {e}")))?;
     warn_at_start(config);
     no_core_dumps();
@@ -614,6 +638,12 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
                 }
             }
             SIGHUP => reload_with(&mut daemon, &reload),
+            SIGUSR2 => match &daemon.capture {
+                Some(c) => c.toggle(),
+                None => {
+                    log::warn("SIGUSR2 asks for a capture, but captures are off: set --capture-dir")
+                }
+            },
             _ => break,
         }
     }

@@ -42,6 +42,7 @@
 //! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
 //! | `whippet-mirror` | 1 with `--forward-host` | a copy to send; one UDP send per packet | [`listener::mirror::Mirror`] |
+//! | `whippet-capture` | 1 while a capture runs (SIGUSR2) | a copy to write; the file | [`listener::capture::Capture`] |
 //! | `whippet-tagger` | 1 with origin detection or `--kubelet-host` | timer; a request to the kubelet or Docker | [`tagger::Tagger::run`] |
 //! | `whippet-status` | 1 if `--status` | `accept`; hands connections to a bounded queue | [`status`] |
 //! | `whippet-status-N` | 2 if `--status` | reading one request head, writing one answer (2 s each at most) | [`status`] |
@@ -157,6 +158,21 @@ pub(crate) fn inject_fault(thread: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = thread;
+}
+
+/// Test-only fault injection for conditions a test cannot make for real (a slow or full
+/// disk): with `WHIPPET_FAULT_INJECT=<name>` in a debug build, the named condition holds.
+/// Release builds and the packages have none.
+#[doc(hidden)]
+#[inline]
+pub(crate) fn fault_injected(name: &str) -> bool {
+    #[cfg(debug_assertions)]
+    return std::env::var("WHIPPET_FAULT_INJECT").is_ok_and(|v| v == name);
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = name;
+        false
+    }
 }
 
 /// What can stop whippet from starting. The binary maps these to exit codes.

@@ -1,5 +1,6 @@
 //! `whippet-blast`: `send` replays a corpus or generated workload to a socket, `bench` runs
-//! the benchmark table against the release `whippet`, `sink` is the drain-only floor.
+//! the benchmark table against the release `whippet`, `sink` is the drain-only floor,
+//! `replay` sends a whippet capture again.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ const USAGE: &str = "Usage: whippet-blast send|bench|sink [OPTIONS]
          [--duration SECONDS | --count MESSAGES]
   bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--whippet PATH]
   sink   --target udp:HOST:PORT|unix:PATH   (drains with recvmmsg, prints counts on SIGTERM)
+  replay --capture FILE --target udp:HOST:PORT|unix:PATH|stream:PATH [--speed X | --speed max]
+         (sends a whippet capture again: at its recorded pace, X times faster, or all out)
 
 Without --corpus, the workload is generated with the statistics of Datadog's dsd_base corpus.
 Every run reports what it did; see man whippet-blast(1) and docs/performance.md.";
@@ -96,6 +99,18 @@ fn options() -> getopts::Options {
         "bench: the whippet binary. Default: next to whippet-blast",
         "PATH",
     );
+    o.optopt(
+        "",
+        "capture",
+        "replay: a capture file written by whippet (SIGUSR2)",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "speed",
+        "replay: how many times faster than recorded, or max. Default 1",
+        "X",
+    );
     o.optflag("h", "help", "Print this help and exit");
     o
 }
@@ -151,6 +166,33 @@ fn cmd_send(m: &getopts::Matches) -> Result<(), String> {
         sent.per_second(sent.messages),
         sent.per_second(sent.packets),
         sent.per_second(sent.bytes) / 1e6,
+        sent.errors
+    );
+    Ok(())
+}
+
+fn cmd_replay(m: &getopts::Matches) -> Result<(), String> {
+    let target = Target::parse(&m.opt_str("target").ok_or("replay needs --target")?)?;
+    let path = m.opt_str("capture").ok_or("replay needs --capture")?;
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let records =
+        whippet::listener::capture::records(&bytes).map_err(|e| format!("{path}: {e}"))?;
+    let speed = match m.opt_str("speed").as_deref() {
+        None => Some(1.0),
+        Some("max") => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(x) if x > 0.0 && x.is_finite() => Some(x),
+            _ => return Err(format!("--speed: '{v}' is not a positive number or max")),
+        },
+    };
+    let sent = blast::replay(&records, &target, speed)?;
+    println!(
+        "replayed {} packets ({} messages, {} bytes) of {} in {:.2} s; {} send errors",
+        sent.packets,
+        sent.messages,
+        sent.bytes,
+        records.len(),
+        sent.elapsed.as_secs_f64(),
         sent.errors
     );
     Ok(())
@@ -242,7 +284,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // The subcommand comes first; `whippet-blast --help` has none.
     let rest = match args.first().map(String::as_str) {
-        Some("send" | "bench" | "sink") => &args[1..],
+        Some("send" | "bench" | "sink" | "replay") => &args[1..],
         _ => &args[..],
     };
     let m = match options().parse(rest) {
@@ -260,6 +302,7 @@ fn main() {
         Some("send") => cmd_send(&m),
         Some("bench") => cmd_bench(&m),
         Some("sink") => cmd_sink(&m),
+        Some("replay") => cmd_replay(&m),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);

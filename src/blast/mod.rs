@@ -164,6 +164,50 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
     Ok(sent)
 }
 
+/// Sends the packets of a capture (docs/capture.md) to `target`, each as one datagram or
+/// frame, in order: at the pace they were recorded divided by `speed`, or as fast as possible
+/// without one. A Unix datagram send waits when the socket is full, so nothing is lost there.
+pub fn replay(
+    records: &[crate::listener::capture::Record<'_>],
+    target: &Target,
+    speed: Option<f64>,
+) -> Result<Sent, String> {
+    let socket = Socket::open(target)?;
+    let mut sent = Sent::default();
+    let start = Instant::now();
+    let mut frame = Vec::new();
+    for r in records {
+        if let Some(speed) = speed {
+            let due = r.at.div_f64(speed);
+            let elapsed = start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        let result = match &socket {
+            Socket::Udp(s) => s.send(r.bytes).map(|_| ()),
+            Socket::Unix(s) => s.send(r.bytes).map(|_| ()),
+            Socket::Stream(s) => {
+                frame.clear();
+                frame.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
+                frame.extend_from_slice(r.bytes);
+                let mut s: &UnixStream = s;
+                s.write_all(&frame)
+            }
+        };
+        match result {
+            Ok(()) => {
+                sent.packets += 1;
+                sent.bytes += r.bytes.len() as u64;
+                sent.messages += crate::packet::scanned_lines(r.bytes).count() as u64;
+            }
+            Err(_) => sent.errors += 1,
+        }
+    }
+    sent.elapsed = start.elapsed();
+    Ok(sent)
+}
+
 /// The next batch of up to 32 packets from `packets[*i..]` (in a loop), never past the
 /// plan's count, and at a fixed rate no more than a millisecond's worth.
 fn next_batch<'p>(

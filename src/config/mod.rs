@@ -21,6 +21,7 @@ use crate::enrichment::Enrichment;
 use crate::flush::{Aggregate, FlushSettings};
 pub use crate::forwarder::ApiKey;
 use crate::forwarder::ForwarderConfig;
+use crate::listener::capture::CaptureSettings;
 use crate::listener::stream::Limits;
 use crate::log::Level;
 use crate::packet::Transport;
@@ -51,6 +52,8 @@ pub struct Listen {
     pub eol_required: [bool; Transport::COUNT],
     /// `--forward-host` and `--forward-port`: where every packet is mirrored.
     pub mirror: Option<SocketAddr>,
+    /// `--capture-dir` and its limits: where SIGUSR2 records packets.
+    pub capture: Option<CaptureSettings>,
 }
 
 /// How much the pipeline between listeners and shards holds.
@@ -539,7 +542,24 @@ fn listen(r: &mut Resolver<'_>) -> Listen {
             .given("eol-required", resolve::eol_transports)
             .unwrap_or_default(),
         mirror: mirror(r),
+        capture: capture(r),
     }
+}
+
+/// `--capture-dir` and its limits, when captures are on.
+fn capture(r: &mut Resolver<'_>) -> Option<CaptureSettings> {
+    let dir = r
+        .string("capture-dir")
+        .filter(|d| !d.is_empty() && d != "off");
+    let seconds: u64 = r.number("capture-seconds");
+    let memory: usize = r.number("capture-memory");
+    let file_bytes: u64 = r.number("capture-file-bytes");
+    Some(CaptureSettings {
+        dir: PathBuf::from(dir?),
+        duration: Duration::from_secs(seconds),
+        memory,
+        file_bytes,
+    })
 }
 
 /// `--forward-host` and `--forward-port`: both, or no mirror (the Agent's port 0 is off).

@@ -402,6 +402,7 @@ mod tests {
             stopping: Arc::new(AtomicBool::new(stopping)),
             shut: Arc::new(AtomicBool::new(shut)),
             mirror: None,
+            capture: None,
         };
         (handoff, rx)
     }

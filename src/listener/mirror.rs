@@ -6,25 +6,15 @@
 //! [`BUFFERS`] buffers of one batch each.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-
+use super::copies::{Copies, Drain};
 use crate::packet::Batch;
 use crate::telemetry::{Counter, Readings, Snapshot};
 
 /// Most copy buffers in existence: queued, being sent, or free. Each holds one batch's bytes
 /// (256 KiB at most), so the mirror holds 4 MiB at most.
 pub const BUFFERS: usize = 16;
-
-/// One batch's packets, copied.
-#[derive(Default)]
-struct Copy {
-    bytes: Vec<u8>,
-    /// Where each packet ends in `bytes`.
-    ends: Vec<usize>,
-}
 
 /// The mirror's counters.
 #[derive(Debug, Default)]
@@ -55,9 +45,7 @@ impl Readings for MirrorCounters {
 
 /// The readers' side: where copies go.
 pub struct Mirror {
-    queue: Sender<Copy>,
-    free: Receiver<Copy>,
-    created: AtomicUsize,
+    copies: Copies,
     counters: Arc<MirrorCounters>,
 }
 
@@ -72,65 +60,34 @@ impl Mirror {
         };
         let socket = UdpSocket::bind(bind)?;
         socket.connect(to)?;
-        let (queue, rx) = crossbeam_channel::bounded::<Copy>(BUFFERS);
-        let (give_back, free) = crossbeam_channel::bounded::<Copy>(BUFFERS);
+        let (copies, drain) = Copies::new(BUFFERS);
         let c = counters.clone();
         std::thread::Builder::new()
             .name("whippet-mirror".into())
-            .spawn(move || send_all(&socket, &rx, &give_back, &c))?;
-        Ok(Arc::new(Mirror {
-            queue,
-            free,
-            created: AtomicUsize::new(0),
-            counters,
-        }))
+            .spawn(move || send_all(&socket, &drain, &c))?;
+        Ok(Arc::new(Mirror { copies, counters }))
     }
 
     /// Copies the packets of `batch` for the mirror thread, or counts them dropped when
     /// every buffer is taken. Never waits.
     pub fn copy(&self, batch: &Batch) {
         let packets = batch.packet_count() as u64;
-        if packets == 0 {
-            return;
-        }
-        let mut copy = match self.free.try_recv() {
-            Ok(c) => c,
-            Err(_) if self.created.fetch_add(1, Relaxed) < BUFFERS => Copy::default(),
-            Err(_) => {
-                self.created.fetch_sub(1, Relaxed);
-                self.counters.dropped.add(packets);
-                return;
-            }
-        };
-        copy.bytes.clear();
-        copy.ends.clear();
-        for p in batch.packets() {
-            copy.bytes.extend_from_slice(p);
-            copy.ends.push(copy.bytes.len());
-        }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(copy)
-        {
-            // The queue holds fewer than BUFFERS only when buffers are free: not expected,
-            // but never wait.
-            self.created.fetch_sub(1, Relaxed);
+        if packets > 0 && !self.copies.copy(batch, 0) {
             self.counters.dropped.add(packets);
         }
     }
 }
 
 /// The mirror thread: sends each copied packet as one datagram and gives the buffer back.
-fn send_all(socket: &UdpSocket, rx: &Receiver<Copy>, give_back: &Sender<Copy>, c: &MirrorCounters) {
-    for copy in rx {
-        let mut start = 0;
-        for &end in &copy.ends {
-            match socket.send(&copy.bytes[start..end]) {
+fn send_all(socket: &UdpSocket, drain: &Drain, c: &MirrorCounters) {
+    for copy in &drain.rx {
+        for p in copy.packets() {
+            match socket.send(p) {
                 Ok(_) => c.sent.add(1),
                 Err(_) => c.errors.add(1),
             }
-            start = end;
         }
-        let _ = give_back.try_send(copy);
+        drain.recycle(copy);
     }
 }
 
@@ -176,27 +133,5 @@ mod tests {
             || counters.sent.get() == 2,
         );
         assert_eq!((counters.dropped.get(), counters.errors.get()), (0, 0));
-    }
-
-    #[test]
-    fn a_copy_without_a_free_buffer_is_dropped_and_counted_never_waited_for() {
-        let (queue, rx) = crossbeam_channel::bounded::<Copy>(BUFFERS);
-        let (_give_back, free) = crossbeam_channel::bounded::<Copy>(BUFFERS);
-        let counters = Arc::new(MirrorCounters::default());
-        let mirror = Mirror {
-            queue,
-            free,
-            created: AtomicUsize::new(0),
-            counters: counters.clone(),
-        };
-        let pool = Pool::new(1024, 1);
-        let b = batch(&pool, &[b"x:1|c", b"y:1|c"]);
-        // Nobody sends: the first BUFFERS copies queue, the rest are dropped at once.
-        for _ in 0..BUFFERS + 3 {
-            mirror.copy(&b);
-        }
-        assert_eq!(rx.len(), BUFFERS);
-        assert_eq!(counters.dropped.get(), 2 * 3);
-        assert_eq!(mirror.created.load(Relaxed), BUFFERS);
     }
 }

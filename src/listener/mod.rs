@@ -14,6 +14,8 @@
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and
 //! exit without timeouts or polling.
 
+pub mod capture;
+pub mod copies;
 pub mod datagram;
 pub mod mirror;
 pub mod stream;
@@ -119,6 +121,8 @@ pub struct Handoff {
     pub shut: Arc<AtomicBool>,
     /// Where a copy of every packet goes (`--forward-host`), when configured.
     pub mirror: Option<Arc<mirror::Mirror>>,
+    /// What records packets while a capture runs (`--capture-dir`), when configured.
+    pub capture: Option<Arc<capture::Capture>>,
 }
 
 /// Whether a reader goes on after handing a batch off.
@@ -140,12 +144,21 @@ impl Handoff {
         self.shut.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Hands copies of a batch to the mirror and a running capture, when there are.
+    #[inline]
+    fn tap(&self, batch: &Batch) {
+        if let Some(m) = &self.mirror {
+            m.copy(batch);
+        }
+        if let Some(c) = &self.capture {
+            c.record(batch);
+        }
+    }
+
     /// UDP's policy: never wait. A full queue drops the batch; its packets and messages are
     /// counted.
     pub(crate) fn drop_when_full(&self, batch: Batch) -> Flow {
-        if let Some(m) = &self.mirror {
-            m.copy(&batch);
-        }
+        self.tap(&batch);
         match self.queue.try_send(batch) {
             Ok(()) => Flow::Continue,
             Err(TrySendError::Full(dropped)) => {
@@ -165,9 +178,7 @@ impl Handoff {
     /// [`Pool::admit`]) and for room in the queue, so a full pipeline pushes back on the
     /// client.
     pub(crate) fn wait_for_room(&self, mut batch: Batch) -> Flow {
-        if let Some(m) = &self.mirror {
-            m.copy(&batch);
-        }
+        self.tap(&batch);
         self.pool.admit(&mut batch);
         match self.queue.send(batch) {
             Ok(()) => Flow::Continue,
