@@ -239,19 +239,20 @@ impl Pipeline {
         // to the allocator.
         let keep = p.workers + listen.udp_readers + 2;
         let trimmed = pool.clone();
+        let shaping = config.shaping.build().map_err(Error::Config)?;
+        let live_tags = Arc::new(LiveTags::new(&config.aggregation.tags, shaping));
         let flusher = Flusher::new(
             demux.clone(),
             telemetry.flush.clone(),
             config.flush_settings(),
             output,
         )
+        .with_live_shaping(live_tags.clone())
         .after_each_flush(move || {
             trimmed.trim(keep);
         });
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let flusher = spawn("whippet-flusher".into(), move || flusher.run(stop_rx))?;
-        let shaping = config.shaping.build().map_err(Error::Config)?;
-        let live_tags = Arc::new(LiveTags::new(&config.aggregation.tags, shaping));
         let mut enrichment = config.enrichment();
         let origin = start_origin(config, telemetry)?;
         enrichment.origin = origin.as_ref().map(|(o, _)| o.clone());

@@ -12,9 +12,11 @@ use crate::clock;
 use crate::context::ContextKey;
 use crate::demux::Demux;
 use crate::sample::{EventRecord, ServiceCheckRecord};
+use crate::shaping::NameList;
 use crate::shard::{Accumulator, Closed, Expiry, Histogram};
 use crate::sketch::Sketch;
 use crate::telemetry::{labels, Counter, Gauge, PerLabel, Readings, Snapshot};
+use crate::worker::LiveTags;
 
 /// The intake's metric types (v2 `MetricType` numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +138,9 @@ pub struct FlushSettings {
     /// Histogram percentiles (1..=100, sorted), with their name suffix.
     percentiles: Vec<(i64, Arc<str>)>,
     no_suffix: Arc<str>,
+    /// The filter list's entries that name a histogram's aggregate series, which are
+    /// dropped (`--metric-filterlist`; empty without one).
+    pub(crate) histogram_filter: NameList,
 }
 
 impl FlushSettings {
@@ -154,23 +159,40 @@ impl FlushSettings {
                 .map(|p| (*p as i64, format!(".{p}percentile").into()))
                 .collect(),
             no_suffix: "".into(),
+            histogram_filter: NameList::default(),
         }
+    }
+
+    /// Every name suffix a histogram's series may have: its aggregates and percentiles.
+    fn histogram_suffixes(&self) -> Vec<Arc<str>> {
+        let aggregates = self.aggregates.iter().map(|(_, s)| s);
+        let percentiles = self.percentiles.iter().map(|(_, s)| s);
+        aggregates.chain(percentiles).cloned().collect()
     }
 
     /// Turns one closed accumulator into series points or a sketch. Returns how many points
     /// (or sketches) were dropped for a value that overflowed to infinity (a counter summed
-    /// past f64's range, a tiny sample rate): the intake cannot take them.
-    pub fn finish(&self, closed: Closed, out: &mut Flushed) -> usize {
+    /// past f64's range, a tiny sample rate): the intake cannot take them; and how many
+    /// aggregate series of a histogram the filter list named.
+    pub fn finish(&self, closed: Closed, out: &mut Flushed) -> Dropped {
         let Closed {
             context,
             timestamp,
             acc,
         } = closed;
         let interval = self.expiry.interval;
-        let mut non_finite = 0;
+        let mut dropped = Dropped::default();
+        let filter = &self.histogram_filter;
         let mut series = |suffix: &Arc<str>, kind, value: f64| {
             if !value.is_finite() {
-                non_finite += 1;
+                dropped.non_finite += 1;
+                return;
+            }
+            if !suffix.is_empty()
+                && !filter.is_empty()
+                && filter.contains(&format!("{}{suffix}", context.name()))
+            {
+                dropped.filtered += 1;
                 return;
             }
             out.series.push(Series {
@@ -192,7 +214,7 @@ impl FlushSettings {
             }
             Accumulator::Histogram(mut h) => {
                 if h.samples.is_empty() {
-                    return 0;
+                    return dropped;
                 }
                 h.samples.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
                 for (agg, suffix) in &self.aggregates {
@@ -206,7 +228,8 @@ impl FlushSettings {
             Accumulator::Distribution(mut sketch) => {
                 sketch.finish();
                 if !sketch.summary().sum.is_finite() {
-                    return 1;
+                    dropped.non_finite += 1;
+                    return dropped;
                 }
                 if !sketch.is_empty() {
                     out.sketches.push(SketchPoint {
@@ -217,8 +240,17 @@ impl FlushSettings {
                 }
             }
         }
-        non_finite
+        dropped
     }
+}
+
+/// What [`FlushSettings::finish`] dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Points and sketches whose value overflowed to infinity.
+    pub non_finite: u64,
+    /// A histogram's aggregate series the filter list names.
+    pub filtered: u64,
 }
 
 /// One aggregate of a sorted, non-empty histogram, as the Agent computes it.
@@ -278,6 +310,8 @@ pub struct Counters {
     pub flushed: PerLabel<Data, Counter, { Data::COUNT }>,
     /// Points and sketches dropped at flush for a value that overflowed to infinity.
     pub non_finite: Counter,
+    /// A histogram's aggregate series dropped for the filter list.
+    pub filtered: Counter,
 }
 
 impl Readings for Counters {
@@ -296,6 +330,12 @@ impl Readings for Counters {
             &[("reason", "non_finite")],
             non_finite,
         );
+        let filtered = self.filtered.get();
+        out.counter(
+            "whippet_dropped_total",
+            &[("reason", "filtered_aggregate")],
+            filtered,
+        );
     }
 }
 
@@ -309,6 +349,8 @@ pub struct Flusher {
     closed: Vec<Closed>,
     /// Run after each periodic flush: the daemon's housekeeping (trimming the packet pool).
     after_flush: Option<Box<dyn FnMut() + Send>>,
+    /// The reloadable shaping and the generation applied.
+    live: Option<(Arc<LiveTags>, u64)>,
 }
 
 impl Flusher {
@@ -325,7 +367,31 @@ impl Flusher {
             output,
             closed: Vec::new(),
             after_flush: None,
+            live: None,
         }
+    }
+
+    /// Takes the filter list for histogram aggregates from `live` from now on (and whenever
+    /// SIGHUP changes it).
+    pub(crate) fn with_live_shaping(mut self, live: Arc<LiveTags>) -> Flusher {
+        self.live = Some((live, u64::MAX));
+        self.apply_live_shaping();
+        self
+    }
+
+    /// Rebuilds the histogram filter if the shaping changed since the last flush.
+    fn apply_live_shaping(&mut self) {
+        let Some((live, seen)) = &mut self.live else {
+            return;
+        };
+        let Some((generation, shaping)) = live.shaping_since(*seen) else {
+            return;
+        };
+        *seen = generation;
+        let suffixes = self.settings.histogram_suffixes();
+        self.settings.histogram_filter = shaping
+            .map(|s| s.filter.with_suffixes(&suffixes))
+            .unwrap_or_default();
     }
 
     /// Runs `f` after each periodic flush (not the final one): work that wants a steady,
@@ -346,6 +412,7 @@ impl Flusher {
     /// [`Flusher::flush`], stamping buckets `offset` seconds from their start on the
     /// pipeline's clock ([`clock::wall_offset`]).
     fn flush_stamped(&mut self, boundary: i64, offset: i64) {
+        self.apply_live_shaping();
         let backlog = self.demux.take_backlog();
         let mut out = Flushed {
             events: backlog.events,
@@ -366,7 +433,8 @@ impl Flusher {
             }
             for closed in self.closed.drain(..) {
                 let dropped = self.settings.finish(closed, &mut out);
-                self.counters.non_finite.add(dropped as u64);
+                self.counters.non_finite.add(dropped.non_finite);
+                self.counters.filtered.add(dropped.filtered);
             }
             self.emit(std::mem::take(&mut out));
         }
@@ -622,6 +690,39 @@ mod tests {
                 .map(|b| b.n)
                 .sum::<u16>(),
             3
+        );
+    }
+
+    #[test]
+    fn a_filter_list_entry_naming_a_histogram_aggregate_drops_that_series_only() {
+        let mut s = FlushSettings::new(EXPIRY, &[Aggregate::Max, Aggregate::Count], &[95]);
+        let list = NameList::new(
+            &["m.max".into(), "m.95percentile".into(), "m".into()],
+            false,
+        );
+        s.histogram_filter = list.with_suffixes(&s.histogram_suffixes());
+        assert_eq!(
+            s.histogram_filter.len(),
+            2,
+            "the bare name is not an aggregate's"
+        );
+        let mut h = Histogram::default();
+        h.samples.push((2.0, 1));
+        h.count = 1;
+        h.sum = 2.0;
+        let mut out = Flushed::default();
+        let dropped = s.finish(
+            closed(MetricKind::Histogram, Accumulator::Histogram(Box::new(h))),
+            &mut out,
+        );
+        let names: Vec<String> = out.series.iter().map(Series::name).collect();
+        assert_eq!(names, ["m.count"]);
+        assert_eq!(
+            dropped,
+            Dropped {
+                non_finite: 0,
+                filtered: 2
+            }
         );
     }
 }

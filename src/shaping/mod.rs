@@ -193,6 +193,21 @@ impl NameList {
         self.names.len()
     }
 
+    /// The entries that end with one of `suffixes`, matched the same way: the Agent's list
+    /// for a histogram's aggregate series (`my.hist.max` on the list drops that series of
+    /// the histogram `my.hist`, whose samples the list does not name).
+    pub fn with_suffixes<S: AsRef<str>>(&self, suffixes: &[S]) -> NameList {
+        NameList {
+            names: self
+                .names
+                .iter()
+                .filter(|n| suffixes.iter().any(|s| n.ends_with(s.as_ref())))
+                .cloned()
+                .collect(),
+            prefix: self.prefix,
+        }
+    }
+
     /// Whether `name` is on the list: equal to an entry or, in prefix mode, beginning with
     /// one. One binary search: an entry that begins `name` sorts just before it.
     pub fn contains(&self, name: &str) -> bool {

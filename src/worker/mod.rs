@@ -60,6 +60,15 @@ impl LiveTags {
         self.generation.fetch_add(1, Relaxed);
     }
 
+    /// The shaping, when its generation is not `seen`.
+    pub(crate) fn shaping_since(&self, seen: u64) -> Option<(u64, Option<Arc<Shaping>>)> {
+        if self.generation.load(Relaxed) == seen {
+            return None;
+        }
+        let (generation, (_, shaping)) = self.current();
+        Some((generation, shaping))
+    }
+
     fn current(&self) -> (u64, Shapers) {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
         (self.generation.load(Relaxed), current.clone())
