@@ -223,7 +223,7 @@ fn is_magic(tag: &str) -> bool {
 /// Appends the canonical tags of a raw `#` field to `tags`: split, `host:` and magic tags
 /// removed, extra, origin, the mapper's and a host rule's tags added, the tag filter
 /// applied, sorted, de-duplicated. Returns the value of the last `host:` tag (which a host
-/// rule overrides: the caller sends no host).
+/// rule overrides: the caller sends no host) and how many tags the tag filter removed.
 pub fn canonicalize<'a>(
     raw: &'a str,
     extra: &'a [Box<str>],
@@ -231,7 +231,7 @@ pub fn canonicalize<'a>(
     shape: Shape<'a>,
     tags: &mut Vec<&'a str>,
     sort: &mut Vec<(u64, &'a str)>,
-) -> Option<&'a str> {
+) -> (Option<&'a str>, usize) {
     let start = tags.len();
     let mut host = None;
     for tag in split_tags(raw) {
@@ -249,6 +249,7 @@ pub fn canonicalize<'a>(
     if let Some(rule) = shape.host {
         tags.extend(rule.tags.iter().map(|t| &**t));
     }
+    let mut filtered = 0;
     if let Some(filter) = shape.filter {
         let mut kept = start;
         for i in start..tags.len() {
@@ -257,10 +258,11 @@ pub fn canonicalize<'a>(
                 kept += 1;
             }
         }
+        filtered = tags.len() - kept;
         tags.truncate(kept);
     }
     canonical_tags(tags, start, sort);
-    host
+    (host, filtered)
 }
 
 /// The owned tags and host of an event or service check: the raw tags without `host:` and
@@ -322,7 +324,7 @@ mod tests {
     ) -> (Option<String>, Vec<String>) {
         let mut tags = Vec::new();
         let mut sort = Vec::new();
-        let host = canonicalize(raw, extra, origin, Shape::default(), &mut tags, &mut sort);
+        let (host, _) = canonicalize(raw, extra, origin, Shape::default(), &mut tags, &mut sort);
         (
             host.map(str::to_string),
             tags.iter().map(|t| t.to_string()).collect(),

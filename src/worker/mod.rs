@@ -116,6 +116,9 @@ pub struct Counters {
     /// Metric samples aggregated by shards (one per value).
     pub samples: Counter,
     pub contexts_created: Counter,
+    /// Tags the per-metric tag filter removed, counted as a worker builds a context (once
+    /// per context and worker, again if its cache forgot the context).
+    pub tags_filtered: Counter,
 }
 
 impl Readings for Counters {
@@ -133,6 +136,8 @@ impl Readings for Counters {
         out.counter("whippet_samples_total", &[], self.samples.get());
         let created = self.contexts_created.get();
         out.counter("whippet_contexts_created_total", &[], created);
+        let filtered = self.tags_filtered.get();
+        out.counter("whippet_tags_filtered_total", &[], filtered);
     }
 }
 
@@ -145,6 +150,7 @@ struct Tally {
     samples: u64,
     new_contexts: u64,
     rate_invalid: u64,
+    tags_filtered: u64,
 }
 
 impl Tally {
@@ -163,6 +169,7 @@ impl Tally {
         c.samples.add(self.samples);
         c.contexts_created.add(self.new_contexts);
         c.sample_rate_invalid.add(self.rate_invalid);
+        c.tags_filtered.add(self.tags_filtered);
         *self = Tally::default();
     }
 
@@ -430,7 +437,8 @@ impl Worker {
                 });
                 let extra = &enrichment.extra_tags;
                 let shape = shape.unwrap_or_default();
-                canonicalize(s.raw_tags, extra, origin, shape, tags, sort);
+                let (_, filtered) = canonicalize(s.raw_tags, extra, origin, shape, tags, sort);
+                self.tally.tags_filtered += filtered as u64;
                 ContextTags::Arena(start as u32, tags.len() as u32)
             });
             if resend {
@@ -695,7 +703,9 @@ impl Worker {
         let shape = target
             .decision
             .map_or_else(Shape::default, |(s, copy)| s.shape(copy));
-        let host_tag = canonicalize(m.tags, extra, origin, shape, scratch.tags, scratch.sort);
+        let (host_tag, filtered) =
+            canonicalize(m.tags, extra, origin, shape, scratch.tags, scratch.sort);
+        self.tally.tags_filtered += filtered as u64;
         let host = match (shape.host, host_tag) {
             (Some(_), _) => "",
             (None, Some(h)) => h,
@@ -1214,6 +1224,8 @@ mod tests {
             ]
         );
         assert_eq!(w.counters.samples.get(), 2 * (2 + 2 + 1 + 1 + 1 + 1));
+        // The pod tag, once from each filtered context as it was built.
+        assert_eq!(w.counters.tags_filtered.get(), 2);
     }
 
     #[test]

@@ -132,6 +132,8 @@ DD_HISTOGRAM_COPY_TO_DISTRIBUTION_PREFIX=dist.
         s.telemetry(r#"whippet_dropped_total{reason="filtered"}"#),
         3
     );
+    // The pod tags of app.size and dist.app.lat, as their contexts were built.
+    assert_eq!(s.telemetry("whippet_tags_filtered_total"), 2);
     // An entry naming a histogram's aggregate drops that series only, at flush.
     assert_eq!(
         s.telemetry(r#"whippet_dropped_total{reason="filtered_aggregate"}"#),
