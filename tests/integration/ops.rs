@@ -195,28 +195,10 @@ fn sighup_under_load_loses_nothing() {
     let conf = dir.path("whippet.conf");
     write(&conf, "DD_DOGSTATSD_TAGS=gen:0\n");
     let socket = dir.path("load.socket");
-    let args = vec![
-        "--config".into(),
-        conf.display().to_string(),
-        "--udp".into(),
-        "off".into(),
-        "--socket".into(),
-        socket.display().to_string(),
-        "--bucket-seconds".into(),
-        ONE_BUCKET.into(),
-    ];
-    let w = Whippet::spawn_env(args, &[], dir);
+    let w = start_with_config_on_socket(&conf, &socket, dir);
     const N: u64 = 20_000;
-    let sender = {
-        let socket = socket.clone();
-        std::thread::spawn(move || {
-            let s = UnixDatagram::unbound().unwrap();
-            for _ in 0..N / 10 {
-                // The Unix datagram reader applies backpressure: blocking sends, none lost.
-                s.send_to(b"load.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c\nload.c:1|c", &socket).unwrap();
-            }
-        })
-    };
+    let packet = ["load.c:1|c"; 10].join("\n");
+    let sender = send_blocking(&socket, packet.into_bytes(), N / 10);
     for generation in 1..=5 {
         write(&conf, &format!("DD_DOGSTATSD_TAGS=gen:{generation}\n"));
         w.signal(Signal::SIGHUP);

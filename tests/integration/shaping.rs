@@ -3,14 +3,14 @@
 //! receives them, and SIGHUP swapping them under load without losing or double-counting a
 //! sample.
 
-use std::os::unix::net::UnixDatagram;
-
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use whippet::intake::store::PointRecord;
 use whippet::intake::IntakeConfig;
 
-use crate::support::{intake, TempDir, Whippet, ONE_BUCKET};
+use crate::support::{
+    intake, send_blocking, start_with_config_on_socket, TempDir, Whippet, ONE_BUCKET,
+};
 
 /// The mapper table the unit test reads too.
 const TABLE: &str = include_str!("../data/mapper_table.json");
@@ -197,29 +197,10 @@ DD_METRIC_FILTERLIST=drop.me
     let namespaced = "DD_STATSD_METRIC_NAMESPACE=ns\nDD_METRIC_FILTERLIST=ns.drop.me\n";
     std::fs::write(&conf, mapped).unwrap();
     let socket = dir.path("load.socket");
-    let args = vec![
-        "--config".into(),
-        conf.display().to_string(),
-        "--udp".into(),
-        "off".into(),
-        "--socket".into(),
-        socket.display().to_string(),
-        "--bucket-seconds".into(),
-        ONE_BUCKET.into(),
-    ];
-    let w = Whippet::spawn_env(args, &[], dir);
+    let w = start_with_config_on_socket(&conf, &socket, dir);
     const PACKETS: u64 = 3_000;
-    let sender = {
-        let socket = socket.clone();
-        std::thread::spawn(move || {
-            let s = UnixDatagram::unbound().unwrap();
-            let packet = ["load.c:1|c"; 9].join("\n") + "\ndrop.me:1|c";
-            for _ in 0..PACKETS {
-                // Blocking sends over the Unix socket: the reader's backpressure loses none.
-                s.send_to(packet.as_bytes(), &socket).unwrap();
-            }
-        })
-    };
+    let packet = ["load.c:1|c"; 9].join("\n") + "\ndrop.me:1|c";
+    let sender = send_blocking(&socket, packet.into_bytes(), PACKETS);
     // Each reload sends systemd two notifications, which the harness reads only at the end:
     // four reloads stay within the smallest notification queue (10).
     for generation in 1..=4 {

@@ -56,6 +56,42 @@ pub fn intake(config: IntakeConfig) -> Intake {
     Intake::start(config).expect("start the test intake")
 }
 
+/// Starts whippet with `--config conf`, only the Unix datagram socket `socket` and one long
+/// bucket, and an empty environment.
+pub fn start_with_config_on_socket(
+    conf: &std::path::Path,
+    socket: &std::path::Path,
+    dir: TempDir,
+) -> Whippet {
+    let args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--udp".into(),
+        "off".into(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--bucket-seconds".into(),
+        ONE_BUCKET.into(),
+    ];
+    Whippet::spawn_env(args, &[], dir)
+}
+
+/// Sends `packet` `count` times to the Unix datagram socket `socket` from a thread. Sends
+/// block, so whippet's reader pushes back and none is lost.
+pub fn send_blocking(
+    socket: &std::path::Path,
+    packet: Vec<u8>,
+    count: u64,
+) -> std::thread::JoinHandle<()> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let s = UnixDatagram::unbound().unwrap();
+        for _ in 0..count {
+            s.send_to(&packet, &socket).unwrap();
+        }
+    })
+}
+
 /// A running whippet.
 pub struct Whippet {
     process: Process,
