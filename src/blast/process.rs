@@ -141,7 +141,8 @@ impl Listeners {
         let mut out = Listeners::default();
         // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
         for row in rows(udp) {
-            if ours(&row, 9) && out.udp.is_none() {
+            // 07: not connected. A connected socket sends (the mirror), it does not listen.
+            if ours(&row, 9) && row[3] == "07" && out.udp.is_none() {
                 out.udp = address(&row[1]);
             }
         }
@@ -419,6 +420,7 @@ mod tests {
     fn listeners_are_the_process_sockets_in_the_kernel_tables() {
         let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
  1: 0100007F:1F8D 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 900 2 0 0
+ 0: 0100007F:C2D3 0100007F:D162 01 00000000:00000000 00:00000000 00000000  1000        0 10 2 0 0
  2: 0100007F:A1B2 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 11 2 0 0
 ";
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -431,7 +433,8 @@ mod tests {
 0000000032709cb1: 00000003 00000000 00000000 0001 03    16 /tmp/w/dsd-stream.socket
 0000000032709cb2: 00000002 00000000 00010000 0001 01   901 /tmp/other.socket
 ";
-        let found = Listeners::from_tables(&[11, 12, 13, 14, 15, 16], udp, tcp, unix);
+        // Inode 10 is the process's connected UDP socket (the mirror's): not a listener.
+        let found = Listeners::from_tables(&[10, 11, 12, 13, 14, 15, 16], udp, tcp, unix);
         assert_eq!(
             found,
             Listeners {
