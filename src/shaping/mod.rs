@@ -110,6 +110,13 @@ pub struct Shaped {
 }
 
 impl Shaped {
+    /// About how many bytes it holds: its names and tags, and a fixed part.
+    pub fn size(&self) -> usize {
+        let tags: usize = self.tags.iter().map(|t| t.len() + 16).sum();
+        let copy = self.copy.as_ref().map_or(0, |c| c.name.len());
+        std::mem::size_of::<Shaped>() + self.name.len() + tags + copy
+    }
+
     /// A decision that changes nothing: the metric keeps its name and tags.
     pub fn is_identity(&self, name: &str) -> bool {
         &*self.name == name

@@ -219,6 +219,8 @@ pub struct Worker {
     /// ([`Cached::shaped`]); the decisions by name, for contexts not yet cached; the
     /// decisions one batch holds.
     shaped: hashbrown::HashTable<Beside>,
+    /// Bytes of names and tags of the decisions in `shaped`, counted as they are put in.
+    shaped_bytes: usize,
     decisions: Decisions,
     keep: Keep,
     events: Vec<EventRecord>,
@@ -241,6 +243,7 @@ impl Worker {
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
             shaped: hashbrown::HashTable::new(),
+            shaped_bytes: 0,
             decisions: Decisions::default(),
             keep: Keep::default(),
             per_shard: (0..shards).map(|_| ShardBatch::default()).collect(),
@@ -273,8 +276,9 @@ impl Worker {
         // Decisions leave the table only here, between batches: a batch's samples borrow
         // their names from the ones it holds. Within a batch it grows by at most the
         // batch's contexts.
-        if self.shaped.len() >= SHAPED_MAX {
+        if self.shaped.len() >= SHAPED_MAX || self.shaped_bytes >= SHAPED_BYTES {
             self.shaped.clear();
+            self.shaped_bytes = 0;
         }
         let enrichment = self.enrichment.clone();
         // One snapshot of the container tags for the whole batch: lookups take no lock.
@@ -325,6 +329,7 @@ impl Worker {
                 self.enrichment.shaping = shaping;
                 self.cache.clear();
                 self.shaped.clear();
+                self.shaped_bytes = 0;
                 self.decisions.clear();
             }
         }
@@ -642,6 +647,7 @@ impl Worker {
             entry.shaped = true;
             self.cache.insert(entry);
         }
+        self.shaped_bytes += decided.size();
         let beside = self
             .shaped
             .insert_unique(raw, Beside::new(raw, decided), |e| e.raw);
@@ -862,9 +868,12 @@ struct Place<'o, 'a> {
 /// What sets a histogram's distribution copy's cache key apart from the histogram's own.
 const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
 
-/// Most decisions kept beside the context cache (its largest size); beyond, they are
-/// forgotten together at the next batch and made again as their contexts come.
+/// Most decisions kept beside the context cache (its largest size), and the most bytes of
+/// names and tags they may hold (the table keeps alive decisions the name cache forgot, and
+/// hostile clients choose names); beyond either, they are forgotten together at the next
+/// batch and made again as their contexts come.
 const SHAPED_MAX: usize = 1 << 16;
+const SHAPED_BYTES: usize = 4 << 20;
 
 /// How many samples a metric message carries.
 fn value_count(values: &Values<'_>) -> u64 {
@@ -1255,6 +1264,31 @@ mod tests {
             ]
         );
         assert_eq!(w.counters.contexts_created.get(), 4);
+    }
+
+    #[test]
+    fn hostile_names_cannot_grow_the_decisions_a_worker_keeps() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            namespace: "ns.".into(),
+            mapper_cache_size: 100,
+            ..shaping()
+        });
+        // Each packet of the test batch holds 1 KiB.
+        let long = "n".repeat(900);
+        for batch in 0..600 {
+            let packets: Vec<String> = (0..10).map(|i| format!("{long}.{batch}.{i}:1|c")).collect();
+            let packets: Vec<&str> = packets.iter().map(String::as_str).collect();
+            feed(&mut w, &packets);
+            // At most one batch's decisions past the bound, until the next batch clears.
+            assert!(
+                w.shaped_bytes < SHAPED_BYTES + 10 * 1024,
+                "{}",
+                w.shaped_bytes
+            );
+            assert!(w.decisions.len() <= 100);
+        }
+        assert!(w.shaped.len() < 6000, "the table was cleared along the way");
+        assert_eq!(w.counters.contexts_created.get(), 6000);
     }
 
     #[test]
