@@ -615,8 +615,31 @@ fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation 
     warnings.extend(skipped);
     let (histogram_percentiles, skipped) = r.value("histogram-percentiles", resolve::percentiles);
     warnings.extend(skipped);
+    // The Agent's host tags and env travel in host metadata, which whippet does not send:
+    // they join the extra tags instead, after them, each once.
+    let host_tags = r
+        .given("host-tags", |v, _| {
+            Ok(v.split([',', ' ', '\t'])
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let env = r.given("env", |v, name| {
+        let v = v.trim();
+        if v.contains([',', ' ', '|', '#']) {
+            return Err(format!("{name}: '{v}' cannot be a tag value"));
+        }
+        Ok((!v.is_empty()).then(|| format!("env:{v}")))
+    });
+    let mut tags: Vec<String> = tags.unwrap_or_default();
+    for t in host_tags.into_iter().chain(env.flatten()) {
+        if !tags.contains(&t) {
+            tags.push(t);
+        }
+    }
     Aggregation {
-        tags: tags.unwrap_or_default(),
+        tags,
         hostname,
         expiry,
         histogram_aggregates,
@@ -1443,6 +1466,25 @@ process_config:
             format!("DD_DOGSTATSD_PORT ({file}:1): 'many' is not a whole number")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn host_tags_and_env_join_the_extra_tags_each_once() {
+        let c = run_env(
+            &["--tags", "team:core,env:prod"],
+            &[("DD_TAGS", "region:eu team:core, az:b"), ("DD_ENV", "prod")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.aggregation.tags,
+            ["team:core", "env:prod", "region:eu", "az:b"]
+        );
+        let c = run_env(&[], &[("DD_ENV", "staging")]).unwrap();
+        assert_eq!(c.aggregation.tags, ["env:staging"]);
+        assert_eq!(
+            run_env(&[], &[("DD_ENV", "my env")]).unwrap_err(),
+            "DD_ENV (environment): 'my env' cannot be a tag value"
+        );
     }
 
     #[test]

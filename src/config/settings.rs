@@ -130,6 +130,8 @@ pub const SETTINGS: &[Setting] = &[
     n("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", (Derived("the number of CPUs"), 1, 256), "Parser threads; steady traffic far below what one core parses uses less CPU with 1, more absorb bursts."),
     n("shards", "DD_DOGSTATSD_PIPELINE_COUNT", "N", (Value("16"), 1, 4096), "Aggregation shards (mutex-guarded); more reduce lock contention between workers."),
     s("tags", "DD_DOGSTATSD_TAGS", "TAGS", Unset("none"), "Extra tags added to every metric, event and service check: comma-separated on the command line, space- or comma-separated in the environment and config file.").reloadable(),
+    s("host-tags", "DD_TAGS", "TAGS", Unset("none"), "The Agent's host tags, space- or comma-separated: added to every metric, event and service check like the extra tags, since whippet sends no host metadata to carry them.").reloadable(),
+    s("env", "DD_ENV", "NAME", Unset("none"), "The Agent's env: the tag env:NAME joins every metric, event and service check.").reloadable(),
     s("hostname", "DD_HOSTNAME", "NAME", Derived("this machine's hostname"), "Host reported for data without a host: tag."),
     n("bucket-seconds", "WHIPPET_BUCKET_SECONDS", "N", (Value("10"), 1, 1 << 40), "Aggregation bucket length in seconds."),
     s("histogram-aggregates", "DD_HISTOGRAM_AGGREGATES", "LIST", Value("max,median,avg,count"), "Histogram aggregates: max, min, median, avg, sum, count (comma- or space-separated)."),

@@ -431,3 +431,35 @@ fn invalid_histogram_entries_are_skipped_with_a_warning_instead_of_refusing_to_s
     names.sort();
     assert_eq!(names, ["h.50percentile=1", "h.max=3"]);
 }
+
+#[test]
+fn the_agents_host_tags_and_env_reach_every_kind() {
+    let intake = intake(IntakeConfig::default());
+    let env = [("DD_TAGS", "region:eu az:b"), ("DD_ENV", "prod")];
+    let args = [
+        "--dd-url",
+        &intake.url(),
+        "--api-key",
+        "k",
+        "--tags",
+        "team:core",
+    ];
+    let w = Whippet::start_env(&args, &env);
+    w.send_udp(b"m:1|g|#own\n_e{1,1}:e|t\n_sc|c|0");
+    w.wait_for_telemetry("whippet_samples_total", 1);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let want = ["az:b", "env:prod", "own", "region:eu", "team:core"];
+    assert_eq!(point(&intake.store().points(), "m").tags, want);
+    let e = &intake.store().events()[0];
+    assert_eq!(
+        e["tags"],
+        json!(["team:core", "region:eu", "az:b", "env:prod"])
+    );
+    let c = &intake.store().service_checks()[0];
+    assert_eq!(
+        c["tags"],
+        json!(["team:core", "region:eu", "az:b", "env:prod"])
+    );
+    intake.stop();
+}
