@@ -683,6 +683,18 @@ fn reload_with(daemon: &mut Daemon, reload: &impl Fn() -> Result<Config, Error>)
     systemd::notify("READY=1\nSTATUS=listening");
 }
 
+/// Whether the kernel gave less receive buffer than `--so-rcvbuf` asked for. Linux keeps
+/// twice the size set (half for its own bookkeeping) and reports that, so the size granted
+/// for data is half of `reported`.
+fn rcvbuf_capped(asked: usize, reported: usize) -> Option<String> {
+    let granted = reported / 2;
+    (asked > 0 && granted < asked).then(|| {
+        format!(
+            "the kernel capped --so-rcvbuf: asked for {asked} bytes, granted {granted}; raise net.core.rmem_max to at least {asked} to let bursts wait in the socket"
+        )
+    })
+}
+
 fn warn_at_start(config: &Config) {
     if let Some(warning) = check::readable_key_file(config) {
         log::warn(&warning);
@@ -723,6 +735,11 @@ fn log_start(config: &Config, bound: &Bound) {
             "listening on udp {addr} (receive buffer {} bytes)",
             bound.udp_rcvbuf
         ));
+        if bound.activated == 0 {
+            if let Some(warning) = rcvbuf_capped(config.listen.so_rcvbuf, bound.udp_rcvbuf) {
+                log::warn(&warning);
+            }
+        }
     }
     if let Some(path) = &bound.socket {
         log::info(&format!("listening on unix {}", path.display()));
@@ -798,6 +815,18 @@ fn log_snapshot(s: &Snapshot) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_receive_buffer_the_kernel_capped_is_named_with_what_was_asked() {
+        // Linux reports twice what it grants for data.
+        assert_eq!(rcvbuf_capped(4 << 20, 8 << 20), None);
+        assert_eq!(rcvbuf_capped(0, 425_984), None);
+        assert_eq!(
+            rcvbuf_capped(4 << 20, 425_984).unwrap(),
+            "the kernel capped --so-rcvbuf: asked for 4194304 bytes, granted 212992; raise net.core.rmem_max to at least 4194304 to let bursts wait in the socket"
+        );
+    }
+
     use super::*;
 
     #[test]
