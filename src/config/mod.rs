@@ -388,6 +388,21 @@ pub(crate) fn parse_with(
         return Err(Error::Config(errors.join("\n")));
     }
     sources.sort_by_key(|(flag, _, _)| SETTINGS.iter().position(|s| s.flag == *flag));
+    // What the derived defaults came to.
+    for (flag, value, source) in &mut sources {
+        if *source != Source::Default || !value.is_empty() {
+            continue;
+        }
+        *value = match *flag {
+            "workers" => pipeline.workers.to_string(),
+            "hostname" => aggregation.hostname.clone(),
+            "dd-url" => forwarding.intake_url.as_deref().map_or(
+                "none (printing to stdout)".into(),
+                crate::forwarder::redact_url,
+            ),
+            _ => continue,
+        };
+    }
     let config = Config {
         listen,
         pipeline,

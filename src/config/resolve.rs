@@ -56,7 +56,12 @@ impl Resolver<'_> {
         parse: impl Fn(&str, &str) -> Result<T, String>,
     ) -> Option<T> {
         let Some((v, source, name)) = self.raw(flag) else {
-            self.sources.push((flag, String::new(), Source::Default));
+            // The declared default; a derived one is filled in once the config is built.
+            let shown = match setting(flag).default {
+                DefaultValue::Value(v) | DefaultValue::Unset(v) => v.to_string(),
+                DefaultValue::Derived(_) => String::new(),
+            };
+            self.sources.push((flag, shown, Source::Default));
             return None;
         };
         let shown = match flag {

@@ -46,7 +46,10 @@ fn check_config_prints_sources_and_exits_0_or_lists_every_problem_and_exits_2() 
     assert_eq!(line("tags"), format!("tags env:prod team:a {}", at(3)));
     assert_eq!(line("port"), "port 9000 (environment)");
     assert_eq!(line("hostname"), "hostname h1 (flag)");
-    assert_eq!(line("workers"), "workers (default)");
+    // A derived default shows what it came to: the number of CPUs.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(line("workers"), format!("workers {cpus} (default)"));
+    assert_eq!(line("shards"), "shards 16 (default)");
     assert_eq!(line("=>"), "=> intake https://app.datadoghq.com");
     assert!(
         text.contains("=> udp                   127.0.0.1:9000\n"),
