@@ -45,12 +45,13 @@ use crate::listener::{self, stream, udp, unix, Bound, Handoff};
 use crate::log;
 use crate::origin::{self, PidCache};
 use crate::packet::{Batch, Pool, Transport};
+use crate::parser::{MessageKind, Reason};
 use crate::reload::Reloader;
 use crate::serializer::SeriesApi;
 use crate::status::{self, StatusServer};
 use crate::systemd;
 use crate::tagger::{self, Tagger};
-use crate::telemetry::{Readings, Snapshot};
+use crate::telemetry::{Label, Reading, Readings, Snapshot};
 use crate::worker::{self, LiveTags, Worker};
 use crate::Error;
 
@@ -623,6 +624,7 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
     no_core_dumps();
     let mut daemon = Daemon::start(config)?;
     log_start(config, &daemon.bound);
+    let relevant = Relevant::of(config, &daemon.bound);
     for warning in exposure(&daemon.bound) {
         log::warn(&warning);
     }
@@ -635,7 +637,9 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
             // Asked for: answered whatever --log-level says.
             SIGUSR1 => {
                 for r in daemon.snapshot().grouped() {
-                    log::answer(&format!("telemetry {r}"));
+                    if relevant.keeps(r) {
+                        log::answer(&format!("telemetry {r}"));
+                    }
                 }
             }
             SIGHUP => reload_with(&mut daemon, &reload),
@@ -659,7 +663,7 @@ pub fn run(config: &Config, reload: impl Fn() -> Result<Config, Error>) -> Resul
         drop(stop);
         let _ = thread.join();
     }
-    log_snapshot(&last);
+    log_snapshot(&last, &relevant);
     log::info("stopped");
     Ok(())
 }
@@ -807,14 +811,112 @@ fn start_watchdog(interval: Duration) -> Result<(Sender<()>, JoinHandle<()>), Er
     Ok((stop_tx, thread))
 }
 
-fn log_snapshot(s: &Snapshot) {
+fn log_snapshot(s: &Snapshot, relevant: &Relevant) {
     for r in s.grouped() {
-        log::info(&format!("telemetry {r}"));
+        if relevant.keeps(r) {
+            log::info(&format!("telemetry {r}"));
+        }
+    }
+}
+
+/// Which counters can move in this configuration: the telemetry dump (SIGUSR1, shutdown)
+/// leaves out the rest (a transport not listened on, origin detection that is off, a parse
+/// error a message of that kind cannot have). `/metrics` and `/status` keep them all.
+struct Relevant {
+    transports: [bool; Transport::COUNT],
+    origin: bool,
+    tagger: bool,
+}
+
+impl Relevant {
+    fn of(config: &Config, bound: &Bound) -> Relevant {
+        let mut transports = [false; Transport::COUNT];
+        transports[Transport::Udp as usize] = bound.udp.is_some();
+        transports[Transport::Unix as usize] = bound.socket.is_some();
+        transports[Transport::Stream as usize] = bound.stream_socket.is_some();
+        Relevant {
+            transports,
+            origin: config.origin.detection,
+            tagger: config.origin.tagger(),
+        }
+    }
+
+    fn keeps(&self, r: &Reading) -> bool {
+        let label = |key: &str| r.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        if let Some(t) = label(Transport::NAME) {
+            let listened = Transport::ALL
+                .iter()
+                .find(|x| x.label() == t)
+                .is_some_and(|x| self.transports[*x as usize]);
+            if !listened {
+                return false;
+            }
+        }
+        if r.name.starts_with("whippet_stream_") {
+            return self.transports[Transport::Stream as usize];
+        }
+        if r.name == "whippet_udp_kernel_drops" {
+            return self.transports[Transport::Udp as usize];
+        }
+        if r.name.starts_with("whippet_origin_") {
+            return self.origin;
+        }
+        if r.name.starts_with("whippet_tagger_") {
+            return self.tagger;
+        }
+        if r.name == "whippet_parse_errors_total" {
+            let kind = MessageKind::ALL
+                .iter()
+                .find(|k| Some(k.label()) == label("kind"));
+            let reason = Reason::ALL
+                .iter()
+                .find(|x| Some(x.label()) == label("reason"));
+            return match (kind, reason) {
+                (Some(k), Some(x)) => x.applies_to(*k),
+                _ => true,
+            };
+        }
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_dump_leaves_out_counters_that_cannot_move_here() {
+        let relevant = Relevant {
+            transports: [true, false, false],
+            origin: false,
+            tagger: false,
+        };
+        let mut s = Snapshot::default();
+        s.counter("whippet_packets_total", &[("transport", "udp")], 1);
+        s.counter("whippet_packets_total", &[("transport", "unix")], 0);
+        s.counter("whippet_stream_connections_total", &[], 0);
+        s.counter("whippet_origin_cache_hits_total", &[], 0);
+        s.counter("whippet_tagger_entities", &[], 0);
+        let errors = "whippet_parse_errors_total";
+        s.counter(errors, &[("kind", "event"), ("reason", "empty_title")], 0);
+        s.counter(errors, &[("kind", "event"), ("reason", "unknown_type")], 0);
+        s.counter(errors, &[("kind", "metric"), ("reason", "invalid_utf8")], 0);
+        s.counter("whippet_samples_total", &[], 0);
+        let kept: Vec<String> = s
+            .grouped()
+            .into_iter()
+            .filter(|r| relevant.keeps(r))
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "whippet_packets_total{transport=\"udp\"} 1",
+                "whippet_parse_errors_total{kind=\"event\",reason=\"empty_title\"} 0",
+                "whippet_parse_errors_total{kind=\"metric\",reason=\"invalid_utf8\"} 0",
+                "whippet_samples_total 0",
+            ]
+        );
+    }
 
     #[test]
     fn a_receive_buffer_the_kernel_capped_is_named_with_what_was_asked() {

@@ -126,6 +126,31 @@ labels! {
     }
 }
 
+impl Reason {
+    /// Whether a message of `kind` can be rejected for this reason: the counters that can
+    /// never move are left out of the telemetry dump.
+    pub fn applies_to(self, kind: MessageKind) -> bool {
+        use Reason::*;
+        match kind {
+            _ if self == InvalidUtf8 => true,
+            MessageKind::Metric => matches!(
+                self,
+                MissingValue
+                    | EmptyName
+                    | EmptyValue
+                    | MissingType
+                    | UnknownType
+                    | InvalidValue
+                    | NonFiniteValue
+                    | InvalidSampleRate
+                    | InvalidTimestamp
+            ),
+            MessageKind::Event => matches!(self, InvalidHeader | InvalidLength | EmptyTitle),
+            MessageKind::ServiceCheck => matches!(self, EmptyName | MissingField | InvalidStatus),
+        }
+    }
+}
+
 /// A rejected message: what it claimed to be and why it was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParseError {
@@ -352,7 +377,9 @@ mod properties {
 
         #[test]
         fn arbitrary_bytes_never_panic(line in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = parse(&line);
+            if let Err(e) = parse(&line) {
+                prop_assert!(e.reason.applies_to(e.kind), "{e:?}");
+            }
         }
 
         #[test]
@@ -365,7 +392,10 @@ mod properties {
                 }
                 Ok(Message::Event(e)) => prop_assert!(!e.title.is_empty()),
                 Ok(Message::ServiceCheck(c)) => prop_assert!(!c.name.is_empty()),
-                Err(e) => prop_assert_eq!(e.kind, MessageKind::of(line.strip_suffix(b"\r").unwrap_or(&line))),
+                Err(e) => {
+                    prop_assert!(e.reason.applies_to(e.kind), "{e:?}");
+                    prop_assert_eq!(e.kind, MessageKind::of(line.strip_suffix(b"\r").unwrap_or(&line)))
+                }
             }
         }
 
