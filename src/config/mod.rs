@@ -379,6 +379,9 @@ pub(crate) fn parse_with(
     if let (Some(path), false) = (&config_file, file.yaml) {
         r.check_unknown_keys(path);
     }
+    let skip = env("DD_SKIP_SSL_VALIDATION");
+    let name = "DD_SKIP_SSL_VALIDATION (environment)";
+    resolve::refuse_skip_ssl(skip.as_deref(), name, &mut r.errors);
     let Resolver {
         errors,
         mut sources,
@@ -1500,6 +1503,31 @@ process_config:
             run_env(&[], &[("DD_ENV", "my env")]).unwrap_err(),
             "DD_ENV (environment): 'my env' cannot be a tag value"
         );
+    }
+
+    #[test]
+    fn skipping_tls_verification_is_refused_with_the_reason_in_every_form() {
+        let why = resolve::SKIP_SSL;
+        assert_eq!(
+            run_env(&[], &[("DD_SKIP_SSL_VALIDATION", "true")]).unwrap_err(),
+            format!("DD_SKIP_SSL_VALIDATION (environment): {why}")
+        );
+        assert!(run_env(&[], &[("DD_SKIP_SSL_VALIDATION", "false")]).is_ok());
+        let file = File::new("skip", "DD_LOG_LEVEL=info\nDD_SKIP_SSL_VALIDATION=yes\n");
+        assert_eq!(
+            run(&["--config", file.arg()]).unwrap_err(),
+            format!("{}:2: DD_SKIP_SSL_VALIDATION: {why}", file.arg())
+        );
+        let dir = std::env::temp_dir().join(format!("whippet-skip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("datadog.yaml");
+        std::fs::write(&yaml, "api_key: abc\nskip_ssl_validation: true\n").unwrap();
+        let path = yaml.to_str().unwrap();
+        assert_eq!(
+            run(&["--config", path]).unwrap_err(),
+            format!("{path}:2: skip_ssl_validation: {why}")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -124,11 +124,30 @@ impl Resolver<'_> {
             .collect();
         unknown.sort();
         for (line, key) in unknown {
+            if key == "DD_SKIP_SSL_VALIDATION" {
+                let value = self.file.get(&key).map(|(v, _)| v.as_str());
+                refuse_skip_ssl(
+                    value,
+                    &format!("{}:{line}: {key}", path.display()),
+                    &mut self.errors,
+                );
+                continue;
+            }
             self.errors.push(format!(
                 "{}:{line}: {key} is not a whippet setting (see the bracketed names in --help)",
                 path.display()
             ));
         }
+    }
+}
+
+/// Why the Agent's `skip_ssl_validation` is refused rather than ignored.
+pub(super) const SKIP_SSL: &str = "whippet never skips TLS certificate verification: an intake whose certificate does not verify could be anyone, and would receive the API key; remove it, and trust the intake's CA through the system's store instead";
+
+/// The Agent's `DD_SKIP_SSL_VALIDATION` (environment or file) set to true: refused.
+pub(super) fn refuse_skip_ssl(value: Option<&str>, name: &str, errors: &mut Vec<String>) {
+    if value.is_some_and(|v| boolean(v, name).unwrap_or(true)) {
+        errors.push(format!("{name}: {SKIP_SSL}"));
     }
 }
 

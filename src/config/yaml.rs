@@ -77,6 +77,11 @@ pub(super) fn read(path: &Path, text: &str, errors: &mut Vec<String>) -> Read {
         let line = line_of(text, key);
         let var = format!("DD_{}", key.to_ascii_uppercase());
         let Some(setting) = SETTINGS.iter().find(|s| s.var == var) else {
+            if key == "skip_ssl_validation" {
+                let name = format!("{}:{line}: {key}", path.display());
+                super::resolve::refuse_skip_ssl(scalar(value).as_deref(), &name, errors);
+                continue;
+            }
             out.ignored.push((key.to_string(), line));
             continue;
         };
