@@ -410,7 +410,20 @@ fn get(url: &str) -> (u16, String) {
 
 #[test]
 fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
-    let w = Whippet::start(&["--status", "127.0.0.1:0", "--tags", "svc:x"]);
+    let captures = TempDir::new();
+    let capture_dir = captures.path("caps").display().to_string();
+    // Every optional stage on, so /metrics carries every family.
+    let w = Whippet::start(&[
+        "--status",
+        "127.0.0.1:0",
+        "--tags",
+        "svc:x",
+        "--capture-dir",
+        &capture_dir,
+        "--origin-detection",
+        "--docker-host",
+        "off",
+    ]);
     let addr = w.status.expect("the status endpoint listens");
     w.send_udp(b"busy.a:1|c\nbusy.a:1|c\nbusy.a:1|c\nbusy.b:1|c|#k:v\nbusy.b:1|c|#k:v\nbusy.c:5|g");
     w.wait_for_telemetry("whippet_samples_total", 6);
@@ -430,6 +443,15 @@ fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     assert!(
         body.contains("# TYPE whippet_samples_total counter\nwhippet_samples_total 6\n"),
         "{body}"
+    );
+    // A strict parser takes it: each family once, typed before its samples, counters
+    // named _total.
+    let parsed = openmetrics_parser::prometheus::parse_prometheus(&body);
+    assert!(parsed.is_ok(), "{parsed:?}\n{body}");
+    let repeated = "# TYPE a_total counter\na_total 1\n# TYPE b gauge\nb 1\n# TYPE a_total counter\na_total 2\n";
+    assert!(
+        openmetrics_parser::prometheus::parse_prometheus(repeated).is_err(),
+        "the parser refuses a family typed twice"
     );
     assert!(
         body.contains("whippet_packets_total{transport=\"udp\"} 1\n"),
