@@ -152,12 +152,17 @@ pub mod worker;
 #[inline]
 pub(crate) fn inject_fault(thread: &str) {
     #[cfg(debug_assertions)]
-    if std::env::var("WHIPPET_FAULT_INJECT").is_ok_and(|v| v.strip_prefix("panic:") == Some(thread))
-    {
+    if fault().is_some_and(|v| v.strip_prefix("panic:") == Some(thread)) {
         panic!("injected fault in {thread}");
     }
     #[cfg(not(debug_assertions))]
     let _ = thread;
+}
+
+/// The fault a test asked for (`WHIPPET_FAULT_INJECT`), in debug builds.
+#[cfg(debug_assertions)]
+fn fault() -> Option<String> {
+    std::env::var("WHIPPET_FAULT_INJECT").ok()
 }
 
 /// Test-only fault injection for conditions a test cannot make for real (a slow or full
@@ -167,7 +172,7 @@ pub(crate) fn inject_fault(thread: &str) {
 #[inline]
 pub(crate) fn fault_injected(name: &str) -> bool {
     #[cfg(debug_assertions)]
-    return std::env::var("WHIPPET_FAULT_INJECT").is_ok_and(|v| v == name);
+    return fault().is_some_and(|v| v == name);
     #[cfg(not(debug_assertions))]
     {
         let _ = name;

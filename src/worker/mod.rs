@@ -601,8 +601,9 @@ impl Worker {
         }
     }
 
-    /// Shaping for a metric: a cached context's decision is found beside the cache; a new
-    /// context's is made (or found by its name) and kept beside the cache. Returns the
+    /// Shaping for a metric: a known context's decision is found beside the cache (also
+    /// when the cache forgot the context); a new context's is made (or found by its name)
+    /// and kept beside the cache. Returns the
     /// cache entry to trust (none when the decision was forgotten) and the decision, listed
     /// for the batch, unless it changes nothing. Kept out of line: without shaping the hot
     /// path never enters it.
@@ -617,11 +618,16 @@ impl Worker {
     ) -> (Option<Cached>, Option<Found<'a>>) {
         match (cached, key) {
             (Some(c), _) if !c.shaped => return (cached, None),
-            (Some(_), RawKey::Hash(raw)) => {
+            (_, RawKey::Hash(raw)) => {
                 if let Some(beside) = self.shaped.find(raw, |e| e.raw == raw) {
                     // SAFETY: entries leave `self.shaped` only between batches (`process`
                     // and `apply_live_tags` clear it before a batch starts).
-                    return (cached, Some(unsafe { beside.lend(keep) }));
+                    let found = unsafe { beside.lend(keep) };
+                    if cached.is_none() && found.blocked {
+                        // The cache forgot a filtered context its decision outlived.
+                        self.cache_blocked(raw, m);
+                    }
+                    return (cached, Some(found));
                 }
             }
             _ => {}
@@ -642,10 +648,7 @@ impl Worker {
             return (None, Some(found));
         };
         if decided.blocked {
-            // Cached too, so its next samples are dropped at a cache hit.
-            let mut entry = Cached::new(raw, m, 0, DEFAULT_HOST);
-            entry.shaped = true;
-            self.cache.insert(entry);
+            self.cache_blocked(raw, m);
         }
         self.shaped_bytes += decided.size();
         let beside = self
@@ -653,6 +656,13 @@ impl Worker {
             .insert_unique(raw, Beside::new(raw, decided), |e| e.raw);
         // SAFETY: just put in `self.shaped`, which keeps it until the batch ends (as above).
         (None, Some(unsafe { beside.get().lend(keep) }))
+    }
+
+    /// Caches a filtered context, so its next samples are dropped at a cache hit.
+    fn cache_blocked(&mut self, raw: u64, m: &Metric<'_>) {
+        let mut entry = Cached::new(raw, m, 0, DEFAULT_HOST);
+        entry.shaped = true;
+        self.cache.insert(entry);
     }
 
     /// Origin detection for a metric: one that may have an origin is resolved, and its
@@ -1205,6 +1215,32 @@ mod tests {
             2 * (1 + 3 + 1 + 1)
         );
         assert_eq!(w.counters.samples.get(), 2);
+    }
+
+    #[test]
+    fn a_context_the_cache_forgot_keeps_its_decision_instead_of_making_it_again() {
+        let mut w = shaped_worker(crate::config::ShapingSettings {
+            filterlist: vec!["ns.gone".into()],
+            namespace: "ns.".into(),
+            ..shaping()
+        });
+        feed(&mut w, &["gone:1|c\nkept:1|c"]);
+        // The cache forgets both contexts, the name cache both names.
+        w.cache.clear();
+        w.decisions.clear();
+        feed(&mut w, &["gone:1|c\nkept:2|c"]);
+        assert_eq!(
+            w.decisions.len(),
+            0,
+            "both decisions came from beside the cache"
+        );
+        assert_eq!(w.shaped.len(), 2);
+        assert_eq!(flushed(&w), ["ns.kept host=h tags= ts=1700000000 count=3"]);
+        assert_eq!(w.counters.dropped[Discard::Filtered].get(), 2);
+        // The filtered context is cached again: its next sample is a cache hit.
+        feed(&mut w, &["gone:1|c"]);
+        assert_eq!(w.decisions.len(), 0);
+        assert_eq!(w.counters.dropped[Discard::Filtered].get(), 3);
     }
 
     #[test]
