@@ -22,8 +22,9 @@ labels! {
     }
 }
 
-/// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB.
-const BATCH_BYTES: usize = 256 * 1024;
+/// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB. No batch holds more
+/// (at least 4 slots of at most 64 KiB).
+pub(crate) const BATCH_BYTES: usize = 256 * 1024;
 /// Upper bound on packets a batch holds (the size of a `recvmmsg` call).
 pub(crate) const MAX_SLOTS: usize = 32;
 

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
 
-use super::copies::{Copies, Copy, Drain, COPY_BYTES};
+use super::copies::{Copies, Copy, Drain};
 use crate::log;
-use crate::packet::{Batch, Transport};
+use crate::packet::{Batch, Transport, BATCH_BYTES};
 use crate::telemetry::{Counter, Label, Readings, Snapshot};
 
 /// The first bytes of a capture file: the format and its version.
@@ -76,7 +76,7 @@ pub struct Capture {
 
 impl Capture {
     pub fn new(settings: CaptureSettings, counters: Arc<CaptureCounters>) -> Arc<Capture> {
-        let (copies, drain) = Copies::new(settings.memory / COPY_BYTES);
+        let (copies, drain) = Copies::new(settings.memory / BATCH_BYTES);
         Arc::new(Capture {
             settings,
             copies,
@@ -305,7 +305,7 @@ mod tests {
         CaptureSettings {
             dir: dir.to_path_buf(),
             duration: Duration::from_secs(3600),
-            memory: 4 * COPY_BYTES,
+            memory: 4 * BATCH_BYTES,
             file_bytes: 1 << 30,
         }
     }

@@ -11,9 +11,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::packet::{Batch, Transport};
 
-/// The most a copy holds: one batch buffer.
-pub const COPY_BYTES: usize = 256 * 1024;
-
 /// One batch's packets, copied, with where and when they arrived.
 pub struct Copy {
     pub bytes: Vec<u8>,
