@@ -62,6 +62,8 @@ pub struct Telemetry {
     pub worker: Arc<worker::Counters>,
     pub flush: Arc<flush::Counters>,
     pub forwarder: Arc<forwarder::Counters>,
+    /// One set per `--additional-endpoints` intake, filled in when they start.
+    pub additional: std::sync::OnceLock<Vec<Arc<forwarder::Counters>>>,
     pub origin: Arc<origin::Counters>,
     pub tagger: Arc<tagger::Counters>,
     pub mirror: Arc<MirrorCounters>,
@@ -88,6 +90,9 @@ impl Readings for Probe {
         t.worker.read(out);
         t.flush.read(out);
         t.forwarder.read(out);
+        for counters in t.additional.get().into_iter().flatten() {
+            counters.read(out);
+        }
         t.origin.read(out);
         t.tagger.read(out);
         if self.mirror {
@@ -568,20 +573,31 @@ fn output_for(
     config: &Config,
     telemetry: &Telemetry,
 ) -> Result<(Box<dyn Output>, Option<Handle>), Error> {
-    let Some(forwarder_config) = config.forwarder() else {
+    let mut configs = config.forwarders().into_iter();
+    let Some(forwarder_config) = configs.next() else {
         let console = Console::new(std::io::BufWriter::new(std::io::stdout()));
         return Ok((Box::new(console), None));
     };
+    let mut additional = Vec::new();
+    let mut counters = Vec::new();
+    for c in configs {
+        let intake = c.intake.unwrap_or_default();
+        let each = Arc::new(forwarder::Counters::of_intake(intake));
+        counters.push(each.clone());
+        additional.push(Forwarder::start(c, each)?);
+    }
+    let _ = telemetry.additional.set(counters);
     // A short-lived thread: it logs whether the key is valid and ends; whippet runs either way.
     let check = forwarder_config.clone();
     spawn("whippet-validate".into(), move || {
         forwarder::validate_api_key(&check)
     })?;
     let forwarder = Forwarder::start(forwarder_config, telemetry.forwarder.clone())?;
-    let retarget = forwarder.handle();
+    let retarget = forwarder.handle(&additional);
     let output = Box::new(IntakeOutput {
         serializer: config.serializer(),
         forwarder: Some(forwarder),
+        additional,
         counters: telemetry.forwarder.clone(),
         shutdown_timeout: config.forwarding.shutdown_timeout,
         pacing: true,

@@ -132,6 +132,12 @@ impl Reloader {
                 .as_deref()
                 .map(crate::forwarder::redact_url)),
         );
+        let additional: Vec<String> = c
+            .forwarders()
+            .iter()
+            .filter_map(|f| f.intake.map(str::to_string))
+            .collect();
+        info.insert("additional_intakes".into(), json!(additional));
         info.insert("hostname".into(), json!(c.aggregation.hostname));
         info.insert("tags".into(), json!(c.aggregation.tags));
         info.insert("config_file".into(), json!(path(&c.config_file)));

@@ -179,6 +179,20 @@ impl fmt::Display for Reading {
     }
 }
 
+/// `s` as a `&'static str` for a label value or a log key, kept once however often it is
+/// asked for. Only names from the configuration come here (an additional intake's address),
+/// so what is kept is bounded by what was configured.
+pub(crate) fn intern(s: &str) -> &'static str {
+    static KEPT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = kept.iter().find(|k| **k == s) {
+        return k;
+    }
+    let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    kept.push(k);
+    k
+}
+
 /// Something that reports readings: a stage's counters, or a gauge read on demand.
 pub trait Readings {
     /// Appends every reading to `out`.

@@ -177,6 +177,8 @@ pub struct Forwarding {
     /// Where payloads go (`scheme://host[:port]`); `None` prints to the console instead.
     pub intake_url: Option<String>,
     pub api_key: ApiKey,
+    /// `--additional-endpoints`: (URL, key) pairs that also get every payload.
+    pub additional: Vec<(String, ApiKey)>,
     pub series_api: SeriesApi,
     pub compression: Compression,
     pub retry_queue_bytes: usize,
@@ -221,18 +223,59 @@ pub struct Config {
 }
 
 impl Config {
-    /// The forwarder's configuration, when an intake is configured.
+    /// The main forwarder's configuration, when an intake is configured.
     pub fn forwarder(&self) -> Option<ForwarderConfig> {
+        self.forwarders().into_iter().next()
+    }
+
+    /// One forwarder configuration per intake: `--dd-url` first, then each additional (URL,
+    /// key). They share the retry queue and the retry directory's bytes equally; an
+    /// additional intake spills to a directory of its own inside `--retry-dir`, named by a
+    /// hash of its URL and key so it is found again after a restart.
+    pub fn forwarders(&self) -> Vec<ForwarderConfig> {
         let f = &self.forwarding;
-        Some(ForwarderConfig {
-            base_url: f.intake_url.clone()?,
+        let Some(main) = &f.intake_url else {
+            return Vec::new();
+        };
+        let n = 1 + f.additional.len();
+        let base = ForwarderConfig {
+            base_url: main.clone(),
             api_key: f.api_key.clone(),
             threads: f.forwarder_threads,
-            retry_queue_bytes: f.retry_queue_bytes,
+            retry_queue_bytes: f.retry_queue_bytes / n,
             timeout: f.request_timeout,
             retry_base: f.retry_base,
-            retry_dir: f.retry_dir.clone().map(|dir| (dir, f.retry_dir_bytes)),
-        })
+            retry_dir: f
+                .retry_dir
+                .clone()
+                .map(|dir| (dir, f.retry_dir_bytes / n as u64)),
+            intake: None,
+        };
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = vec![base.clone()];
+        for (url, key) in &f.additional {
+            let shown = crate::forwarder::redact_url(url);
+            // The same address with a second key is told apart by its position.
+            let label = match seen.iter().filter(|s| **s == shown).count() {
+                0 => shown.clone(),
+                k => format!("{shown} (key {})", k + 1),
+            };
+            seen.push(shown);
+            let intake = crate::telemetry::intern(&label);
+            out.push(ForwarderConfig {
+                base_url: url.clone(),
+                api_key: key.clone(),
+                retry_dir: base.retry_dir.as_ref().map(|(dir, bytes)| {
+                    (
+                        dir.join(format!("intake-{:016x}", stable_hash(url, &key.0))),
+                        *bytes,
+                    )
+                }),
+                intake: Some(intake),
+                ..base.clone()
+            });
+        }
+        out
     }
 
     pub fn serializer(&self) -> Serializer {
@@ -768,6 +811,16 @@ fn origin(r: &mut Resolver<'_>) -> OriginSettings {
     }
 }
 
+/// FNV-1a over a URL and a key: the same on every start, so an additional intake finds its
+/// retry directory again. Not secret (the directory is whippet's alone).
+fn stable_hash(url: &str, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.bytes().chain([0]).chain(key.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
     let dd_url = r.given("dd-url", resolve::intake_base);
     let site = r.value("site", resolve::site);
@@ -777,9 +830,21 @@ fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
         dd_url.or_else(|| (!api_key.0.is_empty()).then(|| format!("https://app.{site}")));
     let request_timeout_ms: u64 = r.number("request-timeout-ms");
     let retry_base_ms: u64 = r.number("retry-base-ms");
+    let additional: Vec<(String, ApiKey)> = r
+        .given("additional-endpoints", resolve::additional_endpoints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(url, key)| (url, ApiKey(key)))
+        .collect();
+    if !additional.is_empty() && intake_url.is_none() {
+        r.errors.push(
+            "DD_ADDITIONAL_ENDPOINTS: additional intakes need a main one; set --dd-url or an API key (DD_API_KEY)".into(),
+        );
+    }
     Forwarding {
         intake_url,
         api_key,
+        additional,
         series_api: r.value("series-api", |v, name| match v {
             "v2" => Ok(SeriesApi::V2),
             "v1" => Ok(SeriesApi::V1),
@@ -1528,6 +1593,100 @@ process_config:
             format!("{path}:2: skip_ssl_validation: {why}")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn additional_endpoints_are_read_as_the_agent_writes_them_and_share_the_bounds() {
+        let json =
+            r#"{"https://eu.example/": ["k2", "k3", "k2"], "http://user:pw@10.0.0.1:81": "k4"}"#;
+        let c = run_env(
+            &[
+                "--api-key",
+                "k1",
+                "--retry-dir",
+                "/var/lib/w",
+                "--retry-queue-bytes",
+                "900",
+            ],
+            &[("DD_ADDITIONAL_ENDPOINTS", json)],
+        )
+        .unwrap();
+        let f = c.forwarders();
+        let shown: Vec<_> = f
+            .iter()
+            .map(|f| {
+                (
+                    f.base_url.as_str(),
+                    f.api_key.0.as_str(),
+                    f.intake,
+                    f.retry_queue_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("https://app.datadoghq.com", "k1", None, 225),
+                (
+                    "http://user:pw@10.0.0.1:81",
+                    "k4",
+                    Some("http://(redacted)@10.0.0.1:81"),
+                    225
+                ),
+                ("https://eu.example", "k2", Some("https://eu.example"), 225),
+                (
+                    "https://eu.example",
+                    "k3",
+                    Some("https://eu.example (key 2)"),
+                    225
+                ),
+            ]
+        );
+        let dirs: Vec<_> = f.iter().map(|f| f.retry_dir.clone().unwrap()).collect();
+        assert_eq!(dirs[0], (PathBuf::from("/var/lib/w"), 268435456 / 4));
+        // Each additional intake's own directory, the same on every start, distinct per key.
+        assert!(dirs[2]
+            .0
+            .display()
+            .to_string()
+            .starts_with("/var/lib/w/intake-"));
+        assert_ne!(dirs[2].0, dirs[3].0);
+        assert_eq!(c.forwarders()[3].retry_dir, f[3].retry_dir);
+        let Command::Check(report) = parse_env(
+            &["--api-key", "k1", "--check-config"],
+            &[("DD_ADDITIONAL_ENDPOINTS", json)],
+        )
+        .unwrap() else {
+            panic!("not a report");
+        };
+        let line = report
+            .lines()
+            .find(|l| l.starts_with("additional-endpoints"))
+            .unwrap();
+        assert!(
+            line.contains("http://(redacted)@10.0.0.1:81, https://eu.example, https://eu.example"),
+            "{line}"
+        );
+        assert!(
+            !report.contains("k2") && !report.contains("pw@"),
+            "{report}"
+        );
+        for (bad, want) in [
+            ("[1]", "not a JSON object"),
+            (r#"{"eu.example": ["k"]}"#, "is not like https://"),
+            (r#"{"https://eu.example": ["bad key"]}"#, "a space"),
+            (r#"{"https://eu.example": [""]}"#, "an empty API key"),
+        ] {
+            let err =
+                run_env(&["--api-key", "k1"], &[("DD_ADDITIONAL_ENDPOINTS", bad)]).unwrap_err();
+            assert!(
+                err.contains("DD_ADDITIONAL_ENDPOINTS") && err.contains(want),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("bad key"), "{err}");
+        }
+        let err = run_env(&[], &[("DD_ADDITIONAL_ENDPOINTS", json)]).unwrap_err();
+        assert!(err.contains("need a main one"), "{err}");
     }
 
     #[test]

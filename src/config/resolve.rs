@@ -67,6 +67,14 @@ impl Resolver<'_> {
         let shown = match flag {
             "api-key" => "(redacted)".into(),
             "dd-url" => crate::forwarder::redact_url(&v),
+            "additional-endpoints" => match additional_endpoints(&v, flag) {
+                Ok(list) => list
+                    .iter()
+                    .map(|(url, _)| crate::forwarder::redact_url(url))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(_) => "(not valid)".into(),
+            },
             _ => v.clone(),
         };
         self.sources.push((flag, shown, source));
@@ -440,6 +448,53 @@ pub(super) fn intake_base(v: &str, name: &str) -> Result<String, String> {
             crate::forwarder::redact_url(url)
         )),
     }
+}
+
+/// `--additional-endpoints`: a JSON object of intake URL to API keys (a list, or one key as
+/// a string), each URL checked as `--dd-url` is and each key as `--api-key`. Returned
+/// sorted by URL, keys in the order written, each (URL, key) once.
+pub(super) fn additional_endpoints(v: &str, name: &str) -> Result<Vec<(String, String)>, String> {
+    if v.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let shape = || {
+        format!("{name}: not a JSON object of intake URL to a list of API keys, like {{\"https://app.datadoghq.eu\": [\"KEY\"]}}")
+    };
+    let value: serde_json::Value = serde_json::from_str(v).map_err(|_| shape())?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(shape());
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (url, keys) in map {
+        let url = intake_base(&url, name)?;
+        let keys = match keys {
+            serde_json::Value::String(k) => vec![k],
+            serde_json::Value::Array(list) => list
+                .into_iter()
+                .map(|k| match k {
+                    serde_json::Value::String(k) => Ok(k),
+                    _ => Err(shape()),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(shape()),
+        };
+        for key in keys {
+            let key = api_key(
+                key.trim(),
+                &format!("{name}, a key of {}", crate::forwarder::redact_url(&url)),
+            )?;
+            if key.is_empty() {
+                return Err(format!(
+                    "{name}: an empty API key for {}",
+                    crate::forwarder::redact_url(&url)
+                ));
+            }
+            if !out.iter().any(|(u, k)| *u == url && *k == key) {
+                out.push((url.clone(), key));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// An API key: it travels in an HTTP header, so every character must be printable ASCII

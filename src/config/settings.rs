@@ -170,6 +170,7 @@ pub const SETTINGS: &[Setting] = &[
     s("dd-url", "DD_DD_URL", "URL", Derived("https://app.SITE when an API key is set; otherwise whippet prints to the console"), "Intake URL (http:// or https://) that payloads are sent to.").reloadable(),
     s("site", "DD_SITE", "SITE", Value("datadoghq.com"), "Datadog site used to build the intake URL.").reloadable(),
     s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload. Never logged or printed.").reloadable(),
+    s("additional-endpoints", "DD_ADDITIONAL_ENDPOINTS", "JSON", Unset("none"), "Further intakes that get a copy of every payload, as JSON: {\"https://URL\": [\"API key\", …]}. Each URL and key has its own senders, backoff, equal share of the retry queue and of the retry directory, and counters labelled with its address, so one that is slow or down never delays or drops another's data."),
     s("series-api", "WHIPPET_SERIES_API", "VERSION", Value("v2"), "Series API: v2 (protobuf) or v1 (JSON, legacy)."),
     s("compression", "DD_SERIALIZER_COMPRESSOR_KIND", "KIND", Value("zstd"), "Payload compression: zstd (level 1), zlib (also called deflate) or none."),
     n("retry-queue-bytes", "WHIPPET_RETRY_QUEUE_BYTES", "BYTES", (Value("15728640"), 0, 1 << 40), "Bytes of payloads that may wait for the intake in memory (new and failed, 15 MiB by default); beyond, the oldest goes to --retry-dir, or is dropped and counted."),

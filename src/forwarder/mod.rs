@@ -55,8 +55,11 @@ pub struct ForwarderConfig {
     pub timeout: Duration,
     /// First retry delay; later ones double, up to 32 times this (2 s to 64 s by default).
     pub retry_base: Duration,
-    /// `--retry-dir` and `--retry-dir-bytes`.
+    /// `--retry-dir` and `--retry-dir-bytes` (this intake's share of them).
     pub retry_dir: Option<(std::path::PathBuf, u64)>,
+    /// How counters and logs name this intake: `None` for `--dd-url`, the address (never
+    /// the key) for each of `--additional-endpoints`.
+    pub intake: Option<&'static str>,
 }
 
 struct Waiting {
@@ -122,32 +125,38 @@ struct Shared {
     changed: Condvar,
 }
 
-/// What the daemon may do to a running forwarder from outside the flusher: change where
-/// payloads go (SIGHUP), and start the shutdown clock (SIGTERM).
+/// What the daemon may do to the running forwarders from outside the flusher: change where
+/// the main one sends (SIGHUP), and start the shutdown clock (SIGTERM). The first is the
+/// `--dd-url` intake's; the others are `--additional-endpoints`, fixed until a restart.
 #[derive(Clone)]
-pub struct Handle(Arc<Shared>);
+pub struct Handle(Vec<Arc<Shared>>);
 
 impl Handle {
-    /// Changes the intake URL and API key; payloads still waiting go to the new target with
-    /// the new key.
+    /// Changes the main intake's URL and API key; payloads still waiting go to the new
+    /// target with the new key.
     pub fn retarget(&self, base_url: &str, api_key: &str) {
-        *self.0.target.write().unwrap_or_else(|e| e.into_inner()) =
+        let main = &self.0[0];
+        *main.target.write().unwrap_or_else(|e| e.into_inner()) =
             (base_url.to_string(), api_key.to_string());
-        self.0.changed.notify_all();
+        main.changed.notify_all();
     }
 
     /// Shutdown has begun and must be over by `deadline`: flushes stop pacing, and no
     /// request from now on may outlive it.
     pub fn stop_by(&self, deadline: Instant) {
-        self.0.lock().stop_by = Some(deadline);
-        self.0.changed.notify_all();
+        for shared in &self.0 {
+            shared.lock().stop_by = Some(deadline);
+            shared.changed.notify_all();
+        }
     }
 
     /// Last resort when shutdown overran: what waits or is on the way goes to the retry
     /// directory or is counted as dropped, now.
     pub fn abandon(&self) {
-        let mut state = self.0.lock();
-        self.0.abandon(&mut state);
+        for shared in &self.0 {
+            let mut state = shared.lock();
+            shared.abandon(&mut state);
+        }
     }
 }
 
@@ -295,9 +304,10 @@ impl Forwarder {
         Ok(Forwarder { shared, threads })
     }
 
-    /// A handle for SIGHUP and SIGTERM ([`Handle`]).
-    pub(crate) fn handle(&self) -> Handle {
-        Handle(self.shared.clone())
+    /// A handle for SIGHUP and SIGTERM over this forwarder and `others` ([`Handle`]).
+    pub(crate) fn handle(&self, others: &[Forwarder]) -> Handle {
+        let all = std::iter::once(self).chain(others);
+        Handle(all.map(|f| f.shared.clone()).collect())
     }
 
     /// Queues payloads for sending; the oldest waiting payloads are dropped (and counted)
@@ -353,11 +363,8 @@ impl Forwarder {
     /// included, goes to the retry directory or is dropped and counted. A request still on
     /// the way then is left to its thread, which no longer counts.
     pub fn close(self, deadline: Instant) {
+        let deadline = self.begin_close(deadline);
         let mut state = self.shared.lock();
-        let deadline = state.stop_by.map_or(deadline, |d| d.min(deadline));
-        state.closing = true;
-        state.deadline = Some(deadline);
-        self.shared.changed.notify_all();
         // Senders notice the deadline themselves; this waits for them, not for a request.
         while state.running > 0 {
             let left = (deadline + CLOSE_GRACE).saturating_duration_since(Instant::now());
@@ -382,12 +389,41 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// Tells the senders to finish by `deadline` (or the one set by [`Handle::stop_by`], if
+    /// sooner), which it returns.
+    fn begin_close(&self, deadline: Instant) -> Instant {
+        let mut state = self.shared.lock();
+        let deadline = state.stop_by.map_or(deadline, |d| d.min(deadline));
+        state.closing = true;
+        state.deadline = Some(deadline);
+        self.shared.changed.notify_all();
+        deadline
+    }
+}
+
 /// How long past its deadline [`Forwarder::close`] waits for senders to notice it.
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A rate-limited warning's key: one per intake, so one failing intake's warnings never
+    /// hide another's.
+    fn log_key(&self, what: &'static str) -> &'static str {
+        match self.config.intake {
+            None => what,
+            Some(at) => crate::telemetry::intern(&format!("{what} {at}")),
+        }
+    }
+
+    /// `" at URL"` for an additional intake, nothing for the main one.
+    fn at(&self) -> String {
+        self.config
+            .intake
+            .map_or_else(String::new, |at| format!(" at {at}"))
     }
 
     /// Counts and logs a settled payload whose file could not be deleted: emptied instead
@@ -583,9 +619,10 @@ impl Shared {
             }
             Err(e) => {
                 let cause = Cause::of(&e);
-                log::warn_limited("forwarder-network", || {
+                log::warn_limited(self.log_key("forwarder-network"), || {
                     format!(
-                        "cannot reach the intake for a {} payload: {} ({e}); retrying with backoff",
+                        "cannot reach the intake{} for a {} payload: {} ({e}); retrying with backoff",
+                        self.at(),
                         p.endpoint.path(),
                         crate::telemetry::Label::label(cause)
                     )
@@ -613,13 +650,17 @@ impl Shared {
             Class::Drop(status) => {
                 self.count(endpoint, Outcome::Dropped(status));
                 if status == 403 {
-                    log::warn_limited("forwarder-403", || {
-                        "invalid API key: the intake answered 403; payload dropped (set --api-key or DD_API_KEY)".into()
+                    log::warn_limited(self.log_key("forwarder-403"), || {
+                        match self.config.intake {
+                        None => "invalid API key: the intake answered 403; payload dropped (set --api-key-file or DD_API_KEY)".into(),
+                        Some(at) => format!("invalid API key: the intake at {at} answered 403; payload dropped (correct its key in --additional-endpoints)"),
+                    }
                     });
                 } else {
-                    log::warn_limited("forwarder-drop", || {
+                    log::warn_limited(self.log_key("forwarder-drop"), || {
                         format!(
-                            "the intake answered {status} to a {} payload; dropped and counted",
+                            "the intake{} answered {status} to a {} payload; dropped and counted",
+                            self.at(),
                             endpoint.path()
                         )
                     });
@@ -632,9 +673,10 @@ impl Shared {
                 b.until = Some(now + backoff(b.failures, self.config.retry_base, random()));
                 self.count(endpoint, Outcome::Retried(answer));
                 if let Answer::Status(s) = answer {
-                    log::warn_limited("forwarder-retry", || {
+                    log::warn_limited(self.log_key("forwarder-retry"), || {
                         format!(
-                            "the intake answered {s} to a {} payload; retrying with backoff",
+                            "the intake{} answered {s} to a {} payload; retrying with backoff",
+                            self.at(),
                             endpoint.path()
                         )
                     });
@@ -727,6 +769,9 @@ const PACE_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct IntakeOutput {
     pub serializer: Serializer,
     pub forwarder: Option<Forwarder>,
+    /// `--additional-endpoints`: each gets a copy of every payload, and nothing waits for
+    /// them (only the main intake paces flushes).
+    pub additional: Vec<Forwarder>,
     pub counters: Arc<Counters>,
     /// How long the final flush may take to send at shutdown.
     pub shutdown_timeout: Duration,
@@ -741,6 +786,9 @@ impl Output for IntakeOutput {
         for (_, n) in &serialized.oversized {
             self.counters.oversized_items.add(*n as u64);
         }
+        for f in &self.additional {
+            f.submit(serialized.payloads.clone());
+        }
         if let Some(f) = &self.forwarder {
             f.submit(serialized.payloads);
             if self.pacing {
@@ -754,8 +802,19 @@ impl Output for IntakeOutput {
     }
 
     fn finish(&mut self) {
-        if let Some(f) = self.forwarder.take() {
-            f.close(Instant::now() + self.shutdown_timeout);
+        // Every intake's senders start finishing at once, so they share the one deadline.
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let all: Vec<Forwarder> = self
+            .forwarder
+            .take()
+            .into_iter()
+            .chain(self.additional.drain(..))
+            .collect();
+        for f in &all {
+            f.begin_close(deadline);
+        }
+        for f in all {
+            f.close(deadline);
         }
     }
 }
@@ -793,6 +852,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             retry_base: Duration::from_secs(1),
             retry_dir: None,
+            intake: None,
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret-key-123"), "{shown}");
@@ -820,6 +880,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             retry_base: Duration::from_secs(1),
             retry_dir: None,
+            intake: None,
         };
         let forwarder = Forwarder::start(config, counters.clone()).unwrap();
         let payloads = (0..8)
@@ -850,7 +911,7 @@ mod tests {
         // The first answer takes 20 s: pacing would wait it out.
         let counters = Arc::new(Counters::default());
         let (intake, forwarder) = paced(Duration::from_secs(20), true, &counters);
-        let handle = forwarder.handle();
+        let handle = forwarder.handle(&[]);
         let started = Instant::now();
         std::thread::scope(|s| {
             s.spawn(|| {

@@ -143,6 +143,9 @@ impl Outcome {
 /// The forwarder's counters. Outcomes are kept sparse: only what happened is reported.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// The additional intake these count for (every reading then carries it as
+    /// `intake="…"`); `None` for the main one, whose counters also carry the serializer's.
+    intake: Option<&'static str>,
     /// Payloads per (endpoint, outcome, status).
     payloads: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     /// Requests that got no answer, per (endpoint, cause).
@@ -159,6 +162,14 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The counters of the additional intake named `intake` (its address, never its key).
+    pub fn of_intake(intake: &'static str) -> Counters {
+        Counters {
+            intake: Some(intake),
+            ..Counters::default()
+        }
+    }
+
     pub fn count(&self, endpoint: Endpoint, outcome: Outcome) {
         let (o, status) = outcome.labels();
         let mut map = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,19 +187,23 @@ impl Counters {
 
 impl Readings for Counters {
     fn read(&self, out: &mut Snapshot) {
-        let oversized = self.oversized_items.get();
-        out.counter("whippet_serializer_oversized_items_total", &[], oversized);
+        let intake = self.intake.map(|i| ("intake", i));
+        let with = |labels: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+            labels.iter().copied().chain(intake).collect()
+        };
+        if intake.is_none() {
+            let oversized = self.oversized_items.get();
+            out.counter("whippet_serializer_oversized_items_total", &[], oversized);
+        }
+        let queued = self.retry_queue_bytes.get();
+        out.gauge("whippet_retry_queue_bytes", &with(&[]), queued);
         out.gauge(
-            "whippet_retry_queue_bytes",
-            &[],
-            self.retry_queue_bytes.get(),
+            "whippet_retry_dir_bytes",
+            &with(&[]),
+            self.retry_dir_bytes.get(),
         );
-        out.gauge("whippet_retry_dir_bytes", &[], self.retry_dir_bytes.get());
-        out.counter(
-            "whippet_retry_dir_errors_total",
-            &[],
-            self.retry_dir_errors.get(),
-        );
+        let errors = self.retry_dir_errors.get();
+        out.counter("whippet_retry_dir_errors_total", &with(&[]), errors);
         let payloads = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
         for (&(endpoint, outcome, status), &n) in payloads.iter() {
             let labels = [
@@ -196,7 +211,7 @@ impl Readings for Counters {
                 ("outcome", outcome),
                 ("status", status),
             ];
-            out.counter("whippet_payloads_total", &labels, n);
+            out.counter("whippet_payloads_total", &with(&labels), n);
         }
         drop(payloads);
         let errors = self
@@ -205,7 +220,7 @@ impl Readings for Counters {
             .unwrap_or_else(|e| e.into_inner());
         for (&(endpoint, cause), &n) in errors.iter() {
             let labels = [("endpoint", endpoint), (Cause::NAME, cause.label())];
-            out.counter("whippet_network_errors_total", &labels, n);
+            out.counter("whippet_network_errors_total", &with(&labels), n);
         }
     }
 }

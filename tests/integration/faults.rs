@@ -577,3 +577,90 @@ fn a_wall_clock_step_neither_silences_the_output_nor_merges_buckets() {
         assert!(n >= 1, "{v}: {lines:?}");
     }
 }
+
+#[test]
+fn an_additional_intake_failing_for_a_minute_neither_delays_nor_costs_the_main_one_anything() {
+    // Dual shipping: every payload goes to both intakes, each with its own key. The second
+    // answers 503 for its first minute; the main one must get each increment while the
+    // second is still failing, and the second must get every one, once, when it recovers.
+    let main = intake(IntakeConfig {
+        api_key: Some("main-key".into()),
+        ..IntakeConfig::default()
+    });
+    let second = intake(IntakeConfig {
+        api_key: Some("second-key".into()),
+        fail_for: Some((503, Duration::from_secs(60))),
+        ..IntakeConfig::default()
+    });
+    let endpoints = format!(r#"{{"{}": ["second-key"]}}"#, second.url());
+    let w = Whippet::to_intake(
+        &main.url(),
+        &[
+            "--api-key",
+            "main-key",
+            "--additional-endpoints",
+            &endpoints,
+            "--retry-base-ms",
+            "200",
+            "--bucket-seconds",
+            "1",
+        ],
+    );
+    let tag = "phase:early";
+    send_increments(&w, "early", 1000, Duration::from_secs(3));
+    let main_store = main.store().clone();
+    poll_until("the early increments at the main intake", DEADLINE, || {
+        increments(&main_store.points(), "outage.count", tag) >= 1000.0
+    });
+    // Still inside the second intake's failing minute: it has stored nothing yet.
+    assert_eq!(
+        increments(&second.store().points(), "outage.count", tag),
+        0.0
+    );
+    assert!(
+        second
+            .store()
+            .rejected()
+            .get("injected_503")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+    send_increments(&w, "late", 4000, Duration::from_secs(57));
+    let second_store = second.store().clone();
+    poll_until("every increment at the second intake", DEADLINE * 4, || {
+        let points = second_store.points();
+        increments(&points, "outage.count", tag) >= 1000.0
+            && increments(&points, "outage.count", "phase:late") >= 4000.0
+    });
+    let s = stop_once_delivered(w, &main, &[("early", 1000), ("late", 4000)]);
+    let points = second.store().points();
+    assert_eq!(increments(&points, "outage.count", tag), 1000.0);
+    assert_eq!(increments(&points, "outage.count", "phase:late"), 4000.0);
+    // Counted apart: the second intake's retries carry its address, the main one had none.
+    let at = second.url();
+    let retried = s.telemetry(&format!(
+        r#"whippet_payloads_total{{endpoint="/api/v2/series",outcome="retried",status="5xx",intake="{at}"}}"#
+    ));
+    let rejected = second
+        .store()
+        .rejected()
+        .get("injected_503")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(retried, rejected);
+    let main_retried = s.telemetry_or_zero(
+        r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="5xx"}"#,
+    );
+    assert_eq!(main_retried, 0);
+    assert!(
+        s.stderr
+            .iter()
+            .any(|l| l.contains(&format!("the intake at {at} answered 503"))),
+        "{:?}",
+        s.stderr
+    );
+    assert!(!s.stderr.iter().any(|l| l.contains("second-key")));
+    main.stop();
+    second.stop();
+}
