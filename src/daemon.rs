@@ -600,6 +600,7 @@ fn output_for(
         additional,
         counters: telemetry.forwarder.clone(),
         shutdown_timeout: config.forwarding.shutdown_timeout,
+        enabled: config.forwarding.payloads,
         pacing: true,
     });
     Ok((output, Some(retarget)))
@@ -842,6 +843,8 @@ struct Relevant {
     transports: [bool; Transport::COUNT],
     origin: bool,
     tagger: bool,
+    /// A kind of payload is turned off (`--enable-payloads-*`).
+    disabled: bool,
 }
 
 impl Relevant {
@@ -854,6 +857,7 @@ impl Relevant {
             transports,
             origin: config.origin.detection,
             tagger: config.origin.tagger(),
+            disabled: config.forwarding.payloads != forwarder::Enabled::ALL,
         }
     }
 
@@ -880,6 +884,9 @@ impl Relevant {
         if r.name.starts_with("whippet_tagger_") {
             return self.tagger;
         }
+        if r.name == "whippet_disabled_items_total" {
+            return self.disabled;
+        }
         if r.name == "whippet_parse_errors_total" {
             let kind = MessageKind::ALL
                 .iter()
@@ -905,8 +912,10 @@ mod tests {
             transports: [true, false, false],
             origin: false,
             tagger: false,
+            disabled: false,
         };
         let mut s = Snapshot::default();
+        s.counter("whippet_disabled_items_total", &[("data", "events")], 0);
         s.counter("whippet_packets_total", &[("transport", "udp")], 1);
         s.counter("whippet_packets_total", &[("transport", "unix")], 0);
         s.counter("whippet_stream_connections_total", &[], 0);

@@ -14,22 +14,36 @@ pub(crate) fn refuse_root(config: &Config, is_root: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// A warning when the API key comes from a config file that group or others can read (a
-/// warning, not a refusal: the operator may have reasons).
+/// A warning when the file the API key comes from (the config file or `--api-key-file`)
+/// can be read by others, or by a group whippet does not run as (a warning, not a
+/// refusal: the operator may have reasons). The packaged config file, 0640 root:whippet,
+/// draws none; a systemd credential is systemd's to protect.
 pub(crate) fn readable_key_file(config: &Config) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    config.sources.iter().find_map(|(flag, _, source)| {
-        let (&"api-key", Source::File { path, .. }) = (flag, source) else {
-            return None;
-        };
-        let mode = std::fs::metadata(path).ok()?.permissions().mode();
-        (mode & 0o044 != 0).then(|| {
-            format!(
-                "{} holds the API key and is readable by group or others (mode {:o}); chmod 0600 it or move the key to a credential file",
-                path.display(),
-                mode & 0o777
-            )
-        })
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if config.forwarding.api_key.0.is_empty() {
+        return None;
+    }
+    let path = config
+        .sources
+        .iter()
+        .find_map(|(flag, value, source)| match (*flag, source) {
+            ("api-key", Source::File { path, .. }) => Some(path.clone()),
+            ("api-key-file", Source::File { .. } | Source::Flag | Source::Environment) => {
+                Some(std::path::PathBuf::from(value))
+            }
+            _ => None,
+        })?;
+    let meta = std::fs::metadata(&path).ok()?;
+    let mode = meta.permissions().mode();
+    let own_group = meta.gid() == nix::unistd::getegid().as_raw();
+    let exposed = mode & 0o004 != 0 || (mode & 0o040 != 0 && !own_group);
+    exposed.then(|| {
+        format!(
+            "{} holds the API key and others can read it (mode {:o}, group {}); chmod o-r it and give it whippet's group, or move the key to /etc/whippet/api_key (see whippet(8), CREDENTIALS)",
+            path.display(),
+            mode & 0o777,
+            meta.gid()
+        )
     })
 }
 
@@ -66,15 +80,24 @@ mod tests {
             Ok(Command::Run(c)) => *c,
             other => panic!("{other:?}"),
         };
-        for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false)] {
+        // The file's group is the test's own: group-readable is whippet's group reading it.
+        for (mode, warned) in [(0o644, true), (0o604, true), (0o640, false), (0o600, false)] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let warning = readable_key_file(&config());
             assert_eq!(warning.is_some(), warned, "{mode:o}");
             if let Some(w) = warning {
-                assert!(w.contains(&format!("(mode {mode:o})")), "{w}");
+                assert!(w.contains(&format!("(mode {mode:o}, group")), "{w}");
             }
         }
         assert_eq!(readable_key_file(&defaults()), None);
+        // Readable by a group whippet does not run as (only root can give the file one).
+        if nix::unistd::geteuid().is_root() {
+            let other = nix::unistd::Gid::from_raw(nix::unistd::getegid().as_raw() + 4242);
+            nix::unistd::chown(&path, None, Some(other)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let w = readable_key_file(&config()).expect("a warning");
+            assert!(w.contains("(mode 640, group"), "{w}");
+        }
         std::fs::remove_file(&path).unwrap();
     }
 }

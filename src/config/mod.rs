@@ -177,6 +177,8 @@ pub struct Forwarding {
     /// Where payloads go (`scheme://host[:port]`); `None` prints to the console instead.
     pub intake_url: Option<String>,
     pub api_key: ApiKey,
+    /// Which kinds of payload are sent (the Agent's `enable_payloads`).
+    pub payloads: crate::forwarder::Enabled,
     /// `--additional-endpoints`: (URL, key) pairs that also get every payload.
     pub additional: Vec<(String, ApiKey)>,
     pub series_api: SeriesApi,
@@ -188,6 +190,7 @@ pub struct Forwarding {
     pub forwarder_threads: usize,
     pub request_timeout: Duration,
     pub retry_base: Duration,
+    pub retry_max: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -245,6 +248,7 @@ impl Config {
             retry_queue_bytes: f.retry_queue_bytes / n,
             timeout: f.request_timeout,
             retry_base: f.retry_base,
+            retry_max: f.retry_max,
             retry_dir: f
                 .retry_dir
                 .clone()
@@ -418,6 +422,7 @@ pub(crate) fn parse_with(
     let shaping = shaping(&mut r);
     let origin = origin(&mut r);
     let forwarding = forwarding(&mut r);
+    warnings.extend(r.fixed_warnings());
     let operation = operation(&mut r);
     if let (Some(path), false) = (&config_file, file.yaml) {
         r.check_unknown_keys(path);
@@ -441,6 +446,7 @@ pub(crate) fn parse_with(
         }
         *value = match *flag {
             "workers" => pipeline.workers.to_string(),
+            "retry-max-ms" => forwarding.retry_max.as_millis().to_string(),
             "hostname" => aggregation.hostname.clone(),
             "dd-url" => forwarding.intake_url.as_deref().map_or(
                 "none (printing to stdout)".into(),
@@ -811,6 +817,58 @@ fn origin(r: &mut Resolver<'_>) -> OriginSettings {
     }
 }
 
+/// The API key: `--api-key`, else the file `--api-key-file` names, else the systemd
+/// credential `api_key` when systemd passed one, else none.
+fn api_key(r: &mut Resolver<'_>) -> Option<String> {
+    let direct = r.given("api-key", resolve::api_key);
+    let named = r.given("api-key-file", |v, name| {
+        Ok((PathBuf::from(v), name.to_string()))
+    });
+    let credential = (r.env)("CREDENTIALS_DIRECTORY")
+        .map(|dir| PathBuf::from(dir).join("api_key"))
+        .filter(|p| p.exists());
+    match (direct, named, credential) {
+        (Some(_), Some((_, name)), _) => {
+            r.errors.push(format!(
+                "{name}: the API key is also set directly (--api-key or DD_API_KEY); keep one of them"
+            ));
+            None
+        }
+        (Some(key), None, _) => Some(key),
+        (None, Some((path, name)), _) => read_key_file(r, &path, &name),
+        (None, None, Some(path)) => {
+            let shown = path.display().to_string();
+            if let Some(entry) = r.sources.iter_mut().find(|(f, _, _)| *f == "api-key-file") {
+                entry.1 = format!("{shown} (systemd credential)");
+            }
+            read_key_file(r, &path, &format!("the systemd credential {shown}"))
+        }
+        (None, None, None) => None,
+    }
+}
+
+/// The key a key file holds, without surrounding whitespace (an editor's newline); errors
+/// name the file, never the key.
+fn read_key_file(r: &mut Resolver<'_>, path: &std::path::Path, name: &str) -> Option<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            r.errors.push(format!(
+                "{name}: cannot read the API key from {}: {e}; make it readable by whippet's user",
+                path.display()
+            ));
+            return None;
+        }
+    };
+    match resolve::api_key(text.trim(), name) {
+        Ok(key) => (!key.is_empty()).then_some(key),
+        Err(e) => {
+            r.errors.push(e);
+            None
+        }
+    }
+}
+
 /// FNV-1a over a URL and a key: the same on every start, so an additional intake finds its
 /// retry directory again. Not secret (the directory is whippet's alone).
 fn stable_hash(url: &str, key: &str) -> u64 {
@@ -824,12 +882,15 @@ fn stable_hash(url: &str, key: &str) -> u64 {
 fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
     let dd_url = r.given("dd-url", resolve::intake_base);
     let site = r.value("site", resolve::site);
-    let api_key = ApiKey(r.given("api-key", resolve::api_key).unwrap_or_default());
+    let api_key = ApiKey(api_key(r).unwrap_or_default());
     // An explicit URL, else the site's intake when there is a key, else the console.
     let intake_url =
         dd_url.or_else(|| (!api_key.0.is_empty()).then(|| format!("https://app.{site}")));
     let request_timeout_ms: u64 = r.number("request-timeout-ms");
     let retry_base_ms: u64 = r.number("retry-base-ms");
+    let retry_max_ms: u64 = r
+        .number_given("retry-max-ms")
+        .unwrap_or(retry_base_ms.saturating_mul(32));
     let additional: Vec<(String, ApiKey)> = r
         .given("additional-endpoints", resolve::additional_endpoints)
         .unwrap_or_default()
@@ -841,9 +902,16 @@ fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
             "DD_ADDITIONAL_ENDPOINTS: additional intakes need a main one; set --dd-url or an API key (DD_API_KEY)".into(),
         );
     }
+    let payloads = crate::forwarder::Enabled {
+        series: r.value("enable-payloads-series", resolve::boolean),
+        sketches: r.value("enable-payloads-sketches", resolve::boolean),
+        events: r.value("enable-payloads-events", resolve::boolean),
+        service_checks: r.value("enable-payloads-service-checks", resolve::boolean),
+    };
     Forwarding {
         intake_url,
         api_key,
+        payloads,
         additional,
         series_api: r.value("series-api", |v, name| match v {
             "v2" => Ok(SeriesApi::V2),
@@ -863,6 +931,7 @@ fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
         forwarder_threads: r.number("forwarder-threads"),
         request_timeout: Duration::from_millis(request_timeout_ms),
         retry_base: Duration::from_millis(retry_base_ms),
+        retry_max: Duration::from_millis(retry_max_ms.max(retry_base_ms)),
         shutdown_timeout: r.value("shutdown-timeout", resolve::duration),
     }
 }
@@ -1687,6 +1756,118 @@ process_config:
         }
         let err = run_env(&[], &[("DD_ADDITIONAL_ENDPOINTS", json)]).unwrap_err();
         assert!(err.contains("need a main one"), "{err}");
+    }
+
+    #[test]
+    fn the_agents_forwarder_names_map_onto_whippets_settings_whose_own_names_win() {
+        let env = [
+            ("DD_FORWARDER_TIMEOUT", "7"),
+            ("DD_FORWARDER_NUM_WORKERS", "5"),
+            ("DD_FORWARDER_RETRY_QUEUE_PAYLOADS_MAX_SIZE", "1000"),
+            ("DD_FORWARDER_STORAGE_PATH", "/var/lib/agent-retry"),
+            ("DD_FORWARDER_STORAGE_MAX_SIZE_IN_BYTES", "5000"),
+            ("DD_FORWARDER_BACKOFF_BASE", "0.5"),
+            ("DD_FORWARDER_BACKOFF_MAX", "30"),
+            ("DD_FORWARDER_BACKOFF_FACTOR", "3"),
+        ];
+        let c = run_env(&[], &env).unwrap();
+        let f = &c.forwarding;
+        assert_eq!(f.request_timeout, Duration::from_secs(7));
+        assert_eq!(f.forwarder_threads, 5);
+        assert_eq!(f.retry_queue_bytes, 1000);
+        assert_eq!(f.retry_dir, Some(PathBuf::from("/var/lib/agent-retry")));
+        assert_eq!(f.retry_dir_bytes, 5000);
+        assert_eq!(f.retry_base, Duration::from_millis(500));
+        assert_eq!(f.retry_max, Duration::from_secs(30));
+        assert_eq!(
+            c.warnings,
+            ["DD_FORWARDER_BACKOFF_FACTOR is not used: whippet doubles the delay after each failure"]
+        );
+        // whippet's own variable beats the Agent's.
+        let mut both = env.to_vec();
+        both.push(("WHIPPET_REQUEST_TIMEOUT_MS", "250"));
+        let c = run_env(&[], &both).unwrap();
+        assert_eq!(c.forwarding.request_timeout, Duration::from_millis(250));
+        // Unset, the longest delay is 32 times the first.
+        let c = run_env(&["--retry-base-ms", "10"], &[]).unwrap();
+        assert_eq!(c.forwarding.retry_max, Duration::from_millis(320));
+        let err = run_env(&[], &[("DD_FORWARDER_TIMEOUT", "soon")]).unwrap_err();
+        assert!(
+            err.contains("DD_FORWARDER_TIMEOUT (environment, in milliseconds): 'soon'"),
+            "{err}"
+        );
+        // In the Agent's YAML, nested or not, and in a KEY=VALUE file.
+        let yaml = File::new(
+            "agent.yaml",
+            "forwarder_timeout: 3\nenable_payloads:\n  series: true\n  events: false\n  logs: x\n",
+        );
+        let c = run(&["--config", yaml.arg()]).unwrap();
+        assert_eq!(c.forwarding.request_timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.forwarding.payloads,
+            crate::forwarder::Enabled {
+                events: false,
+                ..crate::forwarder::Enabled::ALL
+            }
+        );
+        assert_eq!(
+            c.ignored,
+            [format!("enable_payloads.logs ({}:5)", yaml.arg())]
+        );
+        let conf = File::new("agent.conf", "DD_FORWARDER_NUM_WORKERS=3\n");
+        assert_eq!(
+            run(&["--config", conf.arg()])
+                .unwrap()
+                .forwarding
+                .forwarder_threads,
+            3
+        );
+    }
+
+    #[test]
+    fn the_api_key_comes_from_a_key_file_or_a_systemd_credential_never_shown() {
+        let dir = std::env::temp_dir().join(format!("whippet-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("api_key");
+        std::fs::write(&key, "  0123abcd\n").unwrap();
+        let d = dir.display().to_string();
+        let k = key.display().to_string();
+        let c = run_env(&[], &[("CREDENTIALS_DIRECTORY", &d)]).unwrap();
+        assert_eq!(c.forwarding.api_key, ApiKey("0123abcd".into()));
+        let shown = c
+            .sources
+            .iter()
+            .find(|(f, _, _)| *f == "api-key-file")
+            .unwrap();
+        assert_eq!(shown.1, format!("{k} (systemd credential)"));
+        // A key set directly wins over the credential; with a key file it is an error.
+        let c = run_env(&["--api-key", "direct"], &[("CREDENTIALS_DIRECTORY", &d)]).unwrap();
+        assert_eq!(c.forwarding.api_key, ApiKey("direct".into()));
+        let err = run_env(&["--api-key", "direct", "--api-key-file", &k], &[]).unwrap_err();
+        assert!(
+            err.contains("--api-key-file: the API key is also set directly"),
+            "{err}"
+        );
+        let c = run_env(&[], &[("WHIPPET_API_KEY_FILE", &k)]).unwrap();
+        assert_eq!(c.forwarding.api_key, ApiKey("0123abcd".into()));
+        std::fs::write(&key, "0123 abcd").unwrap();
+        let err = run_env(&["--api-key-file", &k], &[]).unwrap_err();
+        assert!(
+            err.contains("--api-key-file: the API key has a space at character 5"),
+            "{err}"
+        );
+        assert!(!err.contains("0123"), "{err}");
+        let missing = dir.join("nothing").display().to_string();
+        let err = run_env(&["--api-key-file", &missing], &[]).unwrap_err();
+        assert!(err.contains("cannot read the API key from"), "{err}");
+        // An empty credential is no key: whippet prints to the console.
+        std::fs::write(&key, "\n").unwrap();
+        let c = run_env(&[], &[("CREDENTIALS_DIRECTORY", &d)]).unwrap();
+        assert_eq!(
+            (c.forwarding.api_key.0.as_str(), c.forwarding.intake_url),
+            ("", None)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

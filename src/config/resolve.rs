@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use super::settings::{setting, DefaultValue, SETTINGS};
+use super::settings::{setting, DefaultValue, Unit, ALIASES, FIXED, SETTINGS};
 use super::Source;
 use crate::flush::Aggregate;
 use crate::packet::Transport;
@@ -34,18 +34,38 @@ impl Resolver<'_> {
         if self.m.opt_present(flag) {
             return Some(("true".into(), Source::Flag, format!("--{flag}")));
         }
-        if let (Some((v, line)), Some(path)) = (self.file.get(s.var), &self.file_path) {
-            let source = Source::File {
-                path: path.clone(),
-                line: *line,
-            };
-            let name = format!("{} ({source})", s.var);
-            return Some((v.clone(), source, name));
+        let aliases = ALIASES.iter().filter(|a| a.flag == flag);
+        let names =
+            || std::iter::once((s.var, Unit::Same)).chain(aliases.clone().map(|a| (a.var, a.unit)));
+        if let Some(path) = &self.file_path {
+            for (var, unit) in names() {
+                if let Some((v, line)) = self.file.get(var) {
+                    let source = Source::File {
+                        path: path.clone(),
+                        line: *line,
+                    };
+                    let name = format!("{var} ({source}{})", unit.note());
+                    return Some((in_unit(v, unit), source, name));
+                }
+            }
         }
-        if let Some(v) = (self.env)(s.var) {
-            return Some((v, Source::Environment, format!("{} (environment)", s.var)));
+        for (var, unit) in names() {
+            if let Some(v) = (self.env)(var) {
+                let name = format!("{var} (environment{})", unit.note());
+                return Some((in_unit(&v, unit), Source::Environment, name));
+            }
         }
         None
+    }
+
+    /// The Agent's settings whippet's fixed behaviour stands in for, when set: a warning
+    /// each.
+    pub(crate) fn fixed_warnings(&self) -> Vec<String> {
+        FIXED
+            .iter()
+            .filter(|(var, _)| self.file.contains_key(*var) || (self.env)(var).is_some())
+            .map(|(var, what)| format!("{var} is not used: {what}"))
+            .collect()
     }
 
     /// The setting parsed by `parse` when it was given (its source recorded; an error is
@@ -127,7 +147,11 @@ impl Resolver<'_> {
         let mut unknown: Vec<_> = self
             .file
             .iter()
-            .filter(|(k, _)| !SETTINGS.iter().any(|s| s.var == k.as_str()))
+            .filter(|(k, _)| {
+                !SETTINGS.iter().any(|s| s.var == k.as_str())
+                    && !ALIASES.iter().any(|a| a.var == k.as_str())
+                    && !FIXED.iter().any(|(var, _)| var == k)
+            })
             .map(|(k, (_, line))| (*line, k.clone()))
             .collect();
         unknown.sort();
@@ -146,6 +170,28 @@ impl Resolver<'_> {
                 path.display()
             ));
         }
+    }
+}
+
+impl Unit {
+    /// What an error about a converted value adds to its name.
+    fn note(self) -> &'static str {
+        match self {
+            Unit::Same => "",
+            Unit::Seconds => ", in milliseconds",
+        }
+    }
+}
+
+/// An Agent value in whippet's unit: seconds become milliseconds. What does not parse is
+/// passed on as written, for the setting's own check to name.
+fn in_unit(v: &str, unit: Unit) -> String {
+    match unit {
+        Unit::Same => v.to_string(),
+        Unit::Seconds => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => format!("{}", (s * 1000.0).round() as u64),
+            _ => v.to_string(),
+        },
     }
 }
 

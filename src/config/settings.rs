@@ -169,20 +169,84 @@ pub const SETTINGS: &[Setting] = &[
     s("host-rules", "WHIPPET_HOST_RULES", "JSON", Unset("none"), "Metrics sent without a host, as JSON: [{\"match\": glob over the name, \"types\": [count, gauge, …] (all when absent), \"tags\": tags added in the host's place}]; the first rule that fits applies (see whippet(8), SHAPING).").reloadable(),
     s("dd-url", "DD_DD_URL", "URL", Derived("https://app.SITE when an API key is set; otherwise whippet prints to the console"), "Intake URL (http:// or https://) that payloads are sent to.").reloadable(),
     s("site", "DD_SITE", "SITE", Value("datadoghq.com"), "Datadog site used to build the intake URL.").reloadable(),
-    s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload. Never logged or printed.").reloadable(),
+    s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload; never logged or printed. Put it in a key file or the environment, never on a command line, which local users can read.").reloadable(),
+    s("api-key-file", "WHIPPET_API_KEY_FILE", "PATH", Derived("$CREDENTIALS_DIRECTORY/api_key when systemd passes that credential (LoadCredential=api_key:…)"), "File holding the API key (surrounding whitespace ignored), used when no key is set directly; keep it readable by whippet alone. The packaged service passes /etc/whippet/api_key as a systemd credential.").reloadable(),
     s("additional-endpoints", "DD_ADDITIONAL_ENDPOINTS", "JSON", Unset("none"), "Further intakes that get a copy of every payload, as JSON: {\"https://URL\": [\"API key\", …]}. Each URL and key has its own senders, backoff, equal share of the retry queue and of the retry directory, and counters labelled with its address, so one that is slow or down never delays or drops another's data."),
     s("series-api", "WHIPPET_SERIES_API", "VERSION", Value("v2"), "Series API: v2 (protobuf) or v1 (JSON, legacy)."),
     s("compression", "DD_SERIALIZER_COMPRESSOR_KIND", "KIND", Value("zstd"), "Payload compression: zstd (level 1), zlib (also called deflate) or none."),
+    s("enable-payloads-series", "DD_ENABLE_PAYLOADS_SERIES", "BOOL", Value("true"), "Send series (points); false drops them at flush, counted."),
+    s("enable-payloads-sketches", "DD_ENABLE_PAYLOADS_SKETCHES", "BOOL", Value("true"), "Send distributions' sketches; false drops them at flush, counted."),
+    s("enable-payloads-events", "DD_ENABLE_PAYLOADS_EVENTS", "BOOL", Value("true"), "Send events; false drops them at flush, counted."),
+    s("enable-payloads-service-checks", "DD_ENABLE_PAYLOADS_SERVICE_CHECKS", "BOOL", Value("true"), "Send service checks; false drops them at flush, counted."),
     n("retry-queue-bytes", "WHIPPET_RETRY_QUEUE_BYTES", "BYTES", (Value("15728640"), 0, 1 << 40), "Bytes of payloads that may wait for the intake in memory (new and failed, 15 MiB by default); beyond, the oldest goes to --retry-dir, or is dropped and counted."),
     s("retry-dir", "WHIPPET_RETRY_DIR", "DIR", Unset("off"), "Directory where payloads that no longer fit --retry-queue-bytes (and those still waiting at shutdown) are kept until the intake takes them, oldest first, across restarts. Created if missing. Unset, they are dropped and counted."),
     n("retry-dir-bytes", "WHIPPET_RETRY_DIR_BYTES", "BYTES", (Value("268435456"), 0, 1 << 50), "Most bytes kept in --retry-dir (256 MiB by default); beyond, the oldest payload on disk is dropped and counted."),
     n("forwarder-threads", "WHIPPET_FORWARDER_THREADS", "N", (Value("2"), 1, 64), "Concurrent requests to the intake."),
     n("request-timeout-ms", "WHIPPET_REQUEST_TIMEOUT_MS", "MS", (Value("20000"), 1, 3_600_000), "Timeout of one request to the intake, in milliseconds; a timeout is retried."),
-    n("retry-base-ms", "WHIPPET_RETRY_BASE_MS", "MS", (Value("2000"), 1, 3_600_000), "First retry delay in milliseconds; each further failure of the endpoint doubles it, up to 32 times this base (64 s with the default), with jitter."),
+    n("retry-base-ms", "WHIPPET_RETRY_BASE_MS", "MS", (Value("2000"), 1, 3_600_000), "First retry delay in milliseconds; each further failure of the endpoint doubles it, up to the longest retry delay, with jitter."),
+    n("retry-max-ms", "WHIPPET_RETRY_MAX_MS", "MS", (Derived("32 times the first retry delay (64000)"), 1, 3_600_000), "Longest retry delay in milliseconds."),
     s("shutdown-timeout", "WHIPPET_SHUTDOWN_TIMEOUT", "DURATION", Value("10s"), "How long shutdown may take after SIGTERM (10s, 500ms, 1m; a bare number is seconds): no request outlives it, and what is left goes to --retry-dir or is dropped and counted. whippet exits within this plus 5 s."),
     s("log-level", "DD_LOG_LEVEL", "LEVEL", Value("info"), "Least severe log lines written: error, warn, info or debug (the Agent's trace, critical and off are accepted).").reloadable(),
     s("allow-root", "WHIPPET_ALLOW_ROOT", "BOOL", Value("false"), "Run even as root. whippet needs no privilege: run it as its own user (the packaged service uses User=whippet)."),
     s("status", "WHIPPET_STATUS", "ADDR", Unset("off"), "Serve /status (JSON), /metrics (Prometheus) and /contexts?top=N over HTTP on this address; a bare port means 127.0.0.1:PORT."),
+];
+
+/// How an Agent variable's value becomes whippet's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Taken as written.
+    Same,
+    /// The Agent counts seconds (fractions allowed), whippet milliseconds.
+    Seconds,
+}
+
+/// The Agent's name for a setting whippet names otherwise: read (from the config file, then
+/// the environment) after the setting's own variable, which wins when both are set.
+#[derive(Debug)]
+pub struct Alias {
+    pub var: &'static str,
+    pub flag: &'static str,
+    pub unit: Unit,
+}
+
+const fn alias(var: &'static str, flag: &'static str, unit: Unit) -> Alias {
+    Alias { var, flag, unit }
+}
+
+/// The Agent's forwarder settings, on whippet's forwarder.
+pub const ALIASES: &[Alias] = &[
+    alias("DD_FORWARDER_TIMEOUT", "request-timeout-ms", Unit::Seconds),
+    alias("DD_FORWARDER_NUM_WORKERS", "forwarder-threads", Unit::Same),
+    alias(
+        "DD_FORWARDER_RETRY_QUEUE_PAYLOADS_MAX_SIZE",
+        "retry-queue-bytes",
+        Unit::Same,
+    ),
+    alias("DD_FORWARDER_STORAGE_PATH", "retry-dir", Unit::Same),
+    alias(
+        "DD_FORWARDER_STORAGE_MAX_SIZE_IN_BYTES",
+        "retry-dir-bytes",
+        Unit::Same,
+    ),
+    alias("DD_FORWARDER_BACKOFF_BASE", "retry-base-ms", Unit::Seconds),
+    alias("DD_FORWARDER_BACKOFF_MAX", "retry-max-ms", Unit::Seconds),
+];
+
+/// The Agent's forwarder settings whippet's fixed behaviour stands in for: accepted, and
+/// when set, a warning says what whippet does instead.
+pub const FIXED: &[(&str, &str)] = &[
+    (
+        "DD_FORWARDER_BACKOFF_FACTOR",
+        "whippet doubles the delay after each failure",
+    ),
+    (
+        "DD_FORWARDER_RECOVERY_INTERVAL",
+        "one success ends an endpoint's backoff",
+    ),
+    (
+        "DD_FORWARDER_RECOVERY_RESET",
+        "one success ends an endpoint's backoff",
+    ),
 ];
 
 /// The setting of a flag. Every flag the resolver asks for is in the table.

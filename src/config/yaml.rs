@@ -70,13 +70,40 @@ pub(super) fn read(path: &Path, text: &str, errors: &mut Vec<String>) -> Read {
             return out;
         }
     };
+    // Top-level keys, and the keys of a mapping that is not itself a setting (the Agent's
+    // `enable_payloads: {series: …}` is DD_ENABLE_PAYLOADS_SERIES), named `parent.key`.
+    let mut entries: Vec<(String, String, &Yaml, usize)> = Vec::new();
     for (key, value) in map {
         let Some(key) = key.as_str() else {
             continue;
         };
         let line = line_of(text, key);
         let var = format!("DD_{}", key.to_ascii_uppercase());
-        let Some(setting) = SETTINGS.iter().find(|s| s.var == var) else {
+        let nested = |sub: &Yaml| {
+            sub.as_str()
+                .map(|sub| format!("{var}_{}", sub.to_ascii_uppercase()))
+        };
+        match value {
+            Yaml::Hash(inner)
+                if hint(&var).is_none()
+                    && inner
+                        .keys()
+                        .any(|k| nested(k).is_some_and(|v| hint(&v).is_some())) =>
+            {
+                for (sub, v) in inner {
+                    let (Some(name), Some(sub_var)) = (sub.as_str(), nested(sub)) else {
+                        continue;
+                    };
+                    let sub_line = nested_line(text, line, name);
+                    entries.push((format!("{key}.{name}"), sub_var, v, sub_line));
+                }
+            }
+            _ => entries.push((key.to_string(), var, value, line)),
+        }
+    }
+    for (key, var, value, line) in entries {
+        let key = key.as_str();
+        let Some(hint) = hint(&var) else {
             if key == "skip_ssl_validation" {
                 let name = format!("{}:{line}: {key}", path.display());
                 super::resolve::refuse_skip_ssl(scalar(value).as_deref(), &name, errors);
@@ -85,7 +112,7 @@ pub(super) fn read(path: &Path, text: &str, errors: &mut Vec<String>) -> Read {
             out.ignored.push((key.to_string(), line));
             continue;
         };
-        let text = if setting.hint == "JSON" {
+        let text = if hint == "JSON" {
             match value {
                 Yaml::Null => continue,
                 Yaml::String(s) => s.clone(),
@@ -121,6 +148,37 @@ pub(super) fn read(path: &Path, text: &str, errors: &mut Vec<String>) -> Read {
         out.values.insert(var, (text, line));
     }
     out
+}
+
+/// The value shape of a variable whippet reads: a setting's own, or the Agent's name of one
+/// (an alias, or a setting whippet's fixed behaviour stands in for).
+fn hint(var: &str) -> Option<&'static str> {
+    use super::settings::{setting, ALIASES, FIXED};
+    SETTINGS
+        .iter()
+        .find(|s| s.var == var)
+        .map(|s| s.hint)
+        .or_else(|| {
+            ALIASES
+                .iter()
+                .find(|a| a.var == var)
+                .map(|a| setting(a.flag).hint)
+        })
+        .or_else(|| FIXED.iter().any(|(v, _)| *v == var).then_some("VALUE"))
+}
+
+/// The line of `key` nested under the key on line `parent` (1-based), or the parent's.
+fn nested_line(text: &str, parent: usize, key: &str) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(parent)
+        .take_while(|(_, l)| l.is_empty() || l.starts_with([' ', '\t', '#']))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map_or(parent, |(i, _)| i + 1)
 }
 
 /// A scalar's text as written (`true`, `8125`, `0.95`, a string).

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | 2xx | sent |
 //! | 400, 403, 413 | dropped and counted (403 also logs "invalid API key", at most every 10 s) |
-//! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s, jittered |
+//! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s (`--retry-base-ms`, `--retry-max-ms`), jittered |
 
 pub mod disk;
 pub mod outcome;
@@ -42,6 +42,45 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
+/// Which kinds of data are sent (the Agent's `enable_payloads`): a kind turned off is
+/// dropped at flush, before it is serialized, and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enabled {
+    pub series: bool,
+    pub sketches: bool,
+    pub events: bool,
+    pub service_checks: bool,
+}
+
+impl Enabled {
+    pub const ALL: Enabled = Enabled {
+        series: true,
+        sketches: true,
+        events: true,
+        service_checks: true,
+    };
+
+    /// Takes out of `flushed` what is not to be sent, counting it.
+    fn apply(&self, flushed: &mut Flushed, counters: &Counters) {
+        use crate::flush::Data;
+        fn drop_all<T>(on: bool, items: &mut Vec<T>, counter: &crate::telemetry::Counter) {
+            if !on {
+                counter.add(items.len() as u64);
+                items.clear();
+            }
+        }
+        let d = &counters.disabled;
+        drop_all(self.series, &mut flushed.series, &d[Data::Points]);
+        drop_all(self.sketches, &mut flushed.sketches, &d[Data::Sketches]);
+        drop_all(self.events, &mut flushed.events, &d[Data::Events]);
+        drop_all(
+            self.service_checks,
+            &mut flushed.service_checks,
+            &d[Data::ServiceChecks],
+        );
+    }
+}
+
 /// How the forwarder reaches the intake.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
@@ -53,8 +92,9 @@ pub struct ForwarderConfig {
     pub retry_queue_bytes: usize,
     /// Whole-request timeout.
     pub timeout: Duration,
-    /// First retry delay; later ones double, up to 32 times this (2 s to 64 s by default).
+    /// First retry delay; later ones double, up to `retry_max` (2 s to 64 s by default).
     pub retry_base: Duration,
+    pub retry_max: Duration,
     /// `--retry-dir` and `--retry-dir-bytes` (this intake's share of them).
     pub retry_dir: Option<(std::path::PathBuf, u64)>,
     /// How counters and logs name this intake: `None` for `--dd-url`, the address (never
@@ -670,7 +710,14 @@ impl Shared {
             Class::Retry(answer) => {
                 let b = state.backoff.entry(endpoint).or_default();
                 b.failures = b.failures.saturating_add(1);
-                b.until = Some(now + backoff(b.failures, self.config.retry_base, random()));
+                b.until = Some(
+                    now + backoff(
+                        b.failures,
+                        self.config.retry_base,
+                        self.config.retry_max,
+                        random(),
+                    ),
+                );
                 self.count(endpoint, Outcome::Retried(answer));
                 if let Answer::Status(s) = answer {
                     log::warn_limited(self.log_key("forwarder-retry"), || {
@@ -775,13 +822,17 @@ pub(crate) struct IntakeOutput {
     pub counters: Arc<Counters>,
     /// How long the final flush may take to send at shutdown.
     pub shutdown_timeout: Duration,
+    pub enabled: Enabled,
     /// Flushes wait for the intake ([`Forwarder::pace`]); not the final one, which
     /// `--shutdown-timeout` bounds instead.
     pub pacing: bool,
 }
 
 impl Output for IntakeOutput {
-    fn emit(&mut self, flushed: Flushed) {
+    fn emit(&mut self, mut flushed: Flushed) {
+        if self.enabled != Enabled::ALL {
+            self.enabled.apply(&mut flushed, &self.counters);
+        }
         let serialized = self.serializer.serialize(&flushed);
         for (_, n) in &serialized.oversized {
             self.counters.oversized_items.add(*n as u64);
@@ -851,6 +902,7 @@ mod tests {
             retry_queue_bytes: 1,
             timeout: Duration::from_secs(1),
             retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
         };
@@ -879,6 +931,7 @@ mod tests {
             retry_queue_bytes: 1 << 20,
             timeout: Duration::from_secs(60),
             retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
         };

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::flush::Data;
 use crate::serializer::Endpoint;
-use crate::telemetry::{labels, Counter, Gauge, Label, Readings, Snapshot};
+use crate::telemetry::{labels, Counter, Gauge, Label, PerLabel, Readings, Snapshot};
 
 labels! {
     /// Why a request got no HTTP answer.
@@ -83,10 +84,11 @@ pub(crate) fn classify(answer: Answer) -> Class {
 }
 
 /// Backoff before the next try after `failures` consecutive failures: base · 2ⁿ⁻¹, capped at
-/// 32 × base (2 s … 64 s by default), jittered to between half and all of it so endpoints do
+/// `max` (2 s … 64 s by default), jittered to between half and all of it so endpoints do
 /// not retry in lockstep.
-pub(crate) fn backoff(failures: u32, base: Duration, jitter: u64) -> Duration {
-    let ms = (base.as_millis() as u64).saturating_mul(1 << failures.saturating_sub(1).min(5));
+pub(crate) fn backoff(failures: u32, base: Duration, max: Duration, jitter: u64) -> Duration {
+    let doubled = (base.as_millis() as u64).saturating_mul(1 << failures.saturating_sub(1).min(32));
+    let ms = doubled.min(max.as_millis() as u64);
     Duration::from_millis(ms / 2 + jitter % (ms / 2 + 1))
 }
 
@@ -152,6 +154,8 @@ pub struct Counters {
     network_errors: Mutex<BTreeMap<(&'static str, Cause), u64>>,
     /// Items dropped by the serializer because alone they exceed a payload limit.
     pub oversized_items: Counter,
+    /// Items not sent because their kind is turned off (`--enable-payloads-*`).
+    pub disabled: PerLabel<Data, Counter, { Data::COUNT }>,
     /// Bytes of payloads waiting in memory.
     pub retry_queue_bytes: Gauge,
     /// Bytes of payloads waiting in `--retry-dir`.
@@ -194,6 +198,7 @@ impl Readings for Counters {
         if intake.is_none() {
             let oversized = self.oversized_items.get();
             out.counter("whippet_serializer_oversized_items_total", &[], oversized);
+            out.per_label("whippet_disabled_items_total", &self.disabled);
         }
         let queued = self.retry_queue_bytes.get();
         out.gauge("whippet_retry_queue_bytes", &with(&[]), queued);
@@ -267,14 +272,21 @@ mod tests {
         ];
         for (failures, cap) in bounds {
             let base = Duration::from_secs(2);
-            let lo = backoff(failures, base, 0);
-            let hi = backoff(failures, base, u64::MAX - 1);
+            let max = Duration::from_secs(64);
+            let lo = backoff(failures, base, max, 0);
+            let hi = backoff(failures, base, max, u64::MAX - 1);
             assert_eq!(lo, Duration::from_millis(cap * 500), "{failures}");
             assert!(
                 hi <= Duration::from_secs(cap) && hi >= lo,
                 "{failures}: {hi:?}"
             );
         }
+        // The Agent's forwarder_backoff_max, lower than 32 × base: 2 s, 4 s, 5 s, 5 s.
+        let max = Duration::from_secs(5);
+        let lows: Vec<u64> = (1..=4)
+            .map(|n| backoff(n, Duration::from_secs(2), max, 0).as_millis() as u64)
+            .collect();
+        assert_eq!(lows, [1000, 2000, 2500, 2500]);
     }
 
     #[test]

@@ -571,3 +571,66 @@ fn no_status_client_can_stop_ingestion_or_grow_memory() {
     let s = w.stop();
     assert!(s.status.success());
 }
+
+#[test]
+fn the_api_key_from_a_systemd_credential_is_used_and_never_shown_and_disabled_kinds_are_counted() {
+    // The intake answers 403 to any other key: the gauge arriving proves the credential's
+    // key was sent.
+    let key = "credential-key-0123456789";
+    let intake = intake(IntakeConfig {
+        api_key: Some(key.into()),
+        ..IntakeConfig::default()
+    });
+    let credentials = TempDir::new();
+    write(&credentials.path("api_key"), &format!("{key}\n"));
+    let dir = credentials.0.display().to_string();
+    let w = Whippet::start_env(
+        &["--dd-url", &intake.url(), "--enable-payloads-events=false"],
+        &[("CREDENTIALS_DIRECTORY", &dir)],
+    );
+    w.send_unix(b"credential.gauge:3|g");
+    w.send_unix(b"_e{5,4}:title|text");
+    w.send_unix(b"_sc|credential.check|0");
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 3);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let points: Vec<_> = intake
+        .store()
+        .points()
+        .into_iter()
+        .map(|p| (p.metric, p.value))
+        .collect();
+    assert_eq!(points, [("credential.gauge".to_string(), 3.0)]);
+    assert_eq!(intake.store().events().len(), 0);
+    assert_eq!(intake.store().service_checks().len(), 1);
+    assert_eq!(
+        s.telemetry(r#"whippet_disabled_items_total{data="events"}"#),
+        1
+    );
+    assert_eq!(
+        s.telemetry_or_zero(r#"whippet_disabled_items_total{data="points"}"#),
+        0
+    );
+    assert!(!s.stderr.iter().any(|l| l.contains(key)), "{:?}", s.stderr);
+    assert!(
+        !s.stderr
+            .iter()
+            .any(|l| l.contains("readable") || l.contains("403")),
+        "{:?}",
+        s.stderr
+    );
+    let out = Command::new(binary())
+        .env_clear()
+        .env("CREDENTIALS_DIRECTORY", &dir)
+        .args(["--check-config"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("api-key-file"))
+        .unwrap();
+    assert!(line.contains("/api_key (systemd credential)"), "{line}");
+    assert!(!report.contains(key), "{report}");
+    intake.stop();
+}
