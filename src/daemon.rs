@@ -24,7 +24,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,7 @@ use crate::status::{self, StatusServer};
 use crate::systemd;
 use crate::tagger::{self, Tagger};
 use crate::telemetry::{Label, Reading, Readings, Snapshot};
+use crate::vitals::Vitals;
 use crate::worker::{self, LiveTags, Worker};
 use crate::Error;
 
@@ -375,7 +376,9 @@ impl Daemon {
         one_malloc_arena();
         let mut sockets = Sockets::bind(&config.listen, config.origin.detection)?;
         let telemetry = Arc::new(Telemetry::default());
-        let (output, retarget) = output_for(config, &telemetry)?;
+        // The vitals read the probe, which needs the pipeline the output goes into.
+        let probe_slot: Arc<OnceLock<Arc<Probe>>> = Arc::default();
+        let (output, retarget) = output_for(config, &telemetry, &probe_slot)?;
         let (pipeline, queue) = Pipeline::spawn(config, &telemetry, output)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let shut = Arc::new(AtomicBool::new(false));
@@ -417,6 +420,7 @@ impl Daemon {
             mirror: config.listen.mirror.is_some(),
             capture: capture.is_some(),
         });
+        let _ = probe_slot.set(probe.clone());
         let (status, status_sources) = start_status(config, &probe, &pipeline.demux)?;
         sockets.bound.status = status.as_ref().map(|s| s.addr);
         let bound = sockets.bound.clone();
@@ -572,6 +576,7 @@ fn start_status(
 fn output_for(
     config: &Config,
     telemetry: &Telemetry,
+    probe: &Arc<OnceLock<Arc<Probe>>>,
 ) -> Result<(Box<dyn Output>, Option<Handle>), Error> {
     let mut configs = config.forwarders().into_iter();
     let Some(forwarder_config) = configs.next() else {
@@ -603,7 +608,19 @@ fn output_for(
         enabled: config.forwarding.payloads,
         pacing: true,
     });
-    Ok((output, Some(retarget)))
+    if !config.operation.self_metrics {
+        return Ok((output, Some(retarget)));
+    }
+    let probe = probe.clone();
+    let read = Box::new(move || {
+        probe
+            .get()
+            .map(|p| Snapshot::of(&[&**p]))
+            .unwrap_or_default()
+    });
+    let a = &config.aggregation;
+    let vitals = Vitals::new(output, read, &a.hostname, &a.tags, a.expiry.interval);
+    Ok((Box::new(vitals), Some(retarget)))
 }
 
 /// Asks glibc's allocator for a single arena, unless `MALLOC_ARENA_MAX` says otherwise.

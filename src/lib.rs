@@ -19,7 +19,8 @@
 //!        ▼
 //!  flush → series points, sketches, events, service checks (outside the locks)
 //!        │
-//!        ▼  output: the console when no intake is configured, otherwise
+//!        ▼  output: the console when no intake is configured, otherwise vitals
+//!        │  (whippet's own counters as `whippet.*` series) added, then
 //!  serializer: v2/v1 series, sketches, events, checks → compressed payloads within limits
 //!        │
 //!        ▼
@@ -86,6 +87,8 @@
 //! - **payload**: one compressed HTTP request body for one endpoint ([`serializer::Payload`]).
 //! - **intake**: the HTTP service payloads are sent to ([`intake`] is a test one).
 //! - **reading**: one counter or gauge value with its labels ([`telemetry::Reading`]).
+//! - **vitals**: whippet's own readings, sent to the intake with each flush as `whippet.*`
+//!   metrics ([`vitals`]).
 //!
 //! # Layers
 //!
@@ -106,7 +109,7 @@
 //! 10. worker
 //! 11. listener
 //! 12. flush
-//! 13. serializer, console
+//! 13. serializer, console, vitals
 //! 14. forwarder
 //! 15. status
 //! 16. config
@@ -142,6 +145,7 @@ pub mod status;
 pub mod systemd;
 pub mod tagger;
 pub mod telemetry;
+pub mod vitals;
 pub mod worker;
 
 /// Test-only fault injection, compiled into debug builds only (release builds and the

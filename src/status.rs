@@ -232,17 +232,33 @@ fn status_json(sources: &Sources) -> Value {
         "uptime_seconds".into(),
         json!(sources.started.elapsed().as_secs()),
     );
-    let mut counters = Map::new();
-    for p in (sources.snapshot)().readings {
-        let mut key = p.name.to_string();
-        if !p.labels.is_empty() {
-            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            key = format!("{key}{{{}}}", labels.join(","));
-        }
-        counters.insert(key, json!(p.value));
-    }
-    out.insert("telemetry".into(), Value::Object(counters));
+    out.insert("telemetry".into(), telemetry_json(&(sources.snapshot)()));
     Value::Object(out)
+}
+
+/// The readings by name: a reading without labels is its value; a name with labels is a
+/// list of objects, each label a field beside `value`
+/// (`"whippet_packets_total": [{"transport": "udp", "value": 3}]`).
+fn telemetry_json(snapshot: &Snapshot) -> Value {
+    let mut by_name = Map::new();
+    for r in snapshot.grouped() {
+        if r.labels.is_empty() {
+            by_name.insert(r.name.to_string(), json!(r.value));
+            continue;
+        }
+        let mut one = Map::new();
+        for (k, v) in &r.labels {
+            one.insert(k.to_string(), json!(v));
+        }
+        one.insert("value".into(), json!(r.value));
+        let entry = by_name
+            .entry(r.name.to_string())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(list) = entry {
+            list.push(Value::Object(one));
+        }
+    }
+    Value::Object(by_name)
 }
 
 fn contexts_json(sources: &Sources, n: usize) -> Value {
@@ -265,6 +281,24 @@ fn contexts_json(sources: &Sources, n: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_fields_beside_the_value_not_part_of_a_key() {
+        let mut s = Snapshot::default();
+        s.counter("whippet_samples_total", &[], 6);
+        s.counter("whippet_packets_total", &[("transport", "udp")], 3);
+        s.counter("whippet_packets_total", &[("transport", "unix")], 4);
+        assert_eq!(
+            telemetry_json(&s),
+            json!({
+                "whippet_samples_total": 6,
+                "whippet_packets_total": [
+                    {"transport": "udp", "value": 3},
+                    {"transport": "unix", "value": 4},
+                ],
+            })
+        );
+    }
 
     #[test]
     fn top_is_bounded() {

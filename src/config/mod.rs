@@ -75,6 +75,8 @@ pub struct Pipeline {
 pub struct Aggregation {
     pub tags: Vec<String>,
     pub hostname: String,
+    /// Which rule gave the host name (`--check-config` shows it).
+    pub hostname_rule: &'static str,
     /// `--bucket-seconds`, `--expiry-seconds`, `--context-expiry-seconds`.
     pub expiry: Expiry,
     pub histogram_aggregates: Vec<Aggregate>,
@@ -198,6 +200,8 @@ pub struct Forwarding {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Operation {
     pub log_level: Level,
+    /// `--self-metrics`: whippet's vitals go to the intake with each flush.
+    pub self_metrics: bool,
     pub status: Option<SocketAddr>,
     pub allow_root: bool,
 }
@@ -487,6 +491,11 @@ pub fn report(c: &Config) -> String {
     out.push_str(&format!("{:<24} {intake}\n", "=> intake"));
     let udp = c.listen.udp.map_or("off".to_string(), |a| a.to_string());
     out.push_str(&format!("{:<24} {udp}\n", "=> udp"));
+    let a = &c.aggregation;
+    out.push_str(&format!(
+        "{:<24} {} (from {})\n",
+        "=> hostname", a.hostname, a.hostname_rule
+    ));
     out.push_str(&format!(
         "{:<24} {}\n",
         "=> tagger",
@@ -672,7 +681,7 @@ fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation 
             .map(str::to_string)
             .collect())
     });
-    let hostname = r.string("hostname").unwrap_or_else(machine_hostname);
+    let (hostname, hostname_rule) = hostname(r, warnings);
     let expiry = Expiry {
         interval: r.number("bucket-seconds"),
         counter_seconds: r.number("expiry-seconds"),
@@ -708,6 +717,7 @@ fn aggregation(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> Aggregation 
     Aggregation {
         tags,
         hostname,
+        hostname_rule,
         expiry,
         histogram_aggregates,
         histogram_percentiles,
@@ -815,6 +825,58 @@ fn origin(r: &mut Resolver<'_>) -> OriginSettings {
                 .map_err(|e| format!("{name}: {e}")),
         }),
     }
+}
+
+/// The host name, as the Agent resolves it where no cloud provider applies: the setting,
+/// else the first line of `--hostname-file`, else the FQDN when `--hostname-fqdn` asks for
+/// it, else the Kubernetes node name (with `-CLUSTER` when the cluster name is set), else
+/// this machine's host name. Returns it with the rule that gave it.
+fn hostname(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> (String, &'static str) {
+    let given = r.string("hostname").filter(|h| !h.is_empty());
+    let file = r.string("hostname-file").filter(|f| !f.is_empty());
+    let fqdn: bool = r.value("hostname-fqdn", resolve::boolean);
+    let node = r.string("kubelet-nodename").filter(|n| !n.is_empty());
+    let cluster = r
+        .given("cluster-name", resolve::cluster_name)
+        .filter(|c| !c.is_empty());
+    if let Some(h) = given {
+        return (h, "--hostname (DD_HOSTNAME)");
+    }
+    if let Some(path) = file {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match text.lines().next().map(str::trim).filter(|l| !l.is_empty()) {
+                Some(h) => return (h.to_string(), "--hostname-file (DD_HOSTNAME_FILE)"),
+                None => warnings.push(format!(
+                    "DD_HOSTNAME_FILE: {path} is empty; the host name comes from the next rule"
+                )),
+            },
+            Err(e) => warnings.push(format!(
+                "DD_HOSTNAME_FILE: cannot read {path} ({e}); the host name comes from the next rule"
+            )),
+        }
+    }
+    let machine = machine_hostname();
+    if fqdn {
+        match resolve::fqdn(&machine) {
+            Some(f) => return (f, "the FQDN (DD_HOSTNAME_FQDN)"),
+            None => warnings.push(format!(
+                "DD_HOSTNAME_FQDN: {machine} resolves to no fully qualified name; the host name comes from the next rule"
+            )),
+        }
+    }
+    if let Some(node) = node {
+        return match cluster {
+            Some(c) => (
+                format!("{node}-{c}"),
+                "the Kubernetes node name and cluster name",
+            ),
+            None => (
+                node,
+                "the Kubernetes node name (DD_KUBERNETES_KUBELET_NODENAME)",
+            ),
+        };
+    }
+    (machine, "this machine's host name")
 }
 
 /// The API key: `--api-key`, else the file `--api-key-file` names, else the systemd
@@ -938,6 +1000,7 @@ fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
 
 fn operation(r: &mut Resolver<'_>) -> Operation {
     Operation {
+        self_metrics: r.value("self-metrics", resolve::boolean),
         log_level: r.value("log-level", |v, name| {
             Level::parse(v).ok_or_else(|| {
                 format!("{name}: '{v}' is not one of error, warn, info, debug (or trace, critical, off)")
@@ -1289,7 +1352,7 @@ mod tests {
             "{key_line}"
         );
         assert!(report.contains("=> intake                https://app.datadoghq.com\n"));
-        assert_eq!(report.lines().count(), SETTINGS.len() + 4);
+        assert_eq!(report.lines().count(), SETTINGS.len() + 5);
     }
 
     #[test]
@@ -1868,6 +1931,75 @@ process_config:
             ("", None)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_host_name_follows_the_agents_order_and_says_which_rule_gave_it() {
+        let file = File::new("hostname", "\n");
+        let named = File::new("hostname2", "from-file\nsecond line\n");
+        let m = machine_hostname();
+        let node = ("DD_KUBERNETES_KUBELET_NODENAME", "node-7");
+        type Case<'a> = (Vec<(&'a str, &'a str)>, String, &'a str);
+        let cases: Vec<Case> = vec![
+            (vec![], m.clone(), "this machine's host name"),
+            (
+                vec![node],
+                "node-7".into(),
+                "the Kubernetes node name (DD_KUBERNETES_KUBELET_NODENAME)",
+            ),
+            (
+                vec![node, ("DD_CLUSTER_NAME", "prod-eu1")],
+                "node-7-prod-eu1".into(),
+                "the Kubernetes node name and cluster name",
+            ),
+            (
+                vec![node, ("DD_HOSTNAME_FILE", named.arg())],
+                "from-file".into(),
+                "--hostname-file (DD_HOSTNAME_FILE)",
+            ),
+            (
+                vec![
+                    node,
+                    ("DD_HOSTNAME_FILE", named.arg()),
+                    ("DD_HOSTNAME", "given"),
+                ],
+                "given".into(),
+                "--hostname (DD_HOSTNAME)",
+            ),
+            // An empty file falls through to the next rule, with a warning.
+            (
+                vec![("DD_HOSTNAME_FILE", file.arg())],
+                m.clone(),
+                "this machine's host name",
+            ),
+        ];
+        for (env, host, rule) in cases {
+            let c = run_env(&[], &env).unwrap();
+            assert_eq!(
+                (c.aggregation.hostname.as_str(), c.aggregation.hostname_rule),
+                (host.as_str(), rule),
+                "{env:?}"
+            );
+        }
+        let c = run_env(&[], &[("DD_HOSTNAME_FILE", file.arg())]).unwrap();
+        assert!(c.warnings[0].contains("is empty"), "{:?}", c.warnings);
+        let c = run_env(&[], &[("DD_HOSTNAME_FQDN", "true")]).unwrap();
+        assert_eq!(
+            c.aggregation.hostname,
+            resolve::fqdn(&m).unwrap_or(m.clone())
+        );
+        let err = run_env(&[], &[node, ("DD_CLUSTER_NAME", "Prod_1")]).unwrap_err();
+        assert!(
+            err.contains("DD_CLUSTER_NAME (environment): 'Prod_1' is not a cluster name"),
+            "{err}"
+        );
+        let Command::Check(report) = parse_env(&["--check-config"], &[node]).unwrap() else {
+            panic!("not a report");
+        };
+        assert!(
+            report.contains("=> hostname              node-7 (from the Kubernetes node name (DD_KUBERNETES_KUBELET_NODENAME))\n"),
+            "{report}"
+        );
     }
 
     #[test]

@@ -573,6 +573,50 @@ pub(super) fn site(v: &str, name: &str) -> Result<String, String> {
 }
 
 /// This machine's hostname, or empty if it cannot be read.
+/// A Kubernetes cluster name as the Agent accepts it: lowercase letters, digits, dots and
+/// hyphens, starting with a letter, ending with a letter or digit, at most 80 characters.
+pub(super) fn cluster_name(v: &str, name: &str) -> Result<String, String> {
+    let ok = v.is_empty()
+        || (v.len() <= 80
+            && v.starts_with(|c: char| c.is_ascii_lowercase())
+            && v.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && v.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(format!("{name}: '{v}' is not a cluster name (lowercase letters, digits, dots and hyphens, starting with a letter, ending with a letter or digit, at most 80)"))
+    }
+}
+
+/// The fully qualified name of `host`, as `hostname -f` finds it: the canonical name
+/// the resolver gives, when it is not the short name itself.
+pub(super) fn fqdn(host: &str) -> Option<String> {
+    use std::ffi::{CStr, CString};
+    let node = CString::new(host).ok()?;
+    // SAFETY: an all-zero addrinfo is a valid "no hints" value; the fields set are plain
+    // integers.
+    let mut hints: nix::libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_flags = nix::libc::AI_CANONNAME;
+    hints.ai_family = nix::libc::AF_UNSPEC;
+    let mut found: *mut nix::libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: `node` is a NUL-terminated string that outlives the call, `hints` is a valid
+    // addrinfo, and `found` receives a list freed below with freeaddrinfo.
+    let rc = unsafe { nix::libc::getaddrinfo(node.as_ptr(), std::ptr::null(), &hints, &mut found) };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: getaddrinfo succeeded, so `found` points at a valid list whose first entry's
+    // ai_canonname is NUL-terminated or null (AI_CANONNAME asks for it on the first entry).
+    let canonical = unsafe {
+        let name = (*found).ai_canonname;
+        (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+    };
+    // SAFETY: `found` came from getaddrinfo and is freed once.
+    unsafe { nix::libc::freeaddrinfo(found) };
+    canonical.filter(|c| !c.is_empty() && c.contains('.'))
+}
+
 pub(crate) fn machine_hostname() -> String {
     nix::unistd::gethostname()
         .ok()

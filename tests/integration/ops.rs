@@ -461,6 +461,14 @@ fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["telemetry"]["whippet_samples_total"], 6);
+    let packets = &status["telemetry"]["whippet_packets_total"];
+    let udp = packets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["transport"] == "udp")
+        .unwrap();
+    assert_eq!(udp["value"], 1);
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(status["tags"], serde_json::json!(["svc:x"]));
     assert_eq!(status["listeners"]["udp"], w.udp.unwrap().to_string());
@@ -473,7 +481,8 @@ fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
 #[test]
 fn an_api_key_in_a_readable_config_file_draws_a_warning() {
     use std::os::unix::fs::PermissionsExt;
-    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false)] {
+    // The file's group is the test's own, as whippet's group owns the packaged file.
+    for (mode, warned) in [(0o644, true), (0o640, false), (0o600, false)] {
         let dir = TempDir::new();
         let conf = dir.path("whippet.conf");
         write(
@@ -491,7 +500,7 @@ fn an_api_key_in_a_readable_config_file_draws_a_warning() {
         let s = w.stop();
         assert!(s.status.success());
         let warning = format!(
-            "whippet: {} holds the API key and is readable by group or others (mode {mode:o})",
+            "whippet: {} holds the API key and others can read it (mode {mode:o}, group ",
             conf.display()
         );
         assert_eq!(
@@ -633,4 +642,59 @@ fn the_api_key_from_a_systemd_credential_is_used_and_never_shown_and_disabled_ki
     assert!(line.contains("/api_key (systemd credential)"), "{line}");
     assert!(!report.contains(key), "{report}");
     intake.stop();
+}
+
+#[test]
+fn whippets_vitals_reach_the_intake_with_each_flush_and_can_be_turned_off() {
+    let intake = intake(IntakeConfig::default());
+    let w = Whippet::to_intake(
+        &intake.url(),
+        &["--self-metrics=true", "--tags", "team:obs"],
+    );
+    w.send_unix(b"app.a:1|c\napp.b:2|g\napp.c:3|h");
+    w.send_unix(b"app.bad:x|c");
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 2);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let mut vitals: Vec<String> = intake
+        .store()
+        .points()
+        .into_iter()
+        .filter(|p| p.metric.starts_with("whippet."))
+        .filter(|p| p.metric != "whippet.aggregation.memory_bytes")
+        .map(|p| {
+            assert_eq!(p.host, "test-host");
+            format!("{} {} {} {}", p.metric, p.kind, p.value, p.tags.join(","))
+        })
+        .collect();
+    vitals.sort();
+    let v = format!("version:{}", env!("CARGO_PKG_VERSION"));
+    let want = [
+        format!("whippet.contexts gauge 0 team:obs,{v}"),
+        format!("whippet.messages count 3 kind:metric,team:obs,{v}"),
+        format!("whippet.packets count 2 team:obs,transport:unix,{v}"),
+        format!("whippet.parse_errors count 1 kind:metric,reason:invalid_value,team:obs,{v}"),
+        format!("whippet.queue.depth gauge 0 team:obs,{v}"),
+        format!("whippet.retry_dir.bytes gauge 0 team:obs,{v}"),
+        format!("whippet.retry_queue.bytes gauge 0 team:obs,{v}"),
+        format!("whippet.running gauge 1 team:obs,{v}"),
+        format!("whippet.samples count 3 team:obs,{v}"),
+    ];
+    assert_eq!(vitals, want);
+    // Off: nothing of whippet's own.
+    let intake2 = crate::support::intake(IntakeConfig::default());
+    let w = Whippet::to_intake(&intake2.url(), &["--self-metrics=false"]);
+    w.send_unix(b"app.a:1|c");
+    w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 1);
+    let s = w.stop();
+    assert!(s.status.success());
+    let names: Vec<String> = intake2
+        .store()
+        .points()
+        .into_iter()
+        .map(|p| p.metric)
+        .collect();
+    assert_eq!(names, ["app.a"]);
+    intake.stop();
+    intake2.stop();
 }

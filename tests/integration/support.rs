@@ -72,6 +72,7 @@ pub fn start_with_config_on_socket(
         socket.display().to_string(),
         "--bucket-seconds".into(),
         ONE_BUCKET.into(),
+        "--self-metrics=false".into(),
     ];
     Whippet::spawn_env(args, &[], dir)
 }
@@ -138,6 +139,8 @@ impl Whippet {
             "test-host".into(),
             "--bucket-seconds".into(),
             ONE_BUCKET.into(),
+            // Tests count exactly what the intake gets; the vitals' own tests turn them on.
+            "--self-metrics=false".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Whippet::spawn_env(args, env, dir)
