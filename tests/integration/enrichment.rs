@@ -463,3 +463,35 @@ fn the_agents_host_tags_and_env_reach_every_kind() {
     );
     intake.stop();
 }
+
+#[test]
+fn the_host_name_comes_from_the_node_and_cluster_name_when_none_is_set() {
+    // No --hostname: the Kubernetes node name and the cluster name make the host, on every
+    // kind, and a host: tag still wins for its own metric.
+    let intake = intake(IntakeConfig::default());
+    let dir = TempDir::new();
+    let args: Vec<String> = [
+        "--udp",
+        "127.0.0.1:0",
+        "--dd-url",
+        &intake.url(),
+        "--self-metrics=false",
+    ]
+    .map(String::from)
+    .to_vec();
+    let env = [
+        ("DD_KUBERNETES_KUBELET_NODENAME", "node-7"),
+        ("DD_CLUSTER_NAME", "prod-eu1"),
+    ];
+    let w = Whippet::spawn_env(args, &env, dir);
+    w.send_udp(b"m:1|g\nn:1|g|#host:elsewhere\n_sc|c|0");
+    w.wait_for_telemetry("whippet_samples_total", 2);
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    let points = intake.store().points();
+    assert_eq!(point(&points, "m").host, "node-7-prod-eu1");
+    assert_eq!(point(&points, "n").host, "elsewhere");
+    let c = &intake.store().service_checks()[0];
+    assert_eq!(c["host_name"], json!("node-7-prod-eu1"));
+    intake.stop();
+}
