@@ -752,8 +752,12 @@ fn log_start(config: &Config, bound: &Bound) {
     let f = &config.forwarding;
     match &f.intake_url {
         Some(url) => log::info(&format!(
-            "forwarding to {} (series {}, {} compression)",
+            "forwarding to {}{} (series {}, {} compression)",
             forwarder::redact_url(url),
+            f.egress.proxy_url(url).map_or(String::new(), |p| format!(
+                " through the proxy {}",
+                forwarder::redact_url(p)
+            )),
             match f.series_api {
                 SeriesApi::V1 => "v1 JSON",
                 SeriesApi::V2 => "v2 protobuf",

@@ -138,6 +138,13 @@ impl Reloader {
             .filter_map(|f| f.intake.map(str::to_string))
             .collect();
         info.insert("additional_intakes".into(), json!(additional));
+        let proxy = c.forwarding.intake_url.as_deref().and_then(|url| {
+            c.forwarding
+                .egress
+                .proxy_url(url)
+                .map(crate::forwarder::redact_url)
+        });
+        info.insert("proxy".into(), json!(proxy));
         info.insert("hostname".into(), json!(c.aggregation.hostname));
         info.insert("tags".into(), json!(c.aggregation.tags));
         info.insert("config_file".into(), json!(path(&c.config_file)));

@@ -179,6 +179,8 @@ pub struct Forwarding {
     /// Where payloads go (`scheme://host[:port]`); `None` prints to the console instead.
     pub intake_url: Option<String>,
     pub api_key: ApiKey,
+    /// Proxies and the certificates trusted.
+    pub egress: crate::forwarder::egress::Egress,
     /// Which kinds of payload are sent (the Agent's `enable_payloads`).
     pub payloads: crate::forwarder::Enabled,
     /// `--additional-endpoints`: (URL, key) pairs that also get every payload.
@@ -258,6 +260,7 @@ impl Config {
                 .clone()
                 .map(|dir| (dir, f.retry_dir_bytes / n as u64)),
             intake: None,
+            egress: f.egress.clone(),
         };
         let mut seen: Vec<String> = Vec::new();
         let mut out = vec![base.clone()];
@@ -879,6 +882,58 @@ fn hostname(r: &mut Resolver<'_>, warnings: &mut Vec<String>) -> (String, &'stat
     (machine, "this machine's host name")
 }
 
+/// Proxies and trust, each checked now so a bad one stops the start with its name.
+fn egress(r: &mut Resolver<'_>, intake: Option<&str>) -> crate::forwarder::egress::Egress {
+    use crate::forwarder::egress::{Egress, Roots};
+    let proxy = |r: &mut Resolver<'_>, flag: &'static str| {
+        r.given(flag, |v, name| {
+            let v = v.trim();
+            if v.is_empty() {
+                return Ok(None);
+            }
+            let probe = Egress {
+                proxy_https: Some(v.to_string()),
+                ..Egress::default()
+            };
+            probe
+                .proxy("https://x")
+                .map(|_| Some(v.to_string()))
+                .map_err(|e| format!("{name}: not a proxy address like http://proxy:3128 ({e})"))
+        })
+        .flatten()
+    };
+    let proxy_https = proxy(r, "proxy-https");
+    let proxy_http = proxy(r, "proxy-http");
+    let no_proxy = r
+        .string("proxy-no-proxy")
+        .map(|v| {
+            v.split([',', ' ', '\t'])
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let roots = r.value("ca-bundle", |v, name| {
+        let roots = Roots::parse(v);
+        roots
+            .load()
+            .map(|_| roots)
+            .map_err(|e| format!("{name}: {e}"))
+    });
+    let egress = Egress {
+        proxy_https,
+        proxy_http,
+        no_proxy,
+        roots,
+    };
+    if let Some(url) = intake {
+        if let Err(e) = egress.proxy(url) {
+            r.errors.push(format!("proxy: {e}"));
+        }
+    }
+    egress
+}
+
 /// The API key: `--api-key`, else the file `--api-key-file` names, else the systemd
 /// credential `api_key` when systemd passed one, else none.
 fn api_key(r: &mut Resolver<'_>) -> Option<String> {
@@ -970,9 +1025,11 @@ fn forwarding(r: &mut Resolver<'_>) -> Forwarding {
         events: r.value("enable-payloads-events", resolve::boolean),
         service_checks: r.value("enable-payloads-service-checks", resolve::boolean),
     };
+    let egress = egress(r, intake_url.as_deref());
     Forwarding {
         intake_url,
         api_key,
+        egress,
         payloads,
         additional,
         series_api: r.value("series-api", |v, name| match v {

@@ -86,7 +86,7 @@ impl Resolver<'_> {
         };
         let shown = match flag {
             "api-key" => "(redacted)".into(),
-            "dd-url" => crate::forwarder::redact_url(&v),
+            "dd-url" | "proxy-https" | "proxy-http" => crate::forwarder::redact_url(&v),
             "additional-endpoints" => match additional_endpoints(&v, flag) {
                 Ok(list) => list
                     .iter()
@@ -196,7 +196,7 @@ fn in_unit(v: &str, unit: Unit) -> String {
 }
 
 /// Why the Agent's `skip_ssl_validation` is refused rather than ignored.
-pub(super) const SKIP_SSL: &str = "whippet never skips TLS certificate verification: an intake whose certificate does not verify could be anyone, and would receive the API key; remove it, and trust the intake's CA through the system's store instead";
+pub(super) const SKIP_SSL: &str = "whippet never skips TLS certificate verification: an intake whose certificate does not verify could be anyone, and would receive the API key; remove it, and trust the intake's CA with --ca-bundle (WHIPPET_CA_BUNDLE) instead";
 
 /// The Agent's `DD_SKIP_SSL_VALIDATION` (environment or file) set to true: refused.
 pub(super) fn refuse_skip_ssl(value: Option<&str>, name: &str, errors: &mut Vec<String>) {

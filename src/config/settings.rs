@@ -176,6 +176,10 @@ pub const SETTINGS: &[Setting] = &[
     s("api-key", "DD_API_KEY", "KEY", Unset("none"), "Datadog API key sent with every payload; never logged or printed. Put it in a key file or the environment, never on a command line, which local users can read.").reloadable(),
     s("api-key-file", "WHIPPET_API_KEY_FILE", "PATH", Derived("$CREDENTIALS_DIRECTORY/api_key when systemd passes that credential (LoadCredential=api_key:…)"), "File holding the API key (surrounding whitespace ignored), used when no key is set directly; keep it readable by whippet alone. The packaged service passes /etc/whippet/api_key as a systemd credential.").reloadable(),
     s("additional-endpoints", "DD_ADDITIONAL_ENDPOINTS", "JSON", Unset("none"), "Further intakes that get a copy of every payload, as JSON: {\"https://URL\": [\"API key\", …]}. Each URL and key has its own senders, backoff, equal share of the retry queue and of the retry directory, and counters labelled with its address, so one that is slow or down never delays or drops another's data."),
+    s("proxy-https", "DD_PROXY_HTTPS", "URL", Unset("none"), "Proxy for https:// intakes, like http://user:password@proxy:3128 (the password is never shown); the standard HTTPS_PROXY is read when this is not set."),
+    s("proxy-http", "DD_PROXY_HTTP", "URL", Unset("none"), "Proxy for http:// intakes; the standard HTTP_PROXY is read when this is not set."),
+    s("proxy-no-proxy", "DD_PROXY_NO_PROXY", "LIST", Unset("none"), "Hosts reached without the proxy, comma- or space-separated: names or addresses, .suffix or *.suffix, or * for all; the standard NO_PROXY is read when this is not set."),
+    s("ca-bundle", "WHIPPET_CA_BUNDLE", "PATH", Value("bundled"), "Certificates an HTTPS intake or proxy must chain to: bundled (Mozilla's roots, built in), system (the distribution's CA bundle) or the path of a PEM file, then trusted alone; the standard SSL_CERT_FILE is read when this is not set."),
     s("series-api", "WHIPPET_SERIES_API", "VERSION", Value("v2"), "Series API: v2 (protobuf) or v1 (JSON, legacy)."),
     s("compression", "DD_SERIALIZER_COMPRESSOR_KIND", "KIND", Value("zstd"), "Payload compression: zstd (level 1), zlib (also called deflate) or none."),
     s("enable-payloads-series", "DD_ENABLE_PAYLOADS_SERIES", "BOOL", Value("true"), "Send series (points); false drops them at flush, counted."),
@@ -205,8 +209,9 @@ pub enum Unit {
     Seconds,
 }
 
-/// The Agent's name for a setting whippet names otherwise: read (from the config file, then
-/// the environment) after the setting's own variable, which wins when both are set.
+/// Another name a setting is read under (the Agent's, or a standard one): read (from the
+/// config file, then the environment) after the setting's own variable, which wins when
+/// both are set.
 #[derive(Debug)]
 pub struct Alias {
     pub var: &'static str,
@@ -218,8 +223,16 @@ const fn alias(var: &'static str, flag: &'static str, unit: Unit) -> Alias {
     Alias { var, flag, unit }
 }
 
-/// The Agent's forwarder settings, on whippet's forwarder.
+/// The Agent's forwarder settings, on whippet's forwarder; and the standard variables of
+/// proxies and trust, which the Agent's own names beat.
 pub const ALIASES: &[Alias] = &[
+    alias("HTTPS_PROXY", "proxy-https", Unit::Same),
+    alias("https_proxy", "proxy-https", Unit::Same),
+    alias("HTTP_PROXY", "proxy-http", Unit::Same),
+    alias("http_proxy", "proxy-http", Unit::Same),
+    alias("NO_PROXY", "proxy-no-proxy", Unit::Same),
+    alias("no_proxy", "proxy-no-proxy", Unit::Same),
+    alias("SSL_CERT_FILE", "ca-bundle", Unit::Same),
     alias("DD_FORWARDER_TIMEOUT", "request-timeout-ms", Unit::Seconds),
     alias("DD_FORWARDER_NUM_WORKERS", "forwarder-threads", Unit::Same),
     alias(

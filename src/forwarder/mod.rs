@@ -12,6 +12,7 @@
 //! | network error, timeout, 404, 408, 429, 5xx, any other status | retried: the endpoint backs off 2 s · 2ⁿ, capped at 64 s (`--retry-base-ms`, `--retry-max-ms`), jittered |
 
 pub mod disk;
+pub mod egress;
 pub mod outcome;
 
 use std::collections::{HashMap, VecDeque};
@@ -100,6 +101,8 @@ pub struct ForwarderConfig {
     /// How counters and logs name this intake: `None` for `--dd-url`, the address (never
     /// the key) for each of `--additional-endpoints`.
     pub intake: Option<&'static str>,
+    /// Proxies and the certificates trusted.
+    pub egress: egress::Egress,
 }
 
 struct Waiting {
@@ -216,7 +219,9 @@ fn random() -> u64 {
 /// Checks the API key once (`GET /api/v1/validate`) and logs the answer; whippet keeps
 /// running whatever it is.
 pub fn validate_api_key(config: &ForwarderConfig) {
-    let agent = agent(config);
+    let Ok(agent) = agent(config) else {
+        return; // Checked when the forwarder started.
+    };
     let url = format!("{}/api/v1/validate", config.base_url);
     let answer = agent
         .get(&url)
@@ -266,17 +271,26 @@ fn log_redirect(status: u16, path: &str, response: &ureq::http::Response<ureq::B
     });
 }
 
-fn agent(config: &ForwarderConfig) -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// The HTTP client for one intake: its proxy (by the intake's scheme) and trusted roots as
+/// configured, never what the client would read from the environment itself.
+fn agent(config: &ForwarderConfig) -> Result<ureq::Agent, String> {
+    let e = &config.egress;
+    let proxy = e.proxy(&config.base_url).map_err(|err| {
+        format!("proxy {err}; set DD_PROXY_HTTPS or DD_PROXY_HTTP to a URL like http://proxy:3128")
+    })?;
+    let tls = e.tls().map_err(|err| format!("--ca-bundle: {err}"))?;
+    Ok(ureq::Agent::config_builder()
         .timeout_global(Some(config.timeout))
         .http_status_as_error(false)
         // A redirect would carry DD-API-KEY to whatever host it names (in clear, were it
         // http), and 301-303 would turn the POST into a body-less GET: never followed, a 3xx
         // is an answer of its own (docs/behaviour.md, "Delivery").
         .max_redirects(0)
+        .proxy(proxy)
+        .tls_config(tls)
         .user_agent(format!("whippet/{}", env!("CARGO_PKG_VERSION")))
         .build()
-        .into()
+        .into())
 }
 
 impl Forwarder {
@@ -284,7 +298,7 @@ impl Forwarder {
         config: ForwarderConfig,
         counters: Arc<Counters>,
     ) -> Result<Forwarder, crate::Error> {
-        let agent = agent(&config);
+        let agent = agent(&config).map_err(crate::Error::Startup)?;
         // Counted before they start, so a close that comes first still waits for them.
         let mut state = State {
             running: config.threads.max(1),
@@ -905,6 +919,7 @@ mod tests {
             retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
+            egress: Default::default(),
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret-key-123"), "{shown}");
@@ -934,6 +949,7 @@ mod tests {
             retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
+            egress: Default::default(),
         };
         let forwarder = Forwarder::start(config, counters.clone()).unwrap();
         let payloads = (0..8)

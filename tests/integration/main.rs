@@ -6,6 +6,7 @@ mod bad_input;
 mod capture;
 mod docs;
 mod e2e;
+mod egress;
 mod enrichment;
 mod faults;
 mod fuzz_corpus;
