@@ -352,7 +352,8 @@ impl<'a> DatagramReader<'a> {
                 self.fd.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 count as libc::c_uint,
-                flags.bits(),
+                // glibc declares the flags int, musl unsigned int.
+                flags.bits() as _,
                 std::ptr::null_mut(),
             )
         };
