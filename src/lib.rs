@@ -40,7 +40,7 @@
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
-//! | `whippet-forwarder-N` | `--forwarder-threads` | HTTP request, retry timer | [`forwarder`] |
+//! | `whippet-forwarder-N` | `--forwarder-threads` per intake (the main one and each additional) | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |
 //! | `whippet-mirror` | 1 with `--forward-host` | a copy to send; one UDP send per packet | [`listener::mirror::Mirror`] |
 //! | `whippet-capture` | 1 while a capture runs (SIGUSR2) | a copy to write; the file | [`listener::capture::Capture`] |

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use ureq::tls::{parse_pem, Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::ProxyProtocol;
 
 /// Where the distributions keep their CA bundle, in the order tried: Debian and Ubuntu,
 /// RHEL and Fedora (two places), SUSE.
@@ -112,6 +113,15 @@ impl Egress {
         };
         let invalid = |e: ureq::Error| format!("{}: {e}", super::redact_url(address));
         let parsed = ureq::Proxy::new(address).map_err(invalid)?;
+        if !matches!(
+            parsed.protocol(),
+            ProxyProtocol::Http | ProxyProtocol::Https
+        ) {
+            return Err(format!(
+                "{}: only http:// and https:// proxies are supported",
+                super::redact_url(address)
+            ));
+        }
         let mut b = ureq::Proxy::builder(parsed.protocol())
             .host(parsed.host())
             .port(parsed.port());
@@ -164,6 +174,15 @@ mod tests {
         let shown = format!("{e:?}");
         assert!(!shown.contains("pw"), "{shown}");
         assert!(Egress::default().proxy("https://x").unwrap().is_none());
+        let socks = Egress {
+            proxy_https: Some("socks5://proxy.example:1080".into()),
+            ..Egress::default()
+        };
+        let err = socks.proxy("https://x").unwrap_err();
+        assert!(
+            err.ends_with("only http:// and https:// proxies are supported"),
+            "{err}"
+        );
     }
 
     #[test]
