@@ -71,6 +71,25 @@ pub struct Telemetry {
     pub capture: Arc<CaptureCounters>,
 }
 
+impl Telemetry {
+    /// Fresh counters for `config`: with additional intakes, the main intake's readings
+    /// carry its address too, so each family has one set of labels.
+    fn new(config: &Config) -> Telemetry {
+        let f = &config.forwarding;
+        let forwarder = match &f.intake_url {
+            Some(url) if !f.additional.is_empty() => {
+                let label = crate::telemetry::intern(&forwarder::redact_url(url));
+                forwarder::Counters::of_intake(label, false)
+            }
+            _ => forwarder::Counters::default(),
+        };
+        Telemetry {
+            forwarder: Arc::new(forwarder),
+            ..Telemetry::default()
+        }
+    }
+}
+
 /// The counters, plus the gauges read when a snapshot is taken (queue depth, the kernel's
 /// UDP drops); shared with the status endpoint.
 struct Probe {
@@ -375,7 +394,7 @@ impl Daemon {
     pub fn start(config: &Config) -> Result<Daemon, Error> {
         one_malloc_arena();
         let mut sockets = Sockets::bind(&config.listen, config.origin.detection)?;
-        let telemetry = Arc::new(Telemetry::default());
+        let telemetry = Arc::new(Telemetry::new(config));
         // The vitals read the probe, which needs the pipeline the output goes into.
         let probe_slot: Arc<OnceLock<Arc<Probe>>> = Arc::default();
         let (output, retarget) = output_for(config, &telemetry, &probe_slot)?;
@@ -587,7 +606,7 @@ fn output_for(
     let mut counters = Vec::new();
     for c in configs {
         let intake = c.intake.unwrap_or_default();
-        let each = Arc::new(forwarder::Counters::of_intake(intake));
+        let each = Arc::new(forwarder::Counters::of_intake(intake, true));
         counters.push(each.clone());
         additional.push(Forwarder::start(c, each)?);
     }

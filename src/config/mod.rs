@@ -262,7 +262,9 @@ impl Config {
             intake: None,
             egress: f.egress.clone(),
         };
-        let mut seen: Vec<String> = Vec::new();
+        // The main intake is named by its address too (its readings carry it when there are
+        // additional ones).
+        let mut seen: Vec<String> = vec![crate::forwarder::redact_url(main)];
         let mut out = vec![base.clone()];
         for (url, key) in &f.additional {
             let shown = crate::forwarder::redact_url(url);

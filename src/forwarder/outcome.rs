@@ -145,9 +145,11 @@ impl Outcome {
 /// The forwarder's counters. Outcomes are kept sparse: only what happened is reported.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// The additional intake these count for (every reading then carries it as
-    /// `intake="…"`); `None` for the main one, whose counters also carry the serializer's.
+    /// The intake these count for, carried by every reading as `intake="…"` when there are
+    /// several (dual shipping); `None` when there is one.
     intake: Option<&'static str>,
+    /// An additional intake's: the serializer's counters are the main one's alone.
+    additional: bool,
     /// Payloads per (endpoint, outcome, status).
     payloads: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     /// Requests that got no answer, per (endpoint, cause).
@@ -166,10 +168,12 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// The counters of the additional intake named `intake` (its address, never its key).
-    pub fn of_intake(intake: &'static str) -> Counters {
+    /// The counters of the intake named `intake` (its address, never its key), when there
+    /// are several; `additional` for each but the main one.
+    pub fn of_intake(intake: &'static str, additional: bool) -> Counters {
         Counters {
             intake: Some(intake),
+            additional,
             ..Counters::default()
         }
     }
@@ -195,7 +199,7 @@ impl Readings for Counters {
         let with = |labels: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
             labels.iter().copied().chain(intake).collect()
         };
-        if intake.is_none() {
+        if !self.additional {
             let oversized = self.oversized_items.get();
             out.counter("whippet_serializer_oversized_items_total", &[], oversized);
             out.per_label("whippet_disabled_items_total", &self.disabled);

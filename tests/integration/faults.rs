@@ -649,9 +649,15 @@ fn an_additional_intake_failing_for_a_minute_neither_delays_nor_costs_the_main_o
         .copied()
         .unwrap_or(0);
     assert_eq!(retried, rejected);
-    let main_retried = s.telemetry_or_zero(
-        r#"whippet_payloads_total{endpoint="/api/v2/series",outcome="retried",status="5xx"}"#,
-    );
+    // The main intake's readings carry its address too, so each family has one label set.
+    let main_at = main.url();
+    let main_sent = s.telemetry(&format!(
+        r#"whippet_payloads_total{{endpoint="/api/v2/series",outcome="sent",status="2xx",intake="{main_at}"}}"#
+    ));
+    assert!(main_sent > 0);
+    let main_retried = s.telemetry_or_zero(&format!(
+        r#"whippet_payloads_total{{endpoint="/api/v2/series",outcome="retried",status="5xx",intake="{main_at}"}}"#
+    ));
     assert_eq!(main_retried, 0);
     assert!(
         s.stderr

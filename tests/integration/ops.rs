@@ -412,8 +412,16 @@ fn get(url: &str) -> (u16, String) {
 fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     let captures = TempDir::new();
     let capture_dir = captures.path("caps").display().to_string();
-    // Every optional stage on, so /metrics carries every family.
+    // Every optional stage on, so /metrics carries every family: an intake (nothing listens
+    // there) with an additional one, whose readings add an intake label to the family.
     let w = Whippet::start(&[
+        "--dd-url",
+        "http://127.0.0.1:9",
+        "--api-key",
+        "k1",
+        "--additional-endpoints",
+        r#"{"http://127.0.0.1:9": ["k2"]}"#,
+        "--enable-payloads-events=false",
         "--status",
         "127.0.0.1:0",
         "--tags",
@@ -455,6 +463,10 @@ fn status_endpoint_serves_status_metrics_and_busiest_contexts() {
     );
     assert!(
         body.contains("whippet_packets_total{transport=\"udp\"} 1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("whippet_retry_queue_bytes{intake=\"http://127.0.0.1:9\"} 0\n"),
         "{body}"
     );
     let (code, body) = get(&format!("http://{addr}/status"));
