@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::process::{Lines, LoggedTelemetry, Process};
-use super::{pack, send, Generated, Plan, Sent, Target};
+use super::{pack, send, Bursts, Generated, Plan, Sent, Target};
 use crate::intake::{Intake, IntakeConfig};
 
 /// What to run.
@@ -21,6 +21,10 @@ pub struct BenchOptions {
     pub corpus: Vec<Vec<u8>>,
     pub seconds: f64,
     pub smoke: bool,
+    /// Only the non-blocking burst scenario, its rows without the table's head: how the
+    /// benchmark runs itself again in a network namespace of its own with another
+    /// `net.unix.max_dgram_qlen`.
+    pub bursts_only: bool,
 }
 
 /// One row of the table.
@@ -42,6 +46,8 @@ pub struct Row {
     pub kernel_drop_packets: u64,
     pub unaccounted: i64,
     pub points_at_intake: usize,
+    /// Sent by a non-blocking client in bursts: `sent` carries what the kernel refused.
+    pub bursts: bool,
 }
 
 impl Row {
@@ -141,6 +147,8 @@ struct Scenario {
     via: Via,
     rate: Option<u64>,
     workload: Vec<(Vec<u8>, u64)>,
+    /// A client that never blocks, sending in bursts.
+    bursts: Option<Bursts>,
 }
 
 fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target {
@@ -177,6 +185,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         rate: s.rate,
         duration: Some(Duration::from_secs_f64(opts.seconds)),
         count: None,
+        bursts: s.bursts.clone(),
     };
     let sent = send(&target, &s.workload, plan);
     // Let whippet drain what is queued before reading its CPU time.
@@ -213,6 +222,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         kernel_drop_packets: kernel,
         unaccounted: sent.messages as i64 - (received + counted) as i64,
         points_at_intake: points,
+        bursts: s.bursts.is_some(),
     })
 }
 
@@ -238,6 +248,7 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         rate: s.rate,
         duration: Some(Duration::from_secs_f64(opts.seconds)),
         count: None,
+        bursts: s.bursts.clone(),
     };
     let sent = send(&target, &s.workload, plan)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -262,7 +273,40 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         kernel_drop_packets: 0,
         unaccounted: sent.messages as i64 - received as i64,
         points_at_intake: 0,
+        bursts: s.bursts.is_some(),
     })
+}
+
+/// The messages per second of `packets` that make `bytes_per_second`, at the workload's
+/// mean packet bytes per message.
+fn messages_per_second(packets: &[(Vec<u8>, u64)], bytes_per_second: u64) -> u64 {
+    let bytes: usize = packets.iter().map(|(p, _)| p.len()).sum();
+    let messages: u64 = packets.iter().map(|(_, n)| n).sum();
+    let per_message = bytes as f64 / messages.max(1) as f64;
+    (bytes_per_second as f64 / per_message.max(1.0)).round() as u64
+}
+
+/// This machine's `net.unix.max_dgram_qlen`: how many datagrams a Unix socket queues
+/// before a non-blocking sender is refused.
+fn unix_qlen() -> String {
+    std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .map_or_else(|_| "?".into(), |v| v.trim().to_string())
+}
+
+/// A busy web worker's client that never blocks: small datagrams (one ~200-byte message
+/// each) in bursts of 300, 600 and 1,000, 20 ms apart; what the kernel refuses is lost.
+fn bursts_scenario() -> Scenario {
+    let g = Generated::small(3_000);
+    Scenario {
+        name: format!("unix datagram, non-blocking bursts, qlen {}", unix_qlen()),
+        via: Via::Unix,
+        rate: None,
+        workload: pack(&g.generate(), 1),
+        bursts: Some(Bursts {
+            sizes: vec![300, 600, 1000],
+            gap: Duration::from_millis(20),
+        }),
+    }
 }
 
 fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
@@ -275,6 +319,7 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 via: Via::Unix,
                 rate: None,
                 workload: unix.clone(),
+                bursts: None,
             },
             true,
         ),
@@ -284,6 +329,7 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 via: Via::Udp,
                 rate: Some(50_000),
                 workload: udp.clone(),
+                bursts: None,
             },
             false,
         ),
@@ -293,6 +339,7 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 via: Via::Udp,
                 rate: Some(100_000),
                 workload: udp,
+                bursts: None,
             },
             true,
         ),
@@ -302,10 +349,27 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 via: Via::Stream,
                 rate: None,
                 workload: unix,
+                bursts: None,
             },
             false,
         ),
     ];
+    list.insert(0, (bursts_scenario(), true));
+    // Datadog's published regression cases: dsd_base over the Unix socket at fixed byte rates.
+    let unix = pack(&opts.corpus, 8192);
+    for mib in [10u64, 100] {
+        let rate = messages_per_second(&unix, mib << 20);
+        list.push((
+            Scenario {
+                name: format!("unix datagram, {mib} MiB/s"),
+                via: Via::Unix,
+                rate: Some(rate),
+                workload: unix.clone(),
+                bursts: None,
+            },
+            false,
+        ));
+    }
     let sweep: &[usize] = if opts.smoke {
         &[3_000]
     } else {
@@ -319,6 +383,7 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 via: Via::Unix,
                 rate: None,
                 workload: pack(&g.generate(), 8192),
+                bursts: None,
             },
             false,
         ));
@@ -331,11 +396,19 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, String> {
     let dir = std::env::temp_dir().join(format!("whippet-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut rows = Vec::new();
-    println!(
-        "| scenario | offered msg/s | achieved msg/s | CPU µs/msg | vs floor | receive µs/msg | parse→send µs/msg | peak RSS MiB | sent | received | dropped (counted) | unaccounted | points at intake |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for (scenario, with_floor) in scenarios(opts) {
+    let list = if opts.bursts_only {
+        vec![(bursts_scenario(), true)]
+    } else {
+        println!(
+            "| scenario | offered msg/s | achieved msg/s | CPU µs/msg | cores | vs floor | receive µs/msg | parse→send µs/msg | peak RSS MiB | sent | received | dropped (counted) | client-side loss | unaccounted | points at intake |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        scenarios(opts)
+    };
+    for (i, (scenario, with_floor)) in list.into_iter().enumerate() {
+        if i == 1 && !opts.bursts_only && !opts.smoke {
+            bursts_at_qlen(opts, 512);
+        }
         let floor = if with_floor {
             Some(run_floor(opts, &scenario, &dir)?)
         } else {
@@ -366,11 +439,12 @@ fn print_row(r: &Row, floor: Option<&Row>) {
             )
         });
     println!(
-        "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} |",
         r.scenario,
         r.offered.map_or("max".to_string(), |o| o.to_string()),
         r.sent.per_second(r.sent.messages),
         r.us_per_message(),
+        r.cpu_seconds / r.sent.elapsed.as_secs_f64().max(1e-9),
         ratio,
         receive,
         pipeline,
@@ -378,14 +452,80 @@ fn print_row(r: &Row, floor: Option<&Row>) {
         r.sent.messages,
         r.received,
         r.counted_drops,
+        if r.bursts {
+            client_loss(&r.sent)
+        } else {
+            String::new()
+        },
         r.unaccounted,
         r.points_at_intake,
     );
 }
 
+/// The share of messages a non-blocking client lost to a full socket queue, for a burst
+/// row; empty for the others.
+fn client_loss(sent: &Sent) -> String {
+    let offered = sent.messages + sent.refused_messages;
+    format!(
+        "{:.1}%",
+        100.0 * sent.refused_messages as f64 / offered.max(1) as f64
+    )
+}
+
+/// The burst scenario again at `qlen`, in a network namespace of its own where that queue
+/// length is set and its loopback is up (root only; `unshare`, `ip` and `sysctl` from
+/// util-linux, iproute2 and procps). Its rows are
+/// printed as they come; without root the rows are skipped with a line saying so.
+fn bursts_at_qlen(opts: &BenchOptions, qlen: u32) {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "| unix datagram, non-blocking bursts, qlen {qlen}: skipped (needs root for a network namespace) |"
+        );
+        return;
+    }
+    let script = format!(
+        "ip link set lo up && sysctl -qw net.unix.max_dgram_qlen={qlen} && exec \"$0\" bench --bursts-only --seconds {} --whippet \"$1\"",
+        opts.seconds
+    );
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .arg(&opts.blast)
+        .arg(&opts.whippet)
+        .stderr(Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => println!(
+            "| unix datagram, non-blocking bursts, qlen {qlen}: failed ({}) |",
+            o.status
+        ),
+        Err(e) => println!(
+            "| unix datagram, non-blocking bursts, qlen {qlen}: cannot run unshare ({e}) |"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_rate_becomes_the_message_rate_of_the_workloads_mean_message() {
+        // 3 messages in 2 packets of 300 bytes in all: 100 bytes a message.
+        let packets = vec![(vec![b'x'; 200], 2), (vec![b'y'; 100], 1)];
+        assert_eq!(messages_per_second(&packets, 10 << 20), 104_858);
+        assert_eq!(messages_per_second(&[], 1000), 1000);
+    }
+
+    #[test]
+    fn the_client_side_loss_is_the_share_of_messages_the_kernel_refused() {
+        let sent = Sent {
+            messages: 300,
+            refused_messages: 100,
+            ..Sent::default()
+        };
+        assert_eq!(client_loss(&sent), "25.0%");
+    }
 
     #[test]
     fn a_stat_line_gives_the_thread_name_and_its_cpu_seconds() {

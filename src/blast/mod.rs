@@ -51,13 +51,24 @@ impl Target {
 }
 
 /// How much to send.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// Messages per second; `None` is as fast as possible.
     pub rate: Option<u64>,
     pub duration: Option<Duration>,
     /// Messages to send at most.
     pub count: Option<u64>,
+    /// Send as a client that never blocks: bursts of datagrams with gaps between them, and
+    /// what the kernel refuses (its queue full) counted, not retried. Unix datagrams only.
+    pub bursts: Option<Bursts>,
+}
+
+/// Bursts of datagrams, like a busy web worker's: each burst's size in turn, in a loop,
+/// then `gap` of silence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bursts {
+    pub sizes: Vec<u32>,
+    pub gap: Duration,
 }
 
 /// What a send did.
@@ -67,6 +78,10 @@ pub struct Sent {
     pub packets: u64,
     pub bytes: u64,
     pub errors: u64,
+    /// Non-blocking sends the kernel refused because the socket's queue was full: the
+    /// client-side loss a server never sees. Datagrams, and the messages they held.
+    pub refused_packets: u64,
+    pub refused_messages: u64,
     pub elapsed: Duration,
 }
 
@@ -114,6 +129,9 @@ impl Socket {
 /// Sends `packets` in a loop according to `plan`.
 pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<Sent, String> {
     let socket = Socket::open(target)?;
+    if let (Some(bursts), Socket::Unix(s)) = (&plan.bursts, &socket) {
+        return send_bursts(s, packets, &plan, bursts);
+    }
     let mut sent = Sent::default();
     let start = Instant::now();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(32, None);
@@ -159,6 +177,51 @@ pub fn send(target: &Target, packets: &[(Vec<u8>, u64)], plan: Plan) -> Result<S
             sent.errors += 1;
             i -= batch.len() - delivered;
         }
+    }
+    sent.elapsed = start.elapsed();
+    Ok(sent)
+}
+
+/// Sends `packets` one datagram at a time without ever blocking, in bursts: a full
+/// socket queue refuses the datagram (`EAGAIN`), which is counted and dropped, as
+/// datadogpy and other non-blocking clients do.
+fn send_bursts(
+    socket: &UnixDatagram,
+    packets: &[(Vec<u8>, u64)],
+    plan: &Plan,
+    bursts: &Bursts,
+) -> Result<Sent, String> {
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot make the socket non-blocking: {e}"))?;
+    let mut sent = Sent::default();
+    let start = Instant::now();
+    let mut i = 0;
+    'bursts: for size in bursts.sizes.iter().cycle() {
+        for _ in 0..*size {
+            if plan.duration.is_some_and(|d| start.elapsed() >= d)
+                || plan
+                    .count
+                    .is_some_and(|c| sent.messages + sent.refused_messages >= c)
+            {
+                break 'bursts;
+            }
+            let (p, n) = &packets[i % packets.len()];
+            i += 1;
+            match socket.send(p) {
+                Ok(_) => {
+                    sent.packets += 1;
+                    sent.messages += n;
+                    sent.bytes += p.len() as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    sent.refused_packets += 1;
+                    sent.refused_messages += n;
+                }
+                Err(_) => sent.errors += 1,
+            }
+        }
+        std::thread::sleep(bursts.gap);
     }
     sent.elapsed = start.elapsed();
     Ok(sent)
