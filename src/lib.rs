@@ -5,7 +5,7 @@
 //! ```text
 //!  UDP / Unix datagram / Unix stream
 //!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch;
-//!        │  a Unix datagram batch waits ≤ 1 ms for several drains of the socket)
+//!        │  a Unix datagram batch takes what is queued and goes at once)
 //!        ▼
 //!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
@@ -35,7 +35,7 @@
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
 //! | `whippet-udp-N` | `--udp-readers` | `recvmmsg` | [`listener::datagram::DatagramReader`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, `poll` (≤ 1 ms, filling a batch), queue admission | [`listener::datagram::DatagramReader`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission | [`listener::datagram::DatagramReader`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |

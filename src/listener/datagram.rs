@@ -2,17 +2,18 @@
 //! datagrams with `recvmmsg` into pooled buffers and handing each batch off by its
 //! transport's policy ([`Handoff`]).
 //!
-//! A partial batch waits a little for more before a worker is woken for it, because waking a
-//! worker costs far more than the wait: UDP sleeps half a millisecond and then takes what
-//! came; a Unix datagram batch polls for further drains of the socket for up to a
-//! millisecond.
+//! A partial UDP batch waits half a millisecond for more before a worker is woken for it,
+//! because waking a worker costs far more than the wait and the kernel's receive buffer holds
+//! far more than that much traffic. A Unix datagram batch never waits: it takes what is
+//! already queued and goes, because the socket queues only `net.unix.max_dgram_qlen`
+//! datagrams and a client that does not block loses whatever arrives while the reader sleeps
+//! (docs/performance.md, "Bursts from non-blocking clients").
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt, MsgFlags};
 
 use super::{Flow, Handoff};
@@ -23,12 +24,8 @@ use crate::packet::{Batch, Transport, MAX_SLOTS};
 /// kernel's receive buffer holds far more than this much traffic.
 const LINGER: Duration = Duration::from_micros(500);
 
-/// Longest a Unix datagram batch waits to fill ([`DatagramReader::top_up`]): nothing that a
-/// 10 s bucket would notice.
-const FILL_WAIT: Duration = Duration::from_millis(1);
-
-/// Free slots a Unix datagram batch needs for [`DatagramReader::top_up`] to wait for more: a
-/// full socket queue at the default `net.unix.max_dgram_qlen`.
+/// Free slots a Unix datagram batch needs for [`DatagramReader::take_queued`] to drain the
+/// socket again: a full socket queue at the default `net.unix.max_dgram_qlen`.
 const FILL_ROOM: usize = 10;
 
 /// The first pause after an unexpected receive error; each further error in a row doubles it
@@ -207,7 +204,7 @@ impl<'a> DatagramReader<'a> {
         }
         match self.transport {
             Transport::Udp => self.linger(n),
-            Transport::Unix => self.top_up(n, FILL_WAIT),
+            Transport::Unix => self.take_queued(n),
             Transport::Stream => n,
         }
     }
@@ -222,33 +219,14 @@ impl<'a> DatagramReader<'a> {
         n + self.receive(n, MsgFlags::MSG_DONTWAIT).unwrap_or(0)
     }
 
-    /// Unix datagrams: while a whole socket queue ([`FILL_ROOM`]) still fits, waits for more
-    /// datagrams, `wait` at most in all. A Unix datagram socket queues at most
-    /// `net.unix.max_dgram_qlen` datagrams (10 by default), so under load one `recvmmsg`
-    /// brings about 8; filling the batch first wakes a worker for ~23 datagrams instead.
-    fn top_up(&mut self, mut n: usize, wait: Duration) -> usize {
-        let deadline = Instant::now() + wait;
+    /// Unix datagrams: while a whole socket queue ([`FILL_ROOM`]) still fits, drains the
+    /// socket again without waiting, and stops at the first drain that finds it empty. A
+    /// sender that keeps the queue full fills the batch; a burst is never left in the queue
+    /// while the reader sleeps.
+    fn take_queued(&mut self, mut n: usize) -> usize {
         while n + FILL_ROOM <= self.slots {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            // Rounded up: poll counts whole milliseconds.
-            let millis = left.as_nanos().div_ceil(1_000_000);
-            let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(self.fd, PollFlags::POLLIN)];
-            match poll(&mut fds, timeout) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
             match self.receive(n, MsgFlags::MSG_DONTWAIT) {
-                Ok(m) if m > 0 => {
-                    n += m;
-                    // Stopping: the run loop drains what is left batch by batch.
-                    if self.handoff.stopping() {
-                        break;
-                    }
-                }
+                Ok(m) if m > 0 => n += m,
                 _ => break,
             }
         }
@@ -388,6 +366,7 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
+    use std::time::Instant;
 
     fn handoff(stopping: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
         handoff_shut(stopping, stopping)
@@ -408,11 +387,10 @@ mod tests {
         (handoff, rx)
     }
 
-    /// Receives the first datagrams of a batch as the reader does, runs `between`, then tops
-    /// the batch up; returns the lengths received.
-    fn receive_then_top_up(
+    /// Receives the first datagrams of a batch as the reader does, runs `between`, then takes
+    /// what is queued; returns the lengths received.
+    fn receive_then_take(
         socket: &UnixDatagram,
-        wait: Duration,
         stopping: bool,
         between: impl FnOnce(),
     ) -> Vec<usize> {
@@ -420,12 +398,8 @@ mod tests {
         let mut reader = DatagramReader::new(socket.as_fd(), Transport::Unix, &handoff);
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         between();
-        let n = reader.top_up(n, wait);
+        let n = reader.take_queued(n);
         reader.got[..n].iter().map(|r| r.len).collect()
-    }
-
-    fn receive_and_top_up(socket: &UnixDatagram, wait: Duration, stopping: bool) -> Vec<usize> {
-        receive_then_top_up(socket, wait, stopping, || {})
     }
 
     #[test]
@@ -452,36 +426,27 @@ mod tests {
     }
 
     #[test]
-    fn a_unix_batch_takes_more_drains_until_a_full_socket_queue_would_not_fit() {
-        // The socket queues at most 10 (net.unix.max_dgram_qlen), so the sender blocks
-        // between drains; 32 slots less a queue's 10 is 22, so the batch stops at 23.
+    fn a_unix_batch_takes_what_is_queued_without_waiting_for_more() {
+        // Two datagrams arrive after the first drain and before the next: taken. None more
+        // come: the batch goes at once (were it to wait, this test would never end).
         let (rx, tx) = UnixDatagram::pair().unwrap();
-        let sender = std::thread::spawn(move || {
-            for i in 0..23 {
-                tx.send(format!("m:{i}|c").as_bytes()).unwrap();
-            }
-            tx
-        });
-        let lens = receive_and_top_up(&rx, Duration::from_secs(60), false);
-        let want: Vec<usize> = (0..23).map(|i| format!("m:{i}|c").len()).collect();
-        assert_eq!(lens, want);
-        drop(sender.join().unwrap());
+        tx.send(b"m:1|c").unwrap();
+        let more = || {
+            tx.send(b"m:22|c").unwrap();
+            tx.send(b"m:333|c").unwrap();
+        };
+        assert_eq!(receive_then_take(&rx, false, more), [5, 6, 7]);
+        // A batch without room for another whole socket queue takes no more.
+        let (handoff, _rx) = handoff(false);
+        let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
+        tx.send(b"m:1|c").unwrap();
+        let full = reader.slots - FILL_ROOM + 1;
+        assert_eq!(reader.take_queued(full), full);
+        assert_eq!(reader.receive(0, MsgFlags::MSG_DONTWAIT).unwrap(), 1);
     }
 
     #[test]
-    fn a_unix_batch_waits_for_more_no_longer_than_its_wait() {
-        let (rx, tx) = UnixDatagram::pair().unwrap();
-        for _ in 0..3 {
-            tx.send(b"m:1|c").unwrap();
-        }
-        assert_eq!(
-            receive_and_top_up(&rx, Duration::from_millis(20), false),
-            [5, 5, 5]
-        );
-    }
-
-    #[test]
-    fn a_shut_down_socket_ends_the_wait_at_once_and_empty_datagrams_count_as_packets() {
+    fn a_shut_down_socket_ends_the_batch_and_empty_datagrams_count_as_packets() {
         // An empty datagram is a packet (counted, holding no message) while running.
         let (rx, tx) = UnixDatagram::pair().unwrap();
         tx.send(b"m:1|c").unwrap();
@@ -489,17 +454,13 @@ mod tests {
             tx.send(b"").unwrap();
             tx.send(b"m:2|c").unwrap();
         };
-        let wait = Duration::from_millis(20);
-        assert_eq!(receive_then_top_up(&rx, wait, false, more), [5, 0, 5]);
+        assert_eq!(receive_then_take(&rx, false, more), [5, 0, 5]);
 
         // After the daemon's shutdown(SHUT_RD), what reads return is not a packet.
         let (rx, tx) = UnixDatagram::pair().unwrap();
         tx.send(b"m:1|c").unwrap();
         rx.shutdown(std::net::Shutdown::Read).unwrap();
-        let start = Instant::now();
-        assert_eq!(receive_and_top_up(&rx, Duration::from_secs(60), true), [5]);
-        // Not a timing assertion: without the shutdown check it would wait the full minute.
-        assert!(start.elapsed() < Duration::from_secs(30));
+        assert_eq!(receive_then_take(&rx, true, || {}), [5]);
     }
 
     /// Runs a stopping reader over `socket` and returns the packets it handed off; `shut`
