@@ -17,7 +17,8 @@ const USAGE: &str = "Usage: whippet-blast send|bench|sink [OPTIONS]
   send   --target udp:HOST:PORT|unix:PATH|stream:PATH [--corpus FILE | --contexts N
          --tags-per-message N --messages N --seed N] [--packet-size BYTES] [--rate MSG/S]
          [--duration SECONDS | --count MESSAGES]
-  bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--bursts-only] [--whippet PATH]
+  bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--scaling] [--bursts-only]
+         [--whippet PATH]
   sink   --target udp:HOST:PORT|unix:PATH   (drains with recvmmsg, prints counts on SIGTERM)
   replay --capture FILE --target udp:HOST:PORT|unix:PATH|stream:PATH [--speed X | --speed max]
          (sends a whippet capture again: at its recorded pace, X times faster, or all out)
@@ -92,6 +93,11 @@ fn options() -> getopts::Options {
         "",
         "smoke",
         "bench: a short run of every scenario (for CI: no timing is asserted)",
+    );
+    o.optflag(
+        "",
+        "scaling",
+        "bench: the scaling table instead of the scenarios: UDP as fast as possible over readers, workers and senders, each doubling up to the machine's cores (workers to twice that)",
     );
     o.optflag(
         "",
@@ -266,7 +272,16 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
         seconds,
         smoke,
         bursts_only: m.opt_present("bursts-only"),
+        scaling: m.opt_present("scaling"),
     };
+    if opts.scaling {
+        println!(
+            "whippet-blast bench --scaling: {seconds} s per row, {} cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+        bench::run_scaling(&opts)?;
+        return Ok(());
+    }
     if opts.bursts_only {
         let rows = bench::run(&opts)?;
         return match rows

@@ -25,6 +25,9 @@ pub struct BenchOptions {
     /// benchmark runs itself again in a network namespace of its own with another
     /// `net.unix.max_dgram_qlen`.
     pub bursts_only: bool,
+    /// The scaling table instead of the scenarios: UDP all-out over readers × workers ×
+    /// senders, up to this machine's cores (docs/performance.md, "Many cores").
+    pub scaling: bool,
 }
 
 /// One row of the table.
@@ -149,6 +152,10 @@ struct Scenario {
     workload: Vec<(Vec<u8>, u64)>,
     /// A client that never blocks, sending in bursts.
     bursts: Option<Bursts>,
+    /// Flags given to whippet besides the bench's own (`--workers N`).
+    flags: Vec<String>,
+    /// Senders at once, each its own socket and thread.
+    senders: usize,
 }
 
 fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target {
@@ -168,6 +175,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         .arg("--stream-socket")
         .arg(dir.join("dsd-stream.socket"));
     command.args(["--udp", "127.0.0.1:0", "--shutdown-timeout", "30s"]);
+    command.args(&s.flags);
     if nix::unistd::geteuid().is_root() {
         // A benchmark run as root (a CI container) is the operator's explicit choice.
         command.arg("--allow-root");
@@ -187,7 +195,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         count: None,
         bursts: s.bursts.clone(),
     };
-    let sent = send(&target, &s.workload, plan);
+    let sent = send_all(&target, s, plan);
     // Let whippet drain what is queued before reading its CPU time.
     std::thread::sleep(Duration::from_millis(300));
     let cpu = cpu_seconds(pid) - cpu0;
@@ -224,6 +232,102 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         points_at_intake: points,
         bursts: s.bursts.is_some(),
     })
+}
+
+/// `s.senders` senders at once, each on its own socket and thread; their counts summed.
+fn send_all(target: &Target, s: &Scenario, plan: Plan) -> Result<Sent, String> {
+    if s.senders <= 1 {
+        return send(target, &s.workload, plan);
+    }
+    let results: Vec<Result<Sent, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..s.senders)
+            .map(|_| {
+                let plan = plan.clone();
+                scope.spawn(move || send(target, &s.workload, plan))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a sender panicked".into())))
+            .collect()
+    });
+    let mut all = Sent::default();
+    for r in results {
+        let one = r?;
+        all.messages += one.messages;
+        all.packets += one.packets;
+        all.bytes += one.bytes;
+        all.errors += one.errors;
+        all.refused_packets += one.refused_packets;
+        all.refused_messages += one.refused_messages;
+        all.elapsed = all.elapsed.max(one.elapsed);
+    }
+    Ok(all)
+}
+
+/// The scaling matrix: UDP all-out with `--udp-readers` R, `--workers` W and S senders,
+/// each doubling from 1 up to this machine's cores (readers and senders) or twice that
+/// (workers).
+fn scaling_scenarios(opts: &BenchOptions) -> Vec<Scenario> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let doubling = |max: usize| {
+        let mut v = vec![1];
+        while v[v.len() - 1] * 2 <= max {
+            v.push(v[v.len() - 1] * 2);
+        }
+        v
+    };
+    let udp = pack(&opts.corpus, 1432);
+    let mut out = Vec::new();
+    for readers in doubling(cores) {
+        for workers in doubling(cores * 2) {
+            for senders in doubling(cores) {
+                out.push(Scenario {
+                    name: format!("{readers} | {workers} | {senders}"),
+                    via: Via::Udp,
+                    rate: None,
+                    workload: udp.clone(),
+                    bursts: None,
+                    flags: vec![
+                        "--udp-readers".into(),
+                        readers.to_string(),
+                        "--workers".into(),
+                        workers.to_string(),
+                    ],
+                    senders,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Runs the scaling matrix and prints its table; returns the rows. The senders outrun the
+/// readers on purpose, so the kernel drops datagrams: loss is those drops (and any queue-full
+/// drops) in messages, converted at the workload's mean messages per datagram, an estimate.
+pub fn run_scaling(opts: &BenchOptions) -> Result<Vec<Row>, String> {
+    let dir = std::env::temp_dir().join(format!("whippet-scaling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    println!("| readers | workers | senders | received msg/s | cores | CPU µs/msg | loss | peak RSS MiB | kernel drops (datagrams) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for s in scaling_scenarios(opts) {
+        let r = run_whippet(opts, &s, &dir)?;
+        let offered = r.sent.messages.max(1) as f64;
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1}% | {:.1} | {} |",
+            r.scenario,
+            r.received as f64 / r.sent.elapsed.as_secs_f64().max(1e-9),
+            r.cpu_seconds / r.sent.elapsed.as_secs_f64().max(1e-9),
+            r.us_per_message(),
+            100.0 * r.counted_drops as f64 / offered,
+            r.peak_rss_kib as f64 / 1024.0,
+            r.kernel_drop_packets,
+        );
+        rows.push(r);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
 }
 
 fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
@@ -306,6 +410,8 @@ fn bursts_scenario() -> Scenario {
             sizes: vec![300, 600, 1000],
             gap: Duration::from_millis(20),
         }),
+        flags: Vec::new(),
+        senders: 1,
     }
 }
 
@@ -320,6 +426,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: None,
                 workload: unix.clone(),
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             true,
         ),
@@ -330,6 +438,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: Some(50_000),
                 workload: udp.clone(),
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             false,
         ),
@@ -340,6 +450,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: Some(100_000),
                 workload: udp,
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             true,
         ),
@@ -350,6 +462,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: None,
                 workload: unix,
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             false,
         ),
@@ -366,6 +480,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: Some(rate),
                 workload: unix.clone(),
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             false,
         ));
@@ -384,6 +500,8 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
                 rate: None,
                 workload: pack(&g.generate(), 8192),
                 bursts: None,
+                flags: Vec::new(),
+                senders: 1,
             },
             false,
         ));
