@@ -63,8 +63,8 @@ pub struct Telemetry {
     pub worker: Arc<worker::Counters>,
     pub flush: Arc<flush::Counters>,
     pub forwarder: Arc<forwarder::Counters>,
-    /// One set per `--additional-endpoints` intake, filled in when they start.
-    pub additional: std::sync::OnceLock<Vec<Arc<forwarder::Counters>>>,
+    /// One set per `--additional-endpoints` intake, in their order.
+    pub additional: Vec<Arc<forwarder::Counters>>,
     pub origin: Arc<origin::Counters>,
     pub tagger: Arc<tagger::Counters>,
     pub mirror: Arc<MirrorCounters>,
@@ -72,19 +72,15 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Fresh counters for `config`: with additional intakes, the main intake's readings
-    /// carry its address too, so each family has one set of labels.
+    /// Fresh counters for `config`: one set per intake, named as its forwarder is.
     fn new(config: &Config) -> Telemetry {
-        let f = &config.forwarding;
-        let forwarder = match &f.intake_url {
-            Some(url) if !f.additional.is_empty() => {
-                let label = crate::telemetry::intern(&forwarder::redact_url(url));
-                forwarder::Counters::of_intake(label, false)
-            }
-            _ => forwarder::Counters::default(),
-        };
+        let mut each = config
+            .forwarders()
+            .into_iter()
+            .map(|c| Arc::new(forwarder::Counters::of_intake(c.intake, c.additional)));
         Telemetry {
-            forwarder: Arc::new(forwarder),
+            forwarder: each.next().unwrap_or_default(),
+            additional: each.collect(),
             ..Telemetry::default()
         }
     }
@@ -110,7 +106,7 @@ impl Readings for Probe {
         t.worker.read(out);
         t.flush.read(out);
         t.forwarder.read(out);
-        for counters in t.additional.get().into_iter().flatten() {
+        for counters in &t.additional {
             counters.read(out);
         }
         t.origin.read(out);
@@ -602,15 +598,10 @@ fn output_for(
         let console = Console::new(std::io::BufWriter::new(std::io::stdout()));
         return Ok((Box::new(console), None));
     };
-    let mut additional = Vec::new();
-    let mut counters = Vec::new();
-    for c in configs {
-        let intake = c.intake.unwrap_or_default();
-        let each = Arc::new(forwarder::Counters::of_intake(intake, true));
-        counters.push(each.clone());
-        additional.push(Forwarder::start(c, each)?);
-    }
-    let _ = telemetry.additional.set(counters);
+    let additional = configs
+        .zip(&telemetry.additional)
+        .map(|(c, counters)| Forwarder::start(c, counters.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     // A short-lived thread: it logs whether the key is valid and ends; whippet runs either way.
     let check = forwarder_config.clone();
     spawn("whippet-validate".into(), move || {

@@ -135,6 +135,7 @@ impl Reloader {
         let additional: Vec<String> = c
             .forwarders()
             .iter()
+            .filter(|f| f.additional)
             .filter_map(|f| f.intake.map(str::to_string))
             .collect();
         info.insert("additional_intakes".into(), json!(additional));

@@ -259,11 +259,12 @@ impl Config {
                 .retry_dir
                 .clone()
                 .map(|dir| (dir, f.retry_dir_bytes / n as u64)),
-            intake: None,
+            // With additional intakes every intake is named, the main one too, so each
+            // reading family has one set of labels.
+            intake: (n > 1).then(|| crate::telemetry::intern(&crate::forwarder::redact_url(main))),
+            additional: false,
             egress: f.egress.clone(),
         };
-        // The main intake is named by its address too (its readings carry it when there are
-        // additional ones).
         let mut seen: Vec<String> = vec![crate::forwarder::redact_url(main)];
         let mut out = vec![base.clone()];
         for (url, key) in &f.additional {
@@ -285,6 +286,7 @@ impl Config {
                     )
                 }),
                 intake: Some(intake),
+                additional: true,
                 ..base.clone()
             });
         }
@@ -1817,7 +1819,12 @@ process_config:
         assert_eq!(
             shown,
             [
-                ("https://app.datadoghq.com", "k1", None, 225),
+                (
+                    "https://app.datadoghq.com",
+                    "k1",
+                    Some("https://app.datadoghq.com"),
+                    225
+                ),
                 (
                     "http://user:pw@10.0.0.1:81",
                     "k4",

@@ -98,9 +98,11 @@ pub struct ForwarderConfig {
     pub retry_max: Duration,
     /// `--retry-dir` and `--retry-dir-bytes` (this intake's share of them).
     pub retry_dir: Option<(std::path::PathBuf, u64)>,
-    /// How counters and logs name this intake: `None` for `--dd-url`, the address (never
-    /// the key) for each of `--additional-endpoints`.
+    /// How counters and logs name this intake when there are several (`--additional-endpoints`):
+    /// its address, never its key. `None` when the main intake is the only one.
     pub intake: Option<&'static str>,
+    /// One of `--additional-endpoints`, not `--dd-url`.
+    pub additional: bool,
     /// Proxies and the certificates trusted.
     pub egress: egress::Egress,
 }
@@ -705,10 +707,11 @@ impl Shared {
                 self.count(endpoint, Outcome::Dropped(status));
                 if status == 403 {
                     log::warn_limited(self.log_key("forwarder-403"), || {
-                        match self.config.intake {
-                        None => "invalid API key: the intake answered 403; payload dropped (set --api-key-file or DD_API_KEY)".into(),
-                        Some(at) => format!("invalid API key: the intake at {at} answered 403; payload dropped (correct its key in --additional-endpoints)"),
-                    }
+                        if self.config.additional {
+                            format!("invalid API key: the intake{} answered 403; payload dropped (correct its key in --additional-endpoints)", self.at())
+                        } else {
+                            format!("invalid API key: the intake{} answered 403; payload dropped (set --api-key-file or DD_API_KEY)", self.at())
+                        }
                     });
                 } else {
                     log::warn_limited(self.log_key("forwarder-drop"), || {
@@ -919,6 +922,7 @@ mod tests {
             retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
+            additional: false,
             egress: Default::default(),
         };
         let shown = format!("{config:?}");
@@ -949,6 +953,7 @@ mod tests {
             retry_max: Duration::from_secs(32),
             retry_dir: None,
             intake: None,
+            additional: false,
             egress: Default::default(),
         };
         let forwarder = Forwarder::start(config, counters.clone()).unwrap();

@@ -168,11 +168,11 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// The counters of the intake named `intake` (its address, never its key), when there
-    /// are several; `additional` for each but the main one.
-    pub fn of_intake(intake: &'static str, additional: bool) -> Counters {
+    /// The counters of the intake named `intake` (its address, never its key; `None` when
+    /// it is the only one); `additional` for each but the main one.
+    pub fn of_intake(intake: Option<&'static str>, additional: bool) -> Counters {
         Counters {
-            intake: Some(intake),
+            intake,
             additional,
             ..Counters::default()
         }
