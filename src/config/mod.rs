@@ -895,12 +895,7 @@ fn egress(r: &mut Resolver<'_>, intake: Option<&str>) -> crate::forwarder::egres
             if v.is_empty() {
                 return Ok(None);
             }
-            let probe = Egress {
-                proxy_https: Some(v.to_string()),
-                ..Egress::default()
-            };
-            probe
-                .proxy("https://x")
+            crate::forwarder::egress::parse_proxy(v)
                 .map(|_| Some(v.to_string()))
                 .map_err(|e| format!("{name}: not a proxy address like http://proxy:3128 ({e})"))
         })

@@ -95,6 +95,19 @@ impl std::fmt::Debug for Egress {
     }
 }
 
+/// A proxy address as the HTTP client reads it; only http:// and https:// proxies. Errors
+/// show the address without its password.
+pub fn parse_proxy(address: &str) -> Result<ureq::Proxy, String> {
+    let shown = super::redact_url(address);
+    let parsed = ureq::Proxy::new(address).map_err(|e| format!("{shown}: {e}"))?;
+    match parsed.protocol() {
+        ProxyProtocol::Http | ProxyProtocol::Https => Ok(parsed),
+        _ => Err(format!(
+            "{shown}: only http:// and https:// proxies are supported"
+        )),
+    }
+}
+
 impl Egress {
     /// The proxy for an intake at `url` (by its scheme), if any.
     pub fn proxy_url(&self, url: &str) -> Option<&str> {
@@ -112,16 +125,7 @@ impl Egress {
             return Ok(None);
         };
         let invalid = |e: ureq::Error| format!("{}: {e}", super::redact_url(address));
-        let parsed = ureq::Proxy::new(address).map_err(invalid)?;
-        if !matches!(
-            parsed.protocol(),
-            ProxyProtocol::Http | ProxyProtocol::Https
-        ) {
-            return Err(format!(
-                "{}: only http:// and https:// proxies are supported",
-                super::redact_url(address)
-            ));
-        }
+        let parsed = parse_proxy(address)?;
         let mut b = ureq::Proxy::builder(parsed.protocol())
             .host(parsed.host())
             .port(parsed.port());
