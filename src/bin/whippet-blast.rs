@@ -18,7 +18,7 @@ const USAGE: &str = "Usage: whippet-blast send|bench|sink [OPTIONS]
          --tags-per-message N --messages N --seed N] [--packet-size BYTES] [--rate MSG/S]
          [--duration SECONDS | --count MESSAGES]
   bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--scaling] [--bursts-only]
-         [--whippet PATH]
+         [--only TEXT] [--whippet PATH]
   sink   --target udp:HOST:PORT|unix:PATH   (drains with recvmmsg, prints counts on SIGTERM)
   replay --capture FILE --target udp:HOST:PORT|unix:PATH|stream:PATH [--speed X | --speed max]
          (sends a whippet capture again: at its recorded pace, X times faster, or all out)
@@ -103,6 +103,12 @@ fn options() -> getopts::Options {
         "",
         "bursts-only",
         "bench: only the non-blocking burst scenario and its floor, rows without the table's head (how bench runs itself at another queue length)",
+    );
+    o.optopt(
+        "",
+        "only",
+        "bench: only the scenarios whose names contain TEXT, each with its floor",
+        "TEXT",
     );
     o.optopt(
         "",
@@ -273,6 +279,7 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
         smoke,
         bursts_only: m.opt_present("bursts-only"),
         scaling: m.opt_present("scaling"),
+        only: m.opt_str("only"),
     };
     if opts.scaling {
         println!(

@@ -28,6 +28,8 @@ pub struct BenchOptions {
     /// The scaling table instead of the scenarios: UDP all-out over readers × workers ×
     /// senders, up to this machine's cores (docs/performance.md, "Many cores").
     pub scaling: bool,
+    /// Only the scenarios whose names contain this text (with their floors).
+    pub only: Option<String>,
 }
 
 /// One row of the table.
@@ -523,8 +525,13 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, String> {
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         scenarios(opts)
     };
-    for (i, (scenario, with_floor)) in list.into_iter().enumerate() {
-        if i == 1 && !opts.bursts_only && !opts.smoke {
+    let list = list.into_iter().filter(|(s, _)| {
+        opts.only
+            .as_ref()
+            .is_none_or(|only| s.name.contains(only.as_str()))
+    });
+    for (i, (scenario, with_floor)) in list.enumerate() {
+        if i == 1 && !opts.bursts_only && !opts.smoke && opts.only.is_none() {
             bursts_at_qlen(opts, 512);
         }
         let floor = if with_floor {
