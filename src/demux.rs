@@ -1,7 +1,7 @@
 //! The demux: `--shards` mutex-guarded [`Shard`]s, the hasher that routes a context to its
 //! shard, and the backlog of events and service checks waiting for the next flush.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use crate::context::{ContextHasher, ContextKey};
 use crate::sample::{EventRecord, ServiceCheckRecord, ShardBatch};
@@ -91,6 +91,35 @@ impl Demux {
         lock(&self.shards[shard]).insert(batch, tags)
     }
 
+    /// As [`Demux::insert`], but only if no one else holds the shard's lock.
+    pub(crate) fn try_insert(
+        &self,
+        shard: usize,
+        batch: &mut ShardBatch<'_>,
+        tags: &[&str],
+    ) -> Option<InsertStats> {
+        let mut guard = match self.shards[shard].try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(guard.insert(batch, tags))
+    }
+
+    /// As [`Demux::insert`]; also says whether the lock was held by another, so that this
+    /// waited for it.
+    pub(crate) fn insert_waiting(
+        &self,
+        shard: usize,
+        batch: &mut ShardBatch<'_>,
+        tags: &[&str],
+    ) -> (InsertStats, bool) {
+        match self.try_insert(shard, batch, tags) {
+            Some(stats) => (stats, false),
+            None => (self.insert(shard, batch, tags), true),
+        }
+    }
+
     /// Adds events and service checks to the backlog (emptying the vectors). Returns how many
     /// were dropped because the backlog was full.
     pub(crate) fn push_backlog(
@@ -110,6 +139,12 @@ impl Demux {
         events.clear();
         checks.clear();
         (offered - take_events - take_checks) as u64
+    }
+
+    /// A shard's lock, held as another worker would hold it.
+    #[cfg(test)]
+    pub(crate) fn hold(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[shard])
     }
 
     pub(crate) fn take_backlog(&self) -> Backlog {

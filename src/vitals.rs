@@ -59,6 +59,16 @@ pub const VITALS: &[(&str, &str, Form)] = &[
     ("whippet_contexts", "whippet.contexts", Form::Gauge),
     ("whippet_queue_depth", "whippet.queue.depth", Form::Gauge),
     (
+        "whippet_workers_awake",
+        "whippet.workers.awake",
+        Form::Gauge,
+    ),
+    (
+        "whippet_shard_lock_waits_total",
+        "whippet.shard.lock_waits",
+        Form::Count,
+    ),
+    (
         "whippet_retry_queue_bytes",
         "whippet.retry_queue.bytes",
         Form::Gauge,

@@ -368,13 +368,13 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    fn handoff(stopping: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
+    fn handoff(stopping: bool) -> (Handoff, crate::packet::QueueReceiver) {
         handoff_shut(stopping, stopping)
     }
 
-    fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
+    fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crate::packet::QueueReceiver) {
         // Room for every batch a test makes, so a slow consumer never drops one.
-        let (queue, rx) = crossbeam_channel::bounded(1024);
+        let (queue, rx) = crate::packet::queue(1024, 1);
         let handoff = Handoff {
             queue,
             pool: Arc::new(Pool::new(8192, 1)),

@@ -26,9 +26,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 
-use crate::packet::{Batch, Pool, Transport};
+use crate::packet::{Batch, Pool, QueueSender, Transport};
 use crate::telemetry::{Counter, Label, PerLabel, Readings, Snapshot};
 
 /// Counters of one transport.
@@ -113,7 +113,7 @@ impl Readings for Counters {
 /// go back to, the counters, and the flag the daemon sets before it shuts sockets down.
 #[derive(Clone)]
 pub struct Handoff {
-    pub queue: Sender<Batch>,
+    pub queue: QueueSender,
     pub pool: Arc<Pool>,
     pub counters: Arc<Counters>,
     pub stopping: Arc<AtomicBool>,

@@ -13,6 +13,9 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::telemetry::labels;
 
+pub mod queue;
+pub use queue::{queue, QueueReceiver, QueueSender};
+
 labels! {
     /// Where packets come from.
     pub enum Transport: "transport" {

@@ -12,14 +12,12 @@ mod keep;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
-use crossbeam_channel::Receiver;
-
 use crate::clock;
 use crate::context::ContextRef;
 use crate::demux::Demux;
 pub use crate::enrichment::Enrichment;
 use crate::enrichment::{canonicalize, record_tags, Resolved};
-use crate::packet::{scanned_lines, Batch, Pool};
+use crate::packet::{scanned_lines, Batch, Pool, QueueReceiver};
 use crate::parser::{
     self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, OriginFields, Reason,
     ServiceCheck, Values,
@@ -119,6 +117,8 @@ pub struct Counters {
     /// Tags the per-metric tag filter removed, counted as a worker builds a context (once
     /// per context and worker, again if its cache forgot the context).
     pub tags_filtered: Counter,
+    /// Times a worker found every shard it had left to visit locked by another, and waited.
+    pub shard_lock_waits: Counter,
 }
 
 impl Readings for Counters {
@@ -138,6 +138,8 @@ impl Readings for Counters {
         out.counter("whippet_contexts_created_total", &[], created);
         let filtered = self.tags_filtered.get();
         out.counter("whippet_tags_filtered_total", &[], filtered);
+        let waits = self.shard_lock_waits.get();
+        out.counter("whippet_shard_lock_waits_total", &[], waits);
     }
 }
 
@@ -151,6 +153,7 @@ struct Tally {
     new_contexts: u64,
     rate_invalid: u64,
     tags_filtered: u64,
+    shard_lock_waits: u64,
 }
 
 impl Tally {
@@ -170,6 +173,7 @@ impl Tally {
         c.contexts_created.add(self.new_contexts);
         c.sample_rate_invalid.add(self.rate_invalid);
         c.tags_filtered.add(self.tags_filtered);
+        c.shard_lock_waits.add(self.shard_lock_waits);
         *self = Tally::default();
     }
 
@@ -262,7 +266,7 @@ impl Worker {
     }
 
     /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
-    pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
+    pub fn run(mut self, queue: QueueReceiver, pool: Arc<Pool>) {
         while let Ok(batch) = queue.recv() {
             crate::inject_fault("worker");
             self.process(&batch);
@@ -416,42 +420,81 @@ impl Worker {
 
     /// Hands each shard its samples under one lock; vouched samples a shard sends back (their
     /// context expired) go again with their canonical tags.
+    ///
+    /// A shard another worker holds is passed over and visited after the rest, so a worker
+    /// waits on a lock only when every shard it has left to visit is busy (each such wait is
+    /// counted: `whippet_shard_lock_waits_total`).
     fn insert_into_shards<'a>(
         &mut self,
         per_shard: &mut [ShardBatch<'a>],
         tags: &mut Vec<&'a str>,
         sort: &mut Vec<(u64, &'a str)>,
-        (origins, keep): (&[Resolved<'a>], &'a Keep),
+        held: (&[Resolved<'a>], &'a Keep),
         enrichment: &'a Enrichment,
     ) {
+        let mut passed_over = false;
         for (shard, batch) in per_shard.iter_mut().enumerate() {
-            if batch.samples.is_empty() {
-                continue;
+            if !batch.samples.is_empty() {
+                let done = self.insert_into(shard, batch, tags, sort, held, enrichment, false);
+                passed_over |= !done;
             }
+        }
+        if !passed_over {
+            return;
+        }
+        for (shard, batch) in per_shard.iter_mut().enumerate() {
+            if !batch.samples.is_empty() {
+                self.insert_into(shard, batch, tags, sort, held, enrichment, true);
+            }
+        }
+    }
+
+    /// Inserts one shard's samples; without `wait`, only if its lock is free. Returns whether
+    /// they were inserted.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_into<'a>(
+        &mut self,
+        shard: usize,
+        batch: &mut ShardBatch<'a>,
+        tags: &mut Vec<&'a str>,
+        sort: &mut Vec<(u64, &'a str)>,
+        (origins, keep): (&[Resolved<'a>], &'a Keep),
+        enrichment: &'a Enrichment,
+        wait: bool,
+    ) -> bool {
+        let stats = if wait {
+            let (stats, waited) = self.demux.insert_waiting(shard, batch, tags);
+            self.tally.shard_lock_waits += waited as u64;
+            stats
+        } else {
+            match self.demux.try_insert(shard, batch, tags) {
+                Some(stats) => stats,
+                None => return false,
+            }
+        };
+        self.tally.inserted(stats);
+        let resend = batch.resend(|s| {
+            let start = tags.len();
+            let origin = (s.origin > 0).then(|| &origins[s.origin as usize - 1]);
+            // A histogram's distribution copy is the one sample of its decision that is a
+            // distribution.
+            let shape = (s.shaped > 0).then(|| {
+                let shaped = keep.get(s.shaped);
+                let copy = shaped.copy.is_some() && s.kind == MetricKind::Distribution;
+                shaped.shape(copy)
+            });
+            let extra = &enrichment.extra_tags;
+            let shape = shape.unwrap_or_default();
+            let (_, filtered) = canonicalize(s.raw_tags, extra, origin, shape, tags, sort);
+            self.tally.tags_filtered += filtered as u64;
+            ContextTags::Arena(start as u32, tags.len() as u32)
+        });
+        if resend {
             let stats = self.demux.insert(shard, batch, tags);
             self.tally.inserted(stats);
-            let resend = batch.resend(|s| {
-                let start = tags.len();
-                let origin = (s.origin > 0).then(|| &origins[s.origin as usize - 1]);
-                // A histogram's distribution copy is the one sample of its decision that is
-                // a distribution.
-                let shape = (s.shaped > 0).then(|| {
-                    let shaped = keep.get(s.shaped);
-                    let copy = shaped.copy.is_some() && s.kind == MetricKind::Distribution;
-                    shaped.shape(copy)
-                });
-                let extra = &enrichment.extra_tags;
-                let shape = shape.unwrap_or_default();
-                let (_, filtered) = canonicalize(s.raw_tags, extra, origin, shape, tags, sort);
-                self.tally.tags_filtered += filtered as u64;
-                ContextTags::Arena(start as u32, tags.len() as u32)
-            });
-            if resend {
-                let stats = self.demux.insert(shard, batch, tags);
-                self.tally.inserted(stats);
-            }
-            batch.samples.clear();
         }
+        batch.samples.clear();
+        true
     }
 
     /// The first half of a metric: counts what it is owed and returns its key for the
@@ -966,6 +1009,30 @@ mod tests {
             assert_eq!(allocated, 0, "origin {origin}, shaped {shaped}");
             assert_eq!(w.counters.samples.get(), 3 * 5);
         }
+    }
+
+    #[test]
+    fn a_shard_another_worker_holds_is_visited_after_the_free_ones() {
+        let mut w = worker(2, "h", &[]);
+        let (demux, counters) = (w.demux.clone(), w.counters.clone());
+        // 64 names: both shards get some (all in one has odds of 2 in 2^64).
+        let packet: String = (0..64).map(|i| format!("m{i}:1|c\n")).collect();
+        let held = demux.hold(0);
+        let worker = std::thread::spawn(move || feed(&mut w, &[&packet]));
+        // Shard 1 gets its samples while shard 0 is still held...
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while demux.hold(1).len() == 0 {
+            assert!(std::time::Instant::now() < deadline, "shard 1 waited for 0");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let in_one = demux.hold(1).len();
+        assert_eq!(held.len(), 0);
+        // ...and shard 0's once it is let go, after one counted wait.
+        drop(held);
+        worker.join().unwrap();
+        assert_eq!(demux.hold(0).len() + in_one, 64);
+        assert_eq!(counters.samples.get(), 64);
+        assert_eq!(counters.shard_lock_waits.get(), 1);
     }
 
     /// Ten-second buckets; a context idle through one flush is freed at the next.
