@@ -1,13 +1,19 @@
 //! The packet queue: the bounded channel from the readers to the workers, and when a worker
 //! is woken for what waits in it.
 //!
-//! A worker that finds the queue empty sleeps on the queue's bell. A reader that queues a
-//! batch rings the bell only when no worker is awake, or when more batches wait than the
-//! awake workers can be expected to take next ([`BACKLOG_PER_WORKER`] each). So the workers
-//! that run follow the load, not `--workers`: steady traffic that one worker keeps up with
-//! wakes one worker, and only a backlog wakes more, up to all of them. A worker that is
-//! already awake takes the next batch without being woken, and no worker spins or yields
-//! while it waits, which on a small machine takes the CPU the reader needs.
+//! A worker that finds the queue empty sleeps on the queue's bell. A reader rings it when no
+//! worker is awake, or when more batches wait than the awake workers can be expected to take
+//! next ([`BACKLOG_PER_WORKER`] each). So the workers that run follow the load, not
+//! `--workers`: steady traffic that one worker keeps up with wakes one worker, and only a
+//! backlog wakes more, up to all of them. A worker that is already awake takes the next
+//! batch without being woken, and no worker spins or yields while it waits, which on a small
+//! machine takes the CPU the reader needs.
+//!
+//! A datagram reader that goes on reading after it queues a batch ([`Wake::Deferred`]) lets
+//! up to [`DEFERRED_BATCHES`] wait before it wakes a sleeping worker, so that one wakeup
+//! takes several batches, and it calls [`QueueSender::before_wait`] before it waits for
+//! anything (the socket, an admission, room in the queue): no batch is left queued while
+//! every worker sleeps and the reader does too.
 
 use std::sync::atomic::{fence, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -18,6 +24,20 @@ use super::Batch;
 
 /// Batches that may wait per awake worker before a reader wakes another.
 pub const BACKLOG_PER_WORKER: usize = 1;
+
+/// Batches that may wait for a sleeping worker while their reader goes on reading
+/// ([`Wake::Deferred`]).
+pub const DEFERRED_BATCHES: usize = 4;
+
+/// When a queued batch wakes a sleeping worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// At once, unless the awake workers will take it.
+    Now,
+    /// Once [`DEFERRED_BATCHES`] wait, or when the reader is about to wait
+    /// ([`QueueSender::before_wait`]).
+    Deferred,
+}
 
 /// A queue of `capacity` batches for `workers` workers: the readers' end, and the workers'.
 pub fn queue(capacity: usize, workers: usize) -> (QueueSender, QueueReceiver) {
@@ -61,10 +81,11 @@ impl Bell {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// After a batch is queued (and `queued` wait): wakes a worker if none is awake, or if
-    /// the backlog is more than the awake ones take next.
+    /// After a batch is queued (and `queued` wait): wakes a worker when the backlog is more
+    /// than the awake workers take next, and with [`Wake::Deferred`], only once a sleeping
+    /// worker has [`DEFERRED_BATCHES`] to take.
     #[inline]
-    fn after_send(&self, queued: usize) {
+    fn after_send(&self, queued: usize, wake: Wake) {
         // Pairs with the fence in `sleep`: either this reads the sleeper's count, or the
         // sleeper's last look at the queue sees the batch just queued.
         fence(SeqCst);
@@ -73,7 +94,11 @@ impl Bell {
             return;
         }
         let awake = self.workers.saturating_sub(asleep);
-        if queued > awake * BACKLOG_PER_WORKER {
+        let mut enough = awake * BACKLOG_PER_WORKER + 1;
+        if wake == Wake::Deferred {
+            enough = enough.max(DEFERRED_BATCHES);
+        }
+        if queued >= enough {
             self.ring();
         }
     }
@@ -130,18 +155,31 @@ impl Drop for SendEnd {
 }
 
 impl QueueSender {
-    /// Queues a batch if there is room, waking a worker as the module doc says.
-    pub fn try_send(&self, batch: Batch) -> Result<(), TrySendError<Batch>> {
+    /// Queues a batch if there is room, waking a worker by `wake` (see the module doc).
+    pub fn try_send(&self, batch: Batch, wake: Wake) -> Result<(), TrySendError<Batch>> {
         self.0.tx.try_send(batch)?;
-        self.0.bell.after_send(self.0.tx.len());
+        self.0.bell.after_send(self.0.tx.len(), wake);
         Ok(())
     }
 
-    /// Queues a batch, waiting for room.
-    pub fn send(&self, batch: Batch) -> Result<(), SendError<Batch>> {
-        self.0.tx.send(batch)?;
-        self.0.bell.after_send(self.0.tx.len());
-        Ok(())
+    /// Queues a batch, waiting for room (after waking a worker for what waits).
+    pub fn send(&self, batch: Batch, wake: Wake) -> Result<(), SendError<Batch>> {
+        match self.try_send(batch, wake) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Disconnected(b)) => Err(SendError(b)),
+            Err(TrySendError::Full(b)) => {
+                self.before_wait();
+                self.0.tx.send(b)?;
+                self.0.bell.after_send(self.0.tx.len(), wake);
+                Ok(())
+            }
+        }
+    }
+
+    /// Wakes a worker for what waits, unless the awake ones will take it: what a reader that
+    /// defers waking ([`Wake::Deferred`]) calls before it waits for anything.
+    pub fn before_wait(&self) {
+        self.0.bell.after_send(self.0.tx.len(), Wake::Now);
     }
 }
 
@@ -236,7 +274,7 @@ mod tests {
             std::thread::spawn(move || rx.recv().map(|b| b.packet_count()))
         };
         until_asleep(&rx, 1);
-        tx.try_send(batch()).unwrap();
+        tx.try_send(batch(), Wake::Now).unwrap();
         assert_eq!(worker.join().unwrap(), Ok(0));
         assert_eq!((rx.asleep(), rx.awake()), (0, 1));
     }
@@ -247,25 +285,66 @@ mod tests {
         // Both workers asleep: the first batch rings.
         tx.0.bell.state().asleep = 2;
         tx.0.bell.asleep.store(2, SeqCst);
-        tx.try_send(batch()).unwrap();
+        tx.try_send(batch(), Wake::Now).unwrap();
         assert_eq!(tx.0.bell.state().calls, 1);
         // One called and awake: one batch waiting is its to take, so no second call...
         tx.0.bell.state().asleep = 1;
         tx.0.bell.asleep.store(1, SeqCst);
         tx.0.bell.state().calls = 0;
         rx.rx.try_recv().unwrap();
-        tx.try_send(batch()).unwrap();
+        tx.try_send(batch(), Wake::Now).unwrap();
         assert_eq!(tx.0.bell.state().calls, 0);
         // ...but two waiting are more than one awake worker takes next: the other is called.
-        tx.try_send(batch()).unwrap();
+        tx.try_send(batch(), Wake::Now).unwrap();
         assert_eq!(tx.0.bell.state().calls, 1);
         // No worker asleep: nothing to ring, whatever waits.
         tx.0.bell.state().asleep = 0;
         tx.0.bell.asleep.store(0, SeqCst);
         tx.0.bell.state().calls = 0;
-        tx.try_send(batch()).unwrap();
+        tx.try_send(batch(), Wake::Now).unwrap();
         assert_eq!(tx.0.bell.state().calls, 0);
         assert_eq!(rx.len(), 3);
+    }
+
+    #[test]
+    fn a_reader_that_defers_rings_for_several_batches_or_before_it_waits() {
+        let (tx, rx) = queue(8, 1);
+        tx.0.bell.state().asleep = 1;
+        tx.0.bell.asleep.store(1, SeqCst);
+        for _ in 1..DEFERRED_BATCHES {
+            tx.try_send(batch(), Wake::Deferred).unwrap();
+        }
+        assert_eq!(tx.0.bell.state().calls, 0);
+        tx.try_send(batch(), Wake::Deferred).unwrap();
+        assert_eq!(tx.0.bell.state().calls, 1);
+        // One batch, and the reader about to wait: rung at once.
+        tx.0.bell.state().calls = 0;
+        while rx.rx.len() > 1 {
+            rx.rx.try_recv().unwrap();
+        }
+        tx.try_send(batch(), Wake::Deferred).unwrap();
+        rx.rx.try_recv().unwrap();
+        assert_eq!(tx.0.bell.state().calls, 0);
+        tx.before_wait();
+        assert_eq!(tx.0.bell.state().calls, 1);
+        // A send that finds the queue full rings before it waits for room.
+        let (tx, rx) = queue(1, 1);
+        tx.0.bell.state().asleep = 1;
+        tx.0.bell.asleep.store(1, SeqCst);
+        tx.try_send(batch(), Wake::Deferred).unwrap();
+        let taker = rx.clone();
+        let taker = std::thread::spawn(move || {
+            let rx = taker;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rx.bell.state().calls == 0 {
+                assert!(Instant::now() < deadline, "never rung");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            rx.rx.try_recv().unwrap();
+        });
+        tx.send(batch(), Wake::Deferred).unwrap();
+        taker.join().unwrap();
+        assert_eq!(rx.len(), 1);
     }
 
     #[test]
@@ -278,7 +357,7 @@ mod tests {
             })
             .collect();
         until_asleep(&rx, 3);
-        tx.send(batch()).unwrap();
+        tx.send(batch(), Wake::Now).unwrap();
         drop(tx);
         let got: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
         assert_eq!(got, 1);
@@ -303,7 +382,7 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in 0..ROUNDS {
-            tx.send(batch()).unwrap();
+            tx.send(batch(), Wake::Now).unwrap();
             while taken.load(SeqCst) != n + 1 {
                 assert!(
                     Instant::now() < deadline,
@@ -346,10 +425,10 @@ mod tests {
                         // workers go to sleep and must be woken.
                         let mut b = batch();
                         loop {
-                            match (i, tx.try_send(b)) {
+                            match (i, tx.try_send(b, Wake::Deferred)) {
                                 (_, Ok(())) => break,
                                 (0, Err(TrySendError::Full(back))) => {
-                                    tx.send(back).unwrap();
+                                    tx.send(back, Wake::Deferred).unwrap();
                                     break;
                                 }
                                 (_, Err(TrySendError::Full(back))) => b = back,
@@ -357,9 +436,11 @@ mod tests {
                             }
                         }
                         if n % 64 == 0 {
+                            tx.before_wait();
                             std::thread::sleep(Duration::from_micros(50));
                         }
                     }
+                    tx.before_wait();
                 })
             })
             .collect();
