@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
@@ -44,7 +44,7 @@ use crate::listener::mirror::{Mirror, MirrorCounters};
 use crate::listener::{self, stream, udp, unix, Bound, Handoff};
 use crate::log;
 use crate::origin::{self, PidCache};
-use crate::packet::{self, Pool, QueueReceiver, QueueSender, Transport};
+use crate::packet::{Batch, Pool, Transport};
 use crate::parser::{MessageKind, Reason};
 use crate::reload::Reloader;
 use crate::serializer::SeriesApi;
@@ -90,7 +90,7 @@ impl Telemetry {
 /// UDP drops); shared with the status endpoint.
 struct Probe {
     telemetry: Arc<Telemetry>,
-    queue: QueueReceiver,
+    queue: Receiver<Batch>,
     kernel_drops: udp::KernelDrops,
     demux: Arc<Demux>,
     /// Whether packets are mirrored, and captures can run (their counters are read only
@@ -118,7 +118,6 @@ impl Readings for Probe {
             t.capture.read(out);
         }
         out.gauge("whippet_queue_depth", &[], self.queue.len() as u64);
-        out.gauge("whippet_workers_awake", &[], self.queue.awake() as u64);
         let memory = self.demux.memory_bytes() as u64;
         out.gauge("whippet_aggregation_memory_bytes", &[], memory);
         self.kernel_drops.read(out);
@@ -223,7 +222,7 @@ impl Sockets {
 /// the shards and the flusher.
 struct Pipeline {
     demux: Arc<Demux>,
-    queue_rx: QueueReceiver,
+    queue_rx: Receiver<Batch>,
     pool: Arc<Pool>,
     live_tags: Arc<LiveTags>,
     workers: Vec<JoinHandle<()>>,
@@ -242,7 +241,7 @@ impl Pipeline {
         config: &Config,
         telemetry: &Telemetry,
         output: Box<dyn Output>,
-    ) -> Result<(Pipeline, QueueSender), Error> {
+    ) -> Result<(Pipeline, Sender<Batch>), Error> {
         let p = &config.pipeline;
         let listen = &config.listen;
         let demux = Arc::new(Demux::with_limits(
@@ -251,7 +250,7 @@ impl Pipeline {
             p.context_limit,
             p.aggregation_memory,
         ));
-        let (queue, queue_rx) = packet::queue(p.queue_size, p.workers);
+        let (queue, queue_rx) = crossbeam_channel::bounded::<Batch>(p.queue_size);
         // Every batch that can be in circulation at once stays pooled under load: the queue,
         // what the workers hold, one per datagram reader, and a few for stream connections.
         let in_flight = p.queue_size + p.workers + listen.udp_readers + 1 + 4;

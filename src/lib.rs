@@ -7,8 +7,8 @@
 //!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch;
 //!        │  a Unix datagram batch takes what is queued and goes at once)
 //!        ▼
-//!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker;
-//!        │  a worker is woken only when none is awake or the backlog outgrows the awake ones)
+//!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
+//!        │
 //!        ▼  worker × --workers: split lines → parser → enrichment → context hashed once
 //!        │  (a new context's name and tags shaped first) → samples
 //!  per-shard sample batches
@@ -38,7 +38,7 @@
 //! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission | [`listener::datagram::DatagramReader`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
-//! | `whippet-worker-N` | up to `--workers` awake | the queue's bell while it is empty | [`worker::Worker::run`] |
+//! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |
 //! | `whippet-flusher` | 1 | timer until the next boundary; serializes | [`flush::Flusher::run`] |
 //! | `whippet-forwarder-N` | `--forwarder-threads` per intake (the main one and each additional) | HTTP request, retry timer | [`forwarder`] |
 //! | `whippet-validate` | 1, briefly at start | one API key check | [`forwarder::validate_api_key`] |

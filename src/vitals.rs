@@ -59,11 +59,6 @@ pub const VITALS: &[(&str, &str, Form)] = &[
     ("whippet_contexts", "whippet.contexts", Form::Gauge),
     ("whippet_queue_depth", "whippet.queue.depth", Form::Gauge),
     (
-        "whippet_workers_awake",
-        "whippet.workers.awake",
-        Form::Gauge,
-    ),
-    (
         "whippet_shard_lock_waits_total",
         "whippet.shard.lock_waits",
         Form::Count,

@@ -8,9 +8,6 @@
 //! already queued and goes, because the socket queues only `net.unix.max_dgram_qlen`
 //! datagrams and a client that does not block loses whatever arrives while the reader sleeps
 //! (docs/performance.md, "Bursts from non-blocking clients").
-//!
-//! A reader hands batches off without waking a sleeping worker until several wait, and
-//! wakes one before it waits for the socket itself ([`crate::packet::Wake::Deferred`]).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
@@ -21,7 +18,7 @@ use nix::sys::socket::{getsockopt, sockopt, MsgFlags};
 
 use super::{Flow, Handoff};
 use crate::clock;
-use crate::packet::{Batch, Transport, Wake, MAX_SLOTS};
+use crate::packet::{Batch, Transport, MAX_SLOTS};
 
 /// How long the UDP reader lets a partial batch fill before handing it to a worker. The
 /// kernel's receive buffer holds far more than this much traffic.
@@ -53,8 +50,6 @@ pub struct DatagramReader<'a> {
     slots: usize,
     /// Unexpected receive errors since the last success.
     errors_in_a_row: u32,
-    /// Whether the last read found the socket empty.
-    drained: bool,
     /// Empty reads since the sockets were shut down (see [`DatagramReader::drained`]).
     empty_reads_stopping: usize,
     /// `net.unix.max_dgram_qlen` for a Unix socket: at most this many datagrams (and one
@@ -122,7 +117,6 @@ impl<'a> DatagramReader<'a> {
             slot: handoff.pool.slot_bytes(),
             slots,
             errors_in_a_row: 0,
-            drained: true,
             empty_reads_stopping: 0,
             unix_queue: if transport == Transport::Unix {
                 unix_queue_length()
@@ -140,7 +134,7 @@ impl<'a> DatagramReader<'a> {
     pub fn run(mut self) {
         loop {
             let shut = self.handoff.shut();
-            let n = match self.receive_or_wait() {
+            let n = match self.receive(0, MsgFlags::MSG_WAITFORONE) {
                 Ok(n) => {
                     self.errors_in_a_row = 0;
                     n
@@ -200,23 +194,6 @@ impl<'a> DatagramReader<'a> {
             n,
             empty == n && self.empty_reads_stopping > self.unix_queue + 1,
         )
-    }
-
-    /// The first datagrams of a batch: what is queued, or, when nothing is, after waking a
-    /// worker for the batches this reader queued without waking one ([`Wake::Deferred`]),
-    /// the next to arrive.
-    ///
-    /// When the last read left the socket empty, it is not looked at again first: most
-    /// likely still empty, and a Unix datagram reader comes here after every burst.
-    fn receive_or_wait(&mut self) -> Result<usize, Errno> {
-        if !self.drained {
-            match self.receive(0, MsgFlags::MSG_DONTWAIT) {
-                Err(Errno::EAGAIN) => {}
-                got => return got,
-            }
-        }
-        self.handoff.queue.before_wait();
-        self.receive(0, MsgFlags::MSG_WAITFORONE)
     }
 
     /// Lets a batch holding `n` datagrams fill further, by the transport's policy; returns how
@@ -300,8 +277,8 @@ impl<'a> DatagramReader<'a> {
         let pool = &self.handoff.pool;
         let full = std::mem::replace(&mut self.batch, pool.get(self.transport));
         match self.transport {
-            Transport::Udp => self.handoff.drop_when_full(full, Wake::Deferred),
-            Transport::Unix | Transport::Stream => self.handoff.wait_for_room(full, Wake::Deferred),
+            Transport::Udp => self.handoff.drop_when_full(full),
+            Transport::Unix | Transport::Stream => self.handoff.wait_for_room(full),
         }
     }
 
@@ -311,7 +288,6 @@ impl<'a> DatagramReader<'a> {
         self.handoff.counters.transports[self.transport]
             .errors
             .add(1);
-        self.handoff.queue.before_wait();
         std::thread::sleep(error_pause(self.errors_in_a_row));
         self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
     }
@@ -359,7 +335,6 @@ impl<'a> DatagramReader<'a> {
                 std::ptr::null_mut(),
             )
         };
-        self.drained = r < 0 && Errno::last() == Errno::EAGAIN;
         let n = Errno::result(r)? as usize;
         for (i, m) in msgs[..n].iter().enumerate() {
             if self.creds.is_some() {
@@ -393,13 +368,13 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    fn handoff(stopping: bool) -> (Handoff, crate::packet::QueueReceiver) {
+    fn handoff(stopping: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
         handoff_shut(stopping, stopping)
     }
 
-    fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crate::packet::QueueReceiver) {
+    fn handoff_shut(stopping: bool, shut: bool) -> (Handoff, crossbeam_channel::Receiver<Batch>) {
         // Room for every batch a test makes, so a slow consumer never drops one.
-        let (queue, rx) = crate::packet::queue(1024, 1);
+        let (queue, rx) = crossbeam_channel::bounded(1024);
         let handoff = Handoff {
             queue,
             pool: Arc::new(Pool::new(8192, 1)),

@@ -26,9 +26,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Sender, TrySendError};
 
-use crate::packet::{Batch, Pool, QueueSender, Transport, Wake};
+use crate::packet::{Batch, Pool, Transport};
 use crate::telemetry::{Counter, Label, PerLabel, Readings, Snapshot};
 
 /// Counters of one transport.
@@ -113,7 +113,7 @@ impl Readings for Counters {
 /// go back to, the counters, and the flag the daemon sets before it shuts sockets down.
 #[derive(Clone)]
 pub struct Handoff {
-    pub queue: QueueSender,
+    pub queue: Sender<Batch>,
     pub pool: Arc<Pool>,
     pub counters: Arc<Counters>,
     pub stopping: Arc<AtomicBool>,
@@ -157,9 +157,9 @@ impl Handoff {
 
     /// UDP's policy: never wait. A full queue drops the batch; its packets and messages are
     /// counted.
-    pub(crate) fn drop_when_full(&self, batch: Batch, wake: Wake) -> Flow {
+    pub(crate) fn drop_when_full(&self, batch: Batch) -> Flow {
         self.tap(&batch);
-        match self.queue.try_send(batch, wake) {
+        match self.queue.try_send(batch) {
             Ok(()) => Flow::Continue,
             Err(TrySendError::Full(dropped)) => {
                 let t = &self.counters.transports[dropped.transport];
@@ -176,11 +176,11 @@ impl Handoff {
 
     /// The Unix transports' policy: wait for one of the pool's admissions (see
     /// [`Pool::admit`]) and for room in the queue, so a full pipeline pushes back on the
-    /// client. `wake` says when a sleeping worker is woken for it ([`Wake`]).
-    pub(crate) fn wait_for_room(&self, mut batch: Batch, wake: Wake) -> Flow {
+    /// client.
+    pub(crate) fn wait_for_room(&self, mut batch: Batch) -> Flow {
         self.tap(&batch);
-        self.pool.admit(&mut batch, || self.queue.before_wait());
-        match self.queue.send(batch, wake) {
+        self.pool.admit(&mut batch);
+        match self.queue.send(batch) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }

@@ -15,7 +15,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 
 use super::{Flow, Handoff};
 use crate::clock;
-use crate::packet::{Batch, Pool, Transport, Wake};
+use crate::packet::{Batch, Pool, Transport};
 
 /// Open connections, so the daemon can wake their threads at shutdown.
 #[derive(Default)]
@@ -229,7 +229,7 @@ fn serve(mut stream: UnixStream, handoff: &Handoff, idle: Option<Duration>, pid:
         if let Some(mut batch) = fed.complete {
             transport.packets.add(batch.packet_count() as u64);
             batch.received_at = clock::data_now();
-            if handoff.wait_for_room(batch, Wake::Now) == Flow::Stop {
+            if handoff.wait_for_room(batch) == Flow::Stop {
                 return;
             }
         }

@@ -12,12 +12,14 @@ mod keep;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
+use crossbeam_channel::Receiver;
+
 use crate::clock;
 use crate::context::ContextRef;
 use crate::demux::Demux;
 pub use crate::enrichment::Enrichment;
 use crate::enrichment::{canonicalize, record_tags, Resolved};
-use crate::packet::{scanned_lines, Batch, Pool, QueueReceiver};
+use crate::packet::{scanned_lines, Batch, Pool};
 use crate::parser::{
     self, event::unescape, Event, Message, MessageKind, Metric, MetricKind, OriginFields, Reason,
     ServiceCheck, Values,
@@ -266,7 +268,7 @@ impl Worker {
     }
 
     /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
-    pub fn run(mut self, queue: QueueReceiver, pool: Arc<Pool>) {
+    pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
         while let Ok(batch) = queue.recv() {
             crate::inject_fault("worker");
             self.process(&batch);

@@ -13,9 +13,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::telemetry::labels;
 
-pub mod queue;
-pub use queue::{queue, QueueReceiver, QueueSender, Wake};
-
 labels! {
     /// Where packets come from.
     pub enum Transport: "transport" {
@@ -156,20 +153,11 @@ impl Pool {
     /// packets under all-out load), not throughput, when the sender can be made to wait
     /// instead. UDP readers, which cannot make anyone wait, do not, and keep the whole queue
     /// for bursts.
-    /// `before_waiting` runs first when this must wait.
-    pub(crate) fn admit(&self, batch: &mut Batch, before_waiting: impl FnOnce()) {
+    pub(crate) fn admit(&self, batch: &mut Batch) {
         if let Some((tx, _)) = &self.admissions {
-            if batch.admitted {
-                return;
+            if !batch.admitted && tx.send(()).is_ok() {
+                batch.admitted = true;
             }
-            batch.admitted = match tx.try_send(()) {
-                Ok(()) => true,
-                Err(crossbeam_channel::TrySendError::Full(())) => {
-                    before_waiting();
-                    tx.send(()).is_ok()
-                }
-                Err(crossbeam_channel::TrySendError::Disconnected(())) => false,
-            };
         }
     }
 
@@ -380,28 +368,24 @@ mod tests {
     fn admissions_wait_for_an_admitted_batch_to_come_back() {
         let pool = Arc::new(Pool::new(8192, 8).with_admissions(2));
         let (mut a, mut b) = (pool.get(Transport::Unix), pool.get(Transport::Unix));
-        let never = || panic!("waited with room");
-        pool.admit(&mut a, never);
-        pool.admit(&mut a, never); // a batch is admitted once
-        pool.admit(&mut b, never);
+        pool.admit(&mut a);
+        pool.admit(&mut a); // a batch is admitted once
+        pool.admit(&mut b);
         assert_eq!(pool.admitted(), 2);
         // A batch never admitted (what a UDP reader queues) gives nothing back.
         pool.put(pool.get(Transport::Udp));
         assert_eq!(pool.admitted(), 2);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let (waiting_tx, waiting_rx) = crossbeam_channel::bounded(1);
         let third = {
             let pool = pool.clone();
             std::thread::spawn(move || {
                 let mut c = pool.get(Transport::Unix);
-                pool.admit(&mut c, || waiting_tx.send(()).unwrap());
+                pool.admit(&mut c);
                 done_tx.send(()).unwrap();
                 c
             })
         };
-        // The third admission says it must wait, and can only complete once one of the first
-        // two is returned.
-        waiting_rx.recv().unwrap();
+        // The third admission can only complete once one of the first two is returned.
         assert!(done_rx.try_recv().is_err());
         pool.put(a);
         done_rx.recv().unwrap();
@@ -413,7 +397,7 @@ mod tests {
         // Without admissions, admitting never waits.
         let open = Pool::new(8192, 8);
         let mut many: Vec<Batch> = (0..50).map(|_| open.get(Transport::Unix)).collect();
-        many.iter_mut().for_each(|b| open.admit(b, never));
+        many.iter_mut().for_each(|b| open.admit(b));
         assert_eq!(open.admitted(), 0);
     }
 
