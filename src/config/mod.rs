@@ -669,7 +669,9 @@ fn pipeline(r: &mut Resolver<'_>) -> Pipeline {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     Pipeline {
         queue_size: r.number("queue-size"),
-        workers: r.number_given("workers").unwrap_or(cpus),
+        workers: r
+            .number_given("workers")
+            .unwrap_or(cpus.min(settings::DEFAULT_WORKERS_AT_MOST)),
         shards: r.number("shards"),
         context_limit: r.number("context-limit"),
         aggregation_memory: r.number("aggregation-memory"),

@@ -32,6 +32,9 @@ impl DefaultValue {
     }
 }
 
+/// The most workers by default (`--workers`, "at most 4" in its default's text).
+pub const DEFAULT_WORKERS_AT_MOST: usize = 4;
+
 /// One setting.
 #[derive(Debug)]
 pub struct Setting {
@@ -127,7 +130,7 @@ pub const SETTINGS: &[Setting] = &[
     n("capture-file-bytes", "WHIPPET_CAPTURE_FILE_BYTES", "BYTES", (Value("1073741824"), 4096, 1 << 50), "The most one capture file grows to; packets beyond are left out and counted."),
     n("buffer-size", "DD_DOGSTATSD_BUFFER_SIZE", "BYTES", (Value("8192"), 512, MAX_BUFFER_SIZE as u64), "Largest datagram or stream frame, in bytes (at most 65536); longer datagrams are counted as truncated and dropped."),
     n("queue-size", "DD_DOGSTATSD_QUEUE_SIZE", "N", (Value("32"), 1, 1 << 20), "Packet batches (up to 32 packets each) waiting for workers; more absorbs UDP bursts at the cost of memory (queue-size × 32 × buffer-size at worst: 8 MiB with the defaults). Unix socket readers queue at most 2 per worker and then wait."),
-    n("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", (Derived("the number of CPUs"), 1, 256), "Parser threads; steady traffic far below what one core parses uses less CPU with 1, more absorb bursts."),
+    n("workers", "DD_DOGSTATSD_WORKERS_COUNT", "N", (Derived("the number of CPUs, at most 4"), 1, 256), "Parser threads. One reader feeds about two busy workers, so more would mostly wait and contend for shards: raise it with --udp-readers, or when whippet_queue_depth stays near --queue-size or UDP queue_full drops are counted. Steady traffic far below what one core parses uses less CPU with 1."),
     n("shards", "DD_DOGSTATSD_PIPELINE_COUNT", "N", (Value("16"), 1, 4096), "Aggregation shards (mutex-guarded); more reduce lock contention between workers."),
     s("tags", "DD_DOGSTATSD_TAGS", "TAGS", Unset("none"), "Extra tags added to every metric, event and service check: comma-separated on the command line, space- or comma-separated in the environment and config file.").reloadable(),
     s("host-tags", "DD_TAGS", "TAGS", Unset("none"), "The Agent's host tags, space- or comma-separated: added to every metric, event and service check like the extra tags, since whippet sends no host metadata to carry them.").reloadable(),
@@ -278,6 +281,17 @@ pub fn setting(flag: &str) -> &'static Setting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_workers_default_says_the_cap_it_applies() {
+        let workers = SETTINGS.iter().find(|s| s.flag == "workers").unwrap();
+        let cap = format!("at most {DEFAULT_WORKERS_AT_MOST}");
+        assert!(
+            workers.default.text().ends_with(&cap),
+            "{}",
+            workers.default.text()
+        );
+    }
 
     #[test]
     fn flags_and_variables_are_unique_and_numbers_have_a_sane_range() {
