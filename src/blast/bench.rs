@@ -160,6 +160,26 @@ struct Scenario {
     senders: usize,
 }
 
+impl Scenario {
+    /// One sender, blocking as a default client does, with whippet's default flags.
+    fn one_sender(
+        name: &str,
+        via: Via,
+        rate: Option<u64>,
+        workload: Vec<(Vec<u8>, u64)>,
+    ) -> Scenario {
+        Scenario {
+            name: name.into(),
+            via,
+            rate,
+            workload,
+            bursts: None,
+            flags: Vec::new(),
+            senders: 1,
+        }
+    }
+}
+
 fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target {
     match via {
         Via::Udp => Target::Udp(udp.unwrap_or_else(|| ([127, 0, 0, 1], 0).into())),
@@ -284,12 +304,8 @@ fn scaling_scenarios(opts: &BenchOptions) -> Vec<Scenario> {
     for readers in doubling(cores) {
         for workers in doubling(cores * 2) {
             for senders in doubling(cores) {
+                let name = format!("{readers} | {workers} | {senders}");
                 out.push(Scenario {
-                    name: format!("{readers} | {workers} | {senders}"),
-                    via: Via::Udp,
-                    rate: None,
-                    workload: udp.clone(),
-                    bursts: None,
                     flags: vec![
                         "--udp-readers".into(),
                         readers.to_string(),
@@ -297,6 +313,7 @@ fn scaling_scenarios(opts: &BenchOptions) -> Vec<Scenario> {
                         workers.to_string(),
                     ],
                     senders,
+                    ..Scenario::one_sender(&name, Via::Udp, None, udp.clone())
                 });
             }
         }
@@ -402,18 +419,14 @@ fn unix_qlen() -> String {
 /// A busy web worker's client that never blocks: small datagrams (one ~200-byte message
 /// each) in bursts of 300, 600 and 1,000, 20 ms apart; what the kernel refuses is lost.
 fn bursts_scenario() -> Scenario {
-    let g = Generated::small(3_000);
+    let name = format!("unix datagram, non-blocking bursts, qlen {}", unix_qlen());
+    let workload = pack(&Generated::small(3_000).generate(), 1);
     Scenario {
-        name: format!("unix datagram, non-blocking bursts, qlen {}", unix_qlen()),
-        via: Via::Unix,
-        rate: None,
-        workload: pack(&g.generate(), 1),
         bursts: Some(Bursts {
             sizes: vec![300, 600, 1000],
             gap: Duration::from_millis(20),
         }),
-        flags: Vec::new(),
-        senders: 1,
+        ..Scenario::one_sender(&name, Via::Unix, None, workload)
     }
 }
 
@@ -421,72 +434,30 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
     let udp = pack(&opts.corpus, 1432);
     let unix = pack(&opts.corpus, 8192);
     let mut list = vec![
+        (bursts_scenario(), true),
         (
-            Scenario {
-                name: "unix datagram, all-out".into(),
-                via: Via::Unix,
-                rate: None,
-                workload: unix.clone(),
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
+            Scenario::one_sender("unix datagram, all-out", Via::Unix, None, unix.clone()),
             true,
         ),
         (
-            Scenario {
-                name: "udp 50k/s".into(),
-                via: Via::Udp,
-                rate: Some(50_000),
-                workload: udp.clone(),
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
+            Scenario::one_sender("udp 50k/s", Via::Udp, Some(50_000), udp.clone()),
             false,
         ),
         (
-            Scenario {
-                name: "udp 100k/s".into(),
-                via: Via::Udp,
-                rate: Some(100_000),
-                workload: udp,
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
+            Scenario::one_sender("udp 100k/s", Via::Udp, Some(100_000), udp),
             true,
         ),
         (
-            Scenario {
-                name: "unix stream, all-out".into(),
-                via: Via::Stream,
-                rate: None,
-                workload: unix,
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
+            Scenario::one_sender("unix stream, all-out", Via::Stream, None, unix.clone()),
             false,
         ),
     ];
-    list.insert(0, (bursts_scenario(), true));
     // Datadog's published regression cases: dsd_base over the Unix socket at fixed byte rates.
-    let unix = pack(&opts.corpus, 8192);
     for mib in [10u64, 100] {
         let rate = messages_per_second(&unix, mib << 20);
-        list.push((
-            Scenario {
-                name: format!("unix datagram, {mib} MiB/s"),
-                via: Via::Unix,
-                rate: Some(rate),
-                workload: unix.clone(),
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
-            false,
-        ));
+        let name = format!("unix datagram, {mib} MiB/s");
+        let s = Scenario::one_sender(&name, Via::Unix, Some(rate), unix.clone());
+        list.push((s, false));
     }
     let sweep: &[usize] = if opts.smoke {
         &[3_000]
@@ -494,17 +465,10 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
         &[3_000, 30_000, 300_000]
     };
     for &contexts in sweep {
-        let g = Generated::small(contexts);
+        let workload = pack(&Generated::small(contexts).generate(), 8192);
+        let name = format!("{contexts} contexts, unix all-out");
         list.push((
-            Scenario {
-                name: format!("{contexts} contexts, unix all-out"),
-                via: Via::Unix,
-                rate: None,
-                workload: pack(&g.generate(), 8192),
-                bursts: None,
-                flags: Vec::new(),
-                senders: 1,
-            },
+            Scenario::one_sender(&name, Via::Unix, None, workload),
             false,
         ));
     }
