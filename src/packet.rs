@@ -22,11 +22,11 @@ labels! {
     }
 }
 
-/// Bytes one batch buffer aims at: 32 datagrams of the default 8 KiB. No batch holds more
-/// (at least 4 slots of at most 64 KiB).
-pub(crate) const BATCH_BYTES: usize = 256 * 1024;
+/// Bytes one batch buffer aims at: 64 datagrams of the default 8 KiB. No batch holds more
+/// (at least 4 slots of at most 64 KiB). Pages no datagram reached stay out of RSS.
+pub(crate) const BATCH_BYTES: usize = 512 * 1024;
 /// Upper bound on packets a batch holds (the size of a `recvmmsg` call).
-pub(crate) const MAX_SLOTS: usize = 32;
+pub(crate) const MAX_SLOTS: usize = 64;
 
 /// Packets read in one go, and when they arrived.
 #[derive(Debug)]
@@ -198,7 +198,7 @@ impl Pool {
     }
 
     /// Frees spare batches beyond `keep` (the coldest ones). The pool keeps every batch in
-    /// circulation under load, because re-allocating a 256 KiB buffer means zeroing it and
+    /// circulation under load, because re-allocating a 512 KiB buffer means zeroing it and
     /// faulting its pages in, a few percent of the CPU under all-out load; the daemon trims
     /// it once per bucket, so after a burst the spare buffers go back to the allocator (which
     /// keeps some of that memory mapped).
@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn a_batch_gives_back_the_packets_it_was_told_about() {
         let pool = Pool::new(8192, 2);
-        assert_eq!(pool.slots(), 32);
+        assert_eq!(pool.slots(), 64);
         let mut b = pool.get(Transport::Unix);
         b.buffer_mut()[..5].copy_from_slice(b"x:1|c");
         b.buffer_mut()[8192..8198].copy_from_slice(b"y:2|g\n");
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn large_buffers_get_fewer_slots_per_batch() {
-        assert_eq!(Pool::new(65536, 1).slots(), 4);
-        assert_eq!(Pool::new(1024, 1).slots(), 32);
+        assert_eq!(Pool::new(65536, 1).slots(), 8);
+        assert_eq!(Pool::new(1024, 1).slots(), 64);
     }
 }

@@ -1,8 +1,8 @@
 //! Copies of packet batches, handed from readers to a thread of their own (the mirror, a
 //! capture) without ever waiting: a reader copies a batch into a free buffer and queues it;
 //! when every buffer is taken the copy is skipped, and the caller counts it. At most `limit`
-//! buffers exist, each holding one batch (256 KiB at most), so copies hold at most
-//! `limit × 256 KiB` whatever the consumer's speed.
+//! buffers exist, each holding one batch (512 KiB at most), so copies hold at most
+//! `limit × 512 KiB` whatever the consumer's speed.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;

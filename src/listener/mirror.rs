@@ -13,8 +13,8 @@ use crate::packet::Batch;
 use crate::telemetry::{Counter, Readings, Snapshot};
 
 /// Most copy buffers in existence: queued, being sent, or free. Each holds one batch's bytes
-/// (256 KiB at most), so the mirror holds 4 MiB at most.
-pub const BUFFERS: usize = 16;
+/// (512 KiB at most), so the mirror holds 4 MiB at most.
+pub const BUFFERS: usize = 8;
 
 /// The mirror's counters.
 #[derive(Debug, Default)]

@@ -754,10 +754,10 @@ fn the_worst_input_shapes_stay_within_the_memory_formula() {
         assert!(dropped > 0, "{shape}: nothing dropped");
         // Held within the budget, give or take one growing vector per shard.
         assert!(held <= BUDGET + (8 << 20), "{shape}: {held}");
-        // The formula: 24 MiB fixed, (queue 32 + 2 workers + 1 UDP + 1 Unix reader + 5)
-        // batches of 256 KiB, 2 MiB of cache per worker, twice the budget (held, and one
+        // The formula: 24 MiB fixed, (queue 16 + 2 workers + 1 UDP + 1 Unix reader + 5)
+        // batches of 512 KiB, 2 MiB of cache per worker, twice the budget (held, and one
         // flush's worth leaving the shards).
-        let formula_mib = 24 + (32 + 2 + 1 + 1 + 5) / 4 + 2 * 2 + 2 * (BUDGET >> 20);
+        let formula_mib = 24 + (16 + 2 + 1 + 1 + 5) / 2 + 2 * 2 + 2 * (BUDGET >> 20);
         assert!(
             peak_mib <= formula_mib,
             "{shape}: peak {peak_mib} MiB > {formula_mib} MiB"

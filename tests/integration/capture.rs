@@ -137,7 +137,7 @@ fn a_capture_on_a_slow_or_full_disk_leaves_packets_out_instead_of_holding_them()
         if fault == "capture-full" {
             assert_eq!(written, 0);
         }
-        // The copies may hold 256 KiB; whippet's own buffers a few MiB more. Held instead,
+        // The copies may hold 512 KiB; whippet's own buffers a few MiB more. Held instead,
         // 64 MiB of packets would show.
         assert!(
             peak < before + 24 * 1024,
