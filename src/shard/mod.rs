@@ -267,9 +267,9 @@ impl Contexts {
     }
 
     /// Starts loading the context `hash` most likely names into the CPU cache: the index's
-    /// first candidate, taken without reading any context (another context whose hash shares
-    /// the candidate's 7 control bits is picked 1 time in 128 or less, and is only a wasted
-    /// hint).
+    /// first candidate, taken without reading any context. The index matches 7 bits of the
+    /// hash before it reads one, so the candidate is another context's only when their hashes
+    /// share those bits, and then the hint is merely wasted.
     fn prefetch(&self, hash: u64) {
         let Some(&at) = self.index.find(hash, |_| true) else {
             return;
