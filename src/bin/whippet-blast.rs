@@ -17,8 +17,8 @@ const USAGE: &str = "Usage: whippet-blast send|bench|sink [OPTIONS]
   send   --target udp:HOST:PORT|unix:PATH|stream:PATH [--corpus FILE | --contexts N
          --tags-per-message N --messages N --seed N] [--packet-size BYTES] [--rate MSG/S]
          [--duration SECONDS | --count MESSAGES]
-  bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--scaling] [--bursts-only]
-         [--only TEXT] [--whippet PATH]
+  bench  [--corpus FILE | --seed N] [--seconds S] [--smoke] [--bursts-only] [--only TEXT]
+         [--scaling [--readers LIST] [--workers LIST] [--senders LIST]] [--whippet PATH]
   sink   --target udp:HOST:PORT|unix:PATH   (drains with recvmmsg, prints counts on SIGTERM)
   replay --capture FILE --target udp:HOST:PORT|unix:PATH|stream:PATH [--speed X | --speed max]
          (sends a whippet capture again: at its recorded pace, X times faster, or all out)
@@ -98,6 +98,24 @@ fn options() -> getopts::Options {
         "",
         "scaling",
         "bench: the scaling table instead of the scenarios: UDP as fast as possible over readers, workers and senders, each doubling up to the machine's cores (workers to twice that)",
+    );
+    o.optopt(
+        "",
+        "readers",
+        "bench --scaling: the readers (--udp-readers) to run, such as 1,4,16. Default: doubling up to the cores",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "workers",
+        "bench --scaling: the workers (--workers) to run. Default: doubling up to twice the cores",
+        "LIST",
+    );
+    o.optopt(
+        "",
+        "senders",
+        "bench --scaling: the senders to run. Default: doubling up to the cores",
+        "LIST",
     );
     o.optflag(
         "",
@@ -271,6 +289,22 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| me.with_file_name("whippet"));
     let seconds = number::<f64>(m, "seconds")?.unwrap_or(if smoke { 1.0 } else { 10.0 });
+    let axis = |name: &str| {
+        m.opt_str(name)
+            .map(|v| bench::parse_axis(&v).map_err(|e| format!("--{name}: {e}")))
+            .transpose()
+    };
+    let axes = bench::Axes {
+        readers: axis("readers")?,
+        workers: axis("workers")?,
+        senders: axis("senders")?,
+    };
+    let scaling = m.opt_present("scaling");
+    if !scaling && axes != bench::Axes::default() {
+        return Err(
+            "--readers, --workers and --senders choose the rows of --scaling; add it".into(),
+        );
+    }
     let opts = bench::BenchOptions {
         whippet,
         blast: me,
@@ -278,13 +312,20 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
         seconds,
         smoke,
         bursts_only: m.opt_present("bursts-only"),
-        scaling: m.opt_present("scaling"),
+        scaling,
+        axes,
         only: m.opt_str("only"),
     };
     if opts.scaling {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let [r, w, s] = opts.axes.values(cores);
         println!(
-            "whippet-blast bench --scaling: {seconds} s per row, {} cores",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "whippet-blast bench --scaling: {seconds} s per row, {cores} cores; readers {}, workers {}, senders {}: {} rows",
+            list(&r),
+            list(&w),
+            list(&s),
+            r.len() * w.len() * s.len()
         );
         bench::run_scaling(&opts)?;
         return Ok(());

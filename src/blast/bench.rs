@@ -28,6 +28,8 @@ pub struct BenchOptions {
     /// The scaling table instead of the scenarios: UDP all-out over readers × workers ×
     /// senders, up to this machine's cores (docs/performance.md, "Many cores").
     pub scaling: bool,
+    /// The scaling table's values on each axis, where given instead of the doubling.
+    pub axes: Axes,
     /// Only the scenarios whose names contain this text (with their floors).
     pub only: Option<String>,
 }
@@ -287,23 +289,59 @@ fn send_all(target: &Target, s: &Scenario, plan: Plan) -> Result<Sent, String> {
     Ok(all)
 }
 
-/// The scaling matrix: UDP all-out with `--udp-readers` R, `--workers` W and S senders,
-/// each doubling from 1 up to this machine's cores (readers and senders) or twice that
-/// (workers).
+/// The values the scaling table runs on each axis; `None` doubles from 1 up to this
+/// machine's cores (readers and senders) or twice that (workers). Naming fewer values makes
+/// the table fit a shorter run: on 16 cores the doubling is 150 rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Axes {
+    pub readers: Option<Vec<usize>>,
+    pub workers: Option<Vec<usize>>,
+    pub senders: Option<Vec<usize>>,
+}
+
+impl Axes {
+    /// (readers, workers, senders) for a machine of `cores`.
+    pub fn values(&self, cores: usize) -> [Vec<usize>; 3] {
+        let doubling = |max: usize| {
+            let mut v = vec![1];
+            while v[v.len() - 1] * 2 <= max {
+                v.push(v[v.len() - 1] * 2);
+            }
+            v
+        };
+        let or = |given: &Option<Vec<usize>>, max: usize| given.clone().unwrap_or(doubling(max));
+        [
+            or(&self.readers, cores),
+            or(&self.workers, cores * 2),
+            or(&self.senders, cores),
+        ]
+    }
+}
+
+/// One axis of the scaling table from a comma-separated list of counts (`1,4,16`).
+pub fn parse_axis(text: &str) -> Result<Vec<usize>, String> {
+    let values: Vec<usize> = text
+        .split(',')
+        .map(|v| match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "'{v}' is not a count from 1 to 1024 (a list looks like 1,4,16)"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(values)
+}
+
+/// The scaling matrix: UDP all-out with `--udp-readers` R, `--workers` W and S senders, over
+/// the values of [`Axes`].
 fn scaling_scenarios(opts: &BenchOptions) -> Vec<Scenario> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let doubling = |max: usize| {
-        let mut v = vec![1];
-        while v[v.len() - 1] * 2 <= max {
-            v.push(v[v.len() - 1] * 2);
-        }
-        v
-    };
+    let [readers_axis, workers_axis, senders_axis] = opts.axes.values(cores);
     let udp = pack(&opts.corpus, 1432);
     let mut out = Vec::new();
-    for readers in doubling(cores) {
-        for workers in doubling(cores * 2) {
-            for senders in doubling(cores) {
+    for &readers in &readers_axis {
+        for &workers in &workers_axis {
+            for &senders in &senders_axis {
                 let name = format!("{readers} | {workers} | {senders}");
                 out.push(Scenario {
                     flags: vec![
@@ -597,6 +635,43 @@ fn bursts_at_qlen(opts: &BenchOptions, qlen: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scaling_axes_double_up_to_the_cores_unless_named() {
+        let doubling = Axes::default().values(16);
+        assert_eq!(
+            doubling,
+            [
+                vec![1, 2, 4, 8, 16],
+                vec![1, 2, 4, 8, 16, 32],
+                vec![1, 2, 4, 8, 16]
+            ]
+        );
+        assert_eq!(doubling.iter().map(Vec::len).product::<usize>(), 150);
+        assert_eq!(Axes::default().values(2)[1], [1, 2, 4]);
+        let named = Axes {
+            readers: Some(vec![1, 4, 16]),
+            senders: Some(vec![3]),
+            ..Axes::default()
+        };
+        assert_eq!(
+            named.values(16),
+            [vec![1, 4, 16], vec![1, 2, 4, 8, 16, 32], vec![3]]
+        );
+    }
+
+    #[test]
+    fn an_axis_is_a_list_of_counts() {
+        assert_eq!(parse_axis("1,4,16"), Ok(vec![1, 4, 16]));
+        assert_eq!(parse_axis(" 2 "), Ok(vec![2]));
+        for bad in ["", "0", "1,,2", "x", "1,-2", "2000"] {
+            let err = parse_axis(bad).unwrap_err();
+            assert!(
+                err.contains("is not a count from 1 to 1024"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn a_byte_rate_becomes_the_message_rate_of_the_workloads_mean_message() {
