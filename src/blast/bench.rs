@@ -160,6 +160,85 @@ struct Scenario {
     flags: Vec<String>,
     /// Senders at once, each its own socket and thread.
     senders: usize,
+    /// The sender on one CPU and the receiver (the sink, or every thread of whippet) on
+    /// another, so that where the scheduler puts each thread does not decide the row.
+    pinned: Option<Pinned>,
+}
+
+/// The two CPUs of a pinned scenario: the first two this process may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pinned {
+    sender: usize,
+    receiver: usize,
+}
+
+impl Pinned {
+    /// `None` where this process may use fewer than two CPUs.
+    fn here() -> Option<Pinned> {
+        match allowed_cpus()[..] {
+            [sender, receiver, ..] => Some(Pinned { sender, receiver }),
+            _ => None,
+        }
+    }
+}
+
+/// The CPUs this thread may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain bits, all zeroes a valid empty set; sched_getaffinity
+    // writes at most its size, and CPU_ISSET reads inside it.
+    unsafe {
+        let mut set: nix::libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<nix::libc::cpu_set_t>();
+        if nix::libc::sched_getaffinity(0, size, &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..nix::libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| nix::libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Confines the calling thread, and whatever it starts afterwards, to `cpu`. Only system
+/// calls: safe between fork and exec.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in allowed_cpus; CPU_SET writes inside the set.
+    unsafe {
+        let mut set: nix::libc::cpu_set_t = std::mem::zeroed();
+        nix::libc::CPU_SET(cpu, &mut set);
+        let size = std::mem::size_of::<nix::libc::cpu_set_t>();
+        if nix::libc::sched_setaffinity(0, size, &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Starts the receiver of a pinned scenario on its CPU.
+fn pin_receiver(command: &mut Command, pinned: Option<Pinned>) {
+    use std::os::unix::process::CommandExt;
+    if let Some(p) = pinned {
+        // SAFETY: the closure makes one system call and touches no lock or allocator.
+        unsafe {
+            command.pre_exec(move || pin_to(p.receiver));
+        }
+    }
+}
+
+/// Sends a scenario's workload; a pinned scenario's sender runs on its own CPU.
+fn send_scenario(target: &Target, s: &Scenario, plan: Plan) -> Result<Sent, String> {
+    let Some(p) = s.pinned else {
+        return send_all(target, s, plan);
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                pin_to(p.sender)
+                    .map_err(|e| format!("cannot pin the sender to CPU {}: {e}", p.sender))?;
+                send_all(target, s, plan)
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the sender panicked".into()))
+    })
 }
 
 impl Scenario {
@@ -178,6 +257,7 @@ impl Scenario {
             bursts: None,
             flags: Vec::new(),
             senders: 1,
+            pinned: None,
         }
     }
 }
@@ -200,6 +280,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         .arg(dir.join("dsd-stream.socket"));
     command.args(["--udp", "127.0.0.1:0", "--shutdown-timeout", "30s"]);
     command.args(&s.flags);
+    pin_receiver(&mut command, s.pinned);
     if nix::unistd::geteuid().is_root() {
         // A benchmark run as root (a CI container) is the operator's explicit choice.
         command.arg("--allow-root");
@@ -219,7 +300,7 @@ fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Str
         count: None,
         bursts: s.bursts.clone(),
     };
-    let sent = send_all(&target, s, plan);
+    let sent = send_scenario(&target, s, plan);
     // Let whippet drain what is queued before reading its CPU time.
     std::thread::sleep(Duration::from_millis(300));
     let cpu = cpu_seconds(pid) - cpu0;
@@ -392,7 +473,9 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         Via::Udp => "udp:127.0.0.1:0".to_string(),
         _ => format!("unix:{}", dir.join("floor.socket").display()),
     };
-    let mut child = Command::new(&opts.blast)
+    let mut sink = Command::new(&opts.blast);
+    pin_receiver(&mut sink, s.pinned);
+    let mut child = sink
         .args(["sink", "--target", &target])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -411,7 +494,7 @@ fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, Strin
         count: None,
         bursts: s.bursts.clone(),
     };
-    let sent = send(&target, &s.workload, plan)?;
+    let sent = send_scenario(&target, s, plan)?;
     std::thread::sleep(Duration::from_millis(300));
     let cpu = cpu_seconds(pid) - cpu0;
     let rss = peak_rss_kib(pid);
@@ -471,8 +554,17 @@ fn bursts_scenario() -> Scenario {
 fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
     let udp = pack(&opts.corpus, 1432);
     let unix = pack(&opts.corpus, 8192);
-    let mut list = vec![
-        (bursts_scenario(), true),
+    let mut list = vec![(bursts_scenario(), true)];
+    if let Some(pinned) = Pinned::here() {
+        let mut s = bursts_scenario();
+        s.name = format!(
+            "{}, pinned (sender CPU {}, receiver CPU {})",
+            s.name, pinned.sender, pinned.receiver
+        );
+        s.pinned = Some(pinned);
+        list.push((s, true));
+    }
+    list.extend([
         (
             Scenario::one_sender("unix datagram, all-out", Via::Unix, None, unix.clone()),
             true,
@@ -489,7 +581,7 @@ fn scenarios(opts: &BenchOptions) -> Vec<(Scenario, bool)> {
             Scenario::one_sender("unix stream, all-out", Via::Stream, None, unix.clone()),
             false,
         ),
-    ];
+    ]);
     // Datadog's published regression cases: dsd_base over the Unix socket at fixed byte rates.
     for mib in [10u64, 100] {
         let rate = messages_per_second(&unix, mib << 20);
@@ -635,6 +727,29 @@ fn bursts_at_qlen(opts: &BenchOptions, qlen: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_thread_runs_on_its_cpu_alone_and_what_it_starts_inherits_that() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        let last = *cpus.last().unwrap();
+        let (mine, child) = std::thread::spawn(move || {
+            pin_to(last).unwrap();
+            let child = std::thread::spawn(allowed_cpus).join().unwrap();
+            (allowed_cpus(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((mine, child), (vec![last], vec![last]));
+        // This thread was not touched.
+        assert_eq!(allowed_cpus(), cpus);
+        // The scenario's pair is the first two allowed, where there are two.
+        let want = (cpus.len() >= 2).then(|| Pinned {
+            sender: cpus[0],
+            receiver: cpus[1],
+        });
+        assert_eq!(Pinned::here(), want);
+    }
 
     #[test]
     fn the_scaling_axes_double_up_to_the_cores_unless_named() {
