@@ -148,6 +148,26 @@ pub mod telemetry;
 pub mod vitals;
 pub mod worker;
 
+/// Starts loading `*value` into the CPU cache: the cache lines of its first and last byte,
+/// which hold all of a value of at most 64 bytes, or of 128 aligned to 64. Only a hint: it
+/// reads nothing and is valid for any address.
+#[inline]
+pub(crate) fn prefetch<T>(value: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let first = value.cast::<i8>();
+        let last = first.wrapping_add(std::mem::size_of::<T>().max(1) - 1);
+        // SAFETY: prefetching is only a hint, valid for any address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(first);
+            _mm_prefetch::<_MM_HINT_T0>(last);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// Test-only fault injection, compiled into debug builds only (release builds and the
 /// packages have none): with `WHIPPET_FAULT_INJECT=panic:<thread>` the named thread
 /// (`worker`, `flusher`, `unix`, `udp`) panics at its next unit of work, which proves that a

@@ -271,23 +271,10 @@ impl Contexts {
     /// hash before it reads one, so the candidate is another context's only when their hashes
     /// share those bits, and then the hint is merely wasted.
     fn prefetch(&self, hash: u64) {
-        let Some(&at) = self.index.find(hash, |_| true) else {
-            return;
-        };
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let context = self.slab.as_ptr().wrapping_add(at as usize).cast::<i8>();
-            // SAFETY: prefetching is only a hint, valid for any address.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(context);
-                // Its last byte: a context may straddle two cache lines.
-                let last = std::mem::size_of::<Context>() - 1;
-                _mm_prefetch::<_MM_HINT_T0>(context.wrapping_add(last));
-            }
+        if let Some(&at) = self.index.find(hash, |_| true) {
+            // A context may straddle two cache lines: both are loaded.
+            crate::prefetch(self.slab.as_ptr().wrapping_add(at as usize));
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = at;
     }
 
     fn insert(&mut self, ctx: Context) -> usize {

@@ -99,24 +99,11 @@ impl ContextCache {
         raw as usize & self.sets.len().wrapping_sub(1)
     }
 
-    /// Starts loading the set `raw` picks into the CPU cache.
+    /// Starts loading the set `raw` picks into the CPU cache (both its lines).
     pub(super) fn prefetch(&self, raw: u64) {
-        let Some(set) = self.sets.get(self.set_of(raw)) else {
-            return;
-        };
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let at = set as *const Set as *const i8;
-            // SAFETY: prefetching is only a hint, valid for any address; both lines are
-            // inside `set`.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(at);
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
-            }
+        if let Some(set) = self.sets.get(self.set_of(raw)) {
+            crate::prefetch(set);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = set;
     }
 
     pub(super) fn find(
