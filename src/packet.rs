@@ -230,20 +230,30 @@ pub fn lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
     scanned_lines(packet).map(|line| line.bytes())
 }
 
-/// One message of a packet, and whether it is all ASCII.
+/// One message of a packet, whether it is all ASCII, and where its `|` bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Line<'a> {
     bytes: &'a [u8],
     /// True only if every byte is ASCII: the parser then takes the bytes as text unchecked.
     ascii: bool,
+    pipes: Pipes,
 }
 
 impl<'a> Line<'a> {
-    /// A line checked for ASCII here.
+    /// A line scanned here for ASCII and its `|` bytes.
     pub fn new(bytes: &'a [u8]) -> Line<'a> {
-        Line {
-            bytes,
-            ascii: bytes.is_ascii(),
+        match line_end(bytes) {
+            (end, ascii, pipes) if end == bytes.len() => Line {
+                bytes,
+                ascii,
+                pipes,
+            },
+            // Not one line: the parser searches it as it is.
+            _ => Line {
+                bytes,
+                ascii: bytes.is_ascii(),
+                pipes: Pipes::UNKNOWN,
+            },
         }
     }
 
@@ -254,6 +264,58 @@ impl<'a> Line<'a> {
     pub(crate) fn is_ascii(&self) -> bool {
         self.ascii
     }
+
+    /// The offsets of every `|` in the line, in order; `None` when there are more than fit.
+    pub(crate) fn pipes(&self) -> Option<&[u32]> {
+        self.pipes.all()
+    }
+}
+
+/// Most `|` offsets a line carries: a metric with a sample rate, tags, a timestamp and two
+/// origin fields has six. The parser searches a line with more itself.
+const PIPES: usize = 8;
+
+/// Where a line's `|` bytes are, found in the same pass as its end, so that the parser does
+/// not search the ~2 KB tag field again for the `|` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pipes {
+    at: [u32; PIPES],
+    /// How many `|` were seen; above [`PIPES`], the offsets are not all known.
+    seen: u8,
+}
+
+impl Pipes {
+    const NONE: Pipes = Pipes {
+        at: [0; PIPES],
+        seen: 0,
+    };
+    const UNKNOWN: Pipes = Pipes {
+        at: [0; PIPES],
+        seen: u8::MAX,
+    };
+
+    fn push(&mut self, offset: usize) {
+        match (self.at.get_mut(self.seen as usize), u32::try_from(offset)) {
+            (Some(slot), Ok(offset)) => {
+                *slot = offset;
+                self.seen += 1;
+            }
+            _ => self.seen = u8::MAX,
+        }
+    }
+
+    /// Records the `|` a block's bit mask shows (bit `i` for the byte at `base + i`).
+    #[inline]
+    fn record(&mut self, base: usize, mut mask: u64) {
+        while mask != 0 {
+            self.push(base + mask.trailing_zeros() as usize);
+            mask &= mask - 1;
+        }
+    }
+
+    fn all(&self) -> Option<&[u32]> {
+        self.at.get(..self.seen as usize)
+    }
 }
 
 /// [`lines`], each checked for ASCII in the same pass over its bytes as the search for its
@@ -262,7 +324,7 @@ pub fn scanned_lines(packet: &[u8]) -> impl Iterator<Item = Line<'_>> {
     let mut rest = Some(packet);
     std::iter::from_fn(move || loop {
         let chunk = rest?;
-        let (end, ascii) = line_end(chunk);
+        let (end, ascii, pipes) = line_end(chunk);
         let bytes = if end < chunk.len() {
             rest = Some(&chunk[end + 1..]);
             &chunk[..end]
@@ -273,14 +335,18 @@ pub fn scanned_lines(packet: &[u8]) -> impl Iterator<Item = Line<'_>> {
         // `\r` is ASCII: the flag holds for what is left.
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
         if !bytes.is_empty() {
-            return Some(Line { bytes, ascii });
+            return Some(Line {
+                bytes,
+                ascii,
+                pipes,
+            });
         }
     })
 }
 
-/// Where the line starting `chunk` ends (its first `\n`, or `chunk.len()`), and whether every
-/// byte before that is ASCII.
-fn line_end(chunk: &[u8]) -> (usize, bool) {
+/// Where the line starting `chunk` ends (its first `\n`, or `chunk.len()`), whether every
+/// byte before that is ASCII, and where its `|` are.
+fn line_end(chunk: &[u8]) -> (usize, bool, Pipes) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above (std caches the answer).
@@ -289,24 +355,27 @@ fn line_end(chunk: &[u8]) -> (usize, bool) {
     line_end_portable(chunk)
 }
 
-/// [`line_end`] in two passes: `memchr`, then the standard ASCII check.
-fn line_end_portable(chunk: &[u8]) -> (usize, bool) {
+/// [`line_end`] in three passes: `memchr`, the standard ASCII check, `memchr` again.
+fn line_end_portable(chunk: &[u8]) -> (usize, bool, Pipes) {
     let end = memchr::memchr(b'\n', chunk).unwrap_or(chunk.len());
-    (end, chunk[..end].is_ascii())
+    let mut pipes = Pipes::NONE;
+    memchr::memchr_iter(b'|', &chunk[..end]).for_each(|at| pipes.push(at));
+    (end, chunk[..end].is_ascii(), pipes)
 }
 
-/// [`line_end`] in one pass, 64 bytes a step: compares each block with `\n` and ORs it into
-/// an accumulator whose high bits say whether a non-ASCII byte went by.
+/// [`line_end`] in one pass, 64 bytes a step: compares each block with `\n` and `|`, and ORs
+/// it into an accumulator whose high bits say whether a non-ASCII byte went by. A block with
+/// either byte (a few in a line) is looked at bit by bit.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool) {
+unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool, Pipes) {
     use std::arch::x86_64::*;
     let len = chunk.len();
     let ptr = chunk.as_ptr();
-    // A macro, not a closure: a closure would not inherit the AVX2 target feature.
+    // Macros, not closures: a closure would not inherit the AVX2 target feature.
     macro_rules! load {
         ($at:expr) => {
             // SAFETY: every load reads 32 bytes at `at` only after `at + 32 <= len` (or
@@ -315,35 +384,84 @@ unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool) {
             unsafe { _mm256_loadu_si256(ptr.add($at).cast::<__m256i>()) }
         };
     }
+    macro_rules! bits {
+        ($a:expr) => {
+            _mm256_movemask_epi8($a) as u32 as u64
+        };
+        ($a:expr, $b:expr) => {
+            bits!($a) | bits!($b) << 32
+        };
+    }
     let newline = _mm256_set1_epi8(b'\n' as i8);
+    let pipe = _mm256_set1_epi8(b'|' as i8);
+    // `\n` and `|` in one compare: a byte is either exactly when it equals the entry its low
+    // nibble picks here (their nibbles differ). The other entries match no byte: a byte with
+    // its high bit set picks 0, and none below 0x80 equals an entry of 0x80 or more.
+    let mut table = [0x80u8; 32];
+    for half in [0, 16] {
+        table[half + (b'\n' & 15) as usize] = b'\n';
+        table[half + (b'|' & 15) as usize] = b'|';
+    }
+    // SAFETY: `table` holds 32 bytes.
+    let table = unsafe { _mm256_loadu_si256(table.as_ptr().cast::<__m256i>()) };
+    macro_rules! either {
+        ($a:expr) => {
+            _mm256_cmpeq_epi8(_mm256_shuffle_epi8(table, $a), $a)
+        };
+    }
     let mut seen = _mm256_setzero_si256();
+    let mut pipes = Pipes::NONE;
     let mut at = 0;
     while at + 64 <= len {
         let (a, b) = (load!(at), load!(at + 32));
-        let found = _mm256_or_si256(_mm256_cmpeq_epi8(a, newline), _mm256_cmpeq_epi8(b, newline));
-        if _mm256_movemask_epi8(found) != 0 {
-            break; // the newline is in these 64 bytes: located below
+        if _mm256_movemask_epi8(_mm256_or_si256(either!(a), either!(b))) != 0 {
+            let newlines = bits!(_mm256_cmpeq_epi8(a, newline), _mm256_cmpeq_epi8(b, newline));
+            let here = bits!(_mm256_cmpeq_epi8(a, pipe), _mm256_cmpeq_epi8(b, pipe));
+            if newlines != 0 {
+                let before = (1u64 << newlines.trailing_zeros()) - 1;
+                pipes.record(at, here & before);
+                // High bits of the bytes before the newline in this block.
+                let high = bits!(a, b) & before;
+                let ascii = _mm256_movemask_epi8(seen) == 0 && high == 0;
+                return (at + newlines.trailing_zeros() as usize, ascii, pipes);
+            }
+            pipes.record(at, here);
         }
         seen = _mm256_or_si256(seen, _mm256_or_si256(a, b));
         at += 64;
     }
-    while at + 32 <= len {
-        let a = load!(at);
-        let found = _mm256_movemask_epi8(_mm256_cmpeq_epi8(a, newline)) as u32;
-        if found != 0 {
-            let i = found.trailing_zeros();
-            // High bits of the bytes before the newline in this block.
-            let high = _mm256_movemask_epi8(a) as u32 & ((1u32 << i) - 1);
-            return (
-                at + i as usize,
-                _mm256_movemask_epi8(seen) == 0 && high == 0,
-            );
+    // Fewer than 64 bytes left: one 32-byte block, then the last 32 bytes of the chunk, whose
+    // bytes before `at` were seen already and are masked off.
+    while at < len && len >= 32 {
+        let start = (len - 32).min(at);
+        let a = load!(start);
+        let fresh = !0u64 << (at - start);
+        let newlines = bits!(_mm256_cmpeq_epi8(a, newline)) & fresh;
+        let here = bits!(_mm256_cmpeq_epi8(a, pipe)) & fresh;
+        let high = bits!(a) & fresh;
+        if newlines != 0 {
+            let before = (1u64 << newlines.trailing_zeros()) - 1;
+            pipes.record(start, here & before);
+            let ascii = _mm256_movemask_epi8(seen) == 0 && high & before == 0;
+            return (start + newlines.trailing_zeros() as usize, ascii, pipes);
         }
+        pipes.record(start, here);
         seen = _mm256_or_si256(seen, a);
-        at += 32;
+        at = start + 32;
     }
-    let (end, tail_ascii) = line_end_portable(&chunk[at..]);
-    (at + end, _mm256_movemask_epi8(seen) == 0 && tail_ascii)
+    if at == len {
+        return (len, _mm256_movemask_epi8(seen) == 0, pipes);
+    }
+    let (end, tail_ascii, tail) = line_end_portable(&chunk[at..]);
+    match tail.all() {
+        Some(offsets) => offsets.iter().for_each(|&o| pipes.push(at + o as usize)),
+        None => pipes = Pipes::UNKNOWN,
+    }
+    (
+        at + end,
+        _mm256_movemask_epi8(seen) == 0 && tail_ascii,
+        pipes,
+    )
 }
 
 #[cfg(test)]
@@ -419,30 +537,53 @@ mod tests {
 
     #[test]
     fn the_one_pass_line_scan_matches_memchr_and_the_ascii_check() {
-        // In chunks of every length below 200: a newline at every position (or none), and a
-        // non-ASCII byte (or none) on both sides of each 32- and 64-byte step.
+        // In chunks of every length below 200: a newline at every position (or none), a
+        // non-ASCII byte (or none) on both sides of each 32- and 64-byte step, and no `|`, one,
+        // or a `|` every 9 or 23 bytes (more than a line's record holds, or about as many).
         const NONE: usize = usize::MAX;
         let highs = [NONE, 0, 1, 31, 32, 33, 63, 64, 65, 95, 96, 127, 128, 129];
         let mut cases = 0;
         for len in 0..200usize {
+            let spreads: [&dyn Fn(usize) -> bool; 4] =
+                [&|_| false, &|i| i == len * 3 / 7, &|i| i % 9 == 4, &|i| {
+                    i % 23 == 22
+                }];
             for newline in (0..len).chain([NONE]) {
                 for high in highs {
-                    let mut chunk: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-                    if high < len {
-                        chunk[high] = 0xc3;
+                    for pipe_at in spreads {
+                        let mut chunk: Vec<u8> = (0..len)
+                            .map(|i| {
+                                if pipe_at(i) {
+                                    b'|'
+                                } else {
+                                    b'a' + (i % 26) as u8
+                                }
+                            })
+                            .collect();
+                        if high < len {
+                            chunk[high] = 0xc3;
+                        }
+                        if newline < len {
+                            chunk[newline] = b'\n';
+                        }
+                        let end = newline.min(len);
+                        let pipes: Vec<u32> = (0..end as u32)
+                            .filter(|&i| chunk[i as usize] == b'|')
+                            .collect();
+                        let pipes = (pipes.len() <= PIPES).then_some(&pipes[..]);
+                        for (got_end, ascii, got_pipes) in
+                            [line_end_portable(&chunk), line_end(&chunk)]
+                        {
+                            let want = ((end, high >= end), pipes);
+                            let got = ((got_end, ascii), got_pipes.all());
+                            assert_eq!(got, want, "{len} {newline} {high}");
+                        }
+                        cases += 1;
                     }
-                    if newline < len {
-                        chunk[newline] = b'\n';
-                    }
-                    let end = newline.min(len);
-                    let want = (end, high >= end);
-                    assert_eq!(line_end_portable(&chunk), want, "{len} {newline} {high}");
-                    assert_eq!(line_end(&chunk), want, "{len} {newline} {high}");
-                    cases += 1;
                 }
             }
         }
-        assert_eq!(cases, highs.len() * (200 + 199 * 200 / 2));
+        assert_eq!(cases, 4 * highs.len() * (200 + 199 * 200 / 2));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!                   └ type: c g h ms d s
 //! ```
 
-use super::{fields, positive_int, split_at_byte, split_once, OriginFields, Reason};
+use super::{positive_int, split_at_byte, split_at_pipes, split_once, OriginFields, Reason};
 
 /// The metric type, matched exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,12 +101,18 @@ pub struct Metric<'a> {
 
 /// Parses a metric line (known to be UTF-8, no `\n`).
 pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
-    let (head, rest) = split_once(line, b'|').ok_or(Reason::MissingType)?;
+    parse_split(line, None)
+}
+
+/// [`parse`], given the offsets of every `|` in `line` when the scan for its end found them.
+pub(crate) fn parse_split<'a>(line: &'a str, pipes: Option<&[u32]>) -> Result<Metric<'a>, Reason> {
+    let mut pieces = split_at_pipes(line, pipes);
+    let head = pieces.next().unwrap_or_default();
+    let type_field = pieces.next().ok_or(Reason::MissingType)?;
     let (name, raw_values) = split_once(head, b':').ok_or(Reason::MissingValue)?;
     if name.is_empty() {
         return Err(Reason::EmptyName);
     }
-    let (type_field, optional) = split_once(rest, b'|').unwrap_or((rest, ""));
     if type_field.is_empty() {
         return Err(Reason::MissingType);
     }
@@ -123,10 +129,7 @@ pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
         timestamp: None,
         origin: OriginFields::default(),
     };
-    if optional.is_empty() {
-        return Ok(metric);
-    }
-    for field in fields(optional) {
+    for field in pieces {
         match field.as_bytes().first() {
             Some(b'@') => {
                 // **whippet differs:** a rate outside (0, 1] is treated as 1 and counted; the

@@ -180,7 +180,9 @@ pub fn parse_line(line: Line<'_>) -> Result<Message<'_>, ParseError> {
     let text = text.strip_suffix('\r').unwrap_or(text);
     let fail = |reason| ParseError { kind, reason };
     match kind {
-        MessageKind::Metric => metric::parse(text).map(Message::Metric).map_err(fail),
+        MessageKind::Metric => metric::parse_split(text, line.pipes())
+            .map(Message::Metric)
+            .map_err(fail),
         MessageKind::Event => event::parse(text).map(Message::Event).map_err(fail),
         MessageKind::ServiceCheck => service_check::parse(text)
             .map(Message::ServiceCheck)
@@ -211,6 +213,49 @@ pub(crate) fn split_at_byte(s: &str, sep: u8) -> impl Iterator<Item = &str> {
             at = end + 1;
             part
         })
+}
+
+/// `s` split at every `|`: at `pipes`, the offsets of every `|` in `s` in order when the scan
+/// for the line's end found them ([`Line`]), or searched for here.
+pub(crate) fn split_at_pipes<'a, 'p>(s: &'a str, pipes: Option<&'p [u32]>) -> Pieces<'a, 'p> {
+    Pieces {
+        s,
+        at: 0,
+        pipes: pipes.map(<[u32]>::iter),
+        done: false,
+    }
+}
+
+/// The iterator [`split_at_pipes`] returns.
+pub(crate) struct Pieces<'a, 'p> {
+    s: &'a str,
+    at: usize,
+    pipes: Option<std::slice::Iter<'p, u32>>,
+    done: bool,
+}
+
+impl<'a> Iterator for Pieces<'a, '_> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        if self.done {
+            return None;
+        }
+        let end = match &mut self.pipes {
+            Some(known) => known.next().map(|&o| o as usize),
+            None => memchr::memchr(b'|', &self.s.as_bytes()[self.at..]).map(|i| self.at + i),
+        };
+        let Some(end) = end else {
+            self.done = true;
+            return Some(&self.s[self.at..]);
+        };
+        debug_assert_eq!(self.s.as_bytes()[end], b'|');
+        // `|` is ASCII, so both ends are character boundaries.
+        let piece = &self.s[self.at..end];
+        self.at = end + 1;
+        Some(piece)
+    }
 }
 
 /// The optional fields of every message kind: `s` split at `|`.
@@ -396,6 +441,16 @@ mod properties {
                     prop_assert!(e.reason.applies_to(e.kind), "{e:?}");
                     prop_assert_eq!(e.kind, MessageKind::of(line.strip_suffix(b"\r").unwrap_or(&line)))
                 }
+            }
+        }
+
+        #[test]
+        fn a_metric_splits_alike_at_the_scanned_pipes_and_searching(line in dogstatsd_like()) {
+            let line: Vec<u8> = line.into_iter().filter(|&b| b != b'\n').collect();
+            let scanned = Line::new(&line);
+            prop_assert!(scanned.pipes().is_some() || line.iter().filter(|&&b| b == b'|').count() > 8);
+            if let Ok(text) = std::str::from_utf8(&line) {
+                prop_assert_eq!(metric::parse_split(text, scanned.pipes()), metric::parse(text));
             }
         }
 
