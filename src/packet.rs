@@ -397,13 +397,18 @@ unsafe fn line_end_avx2(chunk: &[u8]) -> (usize, bool, Pipes) {
     // `\n` and `|` in one compare: a byte is either exactly when it equals the entry its low
     // nibble picks here (their nibbles differ). The other entries match no byte: a byte with
     // its high bit set picks 0, and none below 0x80 equals an entry of 0x80 or more.
-    let mut table = [0x80u8; 32];
-    for half in [0, 16] {
-        table[half + (b'\n' & 15) as usize] = b'\n';
-        table[half + (b'|' & 15) as usize] = b'|';
-    }
-    // SAFETY: `table` holds 32 bytes.
-    let table = unsafe { _mm256_loadu_si256(table.as_ptr().cast::<__m256i>()) };
+    const TABLE: [u8; 32] = {
+        let mut t = [0x80u8; 32];
+        let mut half = 0;
+        while half < 32 {
+            t[half + (b'\n' & 15) as usize] = b'\n';
+            t[half + (b'|' & 15) as usize] = b'|';
+            half += 16;
+        }
+        t
+    };
+    // SAFETY: `TABLE` holds 32 bytes.
+    let table = unsafe { _mm256_loadu_si256(TABLE.as_ptr().cast::<__m256i>()) };
     macro_rules! either {
         ($a:expr) => {
             _mm256_cmpeq_epi8(_mm256_shuffle_epi8(table, $a), $a)
