@@ -187,10 +187,18 @@ fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
 /// A value as Go's `strconv.ParseFloat` reads decimal forms (`+5`, `-5`, `1e3`, `.5`).
 /// **whippet differs:** NaN, infinities and values beyond `f64` range are rejected, because
 /// JSON cannot carry them and they poison every aggregate they touch.
+#[inline]
 pub fn number(s: &str) -> Result<f64, Reason> {
-    if let Some(v) = integer(s) {
-        return Ok(v);
+    match integer(s) {
+        Some(v) => Ok(v),
+        None => decimal(s),
     }
+}
+
+/// [`number`] for what is not a plain integer: kept out of line, so that the integer path
+/// inlined into its callers stays small.
+#[inline(never)]
+fn decimal(s: &str) -> Result<f64, Reason> {
     // Rust's float grammar also accepts "inf", "infinity" and "nan"; all are non-finite and
     // rejected below, so the accepted grammar is exactly the decimal one.
     let v: f64 = s.parse().map_err(|_| Reason::InvalidValue)?;
