@@ -265,9 +265,9 @@ fn next_pipe(s: &str, at: usize) -> Option<usize> {
     memchr::memchr(b'|', &s.as_bytes()[at..]).map(|i| at + i)
 }
 
-/// The optional fields of every message kind: `s` split at `|`.
-pub(crate) fn fields(s: &str) -> impl Iterator<Item = &str> {
-    split_at_byte(s, b'|')
+/// The optional fields of every message kind: `s` split at `|`, searched for.
+pub(crate) fn fields(s: &str) -> Pieces<'_, 'static> {
+    split_at_pipes(s, None)
 }
 
 /// `s.split_once(sep)` for an ASCII byte, with `memchr`.
