@@ -59,7 +59,8 @@ impl MetricKind {
 pub enum Values<'a> {
     /// The common case, parsed once.
     One(f64),
-    /// Several `:`-separated numbers, all known to parse; [`Values::iter`] yields them.
+    /// Several `:`-separated numbers, all known to parse; [`Values::iter`] reads them again,
+    /// and the worker takes them from the buffer it gave the parser.
     Many(&'a str),
     /// A set member: an opaque string, colons included.
     Member(&'a str),
@@ -101,11 +102,17 @@ pub struct Metric<'a> {
 
 /// Parses a metric line (known to be UTF-8, no `\n`).
 pub fn parse(line: &str) -> Result<Metric<'_>, Reason> {
-    parse_split(line, None)
+    parse_split(line, None, &mut Vec::new())
 }
 
 /// [`parse`], given the offsets of every `|` in `line` when the scan for its end found them.
-pub(crate) fn parse_split<'a>(line: &'a str, pipes: Option<&[u32]>) -> Result<Metric<'a>, Reason> {
+/// A metric of several values ([`Values::Many`]) leaves them in `many`, read as they were
+/// checked, so that the worker does not read them again; `many` is untouched otherwise.
+pub(crate) fn parse_split<'a>(
+    line: &'a str,
+    pipes: Option<&[u32]>,
+    many: &mut Vec<f64>,
+) -> Result<Metric<'a>, Reason> {
     let mut pieces = split_at_pipes(line, pipes);
     let head = pieces.next().unwrap_or_default();
     let type_field = pieces.next().ok_or(Reason::MissingType)?;
@@ -117,7 +124,7 @@ pub(crate) fn parse_split<'a>(line: &'a str, pipes: Option<&[u32]>) -> Result<Me
         return Err(Reason::MissingType);
     }
     let kind = MetricKind::from_wire(type_field).ok_or(Reason::UnknownType)?;
-    let values = values(kind, raw_values)?;
+    let values = values(kind, raw_values, many)?;
 
     let mut metric = Metric {
         name,
@@ -156,7 +163,7 @@ pub(crate) fn parse_split<'a>(line: &'a str, pipes: Option<&[u32]>) -> Result<Me
     Ok(metric)
 }
 
-fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
+fn values<'a>(kind: MetricKind, raw: &'a str, many: &mut Vec<f64>) -> Result<Values<'a>, Reason> {
     if kind == MetricKind::Set {
         return if raw.is_empty() {
             Err(Reason::EmptyValue)
@@ -172,15 +179,14 @@ fn values(kind: MetricKind, raw: &str) -> Result<Values<'_>, Reason> {
         };
     }
     // Several values: every non-empty item must parse; one bad item rejects the message.
-    let mut seen = false;
+    many.clear();
     for item in split_at_byte(raw, b':').filter(|item| !item.is_empty()) {
-        number(item)?;
-        seen = true;
+        many.push(number(item)?);
     }
-    if seen {
-        Ok(Values::Many(raw))
-    } else {
+    if many.is_empty() {
         Err(Reason::EmptyValue)
+    } else {
+        Ok(Values::Many(raw))
     }
 }
 
@@ -433,7 +439,19 @@ mod tests {
         for (line, want) in cases {
             let got = parse(line).map(|m| m.values.iter().collect::<Vec<_>>());
             assert_eq!(got, want, "{line:?}");
+            // The values were also left in the caller's buffer, replacing what it held.
+            let mut many = vec![9.0; 4];
+            if parse_split(line, None, &mut many).is_ok() {
+                assert_eq!(Ok(many), want, "{line:?}");
+            }
         }
+        // One value leaves the buffer as it was.
+        let mut many = vec![9.0];
+        assert_eq!(
+            parse_split("m:4|c", None, &mut many).map(|m| m.values),
+            Ok(Values::One(4.0))
+        );
+        assert_eq!(many, [9.0]);
         // A set value is opaque: colons and all.
         assert_eq!(ok("u:a:b:c|s").values, Values::Member("a:b:c"));
         assert_eq!(ok("u:a:b:c|s").values.iter().count(), 0);

@@ -172,6 +172,15 @@ pub fn parse(line: &[u8]) -> Result<Message<'_>, ParseError> {
 /// [`parse`] for a line of a packet, whose ASCII check came with the search for its end
 /// ([`crate::packet::scanned_lines`]).
 pub fn parse_line(line: Line<'_>) -> Result<Message<'_>, ParseError> {
+    parse_line_into(line, &mut Vec::new())
+}
+
+/// [`parse_line`], leaving the values of a metric that has several in `many` (see
+/// [`metric::parse_split`]).
+pub(crate) fn parse_line_into<'a>(
+    line: Line<'a>,
+    many: &mut Vec<f64>,
+) -> Result<Message<'a>, ParseError> {
     let kind = MessageKind::of(line.bytes());
     let text = utf8(line).ok_or(ParseError {
         kind,
@@ -180,7 +189,7 @@ pub fn parse_line(line: Line<'_>) -> Result<Message<'_>, ParseError> {
     let text = text.strip_suffix('\r').unwrap_or(text);
     let fail = |reason| ParseError { kind, reason };
     match kind {
-        MessageKind::Metric => metric::parse_split(text, line.pipes())
+        MessageKind::Metric => metric::parse_split(text, line.pipes(), many)
             .map(Message::Metric)
             .map_err(fail),
         MessageKind::Event => event::parse(text).map(Message::Event).map_err(fail),
@@ -457,7 +466,13 @@ mod properties {
             let scanned = Line::new(&line);
             prop_assert!(scanned.pipes().is_some() || line.iter().filter(|&&b| b == b'|').count() > 8);
             if let Ok(text) = std::str::from_utf8(&line) {
-                prop_assert_eq!(metric::parse_split(text, scanned.pipes()), metric::parse(text));
+                // A stale buffer: several values replace what it held.
+                let mut many = vec![7.0; 3];
+                let split = metric::parse_split(text, scanned.pipes(), &mut many);
+                if let Ok(m @ metric::Metric { values: metric::Values::Many(_), .. }) = &split {
+                    prop_assert_eq!(&many, &m.values.iter().collect::<Vec<_>>());
+                }
+                prop_assert_eq!(split, metric::parse(text));
             }
         }
 

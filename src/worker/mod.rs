@@ -201,6 +201,10 @@ struct Scratch<'s, 'a> {
     sockets: Vec<Option<Arc<str>>>,
     /// The shaping decisions the batch's samples use ([`Sample::shaped`] indexes it).
     keep: &'a Keep,
+    /// The values of a metric that has several, as the parser read them: one buffer for the
+    /// metric waiting for its second half, the other for the message being parsed. Each
+    /// holds at most one message's values (a packet's or a stream line's length at most).
+    many: &'s mut [Vec<f64>; 2],
 }
 
 pub struct Worker {
@@ -215,6 +219,7 @@ pub struct Worker {
     origins: Vec<Resolved<'static>>,
     sockets: Vec<Option<Arc<str>>>,
     sort_scratch: Vec<(u64, &'static str)>,
+    many: [Vec<f64>; 2],
     /// Reused to lay a context out for hashing.
     hash_scratch: Vec<u8>,
     per_shard: Vec<ShardBatch<'static>>,
@@ -246,6 +251,7 @@ impl Worker {
             origins: Vec::new(),
             sockets: Vec::new(),
             sort_scratch: Vec::new(),
+            many: [Vec::new(), Vec::new()],
             hash_scratch: Vec::new(),
             cache: ContextCache::new(),
             shaped: hashbrown::HashTable::new(),
@@ -297,6 +303,7 @@ impl Worker {
             .map(ShardBatch::rebind)
             .collect();
         let keep = std::mem::take(&mut self.keep);
+        let mut many = std::mem::take(&mut self.many);
         let mut scratch = Scratch {
             tags: &mut tags,
             sort: &mut sort,
@@ -305,6 +312,7 @@ impl Worker {
             snapshot: snapshot.as_deref(),
             sockets: std::mem::take(&mut self.sockets),
             keep: &keep,
+            many: &mut many,
         };
         self.parse_batch(batch, &enrichment, &mut scratch);
         self.sockets = std::mem::take(&mut scratch.sockets);
@@ -321,6 +329,7 @@ impl Worker {
         self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
         self.keep = keep;
         self.keep.clear();
+        self.many = many;
         self.tally.drain_into(&self.counters);
     }
 
@@ -362,6 +371,8 @@ impl Worker {
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
         let mut pending: Option<Pending<'a>> = None;
+        // The buffer of `scratch.many` the next metric's values go to: not the pending one's.
+        let mut many = 0;
         let eol_required = enrichment.eol_required[batch.transport as usize];
         for (i, packet) in batch.packets().enumerate() {
             let packet = if eol_required {
@@ -377,7 +388,7 @@ impl Worker {
                     o.resolve(snapshot?, socket, tags, &fields())
                 };
             for line in scanned_lines(packet) {
-                match parser::parse_line(line) {
+                match parser::parse_line_into(line, &mut scratch.many[many]) {
                     Ok(Message::Metric(mut m)) => {
                         self.tally.messages[MessageKind::Metric] += 1;
                         if !enrichment.timestamps {
@@ -386,9 +397,11 @@ impl Worker {
                         let Some(key) = self.admit(&m) else {
                             continue;
                         };
-                        if let Some(p) = pending.replace((m, key, i)) {
+                        if let Some(p) = pending.replace((m, key, i, many)) {
                             self.metric(&p, enrichment, bucket, scratch);
                         }
+                        // The next message's values go to the buffer `p`'s were in.
+                        many ^= 1;
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
@@ -521,12 +534,12 @@ impl Worker {
     /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
-        (m, key, packet): &Pending<'a>,
+        (m, key, packet, many): &Pending<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: &mut Scratch<'_, 'a>,
     ) {
-        let (mut key, packet) = (*key, *packet);
+        let (mut key, packet, many) = (*key, *packet, *many);
         let mut cached = match key {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
@@ -550,7 +563,8 @@ impl Worker {
             (cached, found) = self.shape(m, key, cached, shaping, scratch.keep);
             if let Some(f) = found {
                 if f.blocked {
-                    self.tally.dropped[Discard::Filtered] += value_count(&m.values);
+                    self.tally.dropped[Discard::Filtered] +=
+                        value_count(&m.values, &scratch.many[many]);
                     return;
                 }
                 target.name = f.name;
@@ -564,6 +578,7 @@ impl Worker {
             origin: origin.as_ref(),
             origin_index,
             bucket,
+            many,
         };
         self.place(m, target, cached, &place, enrichment, scratch);
         if let Some(c) = copy.and_then(|s| s.copy.as_ref()) {
@@ -625,6 +640,7 @@ impl Worker {
             None => self.build_context(m, &target, place, enrichment, scratch),
         };
         let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
+        let many = &scratch.many[place.many];
         let sample = |value| Sample {
             hash,
             name: target.name,
@@ -642,7 +658,9 @@ impl Worker {
         match m.values {
             Values::One(v) => out.push(sample(SampleValue::Number(v))),
             Values::Member(member) => out.push(sample(SampleValue::Member(member))),
-            values => out.extend(values.iter().map(|v| sample(SampleValue::Number(v)))),
+            Values::Many(_) => {
+                out.extend(many.iter().map(|&v| sample(SampleValue::Number(v))));
+            }
         }
     }
 
@@ -844,8 +862,9 @@ impl Worker {
     }
 }
 
-/// A metric waiting for its second half: its cache key and the index of its packet.
-type Pending<'a> = (Metric<'a>, RawKey, usize);
+/// A metric waiting for its second half: its cache key, the index of its packet, and which of
+/// [`Scratch::many`] holds its values when it has several.
+type Pending<'a> = (Metric<'a>, RawKey, usize, usize);
 
 /// What a metric's samples become: the name and type of their context, the decision that
 /// shapes its tags (and whether for the distribution copy), and its index in the batch's
@@ -918,6 +937,8 @@ struct Place<'o, 'a> {
     origin: Option<&'o Resolved<'a>>,
     origin_index: u32,
     bucket: i64,
+    /// Which of [`Scratch::many`] holds the metric's values when it has several.
+    many: usize,
 }
 
 /// What sets a histogram's distribution copy's cache key apart from the histogram's own.
@@ -930,11 +951,11 @@ const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
 const SHAPED_MAX: usize = 1 << 16;
 const SHAPED_BYTES: usize = 4 << 20;
 
-/// How many samples a metric message carries.
-fn value_count(values: &Values<'_>) -> u64 {
+/// How many samples a metric message carries; `many` holds its values when it has several.
+fn value_count(values: &Values<'_>, many: &[f64]) -> u64 {
     match values {
         Values::One(_) | Values::Member(_) => 1,
-        many => many.iter().count() as u64,
+        Values::Many(_) => many.len() as u64,
     }
 }
 
@@ -1113,6 +1134,33 @@ mod tests {
             ]
         );
         assert_eq!(w.counters.samples.get(), 7);
+    }
+
+    #[test]
+    fn each_metric_keeps_its_own_values_whatever_comes_between() {
+        // A metric is finished while the next message is parsed, so consecutive metrics with
+        // several values read theirs from alternate buffers: across an event, a rejected
+        // line, a single value and the end of a packet.
+        let mut w = worker(2, "h", &[]);
+        feed(
+            &mut w,
+            &[
+                "a:1:2:3|c\nb:10:20|c\n_e{1,1}:t|x\nbad:1:x|c\nx:5|g\nc:100:200:300:400|c",
+                "d:7:8|g\ne:1000:2000|c",
+            ],
+        );
+        assert_eq!(
+            flushed(&w),
+            [
+                "a host=h tags= ts=1700000000 count=6",
+                "b host=h tags= ts=1700000000 count=30",
+                "c host=h tags= ts=1700000000 count=1000",
+                "d host=h tags= ts=1700000000 gauge=8",
+                "e host=h tags= ts=1700000000 count=3000",
+                "x host=h tags= ts=1700000000 gauge=5",
+            ]
+        );
+        assert_eq!(w.counters.samples.get(), 14);
     }
 
     #[test]
