@@ -57,6 +57,11 @@ pub enum ContextTags {
 
 /// One shard's samples from one packet batch: handed to the shard under one lock, and what
 /// the shard sends back.
+/// Samples a shard's list keeps room for between batches (128 KiB): more than a batch of
+/// ordinary traffic puts in one shard. One value takes as little as two bytes of a packet,
+/// so a batch can hold a sample for every two of its bytes.
+pub(crate) const KEPT_SAMPLES: usize = 1024;
+
 #[derive(Debug, Default)]
 pub struct ShardBatch<'a> {
     pub samples: Vec<Sample<'a>>,
@@ -74,12 +79,18 @@ impl<'a> From<Vec<Sample<'a>>> for ShardBatch<'a> {
 }
 
 impl<'a> ShardBatch<'a> {
-    /// The same allocations, empty, for samples that borrow from another batch.
+    /// The same allocations, empty, for samples that borrow from another batch; room for
+    /// more than [`KEPT_SAMPLES`] is given back, so that a batch of many-valued messages
+    /// does not leave each shard's list at its size.
     pub(crate) fn rebind<'b>(self) -> ShardBatch<'b> {
         let mut missing = self.missing;
         missing.clear();
+        missing.shrink_to(KEPT_SAMPLES);
+        let mut samples = self.samples;
+        samples.clear();
+        samples.shrink_to(KEPT_SAMPLES);
         ShardBatch {
-            samples: recycle(self.samples),
+            samples: recycle(samples),
             missing,
         }
     }

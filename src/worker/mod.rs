@@ -329,6 +329,10 @@ impl Worker {
         self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
         self.keep = keep;
         self.keep.clear();
+        for values in &mut many {
+            values.clear();
+            values.shrink_to(KEPT_VALUES);
+        }
         self.many = many;
         self.tally.drain_into(&self.counters);
     }
@@ -941,6 +945,10 @@ struct Place<'o, 'a> {
     many: usize,
 }
 
+/// Values each of [`Scratch::many`] keeps room for between batches (8 KiB); a longer list
+/// gives its room back after its batch.
+const KEPT_VALUES: usize = 1024;
+
 /// What sets a histogram's distribution copy's cache key apart from the histogram's own.
 const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
 
@@ -1161,6 +1169,26 @@ mod tests {
             ]
         );
         assert_eq!(w.counters.samples.get(), 14);
+    }
+
+    #[test]
+    fn a_batch_of_many_values_leaves_no_more_room_behind_than_usual() {
+        let mut w = worker(2, "h", &[]);
+        let line = format!("x:{}1|c\ny:{}1|c", "1:".repeat(12_000), "2:".repeat(12_000));
+        feed(&mut w, &[&line]);
+        assert_eq!(
+            flushed(&w),
+            [
+                "x host=h tags= ts=1700000000 count=12001",
+                "y host=h tags= ts=1700000000 count=24001",
+            ]
+        );
+        for shard in &w.per_shard {
+            assert!(shard.samples.capacity() <= crate::sample::KEPT_SAMPLES);
+        }
+        for values in &w.many {
+            assert!(values.capacity() <= KEPT_VALUES);
+        }
     }
 
     #[test]
