@@ -55,13 +55,13 @@ pub enum ContextTags {
     Arena(u32, u32),
 }
 
-/// One shard's samples from one packet batch: handed to the shard under one lock, and what
-/// the shard sends back.
 /// Samples a shard's list keeps room for between batches (128 KiB): more than a batch of
 /// ordinary traffic puts in one shard. One value takes as little as two bytes of a packet,
 /// so a batch can hold a sample for every two of its bytes.
 pub(crate) const KEPT_SAMPLES: usize = 1024;
 
+/// One shard's samples from one packet batch: handed to the shard under one lock, and what
+/// the shard sends back.
 #[derive(Debug, Default)]
 pub struct ShardBatch<'a> {
     pub samples: Vec<Sample<'a>>,

@@ -201,9 +201,10 @@ struct Scratch<'s, 'a> {
     sockets: Vec<Option<Arc<str>>>,
     /// The shaping decisions the batch's samples use ([`Sample::shaped`] indexes it).
     keep: &'a Keep,
-    /// The values of a metric that has several, as the parser read them: one buffer for the
-    /// metric waiting for its second half, the other for the message being parsed. Each
-    /// holds at most one message's values (a packet's or a stream line's length at most).
+    /// The values of a metric that has several, as the parser read them: [`PARSING`] for
+    /// the message being parsed, [`PENDING`] for the metric waiting for its second half (they
+    /// swap as a metric starts waiting). Each holds at most one message's values (a packet's
+    /// or a stream line's length at most).
     many: &'s mut [Vec<f64>; 2],
 }
 
@@ -375,8 +376,6 @@ impl Worker {
         // A metric is finished one message late, so the context cache's set it needs is
         // loaded while the next message is parsed.
         let mut pending: Option<Pending<'a>> = None;
-        // The buffer of `scratch.many` the next metric's values go to: not the pending one's.
-        let mut many = 0;
         let eol_required = enrichment.eol_required[batch.transport as usize];
         for (i, packet) in batch.packets().enumerate() {
             let packet = if eol_required {
@@ -392,7 +391,7 @@ impl Worker {
                     o.resolve(snapshot?, socket, tags, &fields())
                 };
             for line in scanned_lines(packet) {
-                match parser::parse_line_into(line, &mut scratch.many[many]) {
+                match parser::parse_line_into(line, &mut scratch.many[PARSING]) {
                     Ok(Message::Metric(mut m)) => {
                         self.tally.messages[MessageKind::Metric] += 1;
                         if !enrichment.timestamps {
@@ -401,11 +400,10 @@ impl Worker {
                         let Some(key) = self.admit(&m) else {
                             continue;
                         };
-                        if let Some(p) = pending.replace((m, key, i, many)) {
+                        if let Some(p) = pending.replace((m, key, i)) {
                             self.metric(&p, enrichment, bucket, scratch);
                         }
-                        // The next message's values go to the buffer `p`'s were in.
-                        many ^= 1;
+                        scratch.many.swap(PARSING, PENDING);
                     }
                     Ok(Message::Event(e)) => {
                         self.tally.messages[MessageKind::Event] += 1;
@@ -538,12 +536,12 @@ impl Worker {
     /// The second half: finds or builds the context and queues the samples for its shard.
     fn metric<'a>(
         &mut self,
-        (m, key, packet, many): &Pending<'a>,
+        (m, key, packet): &Pending<'a>,
         enrichment: &'a Enrichment,
         bucket: i64,
         scratch: &mut Scratch<'_, 'a>,
     ) {
-        let (mut key, packet, many) = (*key, *packet, *many);
+        let (mut key, packet) = (*key, *packet);
         let mut cached = match key {
             RawKey::Hash(raw) => self.cache.find_metric(raw, m),
             RawKey::Uncached => None,
@@ -568,7 +566,7 @@ impl Worker {
             if let Some(f) = found {
                 if f.blocked {
                     self.tally.dropped[Discard::Filtered] +=
-                        value_count(&m.values, &scratch.many[many]);
+                        value_count(&m.values, &scratch.many[PENDING]);
                     return;
                 }
                 target.name = f.name;
@@ -582,7 +580,6 @@ impl Worker {
             origin: origin.as_ref(),
             origin_index,
             bucket,
-            many,
         };
         self.place(m, target, cached, &place, enrichment, scratch);
         if let Some(c) = copy.and_then(|s| s.copy.as_ref()) {
@@ -644,7 +641,7 @@ impl Worker {
             None => self.build_context(m, &target, place, enrichment, scratch),
         };
         let out = &mut scratch.per_shard[self.demux.shard_of(hash)].samples;
-        let many = &scratch.many[place.many];
+        let many = &scratch.many[PENDING];
         let sample = |value| Sample {
             hash,
             name: target.name,
@@ -866,9 +863,14 @@ impl Worker {
     }
 }
 
-/// A metric waiting for its second half: its cache key, the index of its packet, and which of
-/// [`Scratch::many`] holds its values when it has several.
-type Pending<'a> = (Metric<'a>, RawKey, usize, usize);
+/// A metric waiting for its second half: its cache key and the index of its packet. Its
+/// values, when it has several, are in [`Scratch::many`]'s [`PENDING`].
+type Pending<'a> = (Metric<'a>, RawKey, usize);
+
+/// [`Scratch::many`]: the buffer the parser fills, and the one the pending metric's values
+/// are in.
+const PARSING: usize = 0;
+const PENDING: usize = 1;
 
 /// What a metric's samples become: the name and type of their context, the decision that
 /// shapes its tags (and whether for the distribution copy), and its index in the batch's
@@ -941,8 +943,6 @@ struct Place<'o, 'a> {
     origin: Option<&'o Resolved<'a>>,
     origin_index: u32,
     bucket: i64,
-    /// Which of [`Scratch::many`] holds the metric's values when it has several.
-    many: usize,
 }
 
 /// Values each of [`Scratch::many`] keeps room for between batches (8 KiB); a longer list
@@ -1147,7 +1147,7 @@ mod tests {
     #[test]
     fn each_metric_keeps_its_own_values_whatever_comes_between() {
         // A metric is finished while the next message is parsed, so consecutive metrics with
-        // several values read theirs from alternate buffers: across an event, a rejected
+        // several values swap two buffers: across an event, a rejected
         // line, a single value and the end of a packet.
         let mut w = worker(2, "h", &[]);
         feed(
