@@ -55,11 +55,6 @@ pub enum ContextTags {
     Arena(u32, u32),
 }
 
-/// Samples a shard's list keeps room for between batches (128 KiB): more than a batch of
-/// ordinary traffic puts in one shard. One value takes as little as two bytes of a packet,
-/// so a batch can hold a sample for every two of its bytes.
-pub(crate) const KEPT_SAMPLES: usize = 1024;
-
 /// One shard's samples from one packet batch: handed to the shard under one lock, and what
 /// the shard sends back.
 #[derive(Debug, Default)]
@@ -79,19 +74,12 @@ impl<'a> From<Vec<Sample<'a>>> for ShardBatch<'a> {
 }
 
 impl<'a> ShardBatch<'a> {
-    /// The same allocations, empty, for samples that borrow from another batch; room for
-    /// more than [`KEPT_SAMPLES`] is given back, so that a batch of many-valued messages
-    /// does not leave each shard's list at its size.
+    /// The same allocations, empty, for samples that borrow from another batch (see
+    /// [`recycle`]).
     pub(crate) fn rebind<'b>(self) -> ShardBatch<'b> {
-        let mut missing = self.missing;
-        missing.clear();
-        missing.shrink_to(KEPT_SAMPLES);
-        let mut samples = self.samples;
-        samples.clear();
-        samples.shrink_to(KEPT_SAMPLES);
         ShardBatch {
-            samples: recycle(samples),
-            missing,
+            samples: recycle(self.samples),
+            missing: recycle(self.missing),
         }
     }
 
@@ -132,10 +120,18 @@ impl SendBack<'_> {
     }
 }
 
-/// Re-binds an empty vector's allocation to another lifetime. The in-place `collect` reuses
-/// the buffer because the layouts are identical; no element is ever mapped.
+/// Room a reused scratch vector keeps between batches (1,024 samples, 8,192 tags): more than
+/// a batch of ordinary traffic needs. A batch can need far more (a value takes as little as
+/// two bytes of a packet, a tag as little as one), and then gives the rest back, so that such
+/// batches do not leave every shard's list and every worker's arena at their size.
+pub(crate) const KEPT_BYTES: usize = 128 * 1024;
+
+/// Empties a vector and re-binds its allocation to another lifetime, keeping room for at most
+/// [`KEPT_BYTES`]. The in-place `collect` reuses the buffer because the layouts are
+/// identical; no element is ever mapped.
 pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
+    v.shrink_to(KEPT_BYTES / std::mem::size_of::<T>().max(1));
     v.into_iter()
         .map(|_| -> U { unreachable!("the vector is empty") })
         .collect()

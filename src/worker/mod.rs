@@ -330,11 +330,7 @@ impl Worker {
         self.per_shard = per_shard.into_iter().map(ShardBatch::rebind).collect();
         self.keep = keep;
         self.keep.clear();
-        for values in &mut many {
-            values.clear();
-            values.shrink_to(KEPT_VALUES);
-        }
-        self.many = many;
+        self.many = many.map(recycle);
         self.tally.drain_into(&self.counters);
     }
 
@@ -945,10 +941,6 @@ struct Place<'o, 'a> {
     bucket: i64,
 }
 
-/// Values each of [`Scratch::many`] keeps room for between batches (8 KiB); a longer list
-/// gives its room back after its batch.
-const KEPT_VALUES: usize = 1024;
-
 /// What sets a histogram's distribution copy's cache key apart from the histogram's own.
 const COPY_IDENTITY: [u64; 4] = [0x636f_7079, 0, 0, 0];
 
@@ -1172,23 +1164,35 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_many_values_leaves_no_more_room_behind_than_usual() {
+    fn batches_of_many_values_or_tags_leave_no_more_room_behind_than_usual() {
         let mut w = worker(2, "h", &[]);
         let line = format!("x:{}1|c\ny:{}1|c", "1:".repeat(12_000), "2:".repeat(12_000));
         feed(&mut w, &[&line]);
+        // More tags than the arena keeps room for (a batch of its own: a packet holds 64 KiB).
+        let tags: Vec<String> = (0..10_000).map(|i| format!("{i:04x}")).collect();
+        feed(&mut w, &[&format!("z:1|c|#{}", tags.join(","))]);
+        let mut rows = flushed(&w);
+        let z = rows.pop().expect("three contexts");
         assert_eq!(
-            flushed(&w),
+            rows,
             [
                 "x host=h tags= ts=1700000000 count=12001",
                 "y host=h tags= ts=1700000000 count=24001",
             ]
         );
+        assert_eq!(
+            z,
+            format!("z host=h tags={} ts=1700000000 count=1", tags.join(","))
+        );
+        let kept = crate::sample::KEPT_BYTES;
         for shard in &w.per_shard {
-            assert!(shard.samples.capacity() <= crate::sample::KEPT_SAMPLES);
+            assert!(shard.samples.capacity() * std::mem::size_of::<Sample>() <= kept);
         }
         for values in &w.many {
-            assert!(values.capacity() <= KEPT_VALUES);
+            assert!(values.capacity() * 8 <= kept);
         }
+        assert!(w.tags.capacity() * 16 <= kept);
+        assert!(w.sort_scratch.capacity() * 24 <= kept);
     }
 
     #[test]
