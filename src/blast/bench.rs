@@ -4,6 +4,7 @@
 //! accounting — every message sent must be parsed, rejected, or dropped under a named
 //! counter; `unaccounted` must be 0. A `floor` row runs the same sender against a receiver
 //! that only drains the socket with `recvmmsg` (`whippet-blast sink`): this machine's limit.
+//! The two are started together and sent to in turns.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -270,73 +271,108 @@ fn target_for(via: Via, dir: &Path, udp: Option<std::net::SocketAddr>) -> Target
     }
 }
 
-fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
-    let intake = Intake::start(IntakeConfig::default())?;
-    let mut command = Command::new(&opts.whippet);
-    command.args(["--dd-url", &intake.url(), "--hostname", "bench"]);
-    command.arg("--socket").arg(dir.join("dsd.socket"));
-    command
-        .arg("--stream-socket")
-        .arg(dir.join("dsd-stream.socket"));
-    command.args(["--udp", "127.0.0.1:0", "--shutdown-timeout", "30s"]);
-    command.args(&s.flags);
-    pin_receiver(&mut command, s.pinned);
-    if nix::unistd::geteuid().is_root() {
-        // A benchmark run as root (a CI container) is the operator's explicit choice.
-        command.arg("--allow-root");
-    }
-    let whippet = Process::start(&mut command, &[], dir).map_err(|e| {
-        format!(
-            "{e} (is {} built? cargo build --release)",
-            opts.whippet.display()
-        )
-    })?;
-    let target = target_for(s.via, dir, whippet.listeners.udp);
-    let pid = whippet.pid();
-    let (cpu0, pipeline0) = (cpu_seconds(pid), pipeline_cpu(pid));
-    let plan = Plan {
+/// How long a receiver gets after a sender stops to drain what is queued, before its CPU
+/// time is read or the other receiver's turn begins.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// The plan for sending `s` for `seconds`.
+fn plan_for(s: &Scenario, seconds: f64) -> Plan {
+    Plan {
         rate: s.rate,
-        duration: Some(Duration::from_secs_f64(opts.seconds)),
+        duration: Some(Duration::from_secs_f64(seconds)),
         count: None,
         bursts: s.bursts.clone(),
-    };
-    let sent = send_scenario(&target, s, plan);
-    // Let whippet drain what is queued before reading its CPU time.
-    std::thread::sleep(Duration::from_millis(300));
-    let cpu = cpu_seconds(pid) - cpu0;
-    let pipeline = pipeline_delta(&pipeline0, &pipeline_cpu(pid));
-    let rss = peak_rss_kib(pid);
-    let exited = whippet.stop()?;
-    let sent = sent?;
-    let t = LoggedTelemetry::from_log(&exited.stderr);
-    let parsed = t.sum("whippet_messages_total");
-    let errors = t.sum("whippet_parse_errors_total");
-    let queue_full = t
-        .get(r#"whippet_dropped_total{reason="queue_full"}"#)
-        .unwrap_or(0);
-    let truncated = t.sum("whippet_packets_truncated_total");
-    let kernel = t.get("whippet_udp_kernel_drops").unwrap_or(0);
-    // Kernel drops are counted in packets; each of our packets holds sent/packets messages.
-    let per_packet = sent.messages as f64 / sent.packets.max(1) as f64;
-    let kernel_messages = (kernel as f64 * per_packet).round() as u64;
-    let received = parsed + errors;
-    let counted = queue_full + kernel_messages + (truncated as f64 * per_packet).round() as u64;
-    let points = intake.store().points().len();
-    intake.stop();
-    Ok(Row {
-        scenario: s.name.clone(),
-        offered: s.rate,
-        sent,
-        cpu_seconds: cpu,
-        pipeline_seconds: Some(pipeline),
-        peak_rss_kib: rss,
-        received,
-        counted_drops: counted,
-        kernel_drop_packets: kernel,
-        unaccounted: sent.messages as i64 - (received + counted) as i64,
-        points_at_intake: points,
-        bursts: s.bursts.is_some(),
-    })
+    }
+}
+
+/// whippet started for a scenario, with an intake of its own and its CPU time at the start.
+struct RunningWhippet {
+    process: Process,
+    intake: Intake,
+    target: Target,
+    cpu0: f64,
+    pipeline0: Vec<(String, f64)>,
+}
+
+impl RunningWhippet {
+    fn start(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<RunningWhippet, String> {
+        let intake = Intake::start(IntakeConfig::default())?;
+        let mut command = Command::new(&opts.whippet);
+        command.args(["--dd-url", &intake.url(), "--hostname", "bench"]);
+        command.arg("--socket").arg(dir.join("dsd.socket"));
+        command
+            .arg("--stream-socket")
+            .arg(dir.join("dsd-stream.socket"));
+        command.args(["--udp", "127.0.0.1:0", "--shutdown-timeout", "30s"]);
+        command.args(&s.flags);
+        pin_receiver(&mut command, s.pinned);
+        if nix::unistd::geteuid().is_root() {
+            // A benchmark run as root (a CI container) is the operator's explicit choice.
+            command.arg("--allow-root");
+        }
+        let process = Process::start(&mut command, &[], dir).map_err(|e| {
+            format!(
+                "{e} (is {} built? cargo build --release)",
+                opts.whippet.display()
+            )
+        })?;
+        let target = target_for(s.via, dir, process.listeners.udp);
+        let pid = process.pid();
+        Ok(RunningWhippet {
+            cpu0: cpu_seconds(pid),
+            pipeline0: pipeline_cpu(pid),
+            process,
+            intake,
+            target,
+        })
+    }
+
+    /// Stops whippet and makes its row from what was sent to it (the caller has let it
+    /// settle) and what it logged.
+    fn finish(self, s: &Scenario, sent: Result<Sent, String>) -> Result<Row, String> {
+        let pid = self.process.pid();
+        let cpu = cpu_seconds(pid) - self.cpu0;
+        let pipeline = pipeline_delta(&self.pipeline0, &pipeline_cpu(pid));
+        let rss = peak_rss_kib(pid);
+        let exited = self.process.stop()?;
+        let sent = sent?;
+        let t = LoggedTelemetry::from_log(&exited.stderr);
+        let parsed = t.sum("whippet_messages_total");
+        let errors = t.sum("whippet_parse_errors_total");
+        let queue_full = t
+            .get(r#"whippet_dropped_total{reason="queue_full"}"#)
+            .unwrap_or(0);
+        let truncated = t.sum("whippet_packets_truncated_total");
+        let kernel = t.get("whippet_udp_kernel_drops").unwrap_or(0);
+        // Kernel drops are counted in packets; each of our packets holds sent/packets messages.
+        let per_packet = sent.messages as f64 / sent.packets.max(1) as f64;
+        let kernel_messages = (kernel as f64 * per_packet).round() as u64;
+        let received = parsed + errors;
+        let counted = queue_full + kernel_messages + (truncated as f64 * per_packet).round() as u64;
+        let points = self.intake.store().points().len();
+        self.intake.stop();
+        Ok(Row {
+            scenario: s.name.clone(),
+            offered: s.rate,
+            sent,
+            cpu_seconds: cpu,
+            pipeline_seconds: Some(pipeline),
+            peak_rss_kib: rss,
+            received,
+            counted_drops: counted,
+            kernel_drop_packets: kernel,
+            unaccounted: sent.messages as i64 - (received + counted) as i64,
+            points_at_intake: points,
+            bursts: s.bursts.is_some(),
+        })
+    }
+}
+
+fn run_whippet(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
+    let whippet = RunningWhippet::start(opts, s, dir)?;
+    let sent = send_scenario(&whippet.target, s, plan_for(s, opts.seconds));
+    std::thread::sleep(SETTLE);
+    whippet.finish(s, sent)
 }
 
 /// `s.senders` senders at once, each on its own socket and thread; their counts summed.
@@ -468,57 +504,121 @@ pub fn run_scaling(opts: &BenchOptions) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-fn run_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<Row, String> {
-    let target = match s.via {
-        Via::Udp => "udp:127.0.0.1:0".to_string(),
-        _ => format!("unix:{}", dir.join("floor.socket").display()),
+/// The drain-only sink started for a scenario, and its CPU time at the start.
+struct RunningSink {
+    child: Child,
+    stdout: Lines,
+    target: Target,
+    cpu0: f64,
+}
+
+impl RunningSink {
+    fn start(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<RunningSink, String> {
+        let target = match s.via {
+            Via::Udp => "udp:127.0.0.1:0".to_string(),
+            _ => format!("unix:{}", dir.join("floor.socket").display()),
+        };
+        let mut sink = Command::new(&opts.blast);
+        pin_receiver(&mut sink, s.pinned);
+        let mut child = sink
+            .args(["sink", "--target", &target])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {} sink: {e}", opts.blast.display()))?;
+        let Some(out) = child.stdout.take() else {
+            terminate(&mut child);
+            return Err("the sink has no stdout".into());
+        };
+        let stdout = Lines::of(out);
+        let bound = stdout
+            .wait_from(0, |l| l.starts_with("sink: listening on "))
+            .and_then(|l| Target::parse(l.trim_start_matches("sink: listening on ")));
+        let target = match bound {
+            Ok(target) => target,
+            Err(e) => {
+                terminate(&mut child);
+                return Err(e);
+            }
+        };
+        Ok(RunningSink {
+            cpu0: cpu_seconds(child.id()),
+            child,
+            stdout,
+            target,
+        })
+    }
+
+    /// Stops the sink and makes the floor row from what was sent to it (the caller has let
+    /// it settle) and the count it printed.
+    fn finish(mut self, s: &Scenario, sent: Result<Sent, String>) -> Result<Row, String> {
+        let pid = self.child.id();
+        let cpu = cpu_seconds(pid) - self.cpu0;
+        let rss = peak_rss_kib(pid);
+        terminate(&mut self.child);
+        let sent = sent?;
+        let received: u64 = self
+            .stdout
+            .all()
+            .iter()
+            .find_map(|l| l.strip_prefix("sink: messages "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Row {
+            scenario: format!("{} (floor)", s.name),
+            offered: s.rate,
+            sent,
+            cpu_seconds: cpu,
+            pipeline_seconds: None,
+            peak_rss_kib: rss,
+            received,
+            counted_drops: 0,
+            kernel_drop_packets: 0,
+            unaccounted: sent.messages as i64 - received as i64,
+            points_at_intake: 0,
+            bursts: s.bursts.is_some(),
+        })
+    }
+}
+
+/// Turns each receiver takes in a scenario run against its floor: one per second of
+/// `--seconds`, at most 10. A shared VM's speed drifts over seconds (other tenants, CPU
+/// frequency); taken in turns, the drift falls on both rows alike instead of on whichever
+/// ran second.
+fn turns(seconds: f64) -> u32 {
+    (seconds.round() as u32).clamp(1, 10)
+}
+
+/// Runs a scenario against the floor and against whippet, both started at once and sent
+/// to in turns (floor first), each for `--seconds` in all. Each row's CPU time covers the
+/// whole run, so whatever whippet does while the floor's turn lasts (a flush) counts as its
+/// own.
+fn run_against_floor(opts: &BenchOptions, s: &Scenario, dir: &Path) -> Result<(Row, Row), String> {
+    let sink = RunningSink::start(opts, s, dir)?;
+    let whippet = match RunningWhippet::start(opts, s, dir) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = sink.finish(s, Err(String::new()));
+            return Err(e);
+        }
     };
-    let mut sink = Command::new(&opts.blast);
-    pin_receiver(&mut sink, s.pinned);
-    let mut child = sink
-        .args(["sink", "--target", &target])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {} sink: {e}", opts.blast.display()))?;
-    let stdout = Lines::of(child.stdout.take().ok_or("no stdout")?);
-    let bound = stdout.wait_from(0, |l| l.starts_with("sink: listening on "));
-    let bound = bound?;
-    let bound = bound.trim_start_matches("sink: listening on ");
-    let target = Target::parse(bound)?;
-    let pid = child.id();
-    let cpu0 = cpu_seconds(pid);
-    let plan = Plan {
-        rate: s.rate,
-        duration: Some(Duration::from_secs_f64(opts.seconds)),
-        count: None,
-        bursts: s.bursts.clone(),
-    };
-    let sent = send_scenario(&target, s, plan)?;
-    std::thread::sleep(Duration::from_millis(300));
-    let cpu = cpu_seconds(pid) - cpu0;
-    let rss = peak_rss_kib(pid);
-    terminate(&mut child);
-    let received: u64 = stdout
-        .all()
-        .iter()
-        .find_map(|l| l.strip_prefix("sink: messages "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok(Row {
-        scenario: format!("{} (floor)", s.name),
-        offered: s.rate,
-        sent,
-        cpu_seconds: cpu,
-        pipeline_seconds: None,
-        peak_rss_kib: rss,
-        received,
-        counted_drops: 0,
-        kernel_drop_packets: 0,
-        unaccounted: sent.messages as i64 - received as i64,
-        points_at_intake: 0,
-        bursts: s.bursts.is_some(),
-    })
+    let n = turns(opts.seconds);
+    let plan = || plan_for(s, opts.seconds / n as f64);
+    let (mut to_sink, mut to_whippet) = (Ok(Sent::default()), Ok(Sent::default()));
+    for _ in 0..n {
+        for (target, total) in [
+            (&sink.target, &mut to_sink),
+            (&whippet.target, &mut to_whippet),
+        ] {
+            if let Ok(sum) = total {
+                *total = send_scenario(target, s, plan()).map(|sent| sum.plus(&sent));
+                std::thread::sleep(SETTLE);
+            }
+        }
+    }
+    let floor = sink.finish(s, to_sink);
+    let row = whippet.finish(s, to_whippet);
+    Ok((floor?, row?))
 }
 
 /// The messages per second of `packets` that make `bytes_per_second`, at the workload's
@@ -628,12 +728,12 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, String> {
         if i == 1 && !opts.bursts_only && !opts.smoke && opts.only.is_none() {
             bursts_at_qlen(opts, 512);
         }
-        let floor = if with_floor {
-            Some(run_floor(opts, &scenario, &dir)?)
+        let (floor, row) = if with_floor {
+            let (floor, row) = run_against_floor(opts, &scenario, &dir)?;
+            (Some(floor), row)
         } else {
-            None
+            (None, run_whippet(opts, &scenario, &dir)?)
         };
-        let row = run_whippet(opts, &scenario, &dir)?;
         if let Some(f) = &floor {
             print_row(f, None);
         }

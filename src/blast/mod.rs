@@ -89,6 +89,19 @@ impl Sent {
     pub fn per_second(&self, n: u64) -> f64 {
         n as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// Two sends' counts and times added up, as if one.
+    pub fn plus(&self, other: &Sent) -> Sent {
+        Sent {
+            messages: self.messages + other.messages,
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            errors: self.errors + other.errors,
+            refused_packets: self.refused_packets + other.refused_packets,
+            refused_messages: self.refused_messages + other.refused_messages,
+            elapsed: self.elapsed + other.elapsed,
+        }
+    }
 }
 
 /// Datagram sockets are connected, so `sendmmsg` needs no addresses.
