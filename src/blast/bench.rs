@@ -907,6 +907,42 @@ mod tests {
     }
 
     #[test]
+    fn a_run_against_the_floor_takes_a_turn_a_second_up_to_ten() {
+        assert_eq!(turns(0.2), 1);
+        assert_eq!(turns(1.0), 1);
+        assert_eq!(turns(5.0), 5);
+        assert_eq!(turns(10.4), 10);
+        assert_eq!(turns(60.0), 10);
+    }
+
+    #[test]
+    fn sends_in_turns_add_up_as_one() {
+        let turn = |n: u64, ms: u64| Sent {
+            messages: n,
+            packets: n / 2,
+            bytes: 200 * n,
+            errors: 1,
+            refused_packets: n / 4,
+            refused_messages: n / 3,
+            elapsed: Duration::from_millis(ms),
+        };
+        let both = turn(600, 1_000).plus(&turn(300, 1_500));
+        assert_eq!(
+            both,
+            Sent {
+                messages: 900,
+                packets: 450,
+                bytes: 180_000,
+                errors: 2,
+                refused_packets: 225,
+                refused_messages: 300,
+                elapsed: Duration::from_millis(2_500),
+            }
+        );
+        assert_eq!(client_loss(&both), "25.0%");
+    }
+
+    #[test]
     fn a_stat_line_gives_the_thread_name_and_its_cpu_seconds() {
         let dir = std::env::temp_dir().join(format!("whippet-stat-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
