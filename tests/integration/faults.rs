@@ -490,10 +490,17 @@ fn a_redirecting_intake_never_gets_the_key_to_a_second_host_and_its_3xx_is_retri
         assert_eq!(elsewhere.store().routes(), Default::default(), "{status}");
         let routes = redirecting.store().routes();
         assert_eq!(routes.get("/api/v1/validate"), Some(&1), "{status}");
-        assert_eq!(
-            routes.get("/api/v2/series").copied(),
-            Some(s.telemetry(retried)),
-            "{status}: every request answered 3xx is counted once"
+        // Every request answered 3xx is counted once. One still on the way at SIGTERM may
+        // reach the intake and then run out of the time left before the shutdown deadline.
+        let timeouts = s.telemetry_or_zero(
+            r#"whippet_network_errors_total{endpoint="/api/v2/series",cause="timeout"}"#,
+        );
+        assert!(timeouts <= 1, "{status}: {timeouts}");
+        let requests = routes.get("/api/v2/series").copied().unwrap_or(0);
+        assert!(
+            (s.telemetry(retried)..=s.telemetry(retried) + timeouts).contains(&requests),
+            "{status}: {requests} requests, {} answered 3xx, {timeouts} timed out",
+            s.telemetry(retried)
         );
         assert!(redirecting.store().payloads(None).is_empty());
         assert_eq!(
