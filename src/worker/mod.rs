@@ -1139,8 +1139,8 @@ mod tests {
     #[test]
     fn each_metric_keeps_its_own_values_whatever_comes_between() {
         // A metric is finished while the next message is parsed, so consecutive metrics with
-        // several values swap two buffers: across an event, a rejected
-        // line, a single value and the end of a packet.
+        // several values swap two buffers: across an event, a rejected line, a single value
+        // and the end of a packet.
         let mut w = worker(2, "h", &[]);
         feed(
             &mut w,
