@@ -35,7 +35,7 @@ use signal_hook::iterator::Signals;
 use crate::config::{check, Config, Listen};
 use crate::console::Console;
 use crate::demux::Demux;
-use crate::enrichment::OriginDetection;
+use crate::enrichment::{Enrichment, OriginDetection};
 use crate::flush::{self, Flusher, Output};
 use crate::forwarder::{self, Forwarder, Handle, IntakeOutput};
 use crate::listener::capture::{Capture, CaptureCounters};
@@ -225,6 +225,9 @@ struct Pipeline {
     queue_rx: Receiver<Batch>,
     pool: Arc<Pool>,
     live_tags: Arc<LiveTags>,
+    /// What each worker is made from, for the UDP readers' own.
+    worker_counters: Arc<worker::Counters>,
+    enrichment: Enrichment,
     workers: Vec<JoinHandle<()>>,
     flusher: Option<(Sender<()>, JoinHandle<()>)>,
     /// Origin detection and the tagger's refresher, when on.
@@ -278,25 +281,34 @@ impl Pipeline {
         let mut enrichment = config.enrichment();
         let origin = start_origin(config, telemetry)?;
         enrichment.origin = origin.as_ref().map(|(o, _)| o.clone());
-        let mut workers = Vec::with_capacity(p.workers);
-        for i in 0..p.workers {
-            let worker = Worker::new(demux.clone(), telemetry.worker.clone(), enrichment.clone())
-                .with_live_tags(live_tags.clone());
-            let (rx, pool) = (queue_rx.clone(), pool.clone());
-            workers.push(spawn(format!("whippet-worker-{i}"), move || {
-                worker.run(rx, pool)
-            })?);
-        }
-        let pipeline = Pipeline {
+        let mut pipeline = Pipeline {
             demux,
             queue_rx,
             pool,
             live_tags,
-            workers,
+            worker_counters: telemetry.worker.clone(),
+            enrichment,
+            workers: Vec::with_capacity(p.workers),
             flusher: Some((stop, flusher)),
             origin,
         };
+        for i in 0..p.workers {
+            let worker = pipeline.worker();
+            let (rx, pool) = (pipeline.queue_rx.clone(), pipeline.pool.clone());
+            pipeline
+                .workers
+                .push(spawn(format!("whippet-worker-{i}"), move || {
+                    worker.run(rx, pool)
+                })?);
+        }
         Ok((pipeline, queue))
+    }
+
+    /// A worker feeding this pipeline's shards, with its extra tags and shaping live.
+    fn worker(&self) -> Worker {
+        let counters = self.worker_counters.clone();
+        Worker::new(self.demux.clone(), counters, self.enrichment.clone())
+            .with_live_tags(self.live_tags.clone())
     }
 }
 
@@ -338,12 +350,16 @@ impl Readers {
         sockets: &mut Sockets,
         handoff: Handoff,
         limits: stream::Limits,
+        pipeline: &Pipeline,
     ) -> Result<Readers, Error> {
         let mut threads = Vec::new();
         for (i, socket) in sockets.udp.iter().enumerate() {
             let (socket, handoff) = (socket.clone(), handoff.clone());
+            let worker = pipeline.worker();
             threads.push(spawn(format!("whippet-udp-{i}"), move || {
-                DatagramReader::new(socket.as_fd(), Transport::Udp, &handoff).run()
+                DatagramReader::new(socket.as_fd(), Transport::Udp, &handoff)
+                    .with_worker(worker)
+                    .run()
             })?);
         }
         if let Some(socket) = &sockets.unix {
@@ -426,7 +442,7 @@ impl Daemon {
             mirror,
             capture: capture.clone(),
         };
-        let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream)?;
+        let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream, &pipeline)?;
         let probe = Arc::new(Probe {
             telemetry: telemetry.clone(),
             queue: pipeline.queue_rx.clone(),

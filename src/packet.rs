@@ -107,7 +107,7 @@ impl Batch {
         self.packets().map(|f| lines(f).count() as u64).sum()
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.packets.clear();
         self.pids.clear();
     }

@@ -2,12 +2,17 @@
 //! datagrams with `recvmmsg` into pooled buffers and handing each batch off by its
 //! transport's policy ([`Handoff`]).
 //!
-//! A partial UDP batch waits half a millisecond for more before a worker is woken for it,
-//! because waking a worker costs far more than the wait and the kernel's receive buffer holds
-//! far more than that much traffic. A Unix datagram batch never waits: it takes what is
+//! A partial UDP batch waits half a millisecond for more, because the kernel's receive buffer
+//! holds far more than that much traffic. While the socket does not keep it busy, a UDP
+//! reader then parses the batch itself with a worker of its own: the datagrams are still in
+//! its core's cache, and no worker has to be woken. Once three receives in a row find a full
+//! batch waiting, the socket has a backlog and the reader's time goes to draining it: its
+//! batches go to the workers (docs/performance.md, "A UDP reader that parses").
+//!
+//! A Unix datagram batch never waits and is never parsed by its reader: it takes what is
 //! already queued and goes, because the socket queues only `net.unix.max_dgram_qlen`
-//! datagrams and a client that does not block loses whatever arrives while the reader sleeps
-//! (docs/performance.md, "Bursts from non-blocking clients").
+//! datagrams and a client that does not block loses whatever arrives while the reader is
+//! busy (docs/performance.md, "Bursts from non-blocking clients").
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
@@ -19,10 +24,16 @@ use nix::sys::socket::{getsockopt, sockopt, MsgFlags};
 use super::{Flow, Handoff};
 use crate::clock;
 use crate::packet::{Batch, Transport, MAX_SLOTS};
+use crate::worker::Worker;
 
 /// How long the UDP reader lets a partial batch fill before handing it to a worker. The
 /// kernel's receive buffer holds far more than this much traffic.
 const LINGER: Duration = Duration::from_micros(500);
+
+/// Receives in a row that find a full batch queued, after which a UDP reader with a worker
+/// of its own hands its batches to the workers: the first ones of a backlog it still parses,
+/// so a moment's delay (a flush, a preemption) does not wake the workers.
+const BACKLOG_READS: u32 = 3;
 
 /// Free slots a Unix datagram batch needs for [`DatagramReader::take_queued`] to drain the
 /// socket again: a full socket queue at the default `net.unix.max_dgram_qlen`.
@@ -59,6 +70,10 @@ pub struct DatagramReader<'a> {
     /// SO_PASSCRED on the socket; the pids read from them.
     creds: Option<Box<[Credentials; MAX_SLOTS]>>,
     pids: [u32; MAX_SLOTS],
+    /// UDP: the reader's own worker, for the batches it has time to parse.
+    own: Option<Worker>,
+    /// Receives in a row that found a full batch queued.
+    full_reads: u32,
 }
 
 /// Room for one `SCM_CREDENTIALS` control message (`CMSG_SPACE` of a `ucred` is 32 bytes on
@@ -127,7 +142,18 @@ impl<'a> DatagramReader<'a> {
                 && getsockopt(&fd, sockopt::PassCred).unwrap_or(false))
             .then(|| Box::new([Credentials([0; 64]); MAX_SLOTS])),
             pids: [0; MAX_SLOTS],
+            own: None,
+            full_reads: 0,
         }
+    }
+
+    /// A UDP reader that parses its batches with `worker` while the socket has no backlog.
+    /// Other transports hand every batch off.
+    pub fn with_worker(mut self, worker: Worker) -> Self {
+        if self.transport == Transport::Udp {
+            self.own = Some(worker);
+        }
+        self
     }
 
     /// Reads until the socket is shut down and drained, or the queue closes.
@@ -213,8 +239,10 @@ impl<'a> DatagramReader<'a> {
     /// One worker wakeup per full batch instead of one per few datagrams.
     fn linger(&mut self, n: usize) -> usize {
         if n >= self.slots {
+            self.full_reads = self.full_reads.saturating_add(1);
             return n;
         }
+        self.full_reads = 0;
         std::thread::sleep(LINGER);
         n + self.receive(n, MsgFlags::MSG_DONTWAIT).unwrap_or(0)
     }
@@ -269,11 +297,22 @@ impl<'a> DatagramReader<'a> {
         counters.truncated.add(truncated);
     }
 
-    /// Stamps the batch with its arrival time and hands it off by the transport's policy,
+    /// Stamps the batch with its arrival time and parses it with the reader's own worker
+    /// while the socket has no backlog; otherwise hands it off by the transport's policy,
     /// taking a fresh batch from the pool.
     fn hand_off(&mut self) -> Flow {
         self.batch.received_at = clock::data_now();
         crate::inject_fault(crate::telemetry::Label::label(self.transport));
+        if let Some(worker) = self
+            .own
+            .as_mut()
+            .filter(|_| self.full_reads < BACKLOG_READS)
+        {
+            self.handoff.tap(&self.batch);
+            worker.process(&self.batch);
+            self.batch.clear();
+            return Flow::Continue;
+        }
         let pool = &self.handoff.pool;
         let full = std::mem::replace(&mut self.batch, pool.get(self.transport));
         match self.transport {
@@ -461,6 +500,83 @@ mod tests {
         tx.send(b"m:1|c").unwrap();
         rx.shutdown(std::net::Shutdown::Read).unwrap();
         assert_eq!(receive_then_take(&rx, true, || {}), [5]);
+    }
+
+    /// A worker over a fresh demux, and the counters it adds to.
+    fn own_worker() -> (Worker, Arc<crate::worker::Counters>) {
+        let enrichment = crate::worker::Enrichment {
+            hostname: "h".into(),
+            extra_tags: Arc::from([]),
+            bucket_seconds: 10,
+            origin: None,
+            shaping: None,
+            eol_required: [false; 3],
+            timestamps: true,
+        };
+        let counters = Arc::new(crate::worker::Counters::default());
+        let demux = Arc::new(crate::demux::Demux::new(1, 100));
+        (Worker::new(demux, counters.clone(), enrichment), counters)
+    }
+
+    /// One turn of a running UDP reader's loop: receive, linger, record, hand off.
+    fn one_turn(reader: &mut DatagramReader<'_>) {
+        let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
+        let n = reader.fill(n);
+        reader.record(n, true);
+        assert_eq!(reader.hand_off(), Flow::Continue);
+    }
+
+    #[test]
+    fn a_udp_reader_parses_its_batches_until_a_backlog_sends_them_to_the_workers() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket.local_addr().unwrap();
+        let (mut handoff, rx) = handoff(false);
+        // 64 KiB slots: a batch holds 8 datagrams.
+        handoff.pool = Arc::new(Pool::new(65536, 1));
+        let (worker, parsed) = own_worker();
+        let mut reader =
+            DatagramReader::new(socket.as_fd(), Transport::Udp, &handoff).with_worker(worker);
+        assert_eq!(reader.slots, 8);
+        let metrics =
+            |c: &crate::worker::Counters| c.messages[crate::parser::MessageKind::Metric].get();
+
+        // A backlog of four full batches: the first BACKLOG_READS - 1 the reader still parses,
+        // then it hands batches to the workers.
+        for i in 0..32 {
+            sender.send_to(format!("m:{i}|c").as_bytes(), to).unwrap();
+        }
+        for _ in 0..4 {
+            one_turn(&mut reader);
+        }
+        assert_eq!(metrics(&parsed), 16);
+        let handed: Vec<usize> = rx.try_iter().map(|b| b.packet_count()).collect();
+        assert_eq!(handed, [8, 8]);
+
+        // A partial batch: the backlog is gone, and the reader parses again.
+        for i in 0..3 {
+            sender.send_to(format!("n:{i}|c").as_bytes(), to).unwrap();
+        }
+        one_turn(&mut reader);
+        assert_eq!(metrics(&parsed), 19);
+        assert_eq!(rx.try_iter().count(), 0);
+        assert_eq!(
+            handoff.counters.transports[Transport::Udp].packets.get(),
+            35
+        );
+    }
+
+    #[test]
+    fn a_unix_reader_never_parses_its_own_batches() {
+        let (rx_socket, tx) = UnixDatagram::pair().unwrap();
+        let (handoff, rx) = handoff(false);
+        let (worker, parsed) = own_worker();
+        let mut reader =
+            DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff).with_worker(worker);
+        tx.send(b"m:1|c").unwrap();
+        one_turn(&mut reader);
+        assert_eq!(parsed.messages[crate::parser::MessageKind::Metric].get(), 0);
+        assert_eq!(rx.try_iter().map(|b| b.packet_count()).sum::<usize>(), 1);
     }
 
     /// Runs a stopping reader over `socket` and returns the packets it handed off; `shut`

@@ -8,7 +8,8 @@
 //! moves the loss into the kernel. The Unix stream and Unix datagram readers wait instead: a
 //! Unix datagram sender blocks (or gets EAGAIN) when the socket's queue is full, so waiting
 //! turns overload into backpressure on the client instead of loss (docs/behaviour.md,
-//! "Overload").
+//! "Overload"). A UDP reader whose socket has no backlog parses a batch itself rather than
+//! handing it off ([`datagram`]); with a backlog it only drains and hands off.
 //!
 //! Shutdown: the daemon calls `shutdown(SHUT_RD)` on every socket. A blocked read wakes up,
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and
