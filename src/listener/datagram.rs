@@ -26,7 +26,7 @@ use crate::clock;
 use crate::packet::{Batch, Transport, MAX_SLOTS};
 use crate::worker::Worker;
 
-/// How long the UDP reader lets a partial batch fill before handing it to a worker. The
+/// How long the UDP reader lets a partial batch fill before parsing it or handing it off. The
 /// kernel's receive buffer holds far more than this much traffic.
 const LINGER: Duration = Duration::from_micros(500);
 
