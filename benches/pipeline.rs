@@ -33,15 +33,7 @@ fn batches(pool: &Pool) -> Vec<Batch> {
 }
 
 fn worker(demux: Arc<Demux>) -> Worker {
-    let enrichment = Enrichment {
-        hostname: "bench".into(),
-        extra_tags: Arc::new([]),
-        bucket_seconds: 10,
-        origin: None,
-        shaping: None,
-        eol_required: [false; 3],
-        timestamps: true,
-    };
+    let enrichment = Enrichment::plain("bench", &[]);
     Worker::new(demux, Arc::new(Counters::default()), enrichment)
 }
 

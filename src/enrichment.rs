@@ -47,6 +47,23 @@ pub struct Enrichment {
     pub timestamps: bool,
 }
 
+impl Enrichment {
+    /// Only a default host and `extra_tags`: 10-second buckets, no origin detection, no
+    /// shaping, no newline required, timestamps honoured. What tests and benchmarks build
+    /// workers with; the daemon's comes from its configuration.
+    pub fn plain(hostname: &str, extra_tags: &[&str]) -> Enrichment {
+        Enrichment {
+            hostname: hostname.into(),
+            extra_tags: extra_tags.iter().map(|t| Box::<str>::from(*t)).collect(),
+            bucket_seconds: 10,
+            origin: None,
+            shaping: None,
+            eol_required: [false; Transport::COUNT],
+            timestamps: true,
+        }
+    }
+}
+
 /// How the origin of a message is found and what it adds (the Agent's `dogstatsd_origin_*`
 /// settings, in its default, "legacy" mode).
 #[derive(Debug)]
@@ -306,15 +323,7 @@ mod tests {
     use crate::tagger::Sources;
 
     fn enrichment() -> Enrichment {
-        Enrichment {
-            hostname: "default-host".into(),
-            extra_tags: Arc::new(["team:core".into()]),
-            bucket_seconds: 10,
-            origin: None,
-            shaping: None,
-            eol_required: [false; 3],
-            timestamps: true,
-        }
+        Enrichment::plain("default-host", &["team:core"])
     }
 
     fn canonical(

@@ -545,15 +545,7 @@ mod tests {
         const CONTEXTS: usize = 25_000;
         let demux = Arc::new(Demux::new(4, 100));
         let counters = Arc::new(Counters::default());
-        let enrichment = Enrichment {
-            hostname: "h".into(),
-            extra_tags: Arc::new([]),
-            bucket_seconds: 10,
-            origin: None,
-            shaping: None,
-            eol_required: [false; 3],
-            timestamps: true,
-        };
+        let enrichment = Enrichment::plain("h", &[]);
         let worker_counters = Arc::new(worker::Counters::default());
         let mut worker = Worker::new(demux.clone(), worker_counters, enrichment);
         let pool = Pool::new(8192, 1);

@@ -140,15 +140,7 @@ pub fn packet(data: &[u8]) {
 
     let demux = Arc::new(Demux::with_context_limit(4, 1_000, 10_000));
     let counters = Arc::new(Counters::default());
-    let enrichment = Enrichment {
-        hostname: "fuzz".into(),
-        extra_tags: Arc::new(["env:fuzz".into()]),
-        bucket_seconds: 10,
-        origin: None,
-        shaping: None,
-        eol_required: [false; 3],
-        timestamps: true,
-    };
+    let enrichment = Enrichment::plain("fuzz", &["env:fuzz"]);
     let mut worker = Worker::new(demux.clone(), counters.clone(), enrichment.clone());
     worker.process(&batch);
     with_origin(&batch, enrichment, counters.samples.get());

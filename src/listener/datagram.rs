@@ -504,15 +504,7 @@ mod tests {
 
     /// A worker over a fresh demux, and the counters it adds to.
     fn own_worker() -> (Worker, Arc<crate::worker::Counters>) {
-        let enrichment = crate::worker::Enrichment {
-            hostname: "h".into(),
-            extra_tags: Arc::from([]),
-            bucket_seconds: 10,
-            origin: None,
-            shaping: None,
-            eol_required: [false; 3],
-            timestamps: true,
-        };
+        let enrichment = crate::worker::Enrichment::plain("h", &[]);
         let counters = Arc::new(crate::worker::Counters::default());
         let demux = Arc::new(crate::demux::Demux::new(1, 100));
         (Worker::new(demux, counters.clone(), enrichment), counters)

@@ -967,15 +967,7 @@ mod tests {
     use crate::shard::{Accumulator, Expiry};
 
     fn worker(shards: usize, host: &str, extra: &[&str]) -> Worker {
-        let enrichment = Enrichment {
-            hostname: host.into(),
-            extra_tags: extra.iter().map(|t| Box::<str>::from(*t)).collect(),
-            bucket_seconds: 10,
-            origin: None,
-            shaping: None,
-            eol_required: [false; 3],
-            timestamps: true,
-        };
+        let enrichment = Enrichment::plain(host, extra);
         Worker::new(
             Arc::new(Demux::new(shards, 100)),
             Arc::new(Counters::default()),
@@ -1283,15 +1275,7 @@ mod tests {
     #[test]
     fn a_cached_context_refused_over_the_limit_is_counted_once() {
         let demux = Arc::new(Demux::with_context_limit(1, 100, 1));
-        let enrichment = Enrichment {
-            hostname: "h".into(),
-            extra_tags: Arc::new([]),
-            bucket_seconds: 10,
-            origin: None,
-            shaping: None,
-            eol_required: [false; 3],
-            timestamps: true,
-        };
+        let enrichment = Enrichment::plain("h", &[]);
         let mut w = Worker::new(demux, Arc::new(Counters::default()), enrichment);
         feed(&mut w, &["gone:1|g"]);
         let mut out = Vec::new();
