@@ -349,9 +349,10 @@ impl Readers {
     fn spawn(
         sockets: &mut Sockets,
         handoff: Handoff,
-        limits: stream::Limits,
+        listen: &Listen,
         pipeline: &Pipeline,
     ) -> Result<Readers, Error> {
+        let (limits, priority) = (listen.stream, listen.unix_reader_priority);
         let mut threads = Vec::new();
         for (i, socket) in sockets.udp.iter().enumerate() {
             let (socket, handoff) = (socket.clone(), handoff.clone());
@@ -365,7 +366,9 @@ impl Readers {
         if let Some(socket) = &sockets.unix {
             let (socket, handoff) = (socket.clone(), handoff.clone());
             threads.push(spawn("whippet-unix".into(), move || {
-                DatagramReader::new(socket.as_fd(), Transport::Unix, &handoff).run()
+                DatagramReader::new(socket.as_fd(), Transport::Unix, &handoff)
+                    .with_priority(priority)
+                    .run()
             })?);
         }
         let mut stream = None;
@@ -442,7 +445,7 @@ impl Daemon {
             mirror,
             capture: capture.clone(),
         };
-        let readers = Readers::spawn(&mut sockets, handoff, config.listen.stream, &pipeline)?;
+        let readers = Readers::spawn(&mut sockets, handoff, &config.listen, &pipeline)?;
         let probe = Arc::new(Probe {
             telemetry: telemetry.clone(),
             queue: pipeline.queue_rx.clone(),

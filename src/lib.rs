@@ -36,7 +36,7 @@
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
 //! | `whippet-udp-N` | `--udp-readers` | `recvmmsg`; parses its batches while its socket has no backlog | [`listener::datagram::DatagramReader`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission | [`listener::datagram::DatagramReader`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission; `SCHED_FIFO` while not saturated | [`listener::datagram::DatagramReader`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |

@@ -161,6 +161,18 @@ impl Pool {
         }
     }
 
+    /// Admits `batch` as [`Pool::admit`] does when that needs no wait; returns whether it is
+    /// admitted (a pool without admissions admits every batch).
+    pub(crate) fn try_admit(&self, batch: &mut Batch) -> bool {
+        match &self.admissions {
+            Some((tx, _)) if !batch.admitted => {
+                batch.admitted = tx.try_send(()).is_ok();
+                batch.admitted
+            }
+            _ => true,
+        }
+    }
+
     fn free(&self) -> MutexGuard<'_, Vec<Batch>> {
         self.free.lock().unwrap_or_else(PoisonError::into_inner)
     }

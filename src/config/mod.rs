@@ -43,6 +43,8 @@ pub struct Listen {
     /// Requested SO_RCVBUF for UDP and the Unix datagram socket (0 = OS default).
     pub so_rcvbuf: usize,
     pub socket: Option<PathBuf>,
+    /// `--unix-reader-priority`: the Unix datagram reader's SCHED_FIFO priority (0: normal).
+    pub unix_reader_priority: u32,
     pub socket_mode: u32,
     pub stream_socket: Option<PathBuf>,
     /// `--stream-max-connections` and `--stream-idle-timeout`.
@@ -614,6 +616,7 @@ fn listen(r: &mut Resolver<'_>) -> Listen {
         udp_readers: r.number("udp-readers"),
         so_rcvbuf: r.number("so-rcvbuf"),
         socket: r.string("socket").map(PathBuf::from),
+        unix_reader_priority: r.number("unix-reader-priority"),
         socket_mode: r.value("socket-mode", resolve::socket_mode),
         stream_socket: r.string("stream-socket").map(PathBuf::from),
         stream: Limits {

@@ -12,15 +12,21 @@
 //! A Unix datagram batch never waits and is never parsed by its reader: it takes what is
 //! already queued and goes, because the socket queues only `net.unix.max_dgram_qlen`
 //! datagrams and a client that does not block loses whatever arrives while the reader is
-//! busy (docs/performance.md, "Bursts from non-blocking clients").
+//! busy (docs/performance.md, "Bursts from non-blocking clients"). For the same reason, when
+//! the workers are behind, the reader keeps draining the socket into the rest of its batch
+//! before it waits for them, and it runs at real-time priority while it is not saturated
+//! ([`super::priority`]).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::libc;
+use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::socket::{getsockopt, sockopt, MsgFlags};
+use nix::sys::time::TimeSpec;
 
+use super::priority::Scheduling;
 use super::{Flow, Handoff};
 use crate::clock;
 use crate::packet::{Batch, Transport, MAX_SLOTS};
@@ -38,6 +44,11 @@ const BACKLOG_READS: u32 = 3;
 /// Free slots a Unix datagram batch needs for [`DatagramReader::take_queued`] to drain the
 /// socket again: a full socket queue at the default `net.unix.max_dgram_qlen`.
 const FILL_ROOM: usize = 10;
+
+/// How long a Unix datagram reader whose workers are behind waits for a datagram before it
+/// asks for an admission again (see [`DatagramReader::drain_while_behind`]): about what a
+/// worker takes over a full batch, so a batch waits little once a worker is free.
+const ADMISSION_RETRY: Duration = Duration::from_micros(100);
 
 /// The first pause after an unexpected receive error; each further error in a row doubles it
 /// up to [`MAX_ERROR_PAUSE`], so an error that persists costs a few wakeups a second, not a
@@ -74,6 +85,9 @@ pub struct DatagramReader<'a> {
     own: Option<Worker>,
     /// Receives in a row that found a full batch queued.
     full_reads: u32,
+    /// Unix: the reader's real-time scheduling, when `--unix-reader-priority` asks for it and
+    /// the system allows it.
+    scheduling: Option<Scheduling>,
 }
 
 /// Room for one `SCM_CREDENTIALS` control message (`CMSG_SPACE` of a `ucred` is 32 bytes on
@@ -144,7 +158,18 @@ impl<'a> DatagramReader<'a> {
             pids: [0; MAX_SLOTS],
             own: None,
             full_reads: 0,
+            scheduling: None,
         }
+    }
+
+    /// A Unix datagram reader that runs at real-time `priority` (0: normal) while its socket
+    /// is not saturated (see [`super::priority`]). Call it on the reader's own thread: it sets
+    /// the calling thread's scheduling. Other transports keep normal scheduling.
+    pub fn with_priority(mut self, priority: u32) -> Self {
+        if self.transport == Transport::Unix {
+            self.scheduling = Scheduling::start(priority);
+        }
+        self
     }
 
     /// A UDP reader that parses its batches with `worker` while the socket has no backlog.
@@ -160,7 +185,13 @@ impl<'a> DatagramReader<'a> {
     pub fn run(mut self) {
         loop {
             let shut = self.handoff.shut();
-            let n = match self.receive(0, MsgFlags::MSG_WAITFORONE) {
+            let received = self.receive(0, MsgFlags::MSG_WAITFORONE);
+            if let Some(s) = &mut self.scheduling {
+                if !s.at(Instant::now()) {
+                    self.scheduling = None;
+                }
+            }
+            let n = match received {
                 Ok(n) => {
                     self.errors_in_a_row = 0;
                     n
@@ -181,7 +212,10 @@ impl<'a> DatagramReader<'a> {
             };
             // A stopping Unix socket's empty reads may be the end's: not counted as packets.
             let count_empty = !(self.handoff.stopping() && self.transport == Transport::Unix);
-            self.record(n, count_empty);
+            self.record(0, n, count_empty);
+            if self.transport == Transport::Unix && !self.handoff.stopping() {
+                self.drain_while_behind(n);
+            }
             if self.batch.packet_count() > 0 && self.hand_off() == Flow::Stop {
                 break;
             }
@@ -261,10 +295,29 @@ impl<'a> DatagramReader<'a> {
         n
     }
 
-    /// Counts the `n` datagrams received and records the whole ones in the batch (an empty
-    /// datagram is a packet holding no message, counted when `count_empty`; a truncated one
-    /// is counted and skipped).
-    fn record(&mut self, n: usize, count_empty: bool) {
+    /// Unix datagrams, while no admission is free (the workers are behind): rather than
+    /// wait for one while the socket's small queue overflows, keeps draining the socket into
+    /// the batch, as long as a whole socket queue still fits in it. Between drains it waits
+    /// for a datagram at most [`ADMISSION_RETRY`], then asks for an admission again. The
+    /// batch's own slots are the spare room: no memory beyond it. Returns how many of the
+    /// batch's slots are used.
+    fn drain_while_behind(&mut self, mut n: usize) -> usize {
+        while n + FILL_ROOM <= self.slots && !self.handoff.pool.try_admit(&mut self.batch) {
+            if !readable(self.fd, ADMISSION_RETRY) {
+                continue;
+            }
+            if let Ok(m) = self.receive(n, MsgFlags::MSG_DONTWAIT) {
+                self.record(n, n + m, true);
+                n += m;
+            }
+        }
+        n
+    }
+
+    /// Counts the datagrams received into slots `first..n` and records the whole ones in the
+    /// batch (an empty datagram is a packet holding no message, counted when `count_empty`;
+    /// a truncated one is counted and skipped).
+    fn record(&mut self, first: usize, n: usize, count_empty: bool) {
         let counters = &self.handoff.counters.transports[self.transport];
         let mut bytes = 0;
         let mut truncated = 0;
@@ -276,7 +329,7 @@ impl<'a> DatagramReader<'a> {
                 truncated: trunc,
                 ..
             },
-        ) in self.got[..n].iter().enumerate()
+        ) in self.got[..n].iter().enumerate().skip(first)
         {
             if trunc {
                 truncated += 1;
@@ -292,7 +345,7 @@ impl<'a> DatagramReader<'a> {
             }
         }
         let uncounted = if count_empty { 0 } else { empty };
-        counters.packets.add((n - uncounted) as u64);
+        counters.packets.add((n - first - uncounted) as u64);
         counters.bytes.add(bytes);
         counters.truncated.add(truncated);
     }
@@ -389,6 +442,13 @@ impl<'a> DatagramReader<'a> {
     }
 }
 
+/// Whether `fd` has a datagram to read within `wait` (`ppoll`); false on a timeout or an
+/// error (the next receive reports the error).
+fn readable(fd: BorrowedFd<'_>, wait: Duration) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None), Ok(n) if n > 0)
+}
+
 /// The pause after the `n`th unexpected receive error in a row (counting from 0).
 fn error_pause(n: u32) -> Duration {
     FIRST_ERROR_PAUSE
@@ -451,7 +511,7 @@ mod tests {
         let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         let n = n + reader.receive(n, MsgFlags::MSG_DONTWAIT).unwrap_or(0);
-        reader.record(n, true);
+        reader.record(0, n, true);
         assert_eq!(reader.batch.packet_count(), 2);
         let me = std::process::id();
         assert_eq!(reader.batch.pids(), Some(&[me, me][..]));
@@ -460,7 +520,7 @@ mod tests {
         tx.send(b"a:1|c").unwrap();
         let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
-        reader.record(n, true);
+        reader.record(0, n, true);
         assert_eq!(reader.batch.pids(), None);
     }
 
@@ -514,7 +574,7 @@ mod tests {
     fn one_turn(reader: &mut DatagramReader<'_>) {
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         let n = reader.fill(n);
-        reader.record(n, true);
+        reader.record(0, n, true);
         assert_eq!(reader.hand_off(), Flow::Continue);
     }
 
@@ -569,6 +629,86 @@ mod tests {
         one_turn(&mut reader);
         assert_eq!(parsed.messages[crate::parser::MessageKind::Metric].get(), 0);
         assert_eq!(rx.try_iter().map(|b| b.packet_count()).sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn a_unix_reader_whose_workers_are_behind_keeps_draining_into_its_batch() {
+        let (dir, rx_socket, tx) = bound_socket("behind");
+        let (mut handoff, _rx) = handoff(false);
+        handoff.pool = Arc::new(Pool::new(8192, 1).with_admissions(1));
+        // The one admission is held, as by a batch a worker is parsing.
+        let mut held = handoff.pool.get(Transport::Unix);
+        assert!(handoff.pool.try_admit(&mut held));
+        let mut reader = DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff);
+        assert_eq!(reader.slots, 64);
+        const SENT: usize = 40;
+        let n = std::thread::scope(|s| {
+            let draining = s.spawn(|| reader.drain_while_behind(0));
+            for i in 0..SENT {
+                tx.send(format!("m{i}:1|c").as_bytes()).unwrap();
+            }
+            handoff.pool.put(held);
+            draining.join().unwrap()
+        });
+        // Every datagram was either taken into the batch or is still queued: at most a
+        // socket queue's worth, since the sender never blocked for long.
+        rx_socket.set_nonblocking(true).unwrap();
+        let mut left = 0;
+        while rx_socket.recv(&mut [0u8; 64]).is_ok() {
+            left += 1;
+        }
+        assert_eq!(n + left, SENT);
+        assert!(left <= reader.unix_queue + 1, "{left} left queued");
+        assert_eq!(reader.batch.packet_count(), n);
+        let first: Vec<&[u8]> = reader.batch.packets().take(2).collect();
+        assert_eq!(first, [&b"m0:1|c"[..], b"m1:1|c"]);
+        assert_eq!(
+            handoff.counters.transports[Transport::Unix].packets.get(),
+            n as u64
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_unix_reader_whose_workers_are_behind_stops_draining_when_its_batch_is_nearly_full() {
+        let (dir, rx_socket, tx) = bound_socket("nearly-full");
+        let (mut handoff, _rx) = handoff(false);
+        handoff.pool = Arc::new(Pool::new(8192, 1).with_admissions(1));
+        let mut held = handoff.pool.get(Transport::Unix);
+        assert!(handoff.pool.try_admit(&mut held));
+        let mut reader = DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff);
+        let sender = std::thread::spawn(move || {
+            for i in 0..200 {
+                if tx.send(format!("m{i}:1|c").as_bytes()).is_err() {
+                    return i;
+                }
+            }
+            200
+        });
+        // With the admission still held, it returns once no whole socket queue fits.
+        let n = reader.drain_while_behind(0);
+        assert!((64 - FILL_ROOM..=64).contains(&n), "{n}");
+        assert_eq!(reader.batch.packet_count(), n);
+        // The reader's socket closes: the blocked sender's next send fails.
+        drop(rx_socket);
+        assert!(sender.join().unwrap() < 200);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A Unix datagram socket bound to a path in a fresh directory, as the daemon's (a socket
+    /// pair's queue has no length limit), and an unbound sender connected to it. The sender
+    /// blocks after `net.unix.max_dgram_qlen` datagrams the reader has not taken, at most 10
+    /// seconds, so a reader that stops draining fails a test instead of hanging it.
+    fn bound_socket(name: &str) -> (std::path::PathBuf, UnixDatagram, UnixDatagram) {
+        let dir = std::env::temp_dir().join(format!("whippet-rx-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dsd.socket");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let tx = UnixDatagram::unbound().unwrap();
+        tx.connect(&path).unwrap();
+        tx.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        (dir, rx, tx)
     }
 
     /// Runs a stopping reader over `socket` and returns the packets it handed off; `shut`

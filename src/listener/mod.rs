@@ -9,7 +9,8 @@
 //! Unix datagram sender blocks (or gets EAGAIN) when the socket's queue is full, so waiting
 //! turns overload into backpressure on the client instead of loss (docs/behaviour.md,
 //! "Overload"). A UDP reader whose socket has no backlog parses a batch itself rather than
-//! handing it off ([`datagram`]); with a backlog it only drains and hands off.
+//! handing it off ([`datagram`]); with a backlog it only drains and hands off. The Unix
+//! datagram reader runs at real-time priority while it is not saturated ([`priority`]).
 //!
 //! Shutdown: the daemon calls `shutdown(SHUT_RD)` on every socket. A blocked read wakes up,
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and
@@ -19,6 +20,7 @@ pub mod capture;
 pub mod copies;
 pub mod datagram;
 pub mod mirror;
+pub mod priority;
 pub mod stream;
 pub mod udp;
 pub mod unix;
