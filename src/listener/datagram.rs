@@ -299,15 +299,20 @@ impl<'a> DatagramReader<'a> {
     /// wait for one while the socket's small queue overflows, keeps draining the socket into
     /// the batch, as long as a whole socket queue still fits in it. Between drains it waits
     /// for a datagram at most [`ADMISSION_RETRY`], then asks for an admission again. The
-    /// batch's own slots are the spare room: no memory beyond it. Returns how many of the
-    /// batch's slots are used.
+    /// batch's own slots are the spare room: no memory beyond it. Once whippet is stopping it
+    /// leaves the drain to [`DatagramReader::run`]. Returns how many of the batch's slots
+    /// are used.
     fn drain_while_behind(&mut self, mut n: usize) -> usize {
-        while n + FILL_ROOM <= self.slots && !self.handoff.pool.try_admit(&mut self.batch) {
+        while n + FILL_ROOM <= self.slots
+            && !self.handoff.stopping()
+            && !self.handoff.pool.try_admit(&mut self.batch)
+        {
             if !readable(self.fd, ADMISSION_RETRY) {
                 continue;
             }
             if let Ok(m) = self.receive(n, MsgFlags::MSG_DONTWAIT) {
-                self.record(n, n + m, true);
+                // Empty reads once stopping may be the shutdown's, as in `run`.
+                self.record(n, n + m, !self.handoff.stopping());
                 n += m;
             }
         }
