@@ -639,11 +639,7 @@ mod tests {
     #[test]
     fn a_unix_reader_whose_workers_are_behind_keeps_draining_into_its_batch() {
         let (dir, rx_socket, tx) = bound_socket("behind");
-        let (mut handoff, _rx) = handoff(false);
-        handoff.pool = Arc::new(Pool::new(8192, 1).with_admissions(1));
-        // The one admission is held, as by a batch a worker is parsing.
-        let mut held = handoff.pool.get(Transport::Unix);
-        assert!(handoff.pool.try_admit(&mut held));
+        let (handoff, held) = workers_behind();
         let mut reader = DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff);
         assert_eq!(reader.slots, 64);
         const SENT: usize = 40;
@@ -677,10 +673,7 @@ mod tests {
     #[test]
     fn a_unix_reader_whose_workers_are_behind_stops_draining_when_its_batch_is_nearly_full() {
         let (dir, rx_socket, tx) = bound_socket("nearly-full");
-        let (mut handoff, _rx) = handoff(false);
-        handoff.pool = Arc::new(Pool::new(8192, 1).with_admissions(1));
-        let mut held = handoff.pool.get(Transport::Unix);
-        assert!(handoff.pool.try_admit(&mut held));
+        let (handoff, _held) = workers_behind();
         let mut reader = DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff);
         let sender = std::thread::spawn(move || {
             for i in 0..200 {
@@ -698,6 +691,16 @@ mod tests {
         drop(rx_socket);
         assert!(sender.join().unwrap() < 200);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A hand-off whose pool admits one batch, and that batch, admitted: as if the workers
+    /// were all busy with what they were given.
+    fn workers_behind() -> (Handoff, Batch) {
+        let (mut handoff, _rx) = handoff(false);
+        handoff.pool = Arc::new(Pool::new(8192, 1).with_admissions(1));
+        let mut held = handoff.pool.get(Transport::Unix);
+        assert!(handoff.pool.try_admit(&mut held));
+        (handoff, held)
     }
 
     /// A Unix datagram socket bound to a path in a fresh directory, as the daemon's (a socket
