@@ -113,8 +113,9 @@ impl Scheduling {
                 log::info(&format!(
                     "the Unix datagram reader runs at normal priority: SCHED_FIFO priority \
                      {priority} was refused ({}); allow it with CAP_SYS_NICE or an \
-                     RLIMIT_RTPRIO of at least {priority} (systemd: LimitRTPRIO={priority}), \
-                     or set --unix-reader-priority 0 not to ask",
+                     RLIMIT_RTPRIO of at least {priority} (systemd: LimitRTPRIO={priority}) \
+                     and, on a kernel built with CONFIG_RT_GROUP_SCHED, a cgroup with \
+                     real-time runtime; or set --unix-reader-priority 0 not to ask",
                     e.desc()
                 ));
                 None
