@@ -45,10 +45,16 @@ const BACKLOG_READS: u32 = 3;
 /// socket again: a full socket queue at the default `net.unix.max_dgram_qlen`.
 const FILL_ROOM: usize = 10;
 
-/// How long a Unix datagram reader whose workers are behind waits for a datagram before it
-/// asks for an admission again (see [`DatagramReader::drain_while_behind`]): about what a
-/// worker takes over a full batch, so a batch waits little once a worker is free.
+/// How long a Unix datagram reader whose workers are behind first waits for a datagram
+/// before it asks for an admission again (see [`DatagramReader::drain_while_behind`]): about
+/// what a worker takes over a full batch, so a batch waits little once a worker is free. A
+/// datagram ends the wait at once, so the wait only decides how soon a free worker is seen.
 const ADMISSION_RETRY: Duration = Duration::from_micros(100);
+
+/// Each wait that ends with the socket still empty doubles the next, up to this: workers
+/// held up for long (a flush holding a shard) cost the reader a few hundred wakeups a
+/// second, not ten thousand.
+const MAX_ADMISSION_RETRY: Duration = Duration::from_micros(1600);
 
 /// The first pause after an unexpected receive error; each further error in a row doubles it
 /// up to [`MAX_ERROR_PAUSE`], so an error that persists costs a few wakeups a second, not a
@@ -298,18 +304,21 @@ impl<'a> DatagramReader<'a> {
     /// Unix datagrams, while no admission is free (the workers are behind): rather than
     /// wait for one while the socket's small queue overflows, keeps draining the socket into
     /// the batch, as long as a whole socket queue still fits in it. Between drains it waits
-    /// for a datagram at most [`ADMISSION_RETRY`], then asks for an admission again. The
-    /// batch's own slots are the spare room: no memory beyond it. Once whippet is stopping it
-    /// leaves the drain to [`DatagramReader::run`]. Returns how many of the batch's slots
-    /// are used.
+    /// for a datagram at most [`ADMISSION_RETRY`] (doubling while the socket stays empty, up
+    /// to [`MAX_ADMISSION_RETRY`]), then asks for an admission again. The batch's own slots
+    /// are the spare room: no memory beyond it. Once whippet is stopping it leaves the drain
+    /// to [`DatagramReader::run`]. Returns how many of the batch's slots are used.
     fn drain_while_behind(&mut self, mut n: usize) -> usize {
+        let mut wait = ADMISSION_RETRY;
         while n + FILL_ROOM <= self.slots
             && !self.handoff.stopping()
             && !self.handoff.pool.try_admit(&mut self.batch)
         {
-            if !readable(self.fd, ADMISSION_RETRY) {
+            if !readable(self.fd, wait) {
+                wait = longer_admission_wait(wait);
                 continue;
             }
+            wait = ADMISSION_RETRY;
             if let Ok(m) = self.receive(n, MsgFlags::MSG_DONTWAIT) {
                 // Empty reads once stopping may be the shutdown's, as in `run`.
                 self.record(n, n + m, !self.handoff.stopping());
@@ -452,6 +461,12 @@ impl<'a> DatagramReader<'a> {
 fn readable(fd: BorrowedFd<'_>, wait: Duration) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     matches!(ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None), Ok(n) if n > 0)
+}
+
+/// The wait for a datagram after one of `wait` that found the socket empty (see
+/// [`DatagramReader::drain_while_behind`]).
+fn longer_admission_wait(wait: Duration) -> Duration {
+    (wait * 2).min(MAX_ADMISSION_RETRY)
 }
 
 /// The pause after the `n`th unexpected receive error in a row (counting from 0).
@@ -796,6 +811,17 @@ mod tests {
         });
         assert_eq!(got, [b"real:1|c".to_vec()]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_wait_for_an_admission_doubles_from_a_tenth_of_a_millisecond_while_the_socket_is_empty() {
+        let mut wait = ADMISSION_RETRY;
+        let mut waits = vec![wait.as_micros()];
+        for _ in 0..6 {
+            wait = longer_admission_wait(wait);
+            waits.push(wait.as_micros());
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 1600, 1600]);
     }
 
     #[test]
