@@ -928,6 +928,9 @@ impl Relevant {
         if r.name == "whippet_udp_kernel_drops" {
             return self.transports[Transport::Udp as usize];
         }
+        if r.name == "whippet_unix_reader_realtime" {
+            return self.transports[Transport::Unix as usize];
+        }
         if r.name.starts_with("whippet_origin_") {
             return self.origin;
         }
@@ -969,6 +972,7 @@ mod tests {
         s.counter("whippet_packets_total", &[("transport", "udp")], 1);
         s.counter("whippet_packets_total", &[("transport", "unix")], 0);
         s.counter("whippet_stream_connections_total", &[], 0);
+        s.gauge("whippet_unix_reader_realtime", &[], 0);
         s.counter("whippet_origin_cache_hits_total", &[], 0);
         s.counter("whippet_tagger_entities", &[], 0);
         let errors = "whippet_parse_errors_total";

@@ -174,8 +174,21 @@ impl<'a> DatagramReader<'a> {
     pub fn with_priority(mut self, priority: u32) -> Self {
         if self.transport == Transport::Unix {
             self.scheduling = Scheduling::start(priority);
+            self.show_scheduling();
         }
         self
+    }
+
+    /// Sets `whippet_unix_reader_realtime` to the reader's scheduling.
+    fn show_scheduling(&self) {
+        let realtime = self
+            .scheduling
+            .as_ref()
+            .is_some_and(Scheduling::is_realtime);
+        self.handoff
+            .counters
+            .unix_reader_realtime
+            .set(realtime as u64);
     }
 
     /// A UDP reader that parses its batches with `worker` while the socket has no backlog.
@@ -193,8 +206,12 @@ impl<'a> DatagramReader<'a> {
             let shut = self.handoff.shut();
             let received = self.receive(0, MsgFlags::MSG_WAITFORONE);
             if let Some(s) = &mut self.scheduling {
+                let was = s.is_realtime();
                 if !s.at(Instant::now()) {
                     self.scheduling = None;
+                    self.show_scheduling();
+                } else if s.is_realtime() != was {
+                    self.show_scheduling();
                 }
             }
             let n = match received {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::packet::{Batch, Pool, Transport};
-use crate::telemetry::{Counter, Label, PerLabel, Readings, Snapshot};
+use crate::telemetry::{Counter, Gauge, Label, PerLabel, Readings, Snapshot};
 
 /// Counters of one transport.
 #[derive(Debug, Default)]
@@ -83,6 +83,8 @@ pub struct Counters {
     pub stream: StreamCounters,
     /// Messages in the batches dropped because the queue was full.
     pub queue_full_messages: Counter,
+    /// 1 while the Unix datagram reader runs at real-time priority (see [`priority`]).
+    pub unix_reader_realtime: Gauge,
 }
 
 impl Readings for Counters {
@@ -103,6 +105,11 @@ impl Readings for Counters {
         for (name, c) in stream {
             out.counter(name, &[], c.get());
         }
+        out.gauge(
+            "whippet_unix_reader_realtime",
+            &[],
+            self.unix_reader_realtime.get(),
+        );
         let dropped = self.queue_full_messages.get();
         out.counter(
             "whippet_dropped_total",

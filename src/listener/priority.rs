@@ -123,6 +123,11 @@ impl Scheduling {
         }
     }
 
+    /// Whether the thread runs at real-time priority.
+    pub fn is_realtime(&self) -> bool {
+        self.urgency.is_realtime()
+    }
+
     /// After each receive, at `now`: switches the thread's scheduling when its urgency
     /// changes. Returns false when the system refused a switch back to real time, leaving the
     /// thread at normal priority for good.

@@ -283,3 +283,54 @@ fn every_packet_is_mirrored_to_the_forward_host_and_still_aggregated() {
         3.0
     );
 }
+
+/// Whether this process may put a thread at `SCHED_FIFO` priority 1, as whippet started by
+/// it may: tried on a thread of its own, which then ends.
+fn real_time_allowed() -> bool {
+    std::thread::spawn(|| {
+        let param = nix::libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is this short-lived thread; `param` outlives the call.
+        unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn the_unix_datagram_readers_scheduling_shows_in_the_telemetry_and_in_proc() {
+    let allowed = real_time_allowed();
+    for (flags, want) in [
+        (&[][..], allowed),
+        (&["--unix-reader-priority", "0"][..], false),
+    ] {
+        let w = Whippet::start(flags);
+        w.send_unix(b"m:1|c");
+        w.wait_for_telemetry(r#"whippet_packets_total{transport="unix"}"#, 1);
+        assert_eq!(
+            w.telemetry_now("whippet_unix_reader_realtime"),
+            want as u64,
+            "{flags:?}"
+        );
+        // The kernel's view: field 41 of the reader thread's stat is its policy (1: FIFO).
+        let tasks = format!("/proc/{}/task", w.pid());
+        let policies: Vec<String> = std::fs::read_dir(&tasks)
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.unwrap().path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+                let after_name = &stat[stat.rfind(')')? + 2..];
+                (comm.trim() == "whippet-unix")
+                    .then(|| after_name.split(' ').nth(41 - 3).unwrap().to_string())
+            })
+            .collect();
+        assert_eq!(policies, [if want { "1" } else { "0" }], "{flags:?}");
+        let s = w.stop();
+        assert!(s.status.success(), "{:?}", s.stderr);
+        let refused = s
+            .stderr
+            .iter()
+            .any(|l| l.contains("Unix datagram reader runs at normal priority"));
+        assert_eq!(refused, flags.is_empty() && !allowed, "{:?}", s.stderr);
+    }
+}
