@@ -93,7 +93,7 @@ pub struct DatagramReader<'a> {
     full_reads: u32,
     /// Unix: the reader's real-time scheduling, when `--unix-reader-priority` asks for it and
     /// the system allows it.
-    scheduling: Option<Scheduling>,
+    scheduling: Option<Scheduling<'a>>,
 }
 
 /// Room for one `SCM_CREDENTIALS` control message (`CMSG_SPACE` of a `ucred` is 32 bytes on
@@ -173,22 +173,10 @@ impl<'a> DatagramReader<'a> {
     /// the calling thread's scheduling. Other transports keep normal scheduling.
     pub fn with_priority(mut self, priority: u32) -> Self {
         if self.transport == Transport::Unix {
-            self.scheduling = Scheduling::start(priority);
-            self.show_scheduling();
+            let shown = &self.handoff.counters.unix_reader_realtime;
+            self.scheduling = Scheduling::start(priority, shown);
         }
         self
-    }
-
-    /// Sets `whippet_unix_reader_realtime` to the reader's scheduling.
-    fn show_scheduling(&self) {
-        let realtime = self
-            .scheduling
-            .as_ref()
-            .is_some_and(Scheduling::is_realtime);
-        self.handoff
-            .counters
-            .unix_reader_realtime
-            .set(realtime as u64);
     }
 
     /// A UDP reader that parses its batches with `worker` while the socket has no backlog.
@@ -206,12 +194,8 @@ impl<'a> DatagramReader<'a> {
             let shut = self.handoff.shut();
             let received = self.receive(0, MsgFlags::MSG_WAITFORONE);
             if let Some(s) = &mut self.scheduling {
-                let was = s.is_realtime();
                 if !s.at(Instant::now()) {
                     self.scheduling = None;
-                    self.show_scheduling();
-                } else if s.is_realtime() != was {
-                    self.show_scheduling();
                 }
             }
             let n = match received {

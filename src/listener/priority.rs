@@ -19,6 +19,7 @@ use nix::libc;
 use nix::time::{clock_gettime, ClockId};
 
 use crate::log;
+use crate::telemetry::Gauge;
 
 /// How often the reader weighs its CPU time.
 pub const WINDOW: Duration = Duration::from_millis(50);
@@ -87,28 +88,34 @@ impl Urgency {
     }
 }
 
-/// Real-time scheduling for the calling thread, switched as its [`Urgency`] says.
+/// Real-time scheduling for the calling thread, switched as its [`Urgency`] says, and shown
+/// on a gauge (`whippet_unix_reader_realtime`: 1 at real time).
 #[derive(Debug)]
-pub struct Scheduling {
+pub struct Scheduling<'a> {
     priority: i32,
     urgency: Urgency,
+    shown: &'a Gauge,
 }
 
-impl Scheduling {
+impl<'a> Scheduling<'a> {
     /// Puts the calling thread at `SCHED_FIFO` `priority`; `None` for 0, or when the system
     /// refuses. A refusal is logged once, naming what to change, as information rather than
     /// a warning: whippet loses nothing it has accepted for it, and the default asks on
-    /// every host.
-    pub fn start(priority: u32) -> Option<Scheduling> {
+    /// every host. `shown` is set to 1 once the thread runs at real time.
+    pub fn start(priority: u32, shown: &'a Gauge) -> Option<Scheduling<'a>> {
         if priority == 0 {
             return None;
         }
         let priority = priority.min(99) as i32;
         match set_fifo(priority) {
-            Ok(()) => Some(Scheduling {
-                priority,
-                urgency: Urgency::realtime_at(Instant::now(), thread_cpu()),
-            }),
+            Ok(()) => {
+                shown.set(1);
+                Some(Scheduling {
+                    priority,
+                    urgency: Urgency::realtime_at(Instant::now(), thread_cpu()),
+                    shown,
+                })
+            }
             Err(e) => {
                 log::info(&format!(
                     "the Unix datagram reader runs at normal priority: SCHED_FIFO priority \
@@ -123,11 +130,6 @@ impl Scheduling {
         }
     }
 
-    /// Whether the thread runs at real-time priority.
-    pub fn is_realtime(&self) -> bool {
-        self.urgency.is_realtime()
-    }
-
     /// After each receive, at `now`: switches the thread's scheduling when its urgency
     /// changes. Returns false when the system refused a switch back to real time, leaving the
     /// thread at normal priority for good.
@@ -137,10 +139,14 @@ impl Scheduling {
             Some(Change::ToNormal) => {
                 // A thread may always leave real time for normal scheduling.
                 let _ = set_normal();
+                self.shown.set(0);
                 true
             }
             Some(Change::ToRealtime) => match set_fifo(self.priority) {
-                Ok(()) => true,
+                Ok(()) => {
+                    self.shown.set(1);
+                    true
+                }
                 Err(e) => {
                     log::info(&format!(
                         "the Unix datagram reader stays at normal priority: SCHED_FIFO \
@@ -230,8 +236,10 @@ mod tests {
     #[test]
     fn priority_zero_asks_nothing() {
         std::thread::spawn(|| {
-            assert!(Scheduling::start(0).is_none());
+            let shown = Gauge::default();
+            assert!(Scheduling::start(0, &shown).is_none());
             assert_eq!(policy(), libc::SCHED_OTHER);
+            assert_eq!(shown.get(), 0);
         })
         .join()
         .unwrap();
@@ -249,7 +257,8 @@ mod tests {
             let allowed = set_fifo(1).is_ok();
             set_normal().unwrap();
             assert_eq!(policy(), libc::SCHED_OTHER);
-            let s = Scheduling::start(1);
+            let shown = Gauge::default();
+            let s = Scheduling::start(1, &shown);
             assert_eq!(s.is_some(), allowed);
             let expected = if allowed {
                 libc::SCHED_FIFO
@@ -257,6 +266,7 @@ mod tests {
                 libc::SCHED_OTHER
             };
             assert_eq!(policy(), expected);
+            assert_eq!(shown.get(), allowed as u64);
             if let Some(mut s) = s {
                 // A window in which the thread used 30% of its wall time: the CPU time was
                 // spent above, and the window is made to have begun WINDOW ago with none.
@@ -265,11 +275,13 @@ mod tests {
                 s.urgency.cpu = Duration::ZERO;
                 assert!(s.at(now));
                 assert_eq!(policy(), libc::SCHED_OTHER);
+                assert_eq!(shown.get(), 0);
                 // A window in which it used nothing.
                 s.urgency.window = now - 2 * WINDOW;
                 s.urgency.cpu = thread_cpu();
                 assert!(s.at(now));
                 assert_eq!(policy(), libc::SCHED_FIFO);
+                assert_eq!(shown.get(), 1);
             }
         })
         .join()
