@@ -334,7 +334,7 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
         let rows = bench::run(&opts)?;
         return match rows
             .iter()
-            .find(|r| r.unaccounted != 0 && !r.scenario.ends_with("(floor)"))
+            .find(|r| !r.accounted() && !r.scenario.ends_with("(floor)"))
         {
             Some(r) => Err(format!("messages unaccounted for in: {}", r.scenario)),
             None => Ok(()),
@@ -348,7 +348,7 @@ fn cmd_bench(m: &getopts::Matches) -> Result<(), String> {
     let rows = bench::run(&opts)?;
     let bad: Vec<&str> = rows
         .iter()
-        .filter(|r| !r.scenario.ends_with("(floor)") && r.unaccounted != 0)
+        .filter(|r| !r.scenario.ends_with("(floor)") && !r.accounted())
         .map(|r| r.scenario.as_str())
         .collect();
     if !bad.is_empty() {
