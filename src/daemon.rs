@@ -365,9 +365,11 @@ impl Readers {
         }
         if let Some(socket) = &sockets.unix {
             let (socket, handoff) = (socket.clone(), handoff.clone());
+            let worker = pipeline.worker();
             threads.push(spawn("whippet-unix".into(), move || {
                 DatagramReader::new(socket.as_fd(), Transport::Unix, &handoff)
                     .with_priority(priority)
+                    .with_worker(worker)
                     .run()
             })?);
         }

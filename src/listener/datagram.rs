@@ -9,13 +9,14 @@
 //! batch waiting, the socket has a backlog and the reader's time goes to draining it: its
 //! batches go to the workers (docs/performance.md, "A UDP reader that parses").
 //!
-//! A Unix datagram batch never waits and is never parsed by its reader: it takes what is
-//! already queued and goes, because the socket queues only `net.unix.max_dgram_qlen`
-//! datagrams and a client that does not block loses whatever arrives while the reader is
-//! busy (docs/performance.md, "Bursts from non-blocking clients"). For the same reason, when
-//! the workers are behind, the reader keeps draining the socket into the rest of its batch
-//! before it waits for them, and it runs at real-time priority while it is not saturated
-//! ([`super::priority`]).
+//! A Unix datagram batch never waits: it takes what is already queued and goes, because the
+//! socket queues only `net.unix.max_dgram_qlen` datagrams and a client that does not block
+//! loses whatever arrives while the reader is busy (docs/performance.md, "Bursts from
+//! non-blocking clients"). For the same reason, while the reader is urgent (mostly idle,
+//! see [`super::priority`]) it runs at real-time priority, hands every batch off, and when
+//! the workers are behind keeps draining the socket into the rest of its batch before it
+//! waits for them. While it is saturated, the socket is full whenever it looks, so it
+//! parses its batches itself with a worker of its own, as a UDP reader does.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -87,12 +88,12 @@ pub struct DatagramReader<'a> {
     /// SO_PASSCRED on the socket; the pids read from them.
     creds: Option<Box<[Credentials; MAX_SLOTS]>>,
     pids: [u32; MAX_SLOTS],
-    /// UDP: the reader's own worker, for the batches it has time to parse.
+    /// The reader's own worker, for the batches it parses itself (UDP and Unix).
     own: Option<Worker>,
     /// Receives in a row that found a full batch queued.
     full_reads: u32,
-    /// Unix: the reader's real-time scheduling, when `--unix-reader-priority` asks for it and
-    /// the system allows it.
+    /// Unix: the reader's urgency, and its real-time scheduling when `--unix-reader-priority`
+    /// asks for it and the system allows it.
     scheduling: Option<Scheduling<'a>>,
 }
 
@@ -168,24 +169,36 @@ impl<'a> DatagramReader<'a> {
         }
     }
 
-    /// A Unix datagram reader that runs at real-time `priority` (0: normal) while its socket
-    /// is not saturated (see [`super::priority`]). Call it on the reader's own thread: it sets
-    /// the calling thread's scheduling. Other transports keep normal scheduling.
+    /// A Unix datagram reader that weighs its urgency, and runs at real-time `priority` (0:
+    /// normal) while urgent (see [`super::priority`]). Call it on the reader's own thread: it
+    /// sets the calling thread's scheduling. Other transports keep normal scheduling.
     pub fn with_priority(mut self, priority: u32) -> Self {
         if self.transport == Transport::Unix {
             let shown = &self.handoff.counters.unix_reader_realtime;
-            self.scheduling = Scheduling::start(priority, shown);
+            self.scheduling = Some(Scheduling::start(priority, shown));
         }
         self
     }
 
-    /// A UDP reader that parses its batches with `worker` while the socket has no backlog.
-    /// Other transports hand every batch off.
+    /// A reader that parses batches itself with `worker`: UDP while its socket has no
+    /// backlog, Unix datagrams while saturated (which [`DatagramReader::with_priority`]
+    /// weighs). The stream transport hands every batch off.
     pub fn with_worker(mut self, worker: Worker) -> Self {
-        if self.transport == Transport::Udp {
+        if self.transport != Transport::Stream {
             self.own = Some(worker);
         }
         self
+    }
+
+    /// Whether the reader parses the batch it holds itself (see
+    /// [`DatagramReader::with_worker`]).
+    fn parses_itself(&self) -> bool {
+        self.own.is_some()
+            && match self.transport {
+                Transport::Udp => self.full_reads < BACKLOG_READS,
+                Transport::Unix => self.scheduling.as_ref().is_some_and(Scheduling::saturated),
+                Transport::Stream => false,
+            }
     }
 
     /// Reads until the socket is shut down and drained, or the queue closes.
@@ -194,9 +207,7 @@ impl<'a> DatagramReader<'a> {
             let shut = self.handoff.shut();
             let received = self.receive(0, MsgFlags::MSG_WAITFORONE);
             if let Some(s) = &mut self.scheduling {
-                if !s.at(Instant::now()) {
-                    self.scheduling = None;
-                }
+                s.at(Instant::now());
             }
             let n = match received {
                 Ok(n) => {
@@ -220,10 +231,11 @@ impl<'a> DatagramReader<'a> {
             // A stopping Unix socket's empty reads may be the end's: not counted as packets.
             let count_empty = !(self.handoff.stopping() && self.transport == Transport::Unix);
             self.record(0, n, count_empty);
-            if self.transport == Transport::Unix && !self.handoff.stopping() {
+            let parse = self.parses_itself();
+            if self.transport == Transport::Unix && !self.handoff.stopping() && !parse {
                 self.drain_while_behind(n);
             }
-            if self.batch.packet_count() > 0 && self.hand_off() == Flow::Stop {
+            if self.batch.packet_count() > 0 && self.hand_off(parse) == Flow::Stop {
                 break;
             }
             if drained {
@@ -271,6 +283,7 @@ impl<'a> DatagramReader<'a> {
         }
         match self.transport {
             Transport::Udp => self.linger(n),
+            Transport::Unix if self.parses_itself() => n,
             Transport::Unix => self.take_queued(n),
             Transport::Stream => n,
         }
@@ -365,17 +378,13 @@ impl<'a> DatagramReader<'a> {
         counters.truncated.add(truncated);
     }
 
-    /// Stamps the batch with its arrival time and parses it with the reader's own worker
-    /// while the socket has no backlog; otherwise hands it off by the transport's policy,
-    /// taking a fresh batch from the pool.
-    fn hand_off(&mut self) -> Flow {
+    /// Stamps the batch with its arrival time and parses it with the reader's own worker when
+    /// `parse` (see [`DatagramReader::parses_itself`]); otherwise hands it off by the
+    /// transport's policy, taking a fresh batch from the pool.
+    fn hand_off(&mut self, parse: bool) -> Flow {
         self.batch.received_at = clock::data_now();
         crate::inject_fault(crate::telemetry::Label::label(self.transport));
-        if let Some(worker) = self
-            .own
-            .as_mut()
-            .filter(|_| self.full_reads < BACKLOG_READS)
-        {
+        if let Some(worker) = self.own.as_mut().filter(|_| parse) {
             self.handoff.tap(&self.batch);
             worker.process(&self.batch);
             self.batch.clear();
@@ -591,12 +600,13 @@ mod tests {
         (Worker::new(demux, counters.clone(), enrichment), counters)
     }
 
-    /// One turn of a running UDP reader's loop: receive, linger, record, hand off.
+    /// One turn of a running reader's loop: receive, fill, record, parse or hand off.
     fn one_turn(reader: &mut DatagramReader<'_>) {
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         let n = reader.fill(n);
         reader.record(0, n, true);
-        assert_eq!(reader.hand_off(), Flow::Continue);
+        let parse = reader.parses_itself();
+        assert_eq!(reader.hand_off(parse), Flow::Continue);
     }
 
     #[test]
@@ -640,16 +650,36 @@ mod tests {
     }
 
     #[test]
-    fn a_unix_reader_never_parses_its_own_batches() {
+    fn a_unix_reader_parses_its_own_batches_only_while_saturated() {
         let (rx_socket, tx) = UnixDatagram::pair().unwrap();
         let (handoff, rx) = handoff(false);
         let (worker, parsed) = own_worker();
+        let metrics = || parsed.messages[crate::parser::MessageKind::Metric].get();
+        let handed = || rx.try_iter().map(|b| b.packet_count()).collect::<Vec<_>>();
+        // Without a weighed urgency (no `with_priority`) it never parses.
         let mut reader =
             DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff).with_worker(worker);
         tx.send(b"m:1|c").unwrap();
         one_turn(&mut reader);
-        assert_eq!(parsed.messages[crate::parser::MessageKind::Metric].get(), 0);
-        assert_eq!(rx.try_iter().map(|b| b.packet_count()).sum::<usize>(), 1);
+        assert_eq!((metrics(), handed()), (0, vec![1]));
+        // Urgent (as it starts), it hands off; saturated, it parses; urgent again, hands off.
+        let mut reader = reader.with_priority(0);
+        for (saturated, sent, parsed, handed_off) in [
+            (false, 2, 0, vec![2]),
+            (true, 3, 3, vec![]),
+            (false, 1, 3, vec![1]),
+        ] {
+            reader.scheduling.as_mut().unwrap().set_saturated(saturated);
+            for i in 0..sent {
+                tx.send(format!("m:{i}|c").as_bytes()).unwrap();
+            }
+            one_turn(&mut reader);
+            assert_eq!((metrics(), handed()), (parsed, handed_off), "{saturated}");
+        }
+        assert_eq!(
+            handoff.counters.transports[Transport::Unix].packets.get(),
+            7
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! turns overload into backpressure on the client instead of loss (docs/behaviour.md,
 //! "Overload"). A UDP reader whose socket has no backlog parses a batch itself rather than
 //! handing it off ([`datagram`]); with a backlog it only drains and hands off. The Unix
-//! datagram reader runs at real-time priority while it is not saturated ([`priority`]).
+//! datagram reader runs at real-time priority while it is not saturated, and parses its
+//! batches itself while it is ([`priority`]).
 //!
 //! Shutdown: the daemon calls `shutdown(SHUT_RD)` on every socket. A blocked read wakes up,
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and
