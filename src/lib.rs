@@ -6,8 +6,8 @@
 //!  UDP / Unix datagram / Unix stream
 //!        │  listener: recvmmsg into pooled batches (one syscall, one send per batch;
 //!        │  a Unix datagram batch takes what is queued and goes at once; a UDP reader
-//!        │  whose socket has no backlog, or a saturated Unix datagram reader, parses
-//!        │  its batch itself, as a worker would)
+//!        │  whose socket has no backlog, or a Unix datagram reader that is saturated
+//!        │  or sees a trickle, parses its batch itself, as a worker would)
 //!        ▼
 //!  packet queue (bounded crossbeam channel; UDP: drop+count when full; Unix: wait, 2/worker)
 //!        │
@@ -37,7 +37,7 @@
 //! | thread | how many | blocks on | owned by |
 //! |---|---|---|---|
 //! | `whippet-udp-N` | `--udp-readers` | `recvmmsg`; parses its batches while its socket has no backlog | [`listener::datagram::DatagramReader`] |
-//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission; `SCHED_FIFO` while not saturated, parses its batches while saturated | [`listener::datagram::DatagramReader`] |
+//! | `whippet-unix` | 1 if `--socket` | `recvmmsg`, queue admission; `SCHED_FIFO` while not saturated; parses its batches while saturated, and a trickle's | [`listener::datagram::DatagramReader`] |
 //! | `whippet-stream-accept` | 1 if `--stream-socket` | `accept` | [`listener::stream::accept_loop`] |
 //! | `whippet-stream-N` | ≤ `--stream-max-connections` | `read`, queue admission and send | [`listener::stream`] |
 //! | `whippet-worker-N` | `--workers` | queue receive | [`worker::Worker::run`] |

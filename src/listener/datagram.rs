@@ -13,10 +13,12 @@
 //! socket queues only `net.unix.max_dgram_qlen` datagrams and a client that does not block
 //! loses whatever arrives while the reader is busy (docs/performance.md, "Bursts from
 //! non-blocking clients"). For the same reason, while the reader is urgent (mostly idle,
-//! see [`super::priority`]) it runs at real-time priority, hands every batch off, and when
+//! see [`super::priority`]) it runs at real-time priority, hands its batches off, and when
 //! the workers are behind keeps draining the socket into the rest of its batch before it
-//! waits for them. While it is saturated, the socket is full whenever it looks, so it
-//! parses its batches itself with a worker of its own, as a UDP reader does.
+//! waits for them. Only a batch of a datagram or two after which the socket was empty, a
+//! trickle, it parses itself: that takes a few microseconds, less than waking a worker.
+//! While it is saturated, the socket is full whenever it looks, so it parses every batch
+//! itself with a worker of its own, as a UDP reader does.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -45,6 +47,12 @@ const BACKLOG_READS: u32 = 3;
 /// Free slots a Unix datagram batch needs for [`DatagramReader::take_queued`] to drain the
 /// socket again: a full socket queue at the default `net.unix.max_dgram_qlen`.
 const FILL_ROOM: usize = 10;
+
+/// Most datagrams in a batch that an urgent Unix datagram reader parses itself when the
+/// socket was empty after it: a trickle, where waking a worker costs more than the parse
+/// (a few microseconds), and where a burst that is just beginning fits in the socket's
+/// queue meanwhile.
+const QUIET_BATCH: usize = 2;
 
 /// How long a Unix datagram reader whose workers are behind first waits for a datagram
 /// before it asks for an admission again (see [`DatagramReader::drain_while_behind`]): about
@@ -92,6 +100,9 @@ pub struct DatagramReader<'a> {
     own: Option<Worker>,
     /// Receives in a row that found a full batch queued.
     full_reads: u32,
+    /// Unix: the batch holds at most [`QUIET_BATCH`] datagrams and the socket was found empty
+    /// after it.
+    quiet: bool,
     /// Unix: the reader's urgency, and its real-time scheduling when `--unix-reader-priority`
     /// asks for it and the system allows it.
     scheduling: Option<Scheduling<'a>>,
@@ -165,6 +176,7 @@ impl<'a> DatagramReader<'a> {
             pids: [0; MAX_SLOTS],
             own: None,
             full_reads: 0,
+            quiet: false,
             scheduling: None,
         }
     }
@@ -181,8 +193,9 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// A reader that parses batches itself with `worker`: UDP while its socket has no
-    /// backlog, Unix datagrams while saturated (which [`DatagramReader::with_priority`]
-    /// weighs). The stream transport hands every batch off.
+    /// backlog; Unix datagrams while saturated (which [`DatagramReader::with_priority`]
+    /// weighs), or a batch of at most [`QUIET_BATCH`] after which the socket was empty. The
+    /// stream transport hands every batch off.
     pub fn with_worker(mut self, worker: Worker) -> Self {
         if self.transport != Transport::Stream {
             self.own = Some(worker);
@@ -196,7 +209,9 @@ impl<'a> DatagramReader<'a> {
         self.own.is_some()
             && match self.transport {
                 Transport::Udp => self.full_reads < BACKLOG_READS,
-                Transport::Unix => self.scheduling.as_ref().is_some_and(Scheduling::saturated),
+                Transport::Unix => {
+                    self.quiet || self.scheduling.as_ref().is_some_and(Scheduling::saturated)
+                }
                 Transport::Stream => false,
             }
     }
@@ -278,6 +293,7 @@ impl<'a> DatagramReader<'a> {
     /// Lets a batch holding `n` datagrams fill further, by the transport's policy; returns how
     /// many it holds.
     fn fill(&mut self, n: usize) -> usize {
+        self.quiet = false;
         if n == 0 || self.handoff.stopping() {
             return n;
         }
@@ -302,13 +318,17 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// Unix datagrams: while a whole socket queue ([`FILL_ROOM`]) still fits, drains the
-    /// socket again without waiting, and stops at the first drain that finds it empty. A
-    /// sender that keeps the queue full fills the batch; a burst is never left in the queue
-    /// while the reader sleeps.
+    /// socket again without waiting, and stops at the first drain that finds it empty (noting
+    /// whether the batch is then quiet). A sender that keeps the queue full fills the batch;
+    /// a burst is never left in the queue while the reader sleeps.
     fn take_queued(&mut self, mut n: usize) -> usize {
         while n + FILL_ROOM <= self.slots {
             match self.receive(n, MsgFlags::MSG_DONTWAIT) {
                 Ok(m) if m > 0 => n += m,
+                Ok(_) | Err(Errno::EAGAIN) => {
+                    self.quiet = n <= QUIET_BATCH;
+                    break;
+                }
                 _ => break,
             }
         }
@@ -650,35 +670,40 @@ mod tests {
     }
 
     #[test]
-    fn a_unix_reader_parses_its_own_batches_only_while_saturated() {
+    fn a_unix_reader_parses_a_trickle_or_while_saturated_and_hands_the_rest_off() {
         let (rx_socket, tx) = UnixDatagram::pair().unwrap();
         let (handoff, rx) = handoff(false);
         let (worker, parsed) = own_worker();
         let metrics = || parsed.messages[crate::parser::MessageKind::Metric].get();
         let handed = || rx.try_iter().map(|b| b.packet_count()).collect::<Vec<_>>();
-        // Without a weighed urgency (no `with_priority`) it never parses.
+        // Without a worker of its own it hands every batch off, however small.
         let mut reader =
-            DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff).with_worker(worker);
+            DatagramReader::new(rx_socket.as_fd(), Transport::Unix, &handoff).with_priority(0);
         tx.send(b"m:1|c").unwrap();
         one_turn(&mut reader);
         assert_eq!((metrics(), handed()), (0, vec![1]));
-        // Urgent (as it starts), it hands off; saturated, it parses; urgent again, hands off.
-        let mut reader = reader.with_priority(0);
+        let mut reader = reader.with_worker(worker);
+        // (saturated, datagrams queued, metrics parsed by the reader so far, batches handed
+        // off): urgent, it parses a batch of at most QUIET_BATCH after which the socket was
+        // empty, and hands a larger one off; saturated, it parses every batch.
         for (saturated, sent, parsed, handed_off) in [
-            (false, 2, 0, vec![2]),
-            (true, 3, 3, vec![]),
-            (false, 1, 3, vec![1]),
+            (false, QUIET_BATCH + 1, 0, vec![QUIET_BATCH + 1]),
+            (false, QUIET_BATCH, QUIET_BATCH, vec![]),
+            (false, 1, QUIET_BATCH + 1, vec![]),
+            (true, 20, QUIET_BATCH + 21, vec![]),
+            (false, 4, QUIET_BATCH + 21, vec![4]),
         ] {
             reader.scheduling.as_mut().unwrap().set_saturated(saturated);
             for i in 0..sent {
                 tx.send(format!("m:{i}|c").as_bytes()).unwrap();
             }
             one_turn(&mut reader);
-            assert_eq!((metrics(), handed()), (parsed, handed_off), "{saturated}");
+            let got = (metrics() as usize, handed());
+            assert_eq!(got, (parsed, handed_off), "{saturated} {sent}");
         }
         assert_eq!(
             handoff.counters.transports[Transport::Unix].packets.get(),
-            7
+            1 + 2 * QUIET_BATCH as u64 + 1 + 1 + 20 + 4
         );
     }
 

@@ -11,7 +11,8 @@
 //! "Overload"). A UDP reader whose socket has no backlog parses a batch itself rather than
 //! handing it off ([`datagram`]); with a backlog it only drains and hands off. The Unix
 //! datagram reader runs at real-time priority while it is not saturated, and parses its
-//! batches itself while it is ([`priority`]).
+//! batches itself while it is ([`priority`]), or when they are a trickle: a datagram or
+//! two after which the socket was empty.
 //!
 //! Shutdown: the daemon calls `shutdown(SHUT_RD)` on every socket. A blocked read wakes up,
 //! the kernel hands over what was already queued, and then reads return 0: readers drain and

@@ -1,7 +1,8 @@
 //! The Unix datagram reader's urgency: while it is mostly idle, as between the bursts of
 //! clients that send without blocking, it is urgent: it runs at real-time (`SCHED_FIFO`)
-//! priority and hands every batch to the workers. While it keeps a good part of a core
-//! busy it is saturated: it runs at normal priority and parses its batches itself.
+//! priority and hands its batches to the workers (all but a trickle's, see
+//! [`super::datagram`]). While it keeps a good part of a core busy it is saturated: it runs
+//! at normal priority and parses its batches itself.
 //!
 //! A client that sends to the Unix socket without blocking loses every datagram that arrives
 //! while the socket's queue (`net.unix.max_dgram_qlen`, 10 by default) is full. At normal

@@ -277,7 +277,6 @@ impl Worker {
     /// Processes batches until the queue is closed and empty; returns buffers to `pool`.
     pub fn run(mut self, queue: Receiver<Batch>, pool: Arc<Pool>) {
         while let Ok(batch) = queue.recv() {
-            crate::inject_fault("worker");
             self.process(&batch);
             pool.put(batch);
         }
@@ -285,6 +284,8 @@ impl Worker {
 
     /// Parses and aggregates every message of one batch.
     pub fn process(&mut self, batch: &Batch) {
+        // Wherever it runs: a pool worker, or a reader parsing its own batch.
+        crate::inject_fault("worker");
         self.apply_live_tags();
         // Decisions leave the table only here, between batches: a batch's samples borrow
         // their names from the ones it holds. Within a batch it grows by at most the

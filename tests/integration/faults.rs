@@ -333,7 +333,8 @@ fn a_panic_in_any_thread_ends_the_process_with_a_failure_status() {
             .unwrap();
         poll_until("the socket file", DEADLINE, || socket.exists());
         let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        // Enough traffic to reach the worker and flusher.
+        // Enough traffic to reach the worker (here the Unix reader's own: one datagram is a
+        // trickle it parses itself) and the flusher.
         let _ = s.send_to(b"trigger:1|c", &socket);
         let status = wait_with_deadline(&mut child);
         let mut err = String::new();
