@@ -194,7 +194,7 @@ impl<'a> DatagramReader<'a> {
 
     /// A reader that parses batches itself with `worker`: UDP while its socket has no
     /// backlog; Unix datagrams while saturated (which [`DatagramReader::with_priority`]
-    /// weighs), or a batch of at most [`QUIET_BATCH`] after which the socket was empty. The
+    /// weighs), or a batch of at most two datagrams after which the socket was empty. The
     /// stream transport hands every batch off.
     pub fn with_worker(mut self, worker: Worker) -> Self {
         if self.transport != Transport::Stream {
