@@ -100,9 +100,6 @@ pub struct DatagramReader<'a> {
     own: Option<Worker>,
     /// Receives in a row that found a full batch queued.
     full_reads: u32,
-    /// Unix: the batch holds at most [`QUIET_BATCH`] datagrams and the socket was found empty
-    /// after it.
-    quiet: bool,
     /// Unix: the reader's urgency, and its real-time scheduling when `--unix-reader-priority`
     /// asks for it and the system allows it.
     scheduling: Option<Scheduling<'a>>,
@@ -176,7 +173,6 @@ impl<'a> DatagramReader<'a> {
             pids: [0; MAX_SLOTS],
             own: None,
             full_reads: 0,
-            quiet: false,
             scheduling: None,
         }
     }
@@ -204,16 +200,19 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// Whether the reader parses the batch it holds itself (see
-    /// [`DatagramReader::with_worker`]).
-    fn parses_itself(&self) -> bool {
+    /// [`DatagramReader::with_worker`]); `trickle`: [`DatagramReader::fill`] found it one.
+    fn parses_itself(&self, trickle: bool) -> bool {
         self.own.is_some()
             && match self.transport {
                 Transport::Udp => self.full_reads < BACKLOG_READS,
-                Transport::Unix => {
-                    self.quiet || self.scheduling.as_ref().is_some_and(Scheduling::saturated)
-                }
+                Transport::Unix => trickle || self.saturated(),
                 Transport::Stream => false,
             }
+    }
+
+    /// Unix: whether the reader is saturated (see [`super::priority`]).
+    fn saturated(&self) -> bool {
+        self.scheduling.as_ref().is_some_and(Scheduling::saturated)
     }
 
     /// Reads until the socket is shut down and drained, or the queue closes.
@@ -237,7 +236,7 @@ impl<'a> DatagramReader<'a> {
                     continue;
                 }
             };
-            let mut n = self.fill(n);
+            let (mut n, trickle) = self.fill(n);
             let drained = self.handoff.stopping() && {
                 let (real, drained) = self.drained(n, shut);
                 n = real;
@@ -246,7 +245,7 @@ impl<'a> DatagramReader<'a> {
             // A stopping Unix socket's empty reads may be the end's: not counted as packets.
             let count_empty = !(self.handoff.stopping() && self.transport == Transport::Unix);
             self.record(0, n, count_empty);
-            let parse = self.parses_itself();
+            let parse = self.parses_itself(trickle);
             if self.transport == Transport::Unix && !self.handoff.stopping() && !parse {
                 self.drain_while_behind(n);
             }
@@ -291,17 +290,21 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// Lets a batch holding `n` datagrams fill further, by the transport's policy; returns how
-    /// many it holds.
-    fn fill(&mut self, n: usize) -> usize {
-        self.quiet = false;
+    /// many it holds, and whether they are a Unix trickle: at most [`QUIET_BATCH`], after
+    /// which the socket was found empty.
+    fn fill(&mut self, n: usize) -> (usize, bool) {
         if n == 0 || self.handoff.stopping() {
-            return n;
+            return (n, false);
         }
         match self.transport {
-            Transport::Udp => self.linger(n),
-            Transport::Unix if self.parses_itself() => n,
-            Transport::Unix => self.take_queued(n),
-            Transport::Stream => n,
+            Transport::Udp => (self.linger(n), false),
+            // A saturated reader parses what it has at once.
+            Transport::Unix if self.own.is_some() && self.saturated() => (n, false),
+            Transport::Unix => {
+                let (n, emptied) = self.take_queued(n);
+                (n, emptied && n <= QUIET_BATCH)
+            }
+            Transport::Stream => (n, false),
         }
     }
 
@@ -318,21 +321,19 @@ impl<'a> DatagramReader<'a> {
     }
 
     /// Unix datagrams: while a whole socket queue ([`FILL_ROOM`]) still fits, drains the
-    /// socket again without waiting, and stops at the first drain that finds it empty (noting
-    /// whether the batch is then quiet). A sender that keeps the queue full fills the batch;
-    /// a burst is never left in the queue while the reader sleeps.
-    fn take_queued(&mut self, mut n: usize) -> usize {
+    /// socket again without waiting, and stops at the first drain that finds it empty. A
+    /// sender that keeps the queue full fills the batch; a burst is never left in the queue
+    /// while the reader sleeps. Returns how many the batch holds, and whether a drain found
+    /// the socket empty.
+    fn take_queued(&mut self, mut n: usize) -> (usize, bool) {
         while n + FILL_ROOM <= self.slots {
             match self.receive(n, MsgFlags::MSG_DONTWAIT) {
                 Ok(m) if m > 0 => n += m,
-                Ok(_) | Err(Errno::EAGAIN) => {
-                    self.quiet = n <= QUIET_BATCH;
-                    break;
-                }
+                Ok(_) | Err(Errno::EAGAIN) => return (n, true),
                 _ => break,
             }
         }
-        n
+        (n, false)
     }
 
     /// Unix datagrams, while no admission is free (the workers are behind): rather than
@@ -547,7 +548,7 @@ mod tests {
         let mut reader = DatagramReader::new(socket.as_fd(), Transport::Unix, &handoff);
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
         between();
-        let n = reader.take_queued(n);
+        let (n, _) = reader.take_queued(n);
         reader.got[..n].iter().map(|r| r.len).collect()
     }
 
@@ -590,7 +591,7 @@ mod tests {
         let mut reader = DatagramReader::new(rx.as_fd(), Transport::Unix, &handoff);
         tx.send(b"m:1|c").unwrap();
         let full = reader.slots - FILL_ROOM + 1;
-        assert_eq!(reader.take_queued(full), full);
+        assert_eq!(reader.take_queued(full), (full, false));
         assert_eq!(reader.receive(0, MsgFlags::MSG_DONTWAIT).unwrap(), 1);
     }
 
@@ -623,9 +624,9 @@ mod tests {
     /// One turn of a running reader's loop: receive, fill, record, parse or hand off.
     fn one_turn(reader: &mut DatagramReader<'_>) {
         let n = reader.receive(0, MsgFlags::MSG_WAITFORONE).unwrap();
-        let n = reader.fill(n);
+        let (n, trickle) = reader.fill(n);
         reader.record(0, n, true);
-        let parse = reader.parses_itself();
+        let parse = reader.parses_itself(trickle);
         assert_eq!(reader.hand_off(parse), Flow::Continue);
     }
 
