@@ -15,9 +15,9 @@
 //!    finishes the output (the forwarder gets `--shutdown-timeout` to deliver it);
 //! 4. the status endpoint stops last, so it answers while whippet drains.
 //!
-//! The clock starts at SIGTERM ([`Daemon::guard_shutdown`]): the forwarder stops pacing and
-//! bounds every request by `--shutdown-timeout`, and a guard thread ends the process
-//! [`OVERRUN`] after it if anything is still stuck.
+//! The clock starts at SIGTERM ([`Daemon::guard_shutdown`]): the forwarder bounds every
+//! request by `--shutdown-timeout`, the final flush paces itself for half of it at most, and
+//! a guard thread ends the process [`OVERRUN`] after it if anything is still stuck.
 
 use std::net::{Shutdown, UdpSocket};
 use std::os::fd::AsFd;
@@ -637,7 +637,6 @@ fn output_for(
         counters: telemetry.forwarder.clone(),
         shutdown_timeout: config.forwarding.shutdown_timeout,
         enabled: config.forwarding.payloads,
-        pacing: true,
     });
     if !config.operation.self_metrics {
         return Ok((output, Some(retarget)));

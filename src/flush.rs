@@ -84,8 +84,6 @@ impl Flushed {
 /// forwarder applies its own bounds), `finish` is called once at shutdown after the last emit.
 pub trait Output: Send {
     fn emit(&mut self, flushed: Flushed);
-    /// Called before the final flush at shutdown.
-    fn stopping(&mut self) {}
     fn finish(&mut self) {}
 }
 
@@ -475,7 +473,6 @@ impl Flusher {
                 _ => break,
             }
         }
-        self.output.stopping();
         self.flush(clock::next_boundary(clock::data_now(), interval));
         self.output.finish();
     }

@@ -210,10 +210,6 @@ impl Output for Vitals {
         self.inner.emit(flushed);
     }
 
-    fn stopping(&mut self) {
-        self.inner.stopping();
-    }
-
     fn finish(&mut self) {
         self.inner.finish();
     }

@@ -137,8 +137,10 @@ struct State {
     /// After this instant, whatever still waits at shutdown is dropped and counted (or
     /// written to the retry directory).
     deadline: Option<Instant>,
-    /// Set at SIGTERM: flushes stop pacing, and no request outlives this instant.
+    /// Set at SIGTERM: no request outlives this instant.
     stop_by: Option<Instant>,
+    /// Set at SIGTERM, halfway to `stop_by`: flushes pace themselves no longer than this.
+    pace_until: Option<Instant>,
     /// The deadline passed with requests on the way: their payloads were spilled or counted,
     /// and what those requests come to no longer matters.
     abandoned: bool,
@@ -186,11 +188,17 @@ impl Handle {
         main.changed.notify_all();
     }
 
-    /// Shutdown has begun and must be over by `deadline`: flushes stop pacing, and no
-    /// request from now on may outlive it.
+    /// Shutdown has begun and must be over by `deadline`: no request from now on may outlive
+    /// it, and the final flush paces itself on the intake for half the time left at most, so
+    /// the rest of the flush has the other half.
     pub fn stop_by(&self, deadline: Instant) {
+        let now = Instant::now();
+        let pace_until = now + deadline.saturating_duration_since(now) / 2;
         for shared in &self.0 {
-            shared.lock().stop_by = Some(deadline);
+            let mut state = shared.lock();
+            state.stop_by = Some(deadline);
+            state.pace_until = Some(pace_until);
+            drop(state);
             shared.changed.notify_all();
         }
     }
@@ -383,26 +391,30 @@ impl Forwarder {
         self.shared.changed.notify_all();
     }
 
-    /// Waits, at most `max_wait`, until no more than `bytes` of payloads wait in memory, so a
-    /// flush of many contexts produces payloads at the pace the intake takes them instead of
-    /// holding them all at once. Returns at once while an endpoint is backing off (the intake
-    /// is failing: the byte bound and the retry directory handle that) or at shutdown.
-    pub fn pace(&self, bytes: usize, max_wait: Duration) {
-        let deadline = Instant::now() + max_wait;
+    /// Waits, until `until` at most, while more than `bytes` of payloads (and never more than
+    /// a quarter of `--retry-queue-bytes`) wait in memory, so a flush of many contexts
+    /// produces payloads at the pace the intake takes them: it holds a few chunks' payloads,
+    /// not all of them, and the next chunk fits the byte bound instead of pushing payloads
+    /// out of it. Returns at once while an endpoint is backing off (the intake is failing:
+    /// the byte bound and the retry directory handle that). At shutdown the final flush paces
+    /// itself too, but not past halfway to the deadline ([`Handle::stop_by`]).
+    pub fn pace(&self, bytes: usize, until: Instant) {
+        let bytes = bytes.min(self.shared.config.retry_queue_bytes / 4);
         let mut state = self.shared.lock();
-        while state.queued_bytes > bytes && !state.closing && state.stop_by.is_none() {
+        while state.queued_bytes > bytes && !state.closing {
             let now = Instant::now();
+            let until = state.pace_until.map_or(until, |p| p.min(until));
             let failing = state
                 .backoff
                 .values()
                 .any(|b| b.until.is_some_and(|u| u > now));
-            if failing || now >= deadline {
+            if failing || now >= until {
                 break;
             }
             state = self
                 .shared
                 .changed
-                .wait_timeout(state, deadline - now)
+                .wait_timeout(state, until - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -840,9 +852,6 @@ pub(crate) struct IntakeOutput {
     /// How long the final flush may take to send at shutdown.
     pub shutdown_timeout: Duration,
     pub enabled: Enabled,
-    /// Flushes wait for the intake ([`Forwarder::pace`]); not the final one, which
-    /// `--shutdown-timeout` bounds instead.
-    pub pacing: bool,
 }
 
 impl Output for IntakeOutput {
@@ -859,14 +868,8 @@ impl Output for IntakeOutput {
         }
         if let Some(f) = &self.forwarder {
             f.submit(serialized.payloads);
-            if self.pacing {
-                f.pace(PACE_BYTES, PACE_WAIT);
-            }
+            f.pace(PACE_BYTES, Instant::now() + PACE_WAIT);
         }
-    }
-
-    fn stopping(&mut self) {
-        self.pacing = false;
     }
 
     fn finish(&mut self) {
@@ -931,10 +934,12 @@ mod tests {
     }
 
     /// A one-thread forwarder to an intake that holds each answer `delay` (only the first,
-    /// when `only_first`), with 8 payloads of 1,000 bytes submitted.
+    /// when `only_first`), with 8 payloads of 1,000 bytes submitted, and `bound` bytes of
+    /// `--retry-queue-bytes`.
     fn paced(
         delay: Duration,
         only_first: bool,
+        bound: usize,
         counters: &Arc<Counters>,
     ) -> (crate::intake::Intake, Forwarder) {
         let intake = crate::intake::Intake::start(crate::intake::IntakeConfig {
@@ -947,7 +952,7 @@ mod tests {
             base_url: intake.url(),
             api_key: ApiKey("k".into()),
             threads: 1,
-            retry_queue_bytes: 1 << 20,
+            retry_queue_bytes: bound,
             timeout: Duration::from_secs(60),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(32),
@@ -972,19 +977,32 @@ mod tests {
     #[test]
     fn a_paced_flush_waits_until_the_intake_has_taken_the_queue() {
         let counters = Arc::new(Counters::default());
-        let (_intake, forwarder) = paced(Duration::from_millis(50), false, &counters);
-        forwarder.pace(0, Duration::from_secs(120));
+        let (_intake, forwarder) = paced(Duration::from_millis(50), false, 1 << 20, &counters);
+        let far = || Instant::now() + Duration::from_secs(120);
+        forwarder.pace(0, far());
         assert_eq!(forwarder.queued_bytes(), 0);
         // Above the mark it returns without waiting.
-        forwarder.pace(usize::MAX, Duration::from_secs(120));
+        forwarder.pace(usize::MAX, far());
         forwarder.close(Instant::now() + Duration::from_secs(60));
     }
 
     #[test]
-    fn a_paced_flush_stops_waiting_once_shutdown_begins() {
+    fn a_flush_paces_itself_to_a_quarter_of_the_retry_queue_bound_at_most() {
+        // 8,000 bytes queued, a bound of 8,000: pacing waits until at most 2,000 wait, so the
+        // next chunk fits instead of pushing payloads out.
+        let counters = Arc::new(Counters::default());
+        let (_intake, forwarder) = paced(Duration::from_millis(20), false, 8_000, &counters);
+        forwarder.pace(usize::MAX, Instant::now() + Duration::from_secs(120));
+        let left = forwarder.queued_bytes();
+        assert!(left <= 2_000, "{left} bytes still wait");
+        forwarder.close(Instant::now() + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_paced_flush_stops_waiting_halfway_to_the_shutdown_deadline() {
         // The first answer takes 20 s: pacing would wait it out.
         let counters = Arc::new(Counters::default());
-        let (intake, forwarder) = paced(Duration::from_secs(20), true, &counters);
+        let (intake, forwarder) = paced(Duration::from_secs(20), true, 1 << 20, &counters);
         let handle = forwarder.handle(&[]);
         let started = Instant::now();
         std::thread::scope(|s| {
@@ -992,7 +1010,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(100));
                 handle.stop_by(Instant::now() + Duration::from_millis(300));
             });
-            forwarder.pace(0, Duration::from_secs(120));
+            forwarder.pace(0, Instant::now() + Duration::from_secs(120));
         });
         forwarder.close(Instant::now() + Duration::from_secs(60));
         // Not a speed check: without the stop, pacing waits out the intake (20 s a payload)

@@ -148,3 +148,59 @@ fn sigterm_ends_whippet_even_when_nobody_reads_its_stdout() {
         s.stderr
     );
 }
+
+#[test]
+fn a_final_flush_bigger_than_the_retry_queue_reaches_a_slow_intake_whole() {
+    // Each answer is held 300 ms and one request goes at a time, while payloads may wait for
+    // 512 KiB: the final flush of 60,000 contexts (about 1.5 MB of payloads, some 240 KB for
+    // each chunk of 10,000) fits only if it waits for the intake as it goes. Without that, it
+    // queues every chunk at once and the oldest payloads are pushed out.
+    let slow = intake(IntakeConfig {
+        delay: Duration::from_millis(300),
+        ..IntakeConfig::default()
+    });
+    let w = Whippet::to_intake(
+        &slow.url(),
+        &[
+            "--retry-queue-bytes",
+            "524288",
+            "--forwarder-threads",
+            "1",
+            "--shutdown-timeout",
+            "60s",
+        ],
+    );
+    const CONTEXTS: u64 = 60_000;
+    // Tags a compressor cannot shrink much: 16 random bytes in hex each (xorshift).
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let lines: Vec<String> = (0..CONTEXTS)
+        .map(|i| {
+            format!(
+                "final.flush:1|g|#id:{i},r:{:016x}{:016x}\n",
+                random(),
+                random()
+            )
+        })
+        .collect();
+    for packet in lines.chunks(100) {
+        w.send_unix(packet.concat().as_bytes());
+    }
+    let s = w.stop();
+    assert!(s.status.success(), "{:?}", s.stderr);
+    for endpoint in ["/api/v2/series", "/api/beta/sketches"] {
+        let key = format!(
+            r#"whippet_payloads_total{{endpoint="{endpoint}",outcome="dropped",status="retry_queue_full"}}"#
+        );
+        assert_eq!(s.telemetry_or_zero(&key), 0, "{endpoint}");
+    }
+    let points = slow.store().points();
+    let flushed = points.iter().filter(|p| p.metric == "final.flush").count();
+    assert_eq!(flushed as u64, CONTEXTS);
+    slow.stop();
+}
