@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::process::{Lines, LoggedTelemetry, Process};
+use super::process::{hwm_kib, Lines, LoggedTelemetry, Process};
 use super::{pack, send, Bursts, Generated, Plan, Sent, Target};
 use crate::intake::{Intake, IntakeConfig};
 
@@ -145,15 +145,6 @@ fn pipeline_delta(before: &[(String, f64)], after: &[(String, f64)]) -> f64 {
             secs - start
         })
         .sum()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Stops the drain-only sink and waits for it.
@@ -354,8 +345,9 @@ impl RunningWhippet {
         let pid = self.process.pid();
         let cpu = cpu_seconds(pid) - self.cpu0;
         let pipeline = pipeline_delta(&self.pipeline0, &pipeline_cpu(pid));
-        let rss = peak_rss_kib(pid);
+        // Read until it exits: the final flush at shutdown included.
         let exited = self.process.stop()?;
+        let rss = exited.peak_rss_kib;
         let sent = sent?;
         let t = LoggedTelemetry::from_log(&exited.stderr);
         let parsed = t.sum("whippet_messages_total");
@@ -577,7 +569,7 @@ impl RunningSink {
     fn finish(mut self, s: &Scenario, sent: Result<Sent, String>) -> Result<Row, String> {
         let pid = self.child.id();
         let cpu = cpu_seconds(pid) - self.cpu0;
-        let rss = peak_rss_kib(pid);
+        let rss = hwm_kib(pid);
         terminate(&mut self.child);
         let sent = sent?;
         let received: u64 = self

@@ -2,8 +2,8 @@
 //! it: started with only the environment it is given; ready when it says `READY=1` on a
 //! notification socket of the caller's (the systemd protocol whippet speaks anyway), not
 //! when its log reads a certain way; its listeners read from the kernel's socket tables (so
-//! port 0 resolves without parsing a log line); stopped with SIGTERM; its output and final
-//! telemetry read back.
+//! port 0 resolves without parsing a log line); stopped with SIGTERM; its output, final
+//! telemetry and peak memory, shutdown included, read back.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -258,6 +258,10 @@ pub struct Process {
 /// What a stopped process left behind.
 pub struct Exited {
     pub status: ExitStatus,
+    /// Peak resident memory (`VmHWM`, KiB) at the last look before it exited, every few
+    /// milliseconds while it stopped: the shutdown's included. (`wait4`'s `ru_maxrss` would
+    /// also count the copy of the parent that the child was before it called `exec`.)
+    pub peak_rss_kib: u64,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
     /// Notifications not yet read when it exited.
@@ -357,7 +361,11 @@ impl Process {
     /// SIGTERM, then waits for the exit (with the deadline) and collects the output.
     pub fn stop(mut self) -> Result<Exited, String> {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        let status = self.wait()?;
+        let mut peak_rss_kib = 0;
+        let status = self.wait_watching(|pid| {
+            // It only grows; a read that fails (the process is gone) changes nothing.
+            peak_rss_kib = peak_rss_kib.max(hwm_kib(pid));
+        })?;
         let stdout = std::mem::replace(&mut self.stdout, Lines::none());
         let stderr = std::mem::replace(&mut self.stderr, Lines::none());
         let mut notifications = Vec::new();
@@ -366,6 +374,7 @@ impl Process {
         }
         Ok(Exited {
             status,
+            peak_rss_kib,
             stdout: stdout.all(),
             stderr: stderr.all(),
             notifications,
@@ -374,8 +383,14 @@ impl Process {
 
     /// Waits (with the deadline) for the process to exit by itself.
     pub fn wait(&mut self) -> Result<ExitStatus, String> {
+        self.wait_watching(|_| {})
+    }
+
+    /// [`Process::wait`], calling `look` with the pid before each check for the exit.
+    fn wait_watching(&mut self, mut look: impl FnMut(u32)) -> Result<ExitStatus, String> {
         let end = Instant::now() + DEADLINE;
         loop {
+            look(self.child.id());
             if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
                 return Ok(status);
             }
@@ -391,6 +406,16 @@ impl Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `VmHWM` of process `pid`, KiB; 0 if it cannot be read.
+pub fn hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Process {
