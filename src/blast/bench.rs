@@ -53,7 +53,11 @@ pub struct Row {
     pub received: u64,
     /// Messages dropped under a named counter (queue full, kernel drops estimated).
     pub counted_drops: u64,
+    /// Of those, the messages a full packet queue dropped (counted exactly).
+    pub queue_full: u64,
     pub kernel_drop_packets: u64,
+    /// Datagrams longer than whippet's `--buffer-size`, not parsed.
+    pub truncated_packets: u64,
     pub unaccounted: i64,
     /// How far `unaccounted` may be from 0 for the estimate alone: the kernel's drops and the
     /// truncations are counted in packets, and a packet of the workload holds between its
@@ -374,7 +378,9 @@ impl RunningWhippet {
             peak_rss_kib: rss,
             received,
             counted_drops: counted,
+            queue_full,
             kernel_drop_packets: kernel,
+            truncated_packets: truncated,
             unaccounted: sent.messages as i64 - (received + counted) as i64,
             estimate_margin,
             points_at_intake: points,
@@ -588,7 +594,9 @@ impl RunningSink {
             peak_rss_kib: rss,
             received,
             counted_drops: 0,
+            queue_full: 0,
             kernel_drop_packets: 0,
+            truncated_packets: 0,
             unaccounted: sent.messages as i64 - received as i64,
             estimate_margin: 0,
             points_at_intake: 0,
@@ -786,7 +794,7 @@ fn print_row(r: &Row, floor: Option<&Row>) {
         r.peak_rss_kib as f64 / 1024.0,
         r.sent.messages,
         r.received,
-        r.counted_drops,
+        dropped(r),
         if r.bursts {
             client_loss(&r.sent)
         } else {
@@ -795,6 +803,21 @@ fn print_row(r: &Row, floor: Option<&Row>) {
         r.unaccounted,
         r.points_at_intake,
     );
+}
+
+/// The dropped cell: the messages dropped under a named counter, and where there are any,
+/// what dropped them: a full packet queue (in messages), the kernel (in datagrams, converted
+/// at the workload's mean for the total), datagrams too long for `--buffer-size`.
+fn dropped(r: &Row) -> String {
+    if r.counted_drops == 0 {
+        return "0".into();
+    }
+    let mut why = vec![format!("queue full {}", r.queue_full)];
+    why.push(format!("kernel {} datagrams", r.kernel_drop_packets));
+    if r.truncated_packets > 0 {
+        why.push(format!("truncated {} datagrams", r.truncated_packets));
+    }
+    format!("{} ({})", r.counted_drops, why.join(", "))
 }
 
 /// The share of messages a non-blocking client lost to a full socket queue, for a burst
@@ -865,6 +888,28 @@ mod tests {
         assert!(row(-15, 15).accounted());
         assert!(!row(16, 15).accounted());
         assert!(!row(-16, 15).accounted());
+    }
+
+    #[test]
+    fn the_dropped_cell_says_what_dropped_the_messages() {
+        assert_eq!(dropped(&Row::default()), "0");
+        let row = Row {
+            counted_drops: 1_120,
+            queue_full: 1_024,
+            kernel_drop_packets: 93,
+            ..Row::default()
+        };
+        assert_eq!(dropped(&row), "1120 (queue full 1024, kernel 93 datagrams)");
+        let row = Row {
+            counted_drops: 7,
+            kernel_drop_packets: 2,
+            truncated_packets: 5,
+            ..Row::default()
+        };
+        assert_eq!(
+            dropped(&row),
+            "7 (queue full 0, kernel 2 datagrams, truncated 5 datagrams)"
+        );
     }
 
     #[test]
