@@ -812,8 +812,10 @@ fn dropped(r: &Row) -> String {
     if r.counted_drops == 0 {
         return "0".into();
     }
-    let mut why = vec![format!("queue full {}", r.queue_full)];
-    why.push(format!("kernel {} datagrams", r.kernel_drop_packets));
+    let mut why = vec![
+        format!("queue full {}", r.queue_full),
+        format!("kernel {} datagrams", r.kernel_drop_packets),
+    ];
     if r.truncated_packets > 0 {
         why.push(format!("truncated {} datagrams", r.truncated_packets));
     }
